@@ -1,0 +1,75 @@
+"""Corpus sources: the default corpus (the Python standard library) and local files via `datasets`."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+STDLIB = "stdlib"  # the named default corpus: one document per standard-library source file
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(subset: str = "all") -> list[Path]:
+    """Standard-library ``.py`` files in a stable order.
+
+    ``subset``: ``all``; ``code`` (everything outside ``test/`` directories), or ``tests`` (only
+    ``test/`` and ``tests/`` directories), the two domains of the continual-pretraining experiment.
+    """
+    if subset not in ("all", "code", "tests"):
+        raise ValueError(f"unknown stdlib subset {subset!r}; choose all, code or tests")
+    root = stdlib_root()
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).parts
+        if "site-packages" in rel or "dist-packages" in rel:
+            continue
+        is_test = "test" in rel[:-1] or "tests" in rel[:-1]
+        if subset == "all" or (subset == "tests") == is_test:
+            files.append(p)
+    return files
+
+
+def is_validation(name: str, val_percent: float) -> bool:
+    """Deterministic split by file name: the same file lands on the same side on every machine."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return (h % 10_000) < val_percent * 100
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+def read_text_file(path: Path) -> str:
+    # Non-UTF-8 bytes are replaced rather than failing the whole corpus; the replacement
+    # character tokenizes like any other rare symbol.
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def stdlib_documents(subset: str = "all", split: str = "all", val_percent: float = 5.0) -> Iterator[Document]:
+    root = stdlib_root()
+    for p in stdlib_files(subset):
+        name = str(p.relative_to(root))
+        if split != "all" and is_validation(name, val_percent) != (split == "val"):
+            continue
+        yield Document(name, read_text_file(p))
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand globs; every pattern must match at least one file."""
+    files: list[str] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else ([pat] if Path(pat).exists() else [])
+        hits = [h for h in hits if Path(h).is_file()]
+        if not hits:
+            raise FileNotFoundError(f"input {pat!r} matches no file; check the path or quote the glob")
+        files.extend(hits)
+    return files

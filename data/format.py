@@ -1,0 +1,159 @@
+"""The packed-dataset format shared by `tools/pack.py` and the trainer.
+
+A dataset with prefix P is four files plus one JSON:
+
+- ``P.bin`` / ``P.idx``: megatron-core's indexed format. Every sequence is one row of exactly
+  ``seq_len`` tokens, so megatron-core's ``IndexedDataset`` (and Megatron-LM's ``GPTDataset``)
+  read it as is.
+- ``P.bounds.bin`` / ``P.bounds.idx``: a second indexed dataset, row for row: the offsets where
+  documents start inside the row, followed by the offset where real content ends (``seq_len``
+  unless the row is padded; padding is always at the end and is masked out of the loss).
+- ``P.json``: metadata (tokenizer, seq_len, method, statistics). It is written last, after the
+  binaries are renamed into place, so a dataset without its JSON is incomplete by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_SUFFIXES = (".bin", ".idx", ".bounds.bin", ".bounds.idx", ".json")
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """The smallest dtype megatron-core's indexed format stores for this vocabulary."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size < 65_500:
+        return np.uint16
+    if vocab_size < 2**31:
+        return np.int32
+    raise ValueError(f"vocabulary of {vocab_size} tokens does not fit int32; use a smaller tokenizer")
+
+
+def dataset_files(prefix: str | Path) -> list[Path]:
+    return [Path(f"{prefix}{s}") for s in _SUFFIXES]
+
+
+def dataset_exists(prefix: str | Path) -> bool:
+    return any(p.exists() for p in dataset_files(prefix))
+
+
+def remove_dataset(prefix: str | Path) -> None:
+    for p in dataset_files(prefix):
+        p.unlink(missing_ok=True)
+
+
+class PackedWriter:
+    """Streams rows to disk under temporary names; `finalize` renames them into place.
+
+    A crash (or a full disk) before `finalize` leaves only ``*.tmp`` files, never a dataset that
+    loads as if complete.
+    """
+
+    def __init__(self, prefix: str | Path, seq_len: int, vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        self.prefix = str(prefix)
+        self.seq_len = seq_len
+        self.dtype = token_dtype(vocab_size)
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._tokens = IndexedDatasetBuilder(self._tmp(".bin"), dtype=self.dtype)
+        self._bounds = IndexedDatasetBuilder(self._tmp(".bounds.bin"), dtype=np.int32)
+        self.rows = 0
+
+    def _tmp(self, suffix: str) -> str:
+        return f"{self.prefix}{suffix}.tmp"
+
+    def add_row(self, tokens: np.ndarray, doc_starts: np.ndarray | list[int], content_end: int | None = None) -> None:
+        """Append one row; ``doc_starts`` are offsets where documents begin within the row."""
+        tokens = np.asarray(tokens)
+        if tokens.shape != (self.seq_len,):
+            raise ValueError(f"row has {tokens.shape} tokens, expected exactly ({self.seq_len},)")
+        end = self.seq_len if content_end is None else int(content_end)
+        bounds = np.append(np.asarray(doc_starts, dtype=np.int32), np.int32(end))
+        self._tokens.add_document(tokens.astype(self.dtype, copy=False), [self.seq_len])
+        self._bounds.add_document(bounds, [len(bounds)])
+        self.rows += 1
+
+    def finalize(self, metadata: dict) -> dict:
+        """Write the index files and metadata, then rename everything into place (JSON last)."""
+        self._tokens.finalize(self._tmp(".idx"))
+        self._bounds.finalize(self._tmp(".bounds.idx"))
+        meta = {"format_version": FORMAT_VERSION, "seq_len": self.seq_len, "rows": self.rows,
+                "dtype": np.dtype(self.dtype).name, **metadata}
+        with open(self._tmp(".json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        for suffix in _SUFFIXES:
+            os.replace(self._tmp(suffix), f"{self.prefix}{suffix}")
+        return meta
+
+    def abort(self) -> None:
+        for suffix in _SUFFIXES:
+            Path(self._tmp(suffix)).unlink(missing_ok=True)
+
+
+@dataclass
+class PackedRow:
+    tokens: np.ndarray  # [seq_len]
+    doc_starts: np.ndarray  # offsets where documents begin
+    content_end: int  # tokens at or after this offset are padding
+
+
+class PackedDataset:
+    """Memory-mapped reader of a packed dataset, through megatron-core's IndexedDataset."""
+
+    def __init__(self, prefix: str | Path):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = str(prefix)
+        meta_path = Path(f"{self.prefix}.json")
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"packed dataset {self.prefix!r} not found or incomplete (no {meta_path.name}); "
+                "create it with `python tools/pack.py --output PREFIX ...`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run tools/pack.py") from e
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path} has format_version {self.meta.get('format_version')}, "
+                             f"keel reads {FORMAT_VERSION}; re-pack the corpus")
+        self.seq_len = int(self.meta["seq_len"])
+        self.tokens = IndexedDataset(self.prefix)
+        self.bounds = IndexedDataset(f"{self.prefix}.bounds")
+        if len(self.tokens) != len(self.bounds):
+            raise ValueError(f"{self.prefix}: {len(self.tokens)} rows but {len(self.bounds)} boundary rows; re-pack")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def row(self, i: int) -> PackedRow:
+        b = self.bounds[i]
+        return PackedRow(tokens=self.tokens[i], doc_starts=b[:-1], content_end=int(b[-1]))
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tokens, per-token document ids and a loss mask for a list of rows."""
+        tokens = np.stack([self.tokens[int(i)] for i in indices]).astype(np.int64)
+        doc_ids = np.zeros_like(tokens)
+        loss_mask = np.ones(tokens.shape, dtype=np.float32)
+        for r, i in enumerate(indices):
+            row = self.row(int(i))
+            starts = row.doc_starts[row.doc_starts > 0]
+            doc_ids[r, starts] = 1
+            loss_mask[r, row.content_end:] = 0.0
+        doc_ids = np.cumsum(doc_ids, axis=1)
+        return {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(doc_ids),
+                "loss_mask": torch.from_numpy(loss_mask)}
