@@ -1,0 +1,52 @@
+"""Assemble the model for training: specs, GPTModel, device/dtype and megatron's DDP wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+from models.gpt import build_gpt, layer_spec, transformer_config
+
+
+@dataclass
+class BuiltModel:
+    gpt: torch.nn.Module  # the bare GPTModel (checkpoints and monitors use it)
+    ddp: DistributedDataParallel  # what the schedule runs
+    num_params: int  # over all tensor/pipeline ranks
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus attention's 12*L*h*s (PaLM's appendix B)."""
+        c = self.gpt.config
+        return 6 * self.num_params + 12 * c.num_layers * c.hidden_size * seq_len
+
+
+def layer_specs(cfg) -> list:
+    """One spec per layer: the attention type and (dense or MoE) MLP are chosen here, not in model code."""
+    return [layer_spec(cfg.attention.type, cfg.model.normalization) for _ in range(cfg.model.num_layers)]
+
+
+def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) -> BuiltModel:
+    p = cfg.parallel
+    config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups(), p.tensor, p.pipeline, p.expert, dtype)
+    # token-weighted loss: gradients are divided by the global token count, so any split over
+    # micro-batches and data-parallel ranks gives the same update
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg),
+                    per_document_positions=cfg.data.reset_position_ids)
+    gpt = gpt.to(device=device, dtype=dtype)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=cfg.optim.distributed)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    return BuiltModel(gpt=gpt, ddp=ddp, num_params=count_params(gpt))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    local = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.float64)
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
+    return int(local.item())

@@ -1,0 +1,99 @@
+"""The GPT builder: keel's configs -> megatron-core TransformerConfig, layer specs and GPTModel.
+
+Model code receives plain arguments; it never reads a global config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules, get_num_layers_to_build)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
+
+from models.attention import attention_spec
+from pretrain.config import AttentionConfig, ModelConfig
+
+
+def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
+                       tensor: int = 1, pipeline: int = 1, expert: int = 1,
+                       dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    swiglu = model.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_heads,
+        num_query_groups=num_query_groups, kv_channels=model.head_dim, ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization, layernorm_epsilon=1e-5,
+        gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=model.init_std, use_cpu_initialization=True, perform_initialization=True,
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        expert_model_parallel_size=expert, sequence_parallel=False,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+
+
+def mlp_spec() -> ModuleSpec:
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                           linear_fc2=RowParallelLinear))
+
+
+def layer_spec(attention_type: str, normalization: str, mlp: ModuleSpec | None = None) -> ModuleSpec:
+    norm = LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=attention_spec(attention_type),
+            self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=norm,
+            mlp=mlp or mlp_spec(), mlp_bda=get_bias_dropout_add))
+
+
+def block_spec(config: TransformerConfig, layer_specs: list[ModuleSpec]) -> TransformerBlockSubmodules:
+    """Keep the layers of this pipeline stage (megatron builds whatever list it is given)."""
+    offset = get_transformer_layer_offset(config)
+    count = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count])
+
+
+class KeelGPT(GPTModel):
+    """GPTModel whose RoPE follows `position_ids`, so positions can restart at each document.
+
+    megatron-core's GPTModel rotates by sequence index and ignores `position_ids` for RoPE; with
+    `per_document_positions` the rotary table is gathered per token instead.
+    """
+
+    def __init__(self, *args, per_document_positions: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_document_positions = per_document_positions
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        rotary = out[1]
+        if not (self.per_document_positions and rotary is not None and position_ids is not None):
+            return out
+        table = rotary[:, 0, 0, :]  # [s, rot_dim]
+        if table.shape[0] <= int(position_ids.max()):
+            table = self.rotary_pos_emb(int(position_ids.max()) + 1)[:, 0, 0, :]
+        per_token = table[position_ids].transpose(0, 1).unsqueeze(2)  # [s, b, 1, rot_dim]
+        return (out[0], per_token, *out[2:])
+
+
+def build_gpt(model: ModelConfig, config: TransformerConfig, vocab_size: int, layer_specs: list[ModuleSpec],
+              per_document_positions: bool = False) -> KeelGPT:
+    return KeelGPT(
+        config=config, transformer_layer_spec=block_spec(config, layer_specs), vocab_size=vocab_size,
+        max_sequence_length=model.max_seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type=model.position_embedding, rotary_base=model.rotary_base,
+        per_document_positions=per_document_positions)

@@ -1,0 +1,87 @@
+"""Process groups: torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel_state.
+
+`torchrun` sets RANK/WORLD_SIZE; a plain `python pretrain/main.py` becomes a world of one.
+Data parallelism is whatever remains of the world after tensor and pipeline parallelism.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pretrain import cpu_compat
+from pretrain.config import ParallelConfig
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_world(parallel: ParallelConfig, world_size: int) -> int:
+    """Data-parallel size, or a one-line error when the parallel sizes do not divide the world."""
+    model_parallel = parallel.tensor * parallel.pipeline
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline="
+                         f"{model_parallel}; launch a multiple of {model_parallel} processes")
+    dp = world_size // model_parallel
+    if parallel.expert > 1 and (dp * parallel.tensor) % parallel.expert:
+        raise ValueError(f"parallel.expert={parallel.expert} must divide data*tensor parallel size "
+                         f"{dp * parallel.tensor}")
+    return dp
+
+
+def init(parallel: ParallelConfig) -> World:
+    """Initialise torch.distributed and megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+
+    cpu_compat.apply()
+    rank = int(os.environ.get("RANK", 0))
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dp = check_world(parallel, size)
+    cuda = torch.cuda.is_available() and parallel.backend != "gloo"
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(minutes=10))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+        expert_model_parallel_size=parallel.expert)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, tp=parallel.tensor,
+                 pp=parallel.pipeline, dp=dp, dp_rank=parallel_state.get_data_parallel_rank())
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,179 @@
+"""Build every component from the config and run the trainer: what `pretrain/main.py` calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, reported as one line before anything heavy starts."""
+
+
+def resolve_run_dir(cfg) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.run_dir or f"runs/{cfg.name}")
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_signature(cfg, vocab_size: int) -> dict:
+    m, a = cfg.model, cfg.attention
+    return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+            "head_dim": m.head_dim, "ffn_hidden_size": m.ffn_hidden_size, "vocab_size": vocab_size,
+            "attention": a.type, "num_query_groups": cfg.num_query_groups(), "activation": m.activation,
+            "normalization": m.normalization, "position_embedding": m.position_embedding,
+            "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts}
+
+
+def run(raw) -> float | None:
+    from pretrain.config import to_config
+
+    try:
+        cfg = to_config(raw)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e).splitlines()[0]) from e
+
+
+def _run(cfg) -> float | None:
+    import torch.distributed as dist
+
+    from pretrain import distributed
+
+    # 1. processes and parallel groups (the world size is validated here)
+    world = distributed.init(cfg.parallel)
+    try:
+        return _train(cfg, world)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, world) -> float | None:
+    import torch.distributed as dist
+
+    from data.loader import PackedLoader
+    from data.prepare import ensure_packed, ensure_tokenizer, open_checked
+    from models.builder import build_model
+    from optim.builder import build_optimizer
+    from optim.lr_rules import peak_lrs
+    from pretrain import checkpoint
+    from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
+    from pretrain.trainer import Trainer, TrainingStopped
+
+    if cfg.trainer.threads and world.device.type == "cpu":
+        torch.set_num_threads(cfg.trainer.threads)
+    run_dir = resolve_run_dir(cfg)
+    # 2. data: rank 0 builds what is missing, everyone validates before the model is built
+    if world.is_main:
+        tokenizer = ensure_tokenizer(cfg.data)
+        ensure_packed(cfg.data, tokenizer)
+    dist.barrier()
+    tokenizer = ensure_tokenizer(cfg.data)
+    train_prefix, val_prefix = ensure_packed(cfg.data, tokenizer)
+    train_set = open_checked(train_prefix, cfg.data, tokenizer, "training")
+    val_set = open_checked(val_prefix, cfg.data, tokenizer, "validation")
+    signature = model_signature(cfg, tokenizer.vocab_size)
+    resume_from = checkpoint.latest(run_dir / "checkpoints")
+    init_from = checkpoint.resolve(cfg.init_from) if cfg.init_from and resume_from is None else None
+    for path in filter(None, (resume_from, init_from)):
+        checkpoint.check_compatible(json.loads((path / "meta.json").read_text()), signature, path)
+    # 3. run folder: resolved config and git revision beside the outputs
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"config": asdict(cfg), "git_revision": git_revision(), "world_size": world.size,
+                "tp": world.tp, "pp": world.pp, "dp": world.dp, "device": str(world.device),
+                "train_data": train_prefix, "val_data": val_prefix, "tokenizer": tokenizer.describe(),
+                "command": " ".join(sys.argv)}
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    # 4. model, optimizer, loaders
+    seed_everything(cfg.seed)
+    dtype = precision(cfg, world)
+    built = build_model(cfg, tokenizer.vocab_size, world.device, dtype)
+    optimizer = build_optimizer(cfg.optim, [built.ddp], dtype, peak_lrs(cfg.optim, cfg.model))
+    loader = PackedLoader(train_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
+                          world.dp_rank, world.dp, cfg.seed)
+    val_loader = PackedLoader(val_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
+                              world.dp_rank, world.dp, cfg.seed + 1)
+    callbacks = []
+    if world.is_main:
+        callbacks.append(MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval))
+        if cfg.trainer.progress:
+            callbacks.append(ProgressBar(cfg.trainer.max_steps))
+        if cfg.logging.plot:
+            callbacks.append(LossPlot(run_dir))
+    trainer = Trainer(cfg, world, built.ddp, built.gpt, optimizer, loader, val_loader, run_dir, signature,
+                      callbacks, flops_per_token=built.flops_per_token(cfg.data.seq_len))
+    # 5. resume exactly, or start from pretrained weights (continual pretraining)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        _say(world, f"resumed from {resume_from} at step {trainer.step}")
+    elif init_from is not None:
+        checkpoint.load(init_from, built.gpt, None, signature)
+        _say(world, f"initialised weights from {init_from}")
+    # 6. train
+    try:
+        trainer.fit()
+    except TrainingStopped as e:
+        _say(world, f"keel: {e}")
+        raise SystemExit(1)
+    from pretrain.callbacks import read_metrics
+
+    val = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)] if world.is_main else []
+    _say(world, summary(run_dir, trainer, val))
+    return val[-1] if val else None
+
+
+def precision(cfg, world) -> torch.dtype:
+    p = cfg.trainer.precision
+    if p == "bf16" and world.device.type != "cuda":
+        raise ConfigError("trainer.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    return torch.bfloat16 if p == "bf16" or (p == "auto" and world.device.type == "cuda") else torch.float32
+
+
+def summary(run_dir: Path, trainer, val: list[float]) -> str:
+    from pretrain.checkpoint import latest
+
+    lines = [f"done: step {trainer.step}/{trainer.cfg.trainer.max_steps}"]
+    if val:
+        lines.append(f"  validation loss  {val[0]:.4f} -> {val[-1]:.4f}")
+    lines += [f"  run folder       {run_dir}", f"  metrics          {run_dir / 'metrics.jsonl'}",
+              f"  loss plot        {run_dir / 'loss.png'}", f"  tensorboard      {run_dir / 'tensorboard'}",
+              f"  checkpoint       {latest(run_dir / 'checkpoints')}"]
+    return "\n".join(lines)
+
+
+def _say(world, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)

@@ -1,0 +1,96 @@
+"""Loss-spike detection by a one-sided z-score against a rolling window of recent non-spike losses.
+
+The trainer calls `observe(step, loss)` once per step and acts on the returned event's `action`:
+"log" (record only), "skip" (drop this update) or "stop" (end the run).  Spikes are kept out of the
+history so a burst of bad steps cannot raise the baseline it is judged against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Action = Literal["log", "skip", "stop"]
+
+
+@dataclass(frozen=True)
+class SpikeEvent:
+    step: int
+    loss: float
+    mean: float  # window mean the loss was judged against (nan before min_history)
+    std: float
+    z: float  # (loss - mean) / std; inf for a non-finite loss
+    reason: Literal["zscore", "nonfinite"]
+    action: Action
+    consecutive: int  # spikes in a row including this one
+
+
+class SpikeDetector:
+    """z = (loss - mean) / max(std, min_std) over the last `window` accepted losses; a spike when
+    z > z_threshold (only upward jumps matter) once `min_history` losses are in the window, or
+    whenever the loss is NaN/inf.  `reset_after` consecutive spikes (None: never) clear the history,
+    accepting a genuine level shift instead of flagging every later step."""
+
+    def __init__(
+        self,
+        window: int = 100,
+        z_threshold: float = 6.0,
+        min_history: int = 20,
+        action: Action = "log",
+        min_std: float = 1e-6,
+        reset_after: int | None = None,
+    ) -> None:
+        if action not in ("log", "skip", "stop"):
+            raise ValueError(f"action must be log, skip or stop, not {action!r}")
+        if not 2 <= min_history <= window:
+            raise ValueError("need 2 <= min_history <= window")
+        self.window, self.z_threshold, self.min_history = window, z_threshold, min_history
+        self.action: Action = action
+        self.min_std, self.reset_after = min_std, reset_after
+        self.history: deque[float] = deque(maxlen=window)
+        self.consecutive = 0
+        self.num_spikes = 0
+
+    def _moments(self) -> tuple[float, float]:
+        """Population mean/std of the window (two-pass, so exact resume reproduces it bit for bit)."""
+        n = len(self.history)
+        if n == 0:
+            return math.nan, math.nan
+        mean = sum(self.history) / n
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in self.history) / n)
+
+    def observe(self, step: int, loss: float) -> SpikeEvent | None:
+        loss = float(loss)
+        mean, std = self._moments()
+        # 1. classify: a non-finite loss is always a spike; otherwise only with enough history
+        if not math.isfinite(loss):
+            reason, z = "nonfinite", math.inf
+        elif len(self.history) >= self.min_history:
+            z = (loss - mean) / max(std, self.min_std)
+            reason = "zscore" if z > self.z_threshold else None
+        else:
+            reason = None
+        # 2. an accepted loss joins the window; a spike does not
+        if reason is None:
+            self.history.append(loss)
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        self.num_spikes += 1
+        event = SpikeEvent(step, loss, mean, std, z, reason, self.action, self.consecutive)
+        # 3. persistent "spikes" are a new level: restart the window from scratch
+        if self.reset_after is not None and self.consecutive >= self.reset_after:
+            self.history.clear()
+            self.consecutive = 0
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "consecutive": self.consecutive,
+                "num_spikes": self.num_spikes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((float(x) for x in state["history"]), maxlen=self.window)
+        self.consecutive = int(state["consecutive"])
+        self.num_spikes = int(state["num_spikes"])

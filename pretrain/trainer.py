@@ -1,0 +1,177 @@
+"""The training loop: megatron-core's forward-backward schedule, megatron's optimizer, callbacks."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from data.loader import PackedLoader, model_inputs
+from optim.builder import set_lr
+from optim.schedule import lr_factor
+from pretrain import checkpoint
+from pretrain.config import KeelConfig
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token loss: the schedule sums token losses; finalize_model_grads divides by all tokens."""
+    loss_sum = (output.float() * loss_mask).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm": torch.stack([loss_sum.detach(), tokens.float()])}
+
+
+class Trainer:
+    def __init__(self, cfg: KeelConfig, world, model, gpt, optimizer, loader: PackedLoader,
+                 val_loader: PackedLoader, run_dir: Path, model_signature: dict, callbacks=(), flops_per_token=0.0):
+        self.cfg, self.world, self.model, self.gpt, self.optimizer = cfg, world, model, gpt, optimizer
+        self.loader, self.val_loader, self.run_dir = loader, val_loader, run_dir
+        self.model_signature, self.callbacks, self.flops_per_token = model_signature, list(callbacks), flops_per_token
+        self.step = 0
+        self.skipped_in_row = 0
+        self.skipped_total = 0
+        self.forward_backward = get_forward_backward_func()
+
+    # ---- one step ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        # 1. this step's learning rate, per parameter group
+        lrs = set_lr(self.optimizer, lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
+        # 2. forward and backward over this rank's micro-batches; grads reduced over DP
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run_schedule(self.loader.next_global_batch(), forward_only=False)
+        # 3. a non-finite loss or gradient skips the update (the step still counts)
+        if not (math.isfinite(loss) and self._grads_finite()):
+            return self._skip(loss, lrs, t0)
+        self.skipped_in_row = 0
+        # 4. clip and update
+        _, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        return self._metrics(loss, grad_norm, lrs, t0)
+
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> float:
+        """Global mean token loss over every micro-batch of every data-parallel rank."""
+        results = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=len(microbatches), seq_length=self.cfg.data.seq_len,
+            micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
+        last_stage_tp0 = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        if last_stage_tp0:
+            for r in results:
+                totals += r["lm"].to(totals)
+        dist.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def _forward_step(self, data_iterator, model):
+        d = self.cfg.data
+        batch = model_inputs(next(data_iterator), d.reset_position_ids, d.document_mask)
+        batch = {k: (v.to(self.world.device) if v is not None else None) for k, v in batch.items()}
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros(1, device=self.world.device)
+        for buffer in self.model.buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                bad += 1
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    def _skip(self, loss: float, lrs: dict, t0: float) -> dict:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.step += 1
+        self.skipped_in_row += 1
+        self.skipped_total += 1
+        if self.skipped_in_row >= self.cfg.trainer.max_skipped_steps:
+            raise TrainingStopped(
+                f"stopped at step {self.step}: {self.skipped_in_row} steps in a row had a non-finite loss or "
+                "gradient; lower optim.lr, add warmup (lr.warmup_steps) or enable optim.spectral")
+        return {**self._metrics(loss, float("nan"), lrs, t0), "skipped": 1}
+
+    def _metrics(self, loss: float, grad_norm, lrs: dict, t0: float) -> dict:
+        dt = time.perf_counter() - t0
+        tokens = self.cfg.trainer.global_batch_size * self.cfg.data.seq_len
+        m = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+             "lr": next(iter(lrs.values())), **lrs, "tokens_per_s": tokens / dt, "step_time_s": dt,
+             "skipped_total": self.skipped_total}
+        if self.flops_per_token and self.world.device.type == "cuda":
+            m["mfu"] = tokens * self.flops_per_token / dt / (peak_flops(self.world.device) * self.world.size)
+        return m
+
+    # ---- evaluation, checkpoints, loop --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        self.val_loader.consumed = 0  # the same validation rows every time
+        total = 0.0
+        for _ in range(self.cfg.trainer.eval_batches):
+            total += self._run_schedule(self.val_loader.next_global_batch(), forward_only=True)
+        self.model.train()
+        return total / self.cfg.trainer.eval_batches
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
+                "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        self.skipped_in_row = state["skipped_in_row"]
+        self.loader.load_state_dict(state["loader"])
+
+    def save_checkpoint(self) -> Path:
+        extra = {"trainer": self.state_dict(),
+                 "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks if hasattr(c, "state_dict")}}
+        return checkpoint.save(self.run_dir / "checkpoints", self.step, self.gpt, self.optimizer, extra,
+                               self.model_signature, self.cfg.checkpoint.keep_last)
+
+    def resume(self, path: Path) -> None:
+        extra = checkpoint.load(path, self.gpt, self.optimizer, self.model_signature)
+        self.load_state_dict(extra["trainer"])
+        for c in self.callbacks:
+            if hasattr(c, "load_state_dict") and type(c).__name__ in extra.get("callbacks", {}):
+                c.load_state_dict(extra["callbacks"][type(c).__name__])
+
+    def fit(self) -> None:
+        t = self.cfg.trainer
+        stop = t.stop_at or t.max_steps
+        for c in self.callbacks:
+            c.on_train_start(self)
+        try:
+            while self.step < stop:
+                metrics = self.train_step()
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    metrics["val_loss"] = self.evaluate()
+                for c in self.callbacks:
+                    c.on_step_end(self, metrics)
+                    if "val_loss" in metrics:
+                        c.on_eval(self, metrics)
+                if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+                    self.save_checkpoint()
+        finally:
+            for c in self.callbacks:
+                c.on_train_end(self)
+
+
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the GPU, from its name (used only for MFU)."""
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16.items():
+        if key in name:
+            return value
+    return 312e12
