@@ -37,28 +37,36 @@ def megatron_optimizer_config(cfg: OptimConfig, dtype: torch.dtype) -> Optimizer
         params_dtype=dtype, use_distributed_optimizer=cfg.distributed)
 
 
-def _group_overrides(peak_lrs: dict[str, float]) -> dict:
-    overrides = {}
+def _group_overrides(peak_lrs: dict[str, float], base_lr: float) -> dict:
+    """One megatron param group per distinct (LR multiplier, weight-decay multiplier).
+
+    megatron identifies groups across checkpoints by (wd_mult, lr_mult, ...), so LR groups that
+    share both multipliers are merged: they would be updated identically anyway.
+    """
+    combos: dict[tuple[float, float], list[str]] = {}
     for group in GROUPS:
-        match = ParamWithNamePredicate(name=f"keel_{group}", fn=lambda p, n, g=group: param_group(n, p) == g)
-        overrides[ParamKey(with_name_predicate=match)] = {
-            "max_lr": peak_lrs[group], "wd_mult": 0.0 if group == "norm" else 1.0, "keel_group": group}
+        combos.setdefault((peak_lrs[group] / base_lr, 0.0 if group == "norm" else 1.0), []).append(group)
+    overrides = {}
+    for (lr_mult, wd_mult), members in combos.items():
+        match = ParamWithNamePredicate(name="keel_" + "+".join(members),
+                                       fn=lambda p, n, m=tuple(members): param_group(n, p) in m)
+        overrides[ParamKey(with_name_predicate=match)] = {"lr_mult": lr_mult, "wd_mult": wd_mult}
     return overrides
 
 
 def build_optimizer(cfg: OptimConfig, model_chunks: list, dtype: torch.dtype, peak_lrs: dict[str, float]):
-    """Megatron's optimizer with one param group per LR group; `max_lr` holds each group's peak."""
+    """Megatron's optimizer; each param group's peak LR is `optim.lr * lr_mult`."""
     optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg, dtype), model_chunks,
-                                       config_overrides=_group_overrides(peak_lrs))
+                                       config_overrides=_group_overrides(peak_lrs, cfg.lr))
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
+    optimizer.keel_peak_lrs = dict(peak_lrs)
+    optimizer.keel_base_lr = cfg.lr
     return optimizer
 
 
 def set_lr(optimizer, factor: float) -> dict[str, float]:
-    """Apply the schedule's factor to every group's peak; return the effective LR per group."""
-    lrs = {}
+    """Apply the schedule's factor to every group's peak; return the effective LR per LR group."""
     for group in optimizer.param_groups:
-        group["lr"] = group["max_lr"] * factor
-        lrs[f"lr/{group['keel_group']}"] = group["lr"]
-    return lrs
+        group["lr"] = optimizer.keel_base_lr * group["lr_mult"] * factor
+    return {f"lr/{name}": peak * factor for name, peak in optimizer.keel_peak_lrs.items()}

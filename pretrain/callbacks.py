@@ -30,6 +30,15 @@ class MetricsLogger(Callback):
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def on_train_start(self, trainer) -> None:
+        # after a crash and resume, drop the rows logged past the checkpoint: they are re-run
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= trainer.step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            tmp.replace(self.path)
+
     def _write(self, metrics: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         with open(self.path, "a") as f:

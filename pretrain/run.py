@@ -64,6 +64,8 @@ def run(raw) -> float | None:
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
+        if os.environ.get("KEEL_DEBUG"):
+            raise
         raise ConfigError(str(e).splitlines()[0]) from e
 
 
