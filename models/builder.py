@@ -9,7 +9,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
 from models.gpt import build_gpt, layer_spec, transformer_config
+from models.init import reset_parameters
 
 
 @dataclass
@@ -38,6 +41,8 @@ def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) 
     config.finalize_model_grads_func = finalize_model_grads
     gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg),
                     per_document_positions=cfg.data.reset_position_ids)
+    reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, get_transformer_layer_offset(config),
+                     cfg.model.tie_embeddings)
     gpt = gpt.to(device=device, dtype=dtype)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.optim.distributed)
