@@ -29,8 +29,8 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
                        dtype: torch.dtype = torch.float32) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
     return TransformerConfig(
-        num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_heads,
-        num_query_groups=num_query_groups, kv_channels=model.head_dim, ffn_hidden_size=model.ffn_hidden_size,
+        num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.heads,
+        num_query_groups=num_query_groups, kv_channels=model.kv_channels, ffn_hidden_size=model.ffn_size,
         normalization=model.normalization, layernorm_epsilon=1e-5,
         gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,

@@ -116,11 +116,14 @@ def split_megatron_qkv(
             w_v.reshape(num_kv_heads * head_dim, -1))
 
 
-def _head_blocks(w_q: Tensor, w_k: Tensor, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
-    """[heads, hd, d] query blocks and the matching (GQA-expanded) key blocks."""
+def _head_blocks(w_q: Tensor, w_k: Tensor, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[heads, hd, d] query blocks, [kv_heads, hd, d] key blocks, and each query head's kv index."""
     wq = w_q.float().reshape(num_heads, head_dim, -1)
     wk = w_k.float().reshape(-1, head_dim, w_k.shape[-1])
-    return wq, _expand_kv(wk.unsqueeze(0), num_heads).squeeze(0)
+    if num_heads % wk.shape[0]:
+        raise ValueError(f"{num_heads} query heads not divisible by {wk.shape[0]} kv heads")
+    kv_of = torch.arange(num_heads, device=wq.device) // (num_heads // wk.shape[0])
+    return wq, wk, kv_of
 
 
 @torch.no_grad()
@@ -142,13 +145,14 @@ def qk_spectral_stats(
     hd; pass the same `state` dict every call), concentration=None.
     w_k may have fewer heads (GQA): query head h uses kv head h // (heads / kv_heads).
     """
-    wq, wk = _head_blocks(w_q, w_k, num_heads, head_dim)
+    wq, wk, kv_of = _head_blocks(w_q, w_k, num_heads, head_dim)
     if iters is not None:
-        sigma = _qk_sigma_power(wq, wk, iters, {} if state is None else state)
+        sigma = _qk_sigma_power(wq, wk[kv_of], iters, {} if state is None else state)
         return QKStats(sigma, sigma.max(), None)
-    # 1. thin QR of the transposed head blocks: [heads, d, hd] = Q [heads, d, r] · R [heads, r, hd]
+    # 1. thin QR of the transposed head blocks: [heads, d, hd] = Q [heads, d, r] · R [heads, r, hd];
+    #    under GQA each kv head is factored once and its R shared by its query heads
     r_q = torch.linalg.qr(wq.transpose(-1, -2), mode="r").R
-    r_k = torch.linalg.qr(wk.transpose(-1, -2), mode="r").R
+    r_k = torch.linalg.qr(wk.transpose(-1, -2), mode="r").R[kv_of]
     # 2. singular values of the small core (descending)
     sv = torch.linalg.svdvals(r_q @ r_k.transpose(-1, -2))
     energy = sv.square()

@@ -75,23 +75,34 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
+        # validation only: derived sizes are properties, so a default instance never freezes them
         _check(self.num_layers >= 1, f"model.num_layers must be >= 1, got {self.num_layers}")
         if self.num_heads is None:
             _check(self.hidden_size % self.head_dim == 0,
                    f"model.hidden_size={self.hidden_size} is not divisible by model.head_dim={self.head_dim}; "
                    "choose a multiple of the head dimension")
-            self.num_heads = self.hidden_size // self.head_dim
-        _check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
-               f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
-        self.head_dim = self.hidden_size // self.num_heads
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = (_round_up(8 * self.hidden_size // 3, 8) if self.activation == "swiglu"
-                                    else 4 * self.hidden_size)
+        _check(self.heads >= 1 and self.hidden_size % self.heads == 0,
+               f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.heads}")
         _check(self.position_embedding in ("rope", "learned_absolute"),
                f"model.position_embedding must be rope or learned_absolute, got {self.position_embedding!r}")
         _check(self.normalization in ("RMSNorm", "LayerNorm"),
                f"model.normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
         _check(self.activation in ("swiglu", "gelu"), f"model.activation must be swiglu or gelu, got {self.activation!r}")
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else self.hidden_size // self.head_dim
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head width actually used (equals head_dim unless num_heads is set explicitly)."""
+        return self.hidden_size // self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return _round_up(8 * self.hidden_size // 3, 8) if self.activation == "swiglu" else 4 * self.hidden_size
 
 
 def _round_up(x: int, m: int) -> int:
@@ -258,7 +269,7 @@ class KeelConfig:
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                "shorten the sequence or raise the model's maximum")
-        heads = self.model.num_heads
+        heads = self.model.heads
         _check(heads % self.parallel.tensor == 0,
                f"parallel.tensor={self.parallel.tensor} does not divide the {heads} attention heads; "
                "pick a tensor-parallel size that divides model.num_heads")
@@ -267,16 +278,19 @@ class KeelConfig:
         groups = self.attention.num_query_groups or self.num_query_groups()
         _check(groups >= 1 and heads % groups == 0,
                f"attention.num_query_groups={groups} must divide the {heads} heads")
+        _check(groups % self.parallel.tensor == 0 or self.attention.type in ("mla", "gla", "mqa"),
+               f"parallel.tensor={self.parallel.tensor} does not divide the {groups} key/value heads; "
+               "pick a tensor-parallel size that divides attention.num_query_groups")
 
     def num_query_groups(self) -> int:
         a = self.attention
         if a.type in ("mha",):
-            return self.model.num_heads
+            return self.model.heads
         if a.type == "mqa":
             return 1
         if a.num_query_groups is not None:
             return a.num_query_groups
-        return max(1, self.model.num_heads // 2)
+        return max(1, self.model.heads // 2)
 
 
 def register_configs() -> None:

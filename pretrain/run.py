@@ -45,8 +45,8 @@ def seed_everything(seed: int) -> None:
 
 def model_signature(cfg, vocab_size: int) -> dict:
     m, a = cfg.model, cfg.attention
-    return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
-            "head_dim": m.head_dim, "ffn_hidden_size": m.ffn_hidden_size, "vocab_size": vocab_size,
+    return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.heads,
+            "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab_size,
             "attention": a.type, "num_query_groups": cfg.num_query_groups(), "activation": m.activation,
             "normalization": m.normalization, "position_embedding": m.position_embedding,
             "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts}

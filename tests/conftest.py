@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny tokenizer and packed corpus, and a launcher for keel runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "pretrain" / "main.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from data.corpus import stdlib_documents
+    from data.tokenizer import Tokenizer, train_tokenizer
+
+    docs = [d.text for _, d in zip(range(80), stdlib_documents("code", "train"))]
+    path = train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "tiny.model", vocab_size=512)
+    return Tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_tokenizer, tmp_path_factory):
+    """Packed train/validation sets of 64-token rows from a slice of the standard library."""
+    from data.corpus import stdlib_documents
+    from data.pipeline import pack_documents
+
+    root = tmp_path_factory.mktemp("packed")
+    for split, n in (("train", 120), ("val", 30)):
+        docs = [d for _, d in zip(range(n), stdlib_documents("code", split))]
+        pack_documents(docs, tiny_tokenizer, 64, "concat", str(root / split), progress=False)
+    return {"train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tiny_tokenizer.path)}
+
+
+def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
+    """A 2-layer model on the tiny corpus: a few seconds per run on 2 CPU cores."""
+    return ["+experiment=smoke", f"run_dir={run_dir}", f"data.path={data['train']}", f"data.val_path={data['val']}",
+            f"data.tokenizer={data['tokenizer']}", "data.seq_len=64", "model.hidden_size=64", "model.head_dim=16",
+            f"trainer.max_steps={steps}", "trainer.eval_interval=3", "trainer.eval_batches=1",
+            "checkpoint.interval=3", "trainer.progress=false", "logging.tensorboard=false", "logging.plot=false"]
+
+
+def run_keel(overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if nproc == 1:
+        cmd = [sys.executable, str(MAIN), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), str(MAIN), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"keel exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """An in-process world of one (gloo) with megatron's parallel state, for model-level tests."""
+    from pretrain import distributed
+    from pretrain.config import ParallelConfig
+
+    world = distributed.init(ParallelConfig())
+    yield world
+    distributed.shutdown()
+
+
+def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128):
+    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from models.gpt import build_gpt, transformer_config
+    from models.builder import layer_specs
+    from models.init import reset_parameters
+    from pretrain.config import register_configs, to_config
+
+    register_configs()
+    base = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16", "model.max_seq_len=64", "data.seq_len=32"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=base + (overrides or [])))
+    config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups())
+    gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg), per_document_positions=cfg.data.reset_position_ids)
+    reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, 0, cfg.model.tie_embeddings)
+    return cfg, gpt.eval()

@@ -1,0 +1,85 @@
+"""Config validation: every bad value fails in __post_init__ with one line naming the fix."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pretrain.config import (CheckpointConfig, KeelConfig, ModelConfig, OptimConfig, ParallelConfig,
+                             ScheduleConfig, TrainerConfig, register_configs, to_config)
+from tests.conftest import ROOT
+
+
+def compose_keel(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose("config", overrides=overrides))
+
+
+def test_defaults_compose_and_derive_heads_and_ffn():
+    cfg = compose_keel([])
+    assert isinstance(cfg, KeelConfig)
+    assert cfg.model.heads == cfg.model.hidden_size // cfg.model.head_dim
+    assert cfg.model.ffn_size % 8 == 0 and cfg.model.ffn_size >= 8 * cfg.model.hidden_size // 3
+    assert cfg.num_query_groups() == cfg.model.heads // 2  # GQA by default
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo"])
+def test_presets_compose(name):
+    cfg = compose_keel([f"+experiment={name}"])
+    assert cfg.name == name
+
+
+def test_required_override_names_exist():
+    cfg = compose_keel(["run_dir=/tmp/x", "trainer.max_steps=7", "trainer.stop_at=3", "trainer.eval_interval=2",
+                        "checkpoint.interval=2", "parallel.tensor=2", "parallel.pipeline=2", "model.hidden_size=128",
+                        "optim.lr=0.01", "seed=5"])
+    assert (cfg.run_dir, cfg.trainer.max_steps, cfg.trainer.stop_at, cfg.seed) == ("/tmp/x", 7, 3, 5)
+    assert (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.model.hidden_size, cfg.optim.lr) == (2, 2, 128, 0.01)
+
+
+def test_width_knob_keeps_head_dim():
+    for width in (64, 128, 256, 512):
+        cfg = compose_keel([f"model.hidden_size={width}"])
+        assert cfg.model.kv_channels == 32 and cfg.model.heads == width // 32 and cfg.model.num_layers == 4
+        assert cfg.model.ffn_size == -(-8 * width // 3 // 8) * 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hidden_size=100"], "not divisible by model.head_dim"),
+    (["model.hidden_size=96", "model.head_dim=32", "parallel.tensor=2"], "does not divide the 3 attention heads"),
+    (["data.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["trainer.stop_at=500", "trainer.max_steps=10"], "trainer.stop_at=500"),
+    (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], "must be a multiple"),
+    (["optim.lr=-1"], "optim.lr must be positive"),
+    (["lr.name=linear"], "lr.name must be"),
+    (["attention.type=sparse"], "attention='sparse' is unknown"),
+    (["parallel.pipeline=3"], "does not divide model.num_layers"),
+    (["optim.name=sgd", "optim.distributed=true"], "Adam-only"),
+])
+def test_config_errors_are_one_clear_line(overrides, message):
+    with pytest.raises(ValueError) as err:
+        compose_keel(overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_dataclass_validation_directly():
+    with pytest.raises(ValueError, match="num_layers"):
+        ModelConfig(num_layers=0)
+    with pytest.raises(ValueError, match="parallel.tensor"):
+        ParallelConfig(tensor=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ScheduleConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="checkpoint.interval"):
+        CheckpointConfig(interval=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainerConfig(precision="fp8")
+    with pytest.raises(ValueError, match="optim.name"):
+        OptimConfig(name="lion")
+
+
+def test_world_size_must_be_divisible():
+    from pretrain.distributed import check_world
+
+    assert check_world(ParallelConfig(tensor=2, pipeline=1), 4) == 2
+    with pytest.raises(ValueError, match="world size 3 is not divisible"):
+        check_world(ParallelConfig(tensor=2), 3)

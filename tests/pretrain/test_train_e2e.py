@@ -1,0 +1,145 @@
+"""End to end through `pretrain/main.py`: training, exact resume, parallel equivalence, errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import MAIN, ROOT, losses, metrics, run_keel, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_trains_logs_and_checkpoints(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["logging.plot=true", "logging.tensorboard=true"])
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "lr/embedding", "lr/hidden", "lr/norm"):
+        assert key in rows[0]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < val[0]
+    assert (run / "loss.png").stat().st_size > 0 and any((run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "step_00000006" / "meta.json").exists()
+    info = (run / "run_info.json").read_text()
+    assert "git_revision" in info and '"hidden_size": 64' in info
+    assert "done: step 6/6" in out.stdout
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_keel(tiny_overrides(tiny_data, straight, steps=6))
+    run_keel(tiny_overrides(tiny_data, split, steps=6) + ["trainer.stop_at=3"])
+    assert max(losses(split)) == 3 and (split / "checkpoints" / "step_00000003").exists()
+    out = run_keel(tiny_overrides(tiny_data, split, steps=6))
+    assert "resumed from" in out.stdout
+    assert losses(split) == losses(straight)  # bit for bit
+
+
+def test_resume_after_kill_9_is_exact(tiny_data, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_keel(tiny_overrides(tiny_data, straight, steps=9))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(MAIN), *tiny_overrides(tiny_data, killed, steps=9)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    # kill as soon as the step-3 checkpoint is published, while later steps are running
+    while not (killed / "checkpoints" / "step_00000003").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(killed)) < 9, "the run finished before it could be killed"
+    run_keel(tiny_overrides(tiny_data, killed, steps=9))
+    assert losses(killed) == losses(straight)
+
+
+def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_keel(tiny_overrides(tiny_data, run, steps=3))
+    # a crash mid-save leaves only a .tmp folder, which never loads as a checkpoint
+    (run / "checkpoints" / "step_00000006.tmp").mkdir()
+    out = run_keel(tiny_overrides(tiny_data, run, steps=6))
+    assert "resumed from" in out.stdout and "step_00000003" in out.stdout
+
+
+@pytest.mark.parametrize("parallel, rel", [
+    (["parallel.tensor=1"], 1e-5),  # DP=2
+    (["parallel.tensor=2"], 1e-4),
+    (["parallel.pipeline=2"], 1e-4),
+    (["optim.distributed=true"], 1e-5),  # DP=2 with the distributed optimizer
+])
+def test_two_processes_match_one(tiny_data, tmp_path, parallel, rel):
+    base = tiny_overrides(tiny_data, tmp_path / "one", steps=2) + ["trainer.eval_interval=100"]
+    run_keel(base)
+    two = tiny_overrides(tiny_data, tmp_path / "two", steps=2) + ["trainer.eval_interval=100"] + parallel
+    run_keel(two, nproc=2)
+    one, other = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for a, b in zip(one, other):
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
+
+
+def test_distributed_optimizer_resume_is_exact(tiny_data, tmp_path):
+    over = ["optim.distributed=true"]
+    run_keel(tiny_overrides(tiny_data, tmp_path / "a", steps=5) + over, nproc=2)
+    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=5) + over + ["trainer.stop_at=3"], nproc=2)
+    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=5) + over, nproc=2)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_document_masking_and_position_reset_train(tiny_data, tmp_path):
+    # what the options compute is checked against a hand-built mask in tests/models/test_gpt.py
+    run = tmp_path / "run"
+    run_keel(tiny_overrides(tiny_data, run, steps=2) + ["data.reset_position_ids=true", "data.document_mask=true"])
+    assert all(v == v for v in losses(run).values())
+
+
+def test_init_from_loads_weights_only(tiny_data, tmp_path):
+    pre = tmp_path / "pre"
+    run_keel(tiny_overrides(tiny_data, pre, steps=3))
+    cont = tmp_path / "cont"
+    out = run_keel(tiny_overrides(tiny_data, cont, steps=3) + [f"init_from={pre}"])
+    assert "initialised weights from" in out.stdout
+    fresh = tmp_path / "fresh"
+    run_keel(tiny_overrides(tiny_data, fresh, steps=3))
+    assert metrics(cont)[0]["step"] == 1  # fresh schedule and data position
+    assert losses(cont)[1] < losses(fresh)[1]  # but pretrained weights
+
+
+def _error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("keel: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.hidden_size=100"], "not divisible by model.head_dim"),
+    (["parallel.tensor=3"], "does not divide the 4 attention heads"),
+    (["data.seq_len=1024"], "exceeds model.max_seq_len"),
+])
+def test_config_errors_from_the_command_line(tiny_data, tmp_path, extra, message):
+    assert message in _error_line(run_keel(tiny_overrides(tiny_data, tmp_path / "r") + extra, check=False))
+
+
+def test_input_errors_from_the_command_line(tiny_data, tmp_path):
+    missing = run_keel(tiny_overrides(tiny_data, tmp_path / "a") + ["data.path=/nonexistent/train"], check=False)
+    assert "not found" in _error_line(missing)
+    other_tok = tmp_path / "other.model"
+    from data.corpus import stdlib_documents
+    from data.tokenizer import train_tokenizer
+
+    train_tokenizer([d.text for _, d in zip(range(20), stdlib_documents("code", "train"))], other_tok, 300)
+    mismatch = run_keel(tiny_overrides(tiny_data, tmp_path / "b") + [f"data.tokenizer={other_tok}"], check=False)
+    assert "vocabulary" in _error_line(mismatch)
+    world = run_keel(tiny_overrides(tiny_data, tmp_path / "c") + ["parallel.tensor=2"], check=False)
+    assert "world size 1 is not divisible" in _error_line(world)
+
+
+def test_incompatible_checkpoint_is_refused(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_keel(tiny_overrides(tiny_data, run, steps=3))
+    proc = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["model.num_layers=4"], check=False)
+    assert "incompatible model" in _error_line(proc)
