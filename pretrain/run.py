@@ -20,9 +20,8 @@ class ConfigError(ValueError):
 
 def resolve_run_dir(cfg) -> Path:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.run_dir or f"runs/{cfg.name}")
 
@@ -91,7 +90,6 @@ def _train(cfg, world) -> float | None:
     from optim.builder import build_optimizer
     from optim.lr_rules import peak_lrs
     from pretrain import checkpoint
-    from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
     from pretrain.trainer import Trainer, TrainingStopped
 
     if cfg.trainer.threads and world.device.type == "cpu":
@@ -128,13 +126,7 @@ def _train(cfg, world) -> float | None:
                           world.dp_rank, world.dp, cfg.seed)
     val_loader = PackedLoader(val_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
                               world.dp_rank, world.dp, cfg.seed + 1)
-    callbacks = []
-    if world.is_main:
-        callbacks.append(MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval))
-        if cfg.trainer.progress:
-            callbacks.append(ProgressBar(cfg.trainer.max_steps))
-        if cfg.logging.plot:
-            callbacks.append(LossPlot(run_dir))
+    callbacks = build_callbacks(cfg, world, run_dir, built, optimizer)
     trainer = Trainer(cfg, world, built.ddp, built.gpt, optimizer, loader, val_loader, run_dir, signature,
                       callbacks, flops_per_token=built.flops_per_token(cfg.data.seq_len))
     # 5. resume exactly, or start from pretrained weights (continual pretraining)
@@ -144,17 +136,60 @@ def _train(cfg, world) -> float | None:
     elif init_from is not None:
         checkpoint.load(init_from, built.gpt, None, signature)
         _say(world, f"initialised weights from {init_from}")
-    # 6. train
+    # 6. train; a run that diverges is recorded as such (a sweep goes on to its next run)
+    status = "completed"
     try:
         trainer.fit()
     except TrainingStopped as e:
+        status = "diverged"
         _say(world, f"keel: {e}")
-        raise SystemExit(1)
     from pretrain.callbacks import read_metrics
 
-    val = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)] if world.is_main else []
-    _say(world, summary(run_dir, trainer, val))
-    return val[-1] if val else None
+    rows = read_metrics(run_dir) if world.is_main else []
+    val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
+    if world.is_main:
+        write_result(run_dir, cfg, status, trainer.step, rows)
+        _say(world, summary(run_dir, trainer, val))
+    if status == "diverged" and not in_multirun():
+        raise SystemExit(1)
+    return val[-1] if val and status == "completed" else float("nan")
+
+
+def build_callbacks(cfg, world, run_dir: Path, built, optimizer) -> list:
+    """The trainer's callbacks, in call order: monitors add their metrics before the logger writes."""
+    from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
+
+    callbacks = []
+    if world.is_main:
+        callbacks.append(MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval))
+        if cfg.trainer.progress:
+            callbacks.append(ProgressBar(cfg.trainer.max_steps))
+        if cfg.logging.plot:
+            callbacks.append(LossPlot(run_dir))
+    return callbacks
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict]) -> None:
+    """`result.json`: how the run ended and its final numbers (what sweep reports read)."""
+    last = rows[-1] if rows else {}
+    final_loss = last.get("loss") if isinstance(last.get("loss"), float) else None
+    evals = [r for r in rows if "val_loss" in r]
+    final_val = evals[-1]["val_loss"] if evals and isinstance(evals[-1]["val_loss"], float) else None
+    if final_loss is None or (evals and final_val is None):
+        status = "diverged"  # ended on a non-finite loss
+    result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
+              "final_loss": final_loss, "final_val_loss": final_val,
+              "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run_dir / "result.json")
 
 
 def precision(cfg, world) -> torch.dtype:

@@ -40,6 +40,7 @@ class Trainer:
         self.skipped_in_row = 0
         self.skipped_total = 0
         self.forward_backward = get_forward_backward_func()
+        self.microbatches: list[dict] = []
 
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -49,10 +50,17 @@ class Trainer:
         # 2. forward and backward over this rank's micro-batches; grads reduced over DP
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run_schedule(self.loader.next_global_batch(), forward_only=False)
-        # 3. a non-finite loss or gradient skips the update (the step still counts)
+        self.microbatches = self.loader.next_global_batch()  # kept for monitors
+        loss = self._run_schedule(self.microbatches, forward_only=False)
+        # 3. a non-finite loss or gradient skips the update (the step still counts); callbacks
+        #    such as the spike detector may also skip it or stop training
         if not (math.isfinite(loss) and self._grads_finite()):
             return self._skip(loss, lrs, t0)
+        actions = [c.on_before_update(self, loss) for c in self.callbacks]
+        if "stop" in actions:
+            raise TrainingStopped(f"stopped at step {self.step + 1} by a callback (loss {loss:.4f}); see metrics.jsonl")
+        if "skip" in actions:
+            return self._skip(loss, lrs, t0, count_toward_stop=False)
         self.skipped_in_row = 0
         # 4. clip and update
         _, grad_norm, _ = self.optimizer.step()
@@ -88,11 +96,11 @@ class Trainer:
         dist.all_reduce(bad)
         return bad.item() == 0
 
-    def _skip(self, loss: float, lrs: dict, t0: float) -> dict:
+    def _skip(self, loss: float, lrs: dict, t0: float, count_toward_stop: bool = True) -> dict:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.step += 1
-        self.skipped_in_row += 1
+        self.skipped_in_row += int(count_toward_stop)
         self.skipped_total += 1
         if self.skipped_in_row >= self.cfg.trainer.max_skipped_steps:
             raise TrainingStopped(
