@@ -1,0 +1,408 @@
+"""Bin packing in O(N log B): first-fit-decreasing and best-fit-decreasing, in Numba.
+
+Both sort items by length, longest first, ties by input position (a stable counting sort), then
+place them one at a time, exactly as the textbook algorithms do:
+
+- first fit: the lowest-numbered open bin with room; a segment tree over the bins' remaining
+  capacities (max per node) finds it by descending to the leftmost leaf with enough room. Bins not
+  yet opened sit in the tree at full capacity, so "no open bin fits" needs no special case.
+- best fit: the bin with the least room that still fits, ties to the lowest bin number. Bins are
+  bucketed by remaining capacity; a count tree over capacities finds the smallest non-empty bucket
+  at or above the item's length, and each bucket is a leftist min-heap of bin numbers.
+
+Bins are numbered in the order they are opened. The number of bins is bounded by any-fit's
+``2 * sum / capacity + 1`` (at most one bin is half full or less), which sizes the structures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from data.window import max_join, window_all
+
+_HEAP_PATH = 130  # a leftist heap's right spine is <= log2(n + 1) nodes; merge walks two spines
+
+
+def _check(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}")
+    if not 1 <= capacity < 2**31:
+        raise ValueError(f"bin capacity must be in [1, 2**31), got {capacity}")
+    if lengths.size and lengths.min() < 0:
+        raise ValueError(f"item {int(np.argmin(lengths))} has negative length {lengths.min()}")
+    if lengths.size and lengths.max() > capacity:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"item {i} has length {lengths[i]}, longer than the bin capacity {capacity}; "
+                         "split items longer than the capacity before packing")
+    return lengths
+
+
+def _max_bins(lengths: np.ndarray, capacity: int) -> int:
+    return int(min(lengths.size, 2 * int(lengths.sum()) // capacity + 1))
+
+
+@numba.njit(cache=True)
+def _decreasing_order(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item indices, their lengths) longest first, ties by position: a stable O(N + capacity) counting sort."""
+    counts = np.zeros(capacity + 2, np.int64)
+    for x in lengths:
+        counts[capacity - x + 1] += 1
+    for k in range(1, capacity + 2):
+        counts[k] += counts[k - 1]
+    # The sorted lengths come from the bucket bounds, without gathering from `lengths`.
+    ordered = np.empty(lengths.shape[0], np.int64)
+    for k in range(capacity + 1):
+        ordered[counts[k]:counts[k + 1]] = capacity - k
+    order = np.empty(lengths.shape[0], np.int64)
+    for i in range(lengths.shape[0]):
+        k = capacity - lengths[i]
+        order[counts[k]] = i
+        counts[k] += 1
+    return order, ordered
+
+
+def _in_input_order(bins_sorted: np.ndarray, order: np.ndarray) -> np.ndarray:
+    bins = np.empty_like(bins_sorted)
+    bins[order] = bins_sorted
+    return bins
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+@numba.njit(cache=True)
+def _ffd(ordered: np.ndarray, capacity: int, size: int) -> np.ndarray:
+    """Bins of items given longest first. Sequential over items: random access only into the tree."""
+    room = np.full(2 * size, capacity, np.int32)  # max remaining capacity below each node
+    bins = np.empty(ordered.shape[0], np.int64)
+    for i in range(ordered.shape[0]):
+        x = ordered[i]
+        # 1. Descend to the leftmost leaf (lowest bin number) with room >= x.
+        node = 1
+        while node < size:
+            node = 2 * node if room[2 * node] >= x else 2 * node + 1
+        bins[i] = node - size
+        # 2. Take the room and refresh the maxima upwards, stopping where a maximum is unchanged.
+        room[node] -= x
+        while node > 1:
+            parent = node >> 1
+            best = max(room[node], room[node ^ 1])
+            if room[parent] == best:
+                break
+            room[parent] = best
+            node = parent
+    return bins
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index of every item (in input order) under first-fit-decreasing; O(N log B)."""
+    lengths = _check(lengths, capacity)
+    if lengths.size == 0:
+        return np.empty(0, np.int64)
+    order, ordered = _decreasing_order(lengths, capacity)
+    return _in_input_order(_ffd(ordered, capacity, _pow2_at_least(_max_bins(lengths, capacity))), order)
+
+
+@numba.njit(cache=True)
+def _rank(node: int, rank: np.ndarray) -> int:
+    return rank[node] if node >= 0 else 0
+
+
+@numba.njit(cache=True)
+def _merge(a: int, b: int, left: np.ndarray, right: np.ndarray, rank: np.ndarray, path: np.ndarray) -> int:
+    """Merge two leftist min-heaps of bin numbers (-1 = empty); returns the new root."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    if b < a:
+        a, b = b, a
+    root = a
+    depth = 0
+    # 1. Walk down the right spines, always keeping the smaller root on top.
+    while True:
+        path[depth] = a
+        depth += 1
+        r = right[a]
+        if r < 0:
+            right[a] = b
+            break
+        if b < r:
+            right[a] = b
+            b = r
+        a = right[a]
+    # 2. Restore the leftist property (rank(left) >= rank(right)) bottom-up along the path.
+    for k in range(depth - 1, -1, -1):
+        v = path[k]
+        if _rank(left[v], rank) < _rank(right[v], rank):
+            left[v], right[v] = right[v], left[v]
+        rank[v] = _rank(right[v], rank) + 1
+    return root
+
+
+@numba.njit(cache=True)
+def _count_add(count: np.ndarray, size: int, leaf: int, delta: int) -> None:
+    node = leaf + size
+    while node >= 1:
+        count[node] += delta
+        node >>= 1
+
+
+@numba.njit(cache=True)
+def _first_nonempty_from(count: np.ndarray, size: int, lo: int) -> int:
+    """Smallest leaf >= lo with a non-zero count, or -1."""
+    node = lo + size
+    if count[node] > 0:
+        return lo
+    # 1. Climb until a right sibling subtree holds something.
+    while True:
+        while node > 1 and node & 1:
+            node >>= 1
+        if node <= 1:
+            return -1
+        node += 1
+        if count[node] > 0:
+            break
+    # 2. Descend to its leftmost non-empty leaf.
+    while node < size:
+        node = 2 * node if count[2 * node] > 0 else 2 * node + 1
+    return node - size
+
+
+@numba.njit(cache=True)
+def _bfd(ordered: np.ndarray, capacity: int, max_bins: int, size: int) -> np.ndarray:
+    """Bins of items given longest first."""
+    count = np.zeros(2 * size, np.int64)  # bins per remaining capacity, summed up the tree
+    bucket = np.full(capacity + 1, -1, np.int64)  # heap root of the bins with that remaining capacity
+    left = np.full(max_bins, -1, np.int64)
+    right = np.full(max_bins, -1, np.int64)
+    rank = np.zeros(max_bins, np.int64)
+    path = np.empty(_HEAP_PATH, np.int64)
+    bins = np.empty(ordered.shape[0], np.int64)
+    opened = 0
+    for i in range(ordered.shape[0]):
+        x = ordered[i]
+        # 1. The tightest bucket that fits; its lowest bin number is the heap's root.
+        room = _first_nonempty_from(count, size, x)
+        if room < 0:
+            b = opened
+            opened += 1
+            room = capacity
+        else:
+            b = bucket[room]
+            bucket[room] = _merge(left[b], right[b], left, right, rank, path)
+            _count_add(count, size, room, -1)
+        bins[i] = b
+        # 2. Re-file the bin under its new remaining capacity.
+        room -= x
+        left[b] = -1
+        right[b] = -1
+        rank[b] = 1
+        bucket[room] = _merge(bucket[room], b, left, right, rank, path)
+        _count_add(count, size, room, 1)
+    return bins
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index of every item (in input order) under best-fit-decreasing; O(N (log B + log C))."""
+    lengths = _check(lengths, capacity)
+    if lengths.size == 0:
+        return np.empty(0, np.int64)
+    order, ordered = _decreasing_order(lengths, capacity)
+    return _in_input_order(_bfd(ordered, capacity, _max_bins(lengths, capacity), _pow2_at_least(capacity + 1)), order)
+
+
+def placement_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Item indices in the order the decreasing algorithms place them (length desc, then position)."""
+    return _decreasing_order(_check(lengths, capacity), capacity)[0]
+
+
+# --- Packing plans: which token ranges form each row --------------------------------------------
+# A plan never copies tokens: a piece is a range [src, src + length) of the tokenized corpus stream
+# (documents laid end to end, each followed by its EOD), and row r is pieces row_ptr[r]:row_ptr[r+1],
+# concatenated in that order. Every piece begins a (part of a) document in its row.
+
+
+@dataclass
+class Plan:
+    src: np.ndarray  # int64 stream offset of each piece
+    length: np.ndarray  # int64 tokens in each piece
+    doc: np.ndarray  # int64 document of each piece
+    row_ptr: np.ndarray  # int64 [rows + 1]
+
+    @property
+    def rows(self) -> int:
+        return self.row_ptr.size - 1
+
+    def row_content(self) -> np.ndarray:
+        """Content tokens per row (the rest of the row is padding)."""
+        sums = np.concatenate([[0], np.cumsum(self.length)])
+        return sums[self.row_ptr[1:]] - sums[self.row_ptr[:-1]]
+
+    def select(self, keep: np.ndarray) -> "Plan":
+        """The plan restricted to the rows where ``keep`` is true, in order."""
+        per_row = np.diff(self.row_ptr)
+        mask = np.repeat(keep, per_row)
+        return Plan(self.src[mask], self.length[mask], self.doc[mask],
+                    np.concatenate([[0], np.cumsum(per_row[keep])]).astype(np.int64))
+
+    @staticmethod
+    def single(src: np.ndarray, length: np.ndarray, doc: np.ndarray) -> "Plan":
+        """One piece per row."""
+        return Plan(src, length, doc, np.arange(src.size + 1, dtype=np.int64))
+
+    @staticmethod
+    def concat(plans: list["Plan"]) -> "Plan":
+        ptrs, base = [np.zeros(1, np.int64)], 0
+        for p in plans:
+            ptrs.append(p.row_ptr[1:] + base)
+            base += p.src.size
+        return Plan(*(np.concatenate([getattr(p, f) for p in plans]).astype(np.int64) for f in ("src", "length", "doc")),
+                    np.concatenate(ptrs))
+
+
+def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) -> Plan:
+    """Lay pieces end to end and cut the stream into rows of seq_len; the last row may be short."""
+    keep = length > 0
+    src, length, doc = src[keep], length[keep], doc[keep]
+    ends = np.cumsum(length)
+    total = int(ends[-1]) if ends.size else 0
+    starts = ends - length
+    # 1. Sub-piece boundaries: every piece start and every row start.
+    bounds = np.union1d(starts, np.arange(0, total, seq_len))
+    owner = np.searchsorted(ends, bounds, side="right")
+    sizes = np.diff(np.append(bounds, total))
+    # 2. Row r begins at the boundary equal to r * seq_len.
+    rows = -(-total // seq_len)
+    row_ptr = np.searchsorted(bounds, np.arange(rows + 1, dtype=np.int64) * seq_len)
+    return Plan(src[owner] + bounds - starts[owner], sizes, doc[owner], row_ptr.astype(np.int64))
+
+
+def truncate(plan: Plan, seq_len: int) -> tuple[Plan, int]:
+    """Cut every row to seq_len tokens from its end; returns the plan and the tokens cut."""
+    before = np.cumsum(plan.length) - plan.length  # tokens in earlier pieces of the stream ...
+    row_of = np.repeat(np.arange(plan.rows), np.diff(plan.row_ptr))
+    before -= before[plan.row_ptr[:-1]][row_of]  # ... minus those of earlier rows
+    kept = np.clip(seq_len - before, 0, plan.length)
+    cut = int((plan.length - kept).sum())
+    nonzero = kept > 0
+    per_row = np.bincount(row_of[nonzero], minlength=plan.rows)
+    return Plan(plan.src[nonzero], kept[nonzero], plan.doc[nonzero],
+                np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)), cut
+
+
+def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, bins: np.ndarray, order: np.ndarray) -> Plan:
+    """One row per bin, its items in placement order (longest first), as the reference concatenates them."""
+    placed = order[np.argsort(bins[order], kind="stable")]
+    per_bin = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
+    return Plan(src[placed], length[placed], doc[placed], np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int64))
+
+
+# --- The four methods ---------------------------------------------------------------------------
+METHODS = ("sp", "bfd", "concat", "pad")
+UNDERFULL = ("concat", "pad")
+
+
+def _stage1(offsets: np.ndarray, seq_len: int, join: int) -> tuple[Plan, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Full L-token chunks as rows, and the pool (src, length, doc) left for bin packing."""
+    cdoc, cstart, pdoc, pstart, plen = window_all(np.diff(offsets), seq_len, join)
+    chunks = Plan.single(offsets[cdoc] + cstart, np.full(cdoc.size, seq_len, np.int64), cdoc)
+    return chunks, (offsets[pdoc] + pstart, plen, pdoc)
+
+
+def _binned(pool: tuple[np.ndarray, np.ndarray, np.ndarray], capacity: int, algorithm) -> Plan:
+    src, length, doc = pool
+    return bins_to_plan(src, length, doc, algorithm(length, capacity), placement_order(length, capacity))
+
+
+def plan_sp(offsets: np.ndarray, seq_len: int, overlap_ratio: float, extra_capacity: int, underfull: str) -> Plan:
+    """Seamless Packing: sliding window, FFD into L+c bins, cut to L, underfull bins re-chunked or padded."""
+    chunks, pool = _stage1(offsets, seq_len, max_join(seq_len, overlap_ratio))
+    binned, _ = truncate(_binned(pool, seq_len + extra_capacity, first_fit_decreasing), seq_len)
+    if underfull == "pad":
+        return Plan.concat([chunks, binned])
+    full = binned.row_content() == seq_len
+    under = binned.select(~full)
+    return Plan.concat([chunks, binned.select(full), rechunk(under.src, under.length, under.doc, seq_len)])
+
+
+def plan_bfd(offsets: np.ndarray, seq_len: int) -> Plan:
+    """Best-fit-decreasing (Ding et al. 2024): documents over L split into L-token pieces, bins padded."""
+    chunks, pool = _stage1(offsets, seq_len, 0)
+    return Plan.concat([chunks, _binned(pool, seq_len, best_fit_decreasing)])
+
+
+def plan_concat(offsets: np.ndarray, seq_len: int) -> Plan:
+    """Concatenate everything and cut every L tokens (only the last row is padded)."""
+    n = offsets.size - 1
+    return rechunk(offsets[:-1], np.diff(offsets), np.arange(n, dtype=np.int64), seq_len)
+
+
+def plan_pad(offsets: np.ndarray, seq_len: int) -> Plan:
+    """One document per row, truncated to L or padded."""
+    n = offsets.size - 1
+    return Plan.single(offsets[:-1].copy(), np.minimum(np.diff(offsets), seq_len), np.arange(n, dtype=np.int64))
+
+
+def build_plan(method: str, offsets: np.ndarray, seq_len: int, overlap_ratio: float = 0.3,
+               extra_capacity: int = 50, underfull: str = "concat") -> Plan:
+    """The rows of ``method`` over documents ``stream[offsets[d]:offsets[d + 1]]``."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if method == "sp":
+        return plan_sp(offsets, seq_len, overlap_ratio, extra_capacity, underfull)
+    if method == "bfd":
+        return plan_bfd(offsets, seq_len)
+    if method == "concat":
+        return plan_concat(offsets, seq_len)
+    if method == "pad":
+        return plan_pad(offsets, seq_len)
+    raise ValueError(f"unknown packing method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# --- What a plan costs --------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.ndarray, offsets: np.ndarray):
+    """Per corpus: tokens covered at least once, and documents split / overlapped / truncated."""
+    n_docs = offsets.shape[0] - 1
+    covered = np.zeros(n_docs, np.int64)
+    split = np.zeros(n_docs, np.bool_)
+    overlapped = np.zeros(n_docs, np.bool_)
+    last, reach = -1, 0
+    for i in order:
+        d, s = doc[i], src[i]
+        e = s + length[i]
+        # Pieces of one document come sorted by start: a piece starting before the coverage so far
+        # overlaps it (sliding window); one starting at or after it is a cut without overlap.
+        if d != last:
+            last, reach = d, s
+        elif s < reach:
+            overlapped[d] = True
+        else:
+            split[d] = True
+        if e > reach:
+            covered[d] += e - max(s, reach)
+            reach = e
+    truncated_docs = 0
+    for d in range(n_docs):
+        if covered[d] < offsets[d + 1] - offsets[d]:
+            truncated_docs += 1
+    return covered.sum(), split.sum(), overlapped.sum(), truncated_docs
+
+
+def plan_stats(plan: Plan, offsets: np.ndarray, seq_len: int) -> dict:
+    """Token and document accounting: content = corpus + duplicated - truncated, by construction."""
+    covered, split, overlapped, truncated_docs = _coverage(
+        plan.src, plan.length, plan.doc, np.lexsort((plan.src, plan.doc)), np.asarray(offsets, np.int64))
+    corpus = int(offsets[-1] - offsets[0])
+    content = int(plan.length.sum())
+    output = plan.rows * seq_len
+    return {"rows": plan.rows, "output_tokens": output, "content_tokens": content,
+            "padding_tokens": output - content, "truncated_tokens": corpus - int(covered),
+            "duplicated_tokens": content - int(covered), "split_documents": int(split),
+            "overlapped_documents": int(overlapped), "truncated_documents": int(truncated_docs),
+            "pieces_per_row": round(plan.src.size / max(plan.rows, 1), 4)}

@@ -1,0 +1,155 @@
+"""The packer's inputs: local files read through Hugging Face ``datasets``, the stdlib corpus, settings.
+
+Formats, by extension: ``.jsonl``/``.ndjson``/``.json`` (JSON lines or a JSON array of objects),
+``.parquet``, ``.arrow``; anything else is plain text, one document per file (``text_mode="file"``)
+or per line (``"line"``). Structured formats take the document from ``text_field``.
+
+``stdlib[:SUBSET[:SPLIT]]`` names the default corpus (data.corpus): SUBSET is all, code or tests,
+SPLIT is all, train or val.
+
+Encoding policy: input files must be UTF-8. A file that is not fails the run with an error naming
+the file and the fix (convert it), rather than silently replacing bytes in user data. The stdlib
+corpus is the exception: data.corpus replaces the few invalid bytes it holds (a test fixture), and
+the pipeline counts documents holding U+FFFD as ``replacement_char_documents``. Empty documents
+(and blank lines in line mode) are passed on; the pipeline skips and counts them.
+
+Only local files are read: ``HF_DATASETS_OFFLINE`` is set, and inputs are loaded in streaming mode
+so nothing is copied into the datasets cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from data.corpus import STDLIB, Document, expand_inputs, stdlib_documents
+from data.packing import METHODS, UNDERFULL
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_MODES = ("file", "line")
+STDLIB_SUBSETS = ("all", "code", "tests")
+STDLIB_SPLITS = ("all", "train", "val")
+
+
+class InputError(ValueError):
+    """A problem with the packer's input or settings; the message names the problem and the fix."""
+
+
+def check_settings(seq_len: int, method: str, overlap_ratio: float = 0.3, extra_capacity: int = 50,
+                   underfull: str = "concat", workers: int = 1) -> None:
+    """Reject bad settings before any heavy work; each message names the fix."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if seq_len < 2:
+        raise InputError(f"sequence length must be at least 2, got {seq_len}; pass --seq-len 2 or more")
+    if not 0.0 <= overlap_ratio < 1.0:
+        raise InputError(f"overlap ratio must be in [0, 1), got {overlap_ratio}; e.g. --overlap-ratio 0.3")
+    if extra_capacity < 0:
+        raise InputError(f"extra capacity must be >= 0, got {extra_capacity}; e.g. --extra-capacity 50")
+    if underfull not in UNDERFULL:
+        raise InputError(f"unknown underfull policy {underfull!r}; choose one of {', '.join(UNDERFULL)}")
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+
+
+def file_format(path: str | Path) -> str:
+    """The `datasets` builder for a file: json, parquet, arrow or text."""
+    return FORMATS.get(Path(path).suffix.lower(), "text")
+
+
+def parse_stdlib(spec: str) -> tuple[str, str] | None:
+    """(subset, split) for ``stdlib[:SUBSET[:SPLIT]]``; None when ``spec`` names no stdlib corpus."""
+    parts = spec.split(":")
+    if parts[0] != STDLIB:
+        return None
+    if len(parts) > 3:
+        raise InputError(f"bad corpus name {spec!r}; use stdlib[:SUBSET[:SPLIT]], e.g. stdlib:code:train")
+    subset = parts[1] if len(parts) > 1 and parts[1] else "all"
+    split = parts[2] if len(parts) > 2 and parts[2] else "all"
+    if subset not in STDLIB_SUBSETS or split not in STDLIB_SPLITS:
+        raise InputError(f"bad corpus name {spec!r}: subset must be one of {', '.join(STDLIB_SUBSETS)} "
+                         f"and split one of {', '.join(STDLIB_SPLITS)}, e.g. stdlib:tests:val")
+    return subset, split
+
+
+def _load(path: str, fmt: str, text_mode: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    kwargs = {"sample_by": "document" if text_mode == "file" else "line"} if fmt == "text" else {}
+    return datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True, **kwargs)
+
+
+def _field(row: dict, path: str, text_field: str) -> str:
+    if text_field not in row:
+        fields = ", ".join(sorted(row)) or "none"
+        raise InputError(f"{path} has no field {text_field!r} (fields: {fields}); pass --text-field NAME")
+    value = row[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{path}: field {text_field!r} holds {type(value).__name__}, not text; "
+                         "pass the --text-field that holds the document text")
+    return value
+
+
+def _file_documents(path: str, text_field: str, text_mode: str) -> Iterator[Document]:
+    fmt = file_format(path)
+    try:
+        for i, row in enumerate(_load(path, fmt, text_mode)):
+            if fmt == "text":
+                yield Document(path if text_mode == "file" else f"{path}:{i + 1}", row["text"])
+            else:
+                yield Document(f"{path}:{i}", _field(row, path, text_field))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); convert it, "
+                         f"e.g. `iconv -f latin1 -t utf-8`") from None
+    except InputError:
+        raise
+    except Exception as e:  # datasets/pyarrow parse errors come in many types; report them as input errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read {path} as {fmt}: {reason}; check the file's format") from None
+
+
+@dataclass
+class Source:
+    """An iterable of documents over the inputs, validated up front."""
+
+    inputs: list[str]
+    text_field: str = "text"
+    text_mode: str = "file"
+    _items: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise InputError("no input given; pass --input PATH [PATH ...] or --input stdlib")
+        if self.text_mode not in TEXT_MODES:
+            raise InputError(f"unknown text mode {self.text_mode!r}; choose one of {', '.join(TEXT_MODES)}")
+        # 1. Resolve every input: a stdlib corpus name, or paths/globs that must match files.
+        for spec in self.inputs:
+            stdlib = parse_stdlib(spec)
+            try:
+                self._items += [("stdlib", stdlib)] if stdlib else [("file", f) for f in expand_inputs([spec])]
+            except FileNotFoundError as e:
+                raise InputError(str(e)) from None
+        # 2. Read the first document of the first file of each format: bad formats and missing
+        #    text fields fail here, before any heavy work.
+        firsts = {file_format(v): v for kind, v in reversed(self._items) if kind == "file"}
+        for path in firsts.values():
+            next(_file_documents(path, self.text_field, self.text_mode), None)
+
+    def __iter__(self) -> Iterator[Document]:
+        for kind, value in self._items:
+            if kind == "stdlib":
+                yield from stdlib_documents(*value)
+            else:
+                yield from _file_documents(value, self.text_field, self.text_mode)
+
+    def describe(self) -> dict:
+        return {"inputs": list(self.inputs), "files": sum(kind == "file" for kind, _ in self._items),
+                "text_field": self.text_field, "text_mode": self.text_mode}

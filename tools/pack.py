@@ -1,0 +1,153 @@
+"""Pack a corpus into fixed-length rows for pretraining (see data/pipeline.py for the methods).
+
+    python tools/pack.py --input stdlib --tokenizer tok.model --seq-len 2048 --method sp --output out/stdlib
+    python tools/pack.py --input 'shards/*.jsonl' --text-field text ... --compare   # all four methods
+    python tools/pack.py --verify out/stdlib.sp out/stdlib.bfd                      # re-check datasets
+
+Exit codes: 0 done, 1 --verify found problems, 2 bad input or settings (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/pack.py`
+
+from data.packing import METHODS, UNDERFULL  # noqa: E402
+from data.sources import TEXT_MODES, InputError, Source, check_settings  # noqa: E402
+from data.tokenizer import Tokenizer  # noqa: E402
+
+_TABLE_ROWS = [  # (stats key, label, format)
+    ("documents", "documents", "{:,}"), ("empty_documents", "empty documents (skipped)", "{:,}"),
+    ("corpus_tokens", "corpus tokens (incl. EOD)", "{:,}"), ("rows", "rows", "{:,}"),
+    ("documents_per_row", "documents / row", "{:.3f}"), ("pieces_per_row", "document pieces / row", "{:.3f}"),
+    ("truncated_tokens", "truncated tokens", "{:,}"), ("truncated_share", "  share of corpus", "{:.3%}"),
+    ("padding_tokens", "padding tokens", "{:,}"), ("padding_share", "  share of output", "{:.3%}"),
+    ("duplicated_tokens", "duplicated tokens", "{:,}"), ("duplicated_share", "  share of corpus", "{:.3%}"),
+    ("split_documents", "split documents", "{:,}"), ("split_share", "  share of documents", "{:.2%}"),
+    ("packer_tokens_per_s", "packer tokens/s", "{:,}"), ("tokens_per_s", "tool tokens/s", "{:,}"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"pack.py: error: {message}; see --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", metavar="PATH", help="files, globs, or stdlib[:all|code|tests[:train|val]]")
+    p.add_argument("--tokenizer", help="sentencepiece model")
+    p.add_argument("--seq-len", type=int, help="row length L in tokens")
+    p.add_argument("--method", choices=METHODS, default="sp")
+    p.add_argument("--output", help="dataset prefix (with --compare: PREFIX.<method> for each method)")
+    p.add_argument("--overlap-ratio", type=float, default=0.3, help="sp: max overlap per join, fraction of L")
+    p.add_argument("--extra-capacity", type=int, default=50, help="sp: bin capacity beyond L, in tokens")
+    p.add_argument("--underfull", choices=UNDERFULL, default="concat", help="sp: what to do with bins under L")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet/Arrow")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default="file", help="plain text: one document per file/line")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--seed", type=int, default=0, help="seeds the order rows are written in")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--compare", action="store_true", help="pack with all four methods and compare")
+    p.add_argument("--verify", nargs="+", metavar="PREFIX", help="check existing packed datasets and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+    return p
+
+
+def _require(args: argparse.Namespace) -> None:
+    missing = [f"--{k.replace('_', '-')}" for k in ("input", "tokenizer", "seq_len", "output")
+               if getattr(args, k) is None]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}; see --help")
+
+
+def _load_tokenizer(path: str) -> Tokenizer:
+    try:
+        tok = Tokenizer(path)
+        from data.format import token_dtype
+
+        token_dtype(tok.vocab_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    return tok
+
+
+def _print_table(metas: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"packing, L={next(iter(metas.values()))['seq_len']}")
+    table.add_column("")
+    for method in metas:
+        table.add_column(method, justify="right")
+    for key, label, fmt in _TABLE_ROWS:
+        table.add_row(label, *(fmt.format(m["stats"][key]) for m in metas.values()))
+    Console(width=max(Console().width, 100)).print(table)  # pipes default to 80 columns
+
+
+def _pack(args: argparse.Namespace) -> None:
+    _require(args)
+    settings = dict(overlap_ratio=args.overlap_ratio, extra_capacity=args.extra_capacity, underfull=args.underfull)
+    methods = METHODS if args.compare else (args.method,)
+    # 1. Everything cheap first, lightest first: settings, tokenizer, inputs, outputs.
+    for method in methods:
+        check_settings(args.seq_len, method, workers=args.workers, **settings)
+    tok = _load_tokenizer(args.tokenizer)
+    source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode)
+    from data import pipeline  # imports torch and megatron-core: only once the cheap checks passed
+
+    outputs = pipeline.compare_outputs(args.output, methods) if args.compare else {args.method: args.output}
+    for out in outputs.values():
+        pipeline.check_output(out, args.overwrite)
+    # 2. Then the work.
+    common = dict(workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+                  metadata={"source": source.describe()}, **settings)
+    if args.compare:
+        metas = pipeline.pack_compare(source, tok, args.seq_len, args.output, **common)
+    else:
+        metas = {args.method: pipeline.pack_documents(source, tok, args.seq_len, args.method, args.output, **common)}
+    _print_table(metas)
+    for method, out in outputs.items():
+        print(f"wrote {out}.{{bin,idx,bounds.bin,bounds.idx,json}} ({metas[method]['rows']:,} rows)")
+
+
+def _verify(prefixes: list[str]) -> int:
+    from data.pipeline import verify_dataset
+
+    failed = 0
+    for prefix in prefixes:
+        try:
+            problems = verify_dataset(prefix)
+        except (OSError, ValueError) as e:
+            raise InputError(str(e)) from None
+        for p in problems:
+            print(f"pack.py: verify {prefix}: {p}", file=sys.stderr)
+        print(f"{prefix}: {'FAILED' if problems else 'OK'}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's "Apex not installed" noise
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verify:
+            return _verify(args.verify)
+        _pack(args)
+        return 0
+    except InputError as e:
+        print(f"pack.py: error: {e}", file=sys.stderr)
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        print(f"pack.py: error: {what} ({e.filename or args.output}); nothing was written: free space or "
+              "choose another --output, then rerun", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
