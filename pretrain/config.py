@@ -137,9 +137,27 @@ class DataConfig:
 @dataclass
 class SpectralConfig:
     enabled: bool = False
-    tau: float = 0.05
-    power_iters: int = 2
+    tau: float = 0.05  # chosen by the ablation in docs/results/warmup_free.md
+    power_iters: int = 3
     bound_embeddings: bool = False
+
+
+LAYERWISE_PRESETS = ("max_stable", "everett_adam")  # exponent tables in optim/lr_rules.py
+
+
+@dataclass
+class LayerwiseConfig:
+    """Per-group width exponents of `optim.lr_rule=layerwise`: eta_g = lr * (n / n0)^-alpha_g."""
+
+    preset: str = "max_stable"  # max_stable (Haas et al. 2025) | everett_adam (Everett et al. 2024)
+    embedding: Optional[float] = None  # None: the preset's exponent
+    hidden: Optional[float] = None
+    readout: Optional[float] = None
+    norm: Optional[float] = None
+
+    def __post_init__(self):
+        _check(self.preset in LAYERWISE_PRESETS,
+               f"optim.layerwise.preset must be one of {', '.join(LAYERWISE_PRESETS)}, got {self.preset!r}")
 
 
 @dataclass
@@ -156,6 +174,7 @@ class OptimConfig:
     lr_rule: str = "global"  # global | sp_width | layerwise
     base_width: int = 128  # n0 of the width rules
     width_exponent: Optional[float] = None  # alpha; None: the paper's value for the optimizer
+    layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
 
     def __post_init__(self):
@@ -166,6 +185,7 @@ class OptimConfig:
                "optim.distributed=true needs optim.name=adamw (megatron's distributed optimizer is Adam-only)")
         _check(self.lr_rule in ("global", "sp_width", "layerwise"),
                f"optim.lr_rule must be global, sp_width or layerwise, got {self.lr_rule!r}")
+        _check(self.base_width >= 1, f"optim.base_width must be >= 1, got {self.base_width}")
 
 
 @dataclass
@@ -231,7 +251,7 @@ class CheckpointConfig:
 
 @dataclass
 class MonitorConfig:
-    interval: int = 0  # stability monitors every n steps; 0 disables
+    interval: int = 10  # stability monitors every n steps; 0 disables
     batch_rows: int = 1  # rows of the batch the monitors look at
     spike_window: int = 50
     spike_z: float = 6.0

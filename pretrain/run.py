@@ -122,6 +122,13 @@ def _train(cfg, world) -> float | None:
     dtype = precision(cfg, world)
     built = build_model(cfg, tokenizer.vocab_size, world.device, dtype)
     optimizer = build_optimizer(cfg.optim, [built.ddp], dtype, peak_lrs(cfg.optim, cfg.model))
+    if cfg.optim.spectral.enabled:
+        from megatron.core import parallel_state
+
+        from optim.bounded import SpectralBoundedOptimizer
+
+        tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
+        optimizer = SpectralBoundedOptimizer(optimizer, built.gpt, cfg.optim.spectral, tp_group)
     loader = PackedLoader(train_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
                           world.dp_rank, world.dp, cfg.seed)
     val_loader = PackedLoader(val_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
@@ -158,8 +165,18 @@ def _train(cfg, world) -> float | None:
 def build_callbacks(cfg, world, run_dir: Path, built, optimizer) -> list:
     """The trainer's callbacks, in call order: monitors add their metrics before the logger writes."""
     from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
+    from pretrain.monitors import SpectralStats, SpikeMonitor, StabilityMonitor
 
-    callbacks = []
+    mon = cfg.logging.monitors
+    callbacks = [SpikeMonitor(mon)]  # every rank: they act on the update and use collectives
+    if mon.interval > 0:
+        callbacks.append(StabilityMonitor(built.gpt, mon))
+    if cfg.optim.spectral.enabled:
+        callbacks.append(SpectralStats(optimizer, cfg.trainer.log_interval))
+    if cfg.model.moe.num_experts:
+        from pretrain.moe_callback import MoEStatsCallback
+
+        callbacks.append(MoEStatsCallback(cfg.trainer.log_interval))  # every rank: all-reduces over DP
     if world.is_main:
         callbacks.append(MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval))
         if cfg.trainer.progress:

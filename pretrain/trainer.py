@@ -45,6 +45,8 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
         t0 = time.perf_counter()
+        for c in self.callbacks:
+            c.on_step_start(self)
         # 1. this step's learning rate, per parameter group
         lrs = set_lr(self.optimizer, lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
         # 2. forward and backward over this rank's micro-batches; grads reduced over DP
@@ -130,14 +132,19 @@ class Trainer:
         return total / self.cfg.trainer.eval_batches
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
-                "loader": self.loader.state_dict()}
+        state = {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
+                 "loader": self.loader.state_dict()}
+        if hasattr(self.optimizer, "state_dict_extra"):  # the spectral bound's power-iteration vectors
+            state["optimizer_extra"] = self.optimizer.state_dict_extra()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.skipped_in_row = state["skipped_in_row"]
         self.loader.load_state_dict(state["loader"])
+        if "optimizer_extra" in state:
+            self.optimizer.load_state_dict_extra(state["optimizer_extra"])
 
     def save_checkpoint(self) -> Path:
         extra = {"trainer": self.state_dict(),

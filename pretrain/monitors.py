@@ -1,0 +1,237 @@
+"""Stability monitors and loss-spike detection, as trainer callbacks.
+
+Every `logging.monitors.interval` steps the monitor looks at the first micro-batch's first
+`batch_rows` rows as the training forward sees them (forward hooks, no extra forward pass, so it
+works on every pipeline stage) and logs under `stability/...`:
+- attention entropy per layer and head (σReparam's definition, from the post-RoPE queries/keys);
+- σ1(W_qᵀW_k) per layer (max over heads) and the top-1 spectral energy share;
+- σ1 of every weight matrix and its update ratio σ1(ΔW)/σ1(W) over that step;
+- output-logit norm (mean L2 over positions) and max |logit|; parameter norm.
+Attention modules say what plays W_q and W_k through an optional `qk_weights()` method returning
+(w_q, w_k, local_heads, local_kv_heads, head_dim); megatron's fused `linear_qkv` is split otherwise.
+The monitor runs on every rank (it uses collectives); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from models.stability import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
+from optim.spectral import megatron_shard_dim, power_iteration
+from pretrain.callbacks import Callback
+from pretrain.config import MonitorConfig
+from pretrain.spike import SpikeDetector
+
+
+class StabilityMonitor(Callback):
+    def __init__(self, gpt: torch.nn.Module, cfg: MonitorConfig):
+        self.gpt, self.cfg = gpt, cfg
+        self.layers = list(gpt.decoder.layers)
+        self.matrices = [(n, p) for n, p in gpt.named_parameters() if p.ndim >= 2]
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.power_state: dict[str, dict] = {}
+        self._hooks, self._captured, self._before = [], {}, {}
+
+    def _due(self, step: int) -> bool:
+        return self.cfg.interval > 0 and step % self.cfg.interval == 0
+
+    # 1. capture q/k of each layer and the logits during the training forward
+    def on_step_start(self, trainer) -> None:
+        if not self._due(trainer.step + 1):
+            return
+        self._captured = {}
+        for layer in self.layers:
+            core = layer.self_attention.core_attention
+            self._hooks.append(core.register_forward_pre_hook(self._capture_qk(layer.layer_number), with_kwargs=True))
+        if getattr(self.gpt, "post_process", False):
+            self._hooks.append(self.gpt.output_layer.register_forward_hook(self._capture_logits))
+
+    def _capture_qk(self, layer_number: int):
+        rows = self.cfg.batch_rows
+
+        def hook(module, args, kwargs):
+            if layer_number in self._captured:
+                return  # first micro-batch only
+            q, k = args[0], args[1]
+            mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+            q, k = (t[:, :rows].detach().permute(1, 2, 0, 3).float() for t in (q, k))  # [r, h, s, d]
+            self._captured[layer_number] = (q, k, None if mask is None else mask[:rows])
+        return hook
+
+    def _capture_logits(self, module, args, output):
+        if "logits" not in self._captured:
+            logits = output[0] if isinstance(output, tuple) else output
+            self._captured["logits"] = logits[:, : self.cfg.batch_rows].detach().float()
+
+    # 2. snapshot matrices before the update, for the update ratio
+    def on_before_update(self, trainer, loss: float):
+        if self._due(trainer.step + 1):
+            self._before = {n: p.detach().clone() for n, p in self.matrices}
+        return None
+
+    # 3. compute, gather to rank 0, add to the step's metrics
+    @torch.no_grad()
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if not self._due(metrics["step"]):
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        local = {**self._attention_stats(), **self._matrix_stats(), **self._logit_stats()}
+        self._before, self._captured = {}, {}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        merged = {k: v for part in gathered for k, v in part.items()}
+        metrics.update(_summarise(merged))
+        metrics["stability/param_norm"] = _param_norm(self.gpt)
+
+    def _attention_stats(self) -> dict:
+        out = {}
+        for layer in self.layers:
+            n, attn = layer.layer_number, layer.self_attention
+            if n in self._captured:
+                q, k, mask = self._captured[n]
+                ent = attention_entropy_from_scores(q, k, causal=mask is None, mask=mask,
+                                                    scale=getattr(attn.core_attention, "softmax_scale", None))
+                for h, e in enumerate(ent.tolist()):
+                    out[f"stability/attn_entropy/layer{n}/head{self._global_head(h, len(ent))}"] = e
+            w_q, w_k, heads, _, head_dim = _qk_weights(attn)
+            qk = qk_spectral_stats(w_q, w_k, heads, head_dim, top_s=1)
+            for h, (s, c) in enumerate(zip(qk.sigma1.tolist(), _per_head(qk.concentration, heads))):
+                g = self._global_head(h, heads)
+                out[f"stability/qk_sigma1/layer{n}/head{g}"] = s
+                out[f"stability/qk_energy_top1/layer{n}/head{g}"] = c
+        return out
+
+    def _global_head(self, h: int, local_heads: int) -> int:
+        return self.tp_rank * local_heads + h
+
+    def _matrix_stats(self) -> dict:
+        out = {}
+        for name, p in self.matrices:
+            shard = megatron_shard_dim(p)
+            state = self.power_state.setdefault(name, {"w": {}, "dw": {}})
+            sigma = power_iteration(p.detach().float(), state["w"], 3, self.tp_group, shard)
+            delta = p.detach().float() - self._before[name].float()
+            sigma_dw = power_iteration(delta, state["dw"], 3, self.tp_group, shard)
+            if self.tp_rank == 0:
+                out[f"stability/sigma1/{_layer_name(name, self.gpt)}"] = float(sigma)
+                out[f"stability/update_ratio/{_layer_name(name, self.gpt)}"] = float(sigma_dw / sigma.clamp_min(1e-12))
+        return out
+
+    def _logit_stats(self) -> dict:
+        if "logits" not in self._captured:
+            return {}
+        logits = self._captured["logits"]  # [s, r, vocab/tp]
+        sq = logits.pow(2).sum(-1)
+        mx = logits.abs().max().reshape(1)
+        dist.all_reduce(sq, group=self.tp_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.tp_group)
+        if self.tp_rank != 0:
+            return {}
+        return {"stability/logit_norm": float(sq.sqrt().mean()), "stability/logit_max": float(mx)}
+
+    def state_dict(self) -> dict:
+        return {"power_state": self.power_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.power_state = state["power_state"]
+
+
+def _qk_weights(attn):
+    if hasattr(attn, "qk_weights"):
+        return attn.qk_weights()
+    heads = attn.num_attention_heads_per_partition
+    kv = attn.num_query_groups_per_partition
+    d = attn.hidden_size_per_attention_head
+    w_q, w_k, _ = split_megatron_qkv(attn.linear_qkv.weight.detach(), heads, kv, d)
+    return w_q, w_k, heads, kv, d
+
+
+def _per_head(concentration, heads: int) -> list[float]:
+    if concentration is None:
+        return [math.nan] * heads
+    return concentration.tolist() if concentration.ndim else [float(concentration)] * heads
+
+
+def _layer_name(name: str, gpt) -> str:
+    """Parameter name with the pipeline stage's local layer index made global."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from models.init import global_name
+
+    return global_name(name, get_transformer_layer_offset(gpt.config))
+
+
+def _summarise(values: dict) -> dict:
+    """Per-head values plus per-layer summaries (mean/min entropy, max σ1, mean energy share)."""
+    out = dict(values)
+    by_layer: dict[tuple[str, str], list[float]] = {}
+    for key, v in values.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3].startswith("head"):
+            by_layer.setdefault((parts[1], parts[2]), []).append(v)
+    for (metric, layer), vs in by_layer.items():
+        if metric == "attn_entropy":
+            out[f"stability/attn_entropy/{layer}"] = sum(vs) / len(vs)
+            out[f"stability/attn_entropy_min/{layer}"] = min(vs)
+        elif metric == "qk_sigma1":
+            out[f"stability/qk_sigma1/{layer}"] = max(vs)
+        elif metric == "qk_energy_top1":
+            out[f"stability/qk_energy_top1/{layer}"] = sum(vs) / len(vs)
+    for metric, agg in (("attn_entropy", min), ("qk_sigma1", max)):
+        layer_vals = [v for k, v in out.items() if k.startswith(f"stability/{metric}/layer") and k.count("/") == 2]
+        if layer_vals:
+            out[f"stability/{metric}_{agg.__name__}"] = agg(layer_vals)
+    return out
+
+
+def _param_norm(gpt) -> float:
+    total = torch.zeros(1, dtype=torch.float64)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for p in gpt.parameters():
+        duplicate = not getattr(p, "tensor_model_parallel", False) and tp_rank != 0
+        if not duplicate and not getattr(p, "shared", False):
+            total += p.detach().double().pow(2).sum().cpu()
+    total = total.to(next(gpt.parameters()).device)
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+class SpikeMonitor(Callback):
+    """Loss spikes by z-score over a window; the action is log, skip the update, or stop."""
+
+    def __init__(self, cfg: MonitorConfig):
+        self.detector = SpikeDetector(window=cfg.spike_window, z_threshold=cfg.spike_z, action=cfg.spike_action)
+        self.event = None
+
+    def on_before_update(self, trainer, loss: float):
+        self.event = self.detector.observe(trainer.step + 1, loss)
+        return self.event.action if self.event and self.event.action != "log" else None
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if self.event is not None:
+            metrics.update({"spike": 1, "spike_z": self.event.z, "spike_action": self.event.action})
+            self.event = None
+
+    def state_dict(self) -> dict:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(state)
+
+
+class SpectralStats(Callback):
+    """How often and how hard the spectral bound clipped, per matrix group, on logged steps."""
+
+    def __init__(self, optimizer, interval: int):
+        self.optimizer, self.interval = optimizer, interval
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if metrics["step"] % self.interval == 0:
+            metrics.update(self.optimizer.pop_stats())
