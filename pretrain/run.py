@@ -81,7 +81,8 @@ def _run(cfg) -> float | None:
         distributed.shutdown()
 
 
-def _train(cfg, world) -> float | None:
+def build_trainer(cfg, world, run_dir: Path):
+    """Every component, validated and wired: data, model, optimizer, callbacks, trainer."""
     import torch.distributed as dist
 
     from data.loader import PackedLoader
@@ -90,11 +91,10 @@ def _train(cfg, world) -> float | None:
     from optim.builder import build_optimizer
     from optim.lr_rules import peak_lrs
     from pretrain import checkpoint
-    from pretrain.trainer import Trainer, TrainingStopped
+    from pretrain.trainer import Trainer
 
     if cfg.trainer.threads and world.device.type == "cpu":
         torch.set_num_threads(cfg.trainer.threads)
-    run_dir = resolve_run_dir(cfg)
     # 2. data: rank 0 builds what is missing, everyone validates before the model is built
     if world.is_main:
         tokenizer = ensure_tokenizer(cfg.data)
@@ -136,6 +136,15 @@ def _train(cfg, world) -> float | None:
     callbacks = build_callbacks(cfg, world, run_dir, built, optimizer)
     trainer = Trainer(cfg, world, built.ddp, built.gpt, optimizer, loader, val_loader, run_dir, signature,
                       callbacks, flops_per_token=built.flops_per_token(cfg.data.seq_len))
+    return trainer, built, signature, resume_from, init_from
+
+
+def _train(cfg, world) -> float | None:
+    from pretrain import checkpoint
+    from pretrain.trainer import TrainingStopped
+
+    run_dir = resolve_run_dir(cfg)
+    trainer, built, signature, resume_from, init_from = build_trainer(cfg, world, run_dir)
     # 5. resume exactly, or start from pretrained weights (continual pretraining)
     if resume_from is not None:
         trainer.resume(resume_from)
