@@ -251,7 +251,7 @@ class CheckpointConfig:
 
 @dataclass
 class MonitorConfig:
-    interval: int = 10  # stability monitors every n steps; 0 disables
+    interval: int = 50  # stability monitors every n steps; 0 disables
     batch_rows: int = 1  # rows of the batch the monitors look at
     spike_window: int = 50
     spike_z: float = 6.0

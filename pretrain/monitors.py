@@ -112,17 +112,20 @@ class StabilityMonitor(Callback):
         return self.tp_rank * local_heads + h
 
     def _matrix_stats(self) -> dict:
-        out = {}
+        sigmas, ratios = [], []
         for name, p in self.matrices:
             shard = megatron_shard_dim(p)
             state = self.power_state.setdefault(name, {"w": {}, "dw": {}})
             sigma = power_iteration(p.detach().float(), state["w"], 3, self.tp_group, shard)
             delta = p.detach().float() - self._before[name].float()
-            sigma_dw = power_iteration(delta, state["dw"], 3, self.tp_group, shard)
-            if self.tp_rank == 0:
-                out[f"stability/sigma1/{_layer_name(name, self.gpt)}"] = float(sigma)
-                out[f"stability/update_ratio/{_layer_name(name, self.gpt)}"] = float(sigma_dw / sigma.clamp_min(1e-12))
-        return out
+            sigmas.append(sigma)
+            ratios.append(power_iteration(delta, state["dw"], 3, self.tp_group, shard) / sigma.clamp_min(1e-12))
+        if self.tp_rank != 0 or not sigmas:
+            return {}
+        values = torch.stack(sigmas + ratios).tolist()  # one host sync for every matrix
+        names = [_layer_name(n, self.gpt) for n, _ in self.matrices]
+        return {**{f"stability/sigma1/{n}": v for n, v in zip(names, values[:len(names)])},
+                **{f"stability/update_ratio/{n}": v for n, v in zip(names, values[len(names):])}}
 
     def _logit_stats(self) -> dict:
         if "logits" not in self._captured:

@@ -4,12 +4,12 @@
 # (copied from .venv: pure Python) because the GPU machine reaches no package registry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore
+export PYTHONPATH=$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore KEEL_DEBUG=1 HYDRA_FULL_ERROR=1
 OUT=${OUT:-/tmp/keel-gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import sys, torch, megatron.core; print(sys.version.split()[0], torch.__version__, megatron.core.__version__)"
 echo "== 1. demo (bf16)"
-python3 pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false 2>&1 | tail -8
+python3 pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false 2>&1 | grep -v Warning | tail -25
 cp /tmp/runs/demo/metrics.jsonl "$OUT/demo_metrics.jsonl"
 echo "== 2. keel vs plain PyTorch"
 python3 tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 trainer.micro_batch_size=64 2>&1 | tail -7
