@@ -44,7 +44,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         for ax, (title, key, log) in zip(axes.flat, PANELS):
             x, y = series(rows, key)
             if x:
-                ax.plot(x, y, "o-" if key == "val_loss" else "-", lw=1, ms=3, label=label)
+                ax.plot(x, y, "o-" if key == "val_loss" else "-", lw=1, ms=3, label=label, color=f"C{i}")
             ax.set_title(title, fontsize=10)
             ax.set_yscale("log" if log else "linear")
             ax.grid(alpha=0.3)
