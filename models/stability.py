@@ -140,7 +140,7 @@ def qk_spectral_stats(
 
     iters=None (default): exact.  M_h has rank <= hd; with W_q,hᵀ = Q_q R_q and W_k,hᵀ = Q_k R_k (thin
     QR), M_h = Q_q (R_q R_kᵀ) Q_kᵀ, so its singular values are those of the hd×hd core R_q R_kᵀ:
-    O(heads·d·hd²) instead of an SVD of d×d.  Energy concentration (AdamW² §3) = top-s share of Σσ².
+    O(heads·d·hd²) instead of an SVD of d×d.  R comes from a Cholesky of the Gram matrix W Wᵀ.  Energy concentration (AdamW² §3) = top-s share of Σσ².
     iters=int: σ1 only, by warm-started power iteration on the implicit operator (cheaper for large
     hd; pass the same `state` dict every call), concentration=None.
     w_k may have fewer heads (GQA): query head h uses kv head h // (heads / kv_heads).
@@ -149,15 +149,24 @@ def qk_spectral_stats(
     if iters is not None:
         sigma = _qk_sigma_power(wq, wk[kv_of], iters, {} if state is None else state)
         return QKStats(sigma, sigma.max(), None)
-    # 1. thin QR of the transposed head blocks: [heads, d, hd] = Q [heads, d, r] · R [heads, r, hd];
-    #    under GQA each kv head is factored once and its R shared by its query heads
-    r_q = torch.linalg.qr(wq.transpose(-1, -2), mode="r").R
-    r_k = torch.linalg.qr(wk.transpose(-1, -2), mode="r").R[kv_of]
+    # 1. the triangular factor of each head block's Gram matrix W Wᵀ = Rᵀ R (the R of a thin QR of
+    #    Wᵀ, up to signs); under GQA each kv head is factored once and shared by its query heads
+    r_q, r_k = _gram_factor(wq), _gram_factor(wk)[kv_of]
     # 2. singular values of the small core (descending)
-    sv = torch.linalg.svdvals(r_q @ r_k.transpose(-1, -2))
+    sv = torch.linalg.svdvals(r_q @ r_k.transpose(-1, -2)).float()
     energy = sv.square()
     conc = energy[:, :top_s].sum(-1) / energy.sum(-1).clamp_min(torch.finfo(energy.dtype).tiny)
     return QKStats(sv[:, 0], sv[:, 0].max(), conc)
+
+
+def _gram_factor(w: Tensor) -> Tensor:
+    """R with Rᵀ R = w wᵀ for w [n, hd, d]: a batched matmul and an hd×hd Cholesky (fp64), far
+    cheaper than a QR of the tall d×hd blocks; rank-deficient blocks fall back to QR."""
+    gram = w.double() @ w.double().transpose(-1, -2)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        return torch.linalg.qr(w.transpose(-1, -2).double(), mode="r").R
+    return lower.transpose(-1, -2)
 
 
 def _qk_sigma_power(wq: Tensor, wk: Tensor, iters: int, state: dict) -> Tensor:
