@@ -316,8 +316,12 @@ class KeelConfig:
 def register_configs() -> None:
     """Make the schema available to Hydra as `keel_schema` (conf/config.yaml extends it)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
+    # Hydra's own output folder follows run_dir, or runs/<name> when run_dir is unset
+    if not OmegaConf.has_resolver("keel_run_dir"):
+        OmegaConf.register_new_resolver("keel_run_dir", lambda run_dir, name: run_dir or f"runs/{name}")
 
 
 def to_config(raw) -> KeelConfig:

@@ -83,3 +83,13 @@ def test_world_size_must_be_divisible():
     assert check_world(ParallelConfig(tensor=2, pipeline=1), 4) == 2
     with pytest.raises(ValueError, match="world size 3 is not divisible"):
         check_world(ParallelConfig(tensor=2), 3)
+
+
+@pytest.mark.parametrize("overrides, expected", [([], "runs/demo"), (["run_dir=/tmp/elsewhere"], "/tmp/elsewhere")])
+def test_hydra_output_folder_follows_run_dir(overrides, expected):
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=demo", *overrides], return_hydra_config=True)
+    assert OmegaConf.select(cfg, "hydra.run.dir") == expected
