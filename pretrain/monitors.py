@@ -66,7 +66,8 @@ class StabilityMonitor(Callback):
     def _capture_logits(self, module, args, output):
         if "logits" not in self._captured:
             logits = output[0] if isinstance(output, tuple) else output
-            self._captured["logits"] = logits[:, : self.cfg.batch_rows].detach().float()
+            # clone: megatron's cross entropy later turns the logits into probabilities in place
+            self._captured["logits"] = logits[:, : self.cfg.batch_rows].detach().float().clone()
 
     # 2. snapshot matrices before the update, for the update ratio
     def on_before_update(self, trainer, loss: float):
