@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from models.gpt import build_gpt, layer_spec, transformer_config
-from models.init import reset_parameters
+from models.init import expert_global_name, reset_parameters
+from models.moe import moe_spec
 
 
 @dataclass
@@ -29,7 +31,12 @@ class BuiltModel:
 
 def layer_specs(cfg) -> list:
     """One spec per layer: the attention type and (dense or MoE) MLP are chosen here, not in model code."""
-    return [layer_spec(cfg.attention.type, cfg.model.normalization) for _ in range(cfg.model.num_layers)]
+    moe = cfg.model.moe
+    mlp = moe_spec(moe.ortho_loss, moe.var_loss) if moe.num_experts else None
+    # megatron's moe_layer_freq convention: layer i (0-based) is MoE when i % every == 0
+    return [layer_spec(cfg.attention, cfg.model.normalization, mlp if mlp and i % moe.every == 0 else None,
+                       model=cfg.model)
+            for i in range(cfg.model.num_layers)]
 
 
 def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) -> BuiltModel:
@@ -41,8 +48,10 @@ def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) 
     config.finalize_model_grads_func = finalize_model_grads
     gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg),
                     per_document_positions=cfg.data.reset_position_ids)
+    # experts are seeded by their global index (this expert-parallel rank holds a contiguous block)
+    expert_offset = parallel_state.get_expert_model_parallel_rank() * (cfg.model.moe.num_experts // p.expert)
     reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, get_transformer_layer_offset(config),
-                     cfg.model.tie_embeddings)
+                     cfg.model.tie_embeddings, rename=partial(expert_global_name, expert_offset=expert_offset))
     gpt = gpt.to(device=device, dtype=dtype)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.optim.distributed)
@@ -51,7 +60,8 @@ def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) 
 
 
 def count_params(model: torch.nn.Module) -> int:
-    local = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.float64)
+    device = next(model.parameters()).device  # nccl reduces only device tensors
+    local = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.float64, device=device)
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
     return int(local.item())

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
 
 from models.attention import attention_spec
-from pretrain.config import AttentionConfig, ModelConfig
+from pretrain.config import AttentionConfig, ModelConfig, MoEConfig
 
 
 def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
@@ -40,7 +40,25 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
+        **moe_fields(model.moe, model.ffn_size, tensor),
     )
+
+
+def moe_fields(moe: MoEConfig, ffn_size: int, tensor: int = 1) -> dict:
+    """megatron's MoE settings from `model.moe` (empty for a dense model)."""
+    if not moe.num_experts:
+        return {}
+    if tensor > 1:  # megatron's MoELayer refuses TP>1 without sequence parallelism, which keel keeps off
+        raise ValueError("model.moe needs parallel.tensor=1 (megatron's MoE with TP needs sequence parallelism)")
+    balance = {"switch": "aux_loss", "seq": "seq_aux_loss", "none": "none"}[moe.aux_loss]
+    return dict(
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size or ffn_size,
+        # alltoall builds CUDA streams (token_dispatcher.py:445); allgather runs anywhere
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        moe_router_load_balancing_type=balance, moe_aux_loss_coeff=moe.aux_loss_coeff if balance != "none" else 0.0,
+        moe_z_loss_coeff=moe.z_loss or None, moe_router_dtype="fp32",
+        moe_expert_capacity_factor=moe.capacity_factor, moe_token_drop_policy=moe.drop_policy,
+        moe_layer_freq=moe.every, moe_grouped_gemm=False)
 
 
 def mlp_spec() -> ModuleSpec:
@@ -48,12 +66,13 @@ def mlp_spec() -> ModuleSpec:
                                                            linear_fc2=RowParallelLinear))
 
 
-def layer_spec(attention_type: str, normalization: str, mlp: ModuleSpec | None = None) -> ModuleSpec:
+def layer_spec(attention: AttentionConfig | str, normalization: str, mlp: ModuleSpec | None = None,
+               model: ModelConfig | None = None) -> ModuleSpec:
     norm = LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm")
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm, self_attention=attention_spec(attention_type),
+            input_layernorm=norm, self_attention=attention_spec(attention, model),
             self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=norm,
             mlp=mlp or mlp_spec(), mlp_bda=get_bias_dropout_add))
 

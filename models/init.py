@@ -29,6 +29,15 @@ def global_name(name: str, layer_offset: int) -> str:
     return f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}" if m else name
 
 
+_EXPERT = re.compile(r"(local_experts\.)(\d+)(\.)")
+
+
+def expert_global_name(name: str, expert_offset: int) -> str:
+    """`...local_experts.1.x` on an expert-parallel rank whose first expert is 4 -> `...local_experts.5.x`,
+    so every expert is seeded by its global index and EP=N starts from the same experts as EP=1."""
+    return _EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + expert_offset}{m.group(3)}", name)
+
+
 def _tp_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's shard, split like megatron's `_initialize_affine_weight_cpu` (with stride)."""
     if not getattr(param, "tensor_model_parallel", False):

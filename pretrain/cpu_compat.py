@@ -48,6 +48,7 @@ _MODULES_WITH_CUDA_CALLS = (
     "megatron.core.dist_checkpointing.tensor_aware_state_dict",
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.transformer.moe.experts",
+    "megatron.core.tensor_parallel.mappings",  # expert-parallel all-gather buffers
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.multi_latent_attention",

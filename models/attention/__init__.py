@@ -6,7 +6,7 @@ spec-level choice and model code never branches on it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Union
 
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -14,10 +14,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from models.attention.gla import gla_spec
+from models.attention.gta import gta_spec
+from models.attention.mla import mla_spec
 from models.attention.sdpa import SDPACoreAttention
+from pretrain.config import AttentionConfig, ModelConfig
 
 
-def standard_attention_spec() -> ModuleSpec:
+def standard_attention_spec(attention: AttentionConfig, model: Optional[ModelConfig]) -> ModuleSpec:
     """MHA, GQA and MQA: megatron's SelfAttention; they differ only in `num_query_groups`."""
     return ModuleSpec(
         module=SelfAttention,
@@ -27,15 +31,22 @@ def standard_attention_spec() -> ModuleSpec:
             linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
 
 
-# type -> builder of the self-attention ModuleSpec. Further variants register themselves here.
-ATTENTION_SPECS: dict[str, Callable[[], ModuleSpec]] = {
+# type -> builder(attention config, model config) of the self-attention ModuleSpec.
+ATTENTION_SPECS: dict[str, Callable[[AttentionConfig, Optional[ModelConfig]], ModuleSpec]] = {
     "mha": standard_attention_spec,
     "gqa": standard_attention_spec,
     "mqa": standard_attention_spec,
+    "gta": gta_spec,
+    "gla": gla_spec,
+    "mla": mla_spec,
 }
 
 
-def attention_spec(attention_type: str) -> ModuleSpec:
-    if attention_type not in ATTENTION_SPECS:
-        raise ValueError(f"attention={attention_type!r} is not available; choose one of {sorted(ATTENTION_SPECS)}")
-    return ATTENTION_SPECS[attention_type]()
+def attention_spec(attention: Union[AttentionConfig, str], model: Optional[ModelConfig] = None) -> ModuleSpec:
+    """The spec for `attention` (a config, or just a type with default options); GTA/GLA/MLA need `model`."""
+    attention = AttentionConfig(type=attention) if isinstance(attention, str) else attention
+    if attention.type not in ATTENTION_SPECS:
+        raise ValueError(f"attention={attention.type!r} is not available; choose one of {sorted(ATTENTION_SPECS)}")
+    if model is None and attention.type in ("gta", "gla", "mla"):
+        raise ValueError(f"attention={attention.type} needs the model config (head dimension) to build its spec")
+    return ATTENTION_SPECS[attention.type](attention, model)

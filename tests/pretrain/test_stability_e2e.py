@@ -8,9 +8,16 @@ pytestmark = pytest.mark.slow
 SPECTRAL = ["optim.spectral.enabled=true", "optim.spectral.tau=0.05", "logging.monitors.interval=2"]
 
 
-def test_monitors_log_every_quantity(tiny_data, tmp_path):
-    run_keel(tiny_overrides(tiny_data, tmp_path / "r", steps=4) + SPECTRAL)
-    rows = {r["step"]: r for r in metrics(tmp_path / "r")}
+@pytest.fixture(scope="module")
+def bounded(tiny_data, tmp_path_factory):
+    """One uninterrupted 6-step run with the bound and the monitors on, shared below."""
+    run = tmp_path_factory.mktemp("bounded") / "run"
+    run_keel(tiny_overrides(tiny_data, run, steps=6) + SPECTRAL)
+    return run
+
+
+def test_monitors_log_every_quantity(bounded):
+    rows = {r["step"]: r for r in metrics(bounded)}
     logged = rows[2]
     for key in ("stability/attn_entropy/layer1", "stability/attn_entropy/layer2/head0", "stability/qk_sigma1/layer2",
                 "stability/qk_energy_top1/layer1", "stability/logit_norm", "stability/logit_max",
@@ -22,28 +29,27 @@ def test_monitors_log_every_quantity(tiny_data, tmp_path):
     assert 0 < logged["spectral/mean_scale/linear_qkv.weight"] <= 1
 
 
-def test_spectral_bound_and_monitors_resume_exactly(tiny_data, tmp_path):
-    run_keel(tiny_overrides(tiny_data, tmp_path / "a", steps=6) + SPECTRAL)
+def test_spectral_bound_and_monitors_resume_exactly(tiny_data, tmp_path, bounded):
     run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + SPECTRAL + ["trainer.stop_at=3"])
     run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + SPECTRAL)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = metrics(bounded), metrics(tmp_path / "b")
+    assert losses(bounded) == losses(tmp_path / "b")
     assert a[-1]["stability/qk_sigma1/layer1"] == b[-1]["stability/qk_sigma1/layer1"]
 
 
 def test_infinite_tau_equals_no_bound(tiny_data, tmp_path):
-    run_keel(tiny_overrides(tiny_data, tmp_path / "off", steps=3))
-    run_keel(tiny_overrides(tiny_data, tmp_path / "inf", steps=3) + ["optim.spectral.enabled=true", "optim.spectral.tau=inf"])
+    run_keel(tiny_overrides(tiny_data, tmp_path / "off", steps=2))
+    run_keel(tiny_overrides(tiny_data, tmp_path / "inf", steps=2) + ["optim.spectral.enabled=true", "optim.spectral.tau=inf"])
     assert losses(tmp_path / "off") == losses(tmp_path / "inf")
 
 
 @pytest.mark.parametrize("parallel, rel", [(["parallel.tensor=2"], 1e-4), (["optim.distributed=true"], 1e-5),
                                            (["parallel.pipeline=2"], 1e-4)])
-def test_bounded_training_with_two_processes_matches_one(tiny_data, tmp_path, parallel, rel):
-    base = tiny_overrides(tiny_data, tmp_path / "one", steps=3) + SPECTRAL
-    run_keel(base)
-    run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=3) + SPECTRAL + parallel, nproc=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+def test_bounded_training_with_two_processes_matches_one(tiny_data, tmp_path, bounded, parallel, rel):
+    # the first two steps of the same 6-step schedule (stop_at keeps the schedule)
+    run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=6) + SPECTRAL + ["trainer.stop_at=2"] + parallel, nproc=2)
+    one, two = metrics(bounded)[:2], metrics(tmp_path / "two")
+    assert len(two) == 2
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel)
     # the monitors see every layer and head whatever the split

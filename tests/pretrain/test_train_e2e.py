@@ -13,9 +13,16 @@ from tests.conftest import MAIN, ROOT, losses, metrics, run_keel, tiny_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_trains_logs_and_checkpoints(tiny_data, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory):
+    """One uninterrupted 6-step run, shared as the reference of the tests below."""
+    run = tmp_path_factory.mktemp("straight") / "run"
     out = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["logging.plot=true", "logging.tensorboard=true"])
+    return run, out
+
+
+def test_smoke_trains_logs_and_checkpoints(straight):
+    run, out = straight
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "lr/embedding", "lr/hidden", "lr/norm"):
@@ -29,9 +36,8 @@ def test_smoke_trains_logs_and_checkpoints(tiny_data, tmp_path):
     assert "done: step 6/6" in out.stdout
 
 
-def test_resume_is_exact(tiny_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_keel(tiny_overrides(tiny_data, straight, steps=6))
+def test_resume_is_exact(tiny_data, tmp_path, straight):
+    straight, split = straight[0], tmp_path / "split"
     run_keel(tiny_overrides(tiny_data, split, steps=6) + ["trainer.stop_at=3"])
     assert max(losses(split)) == 3 and (split / "checkpoints" / "step_00000003").exists()
     out = run_keel(tiny_overrides(tiny_data, split, steps=6))
@@ -39,11 +45,10 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert losses(split) == losses(straight)  # bit for bit
 
 
-def test_resume_after_kill_9_is_exact(tiny_data, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_keel(tiny_overrides(tiny_data, straight, steps=9))
+def test_resume_after_kill_9_is_exact(tiny_data, tmp_path, straight):
+    straight, killed = straight[0], tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(MAIN), *tiny_overrides(tiny_data, killed, steps=9)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(MAIN), *tiny_overrides(tiny_data, killed, steps=6)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     # kill as soon as the step-3 checkpoint is published, while later steps are running
@@ -51,8 +56,8 @@ def test_resume_after_kill_9_is_exact(tiny_data, tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert max(losses(killed)) < 9, "the run finished before it could be killed"
-    run_keel(tiny_overrides(tiny_data, killed, steps=9))
+    assert max(losses(killed)) < 6, "the run finished before it could be killed"
+    run_keel(tiny_overrides(tiny_data, killed, steps=6))
     assert losses(killed) == losses(straight)
 
 
@@ -71,12 +76,12 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     (["parallel.pipeline=2"], 1e-4),
     (["optim.distributed=true"], 1e-5),  # DP=2 with the distributed optimizer
 ])
-def test_two_processes_match_one(tiny_data, tmp_path, parallel, rel):
-    base = tiny_overrides(tiny_data, tmp_path / "one", steps=2) + ["trainer.eval_interval=100"]
-    run_keel(base)
-    two = tiny_overrides(tiny_data, tmp_path / "two", steps=2) + ["trainer.eval_interval=100"] + parallel
+def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
+    # the first two steps of the same 6-step schedule (stop_at keeps the schedule)
+    two = tiny_overrides(tiny_data, tmp_path / "two", steps=6) + ["trainer.stop_at=2"] + parallel
     run_keel(two, nproc=2)
-    one, other = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, other = metrics(straight[0])[:2], metrics(tmp_path / "two")
+    assert len(other) == 2
     for a, b in zip(one, other):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
@@ -131,7 +136,7 @@ def test_input_errors_from_the_command_line(tiny_data, tmp_path):
     from data.corpus import stdlib_documents
     from data.tokenizer import train_tokenizer
 
-    train_tokenizer([d.text for _, d in zip(range(20), stdlib_documents("code", "train"))], other_tok, 300)
+    train_tokenizer([d.text for _, d in zip(range(40), stdlib_documents("code", "train"))], other_tok, 400)
     mismatch = run_keel(tiny_overrides(tiny_data, tmp_path / "b") + [f"data.tokenizer={other_tok}"], check=False)
     assert "vocabulary" in _error_line(mismatch)
     world = run_keel(tiny_overrides(tiny_data, tmp_path / "c") + ["parallel.tensor=2"], check=False)

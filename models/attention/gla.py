@@ -1,0 +1,159 @@
+"""Grouped Latent Attention (Zadouri, Strauss, Dao 2025); MLA is the same module with one latent.
+
+Per token: W_dKV x = [c_1 .. c_{h_c} | k_rope]; each latent c_j (width d_c) is RMS-normalised and
+up-projected to k_nope (d) and v (d) of its own g_q = h_q / h_c query heads only; k_rope (d_R, RoPE) is
+one head shared by all. Queries: W_dQ -> RMSNorm -> W_uQ gives [q_nope (d) | q_rope (d_R, RoPE)] per
+head (a direct projection when q_lora_rank is unset). Scale 1/sqrt(d + d_R), kept at decode.
+The KV cache holds the normalised latents and the rotated RoPE key: h_c*d_c + d_R per token per layer.
+
+Tensor parallelism: with h_c divisible by TP the latents (and their query heads) are sharded, so each
+rank caches (h_c/N)*d_c + d_R. With h_c < N (MLA's single latent, or GLA-2 at TP=4) each rank keeps
+the one latent its heads read (d_c + d_R, duplicated across ranks), projected up for its own heads
+only. The RoPE key is always replicated. (The two layouts checkpoint the KV down-projection
+differently: sharded vs replicated, so a GLA checkpoint reshards only between TP sizes of one layout.)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rms_norm, rope_table, tp_rank,
+                                     tp_size)
+
+
+class LatentAttention(MegatronModule):
+    """SelfAttention's contract: forward(hidden [s, b, D], attention_mask, rotary_pos_emb, ...) -> (out, bias)."""
+
+    def __init__(self, config, submodules: dict, layer_number: int, num_latents: int, latent_dim: int,
+                 rope_dim: int, q_lora_rank: Optional[int] = None,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **_unused):
+        super().__init__(config=config)
+        d, n, h = config.kv_channels, tp_size(), config.num_attention_heads
+        self.hidden = config.hidden_size
+        self.head_dim, self.rope_dim, self.latent_dim, self.eps = d, rope_dim, latent_dim, config.layernorm_epsilon
+        divide(h, num_latents, "attention heads over latent heads (attention.num_latent_heads)")
+        # 1. latents are sharded with their query heads when TP divides them; otherwise (MLA's single
+        #    latent, or h_c < N) every rank computes all latents and keeps the one its heads read
+        self.shard_latents = num_latents > 1 and num_latents % n == 0
+        self.latents = num_latents // n if self.shard_latents else 1
+        self.latent_index = 0 if self.shard_latents else tp_rank() // divide(
+            n, num_latents, "tensor-parallel ranks over latent heads (h_c must divide TP or TP divide h_c)")
+        self.num_latents = num_latents
+        self.heads = divide(h, n, "query heads over tensor-parallel ranks")
+        col, lin = submodules["linear_q"], dict(config=config, init_method=config.init_method, bias=False,
+                                                skip_bias_add=False, is_expert=False, gather_output=False)
+        # 2. query path: W_dQ -> RMSNorm -> W_uQ (or one projection)
+        q_width = h * (d + rope_dim)
+        if q_lora_rank:
+            self.linear_q_down_proj = replicated_linear(config.hidden_size, q_lora_rank, config)
+            self.q_norm_weight = torch.nn.Parameter(torch.ones(q_lora_rank, dtype=config.params_dtype))
+            self.linear_q_up_proj = build_module(col, q_lora_rank, q_width, **lin)
+        else:
+            self.linear_q_proj = build_module(col, config.hidden_size, q_width, **lin)
+        # 3. KV path: latents, their shared RMSNorm weight, the RoPE key and the per-latent up-projection
+        if self.shard_latents:
+            self.linear_kv_down_proj = build_module(col, config.hidden_size, num_latents * latent_dim, **lin)
+        else:
+            self.linear_kv_down_proj = replicated_linear(config.hidden_size, num_latents * latent_dim, config)
+        self.kv_norm_weight = torch.nn.Parameter(torch.ones(latent_dim, dtype=config.params_dtype))
+        self.linear_k_rope = replicated_linear(config.hidden_size, rope_dim, config)
+        self.linear_kv_up_proj = build_module(col, latent_dim, h * 2 * d, **lin)
+        self.core_attention = build_module(submodules["core_attention"], config=config, layer_number=layer_number,
+                                           attn_mask_type=attn_mask_type, softmax_scale=self.softmax_scale)
+        self.linear_proj = build_module(
+            submodules["linear_proj"], h * d, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False)
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.head_dim + self.rope_dim) ** -0.5
+
+    def queries(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [s, b, h, d] and rotated q_rope [s, b, h, d_R] of this rank's heads."""
+        s, b, _ = x.shape
+        if hasattr(self, "linear_q_up_proj"):
+            low = rms_norm(self.linear_q_down_proj(x), self.q_norm_weight, self.eps)
+            q = self.linear_q_up_proj(low)[0]
+        else:
+            q = self.linear_q_proj(x)[0]
+        q_nope, q_rope = q.view(s, b, self.heads, -1).split([self.head_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, rope_table(table, self.rope_dim))
+
+    def latent_kv(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores: normalised latents [s, b, c, d_c] and the rotated RoPE key [s, b, 1, d_R]."""
+        s, b, _ = x.shape
+        if self.shard_latents:
+            c = self.linear_kv_down_proj(x)[0].view(s, b, self.latents, self.latent_dim)
+            c = rms_norm(c, replicated(self.kv_norm_weight), self.eps)
+        else:
+            c = self.linear_kv_down_proj(x).view(s, b, self.num_latents, self.latent_dim)
+            c = replicated(rms_norm(c, self.kv_norm_weight, self.eps))
+            c = c[:, :, self.latent_index:self.latent_index + 1]
+        k_rope = apply_rope(replicated(self.linear_k_rope(x)).unsqueeze(2), rope_table(table, self.rope_dim))
+        return c, k_rope
+
+    def up_weight(self) -> torch.Tensor:
+        """This rank's up-projection as [latents, heads per latent, 2d (k_nope | v), d_c]."""
+        w = self.linear_kv_up_proj.weight
+        return w.view(self.latents, self.heads // self.latents, 2 * self.head_dim, self.latent_dim)
+
+    def expand(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> per-head k_nope and v [s, b, h, d]; latent j only feeds its own query heads."""
+        kv = torch.einsum("sbcn,cgkn->sbcgk", c, self.up_weight()).flatten(2, 3)
+        return kv.split(self.head_dim, dim=-1)
+
+    def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """Effective per-head query/key projections of the hidden state, for pretrain/monitors.py.
+
+        Products of the down- and up-projections; the RMSNorms and the RoPE rotation are left out.
+        """
+        d, r, c = self.head_dim, self.rope_dim, self.latent_dim
+        if hasattr(self, "linear_q_up_proj"):
+            w_q = self.linear_q_up_proj.weight.detach() @ self.linear_q_down_proj.weight.detach()
+        else:
+            w_q = self.linear_q_proj.weight.detach()
+        down = self.linear_kv_down_proj.weight.detach().view(-1, c, self.hidden)  # [h_c (local), d_c, D]
+        down = down if self.shard_latents else down[self.latent_index:self.latent_index + 1]
+        w_uk = self.up_weight().detach()[:, :, :d]  # [c, g, d, d_c]
+        k_nope = torch.einsum("cgkn,cnD->cgkD", w_uk, down).flatten(0, 1)  # [h, d, D]
+        rope = self.linear_k_rope.weight.detach().expand(k_nope.shape[0], r, k_nope.shape[-1])
+        w_k = torch.cat([k_nope, rope], dim=1)
+        return w_q, w_k.reshape(-1, w_k.shape[-1]), self.heads, self.heads, d + r
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[torch.Tensor] = None, attn_mask_type=None, **_unused):
+        if rotary_pos_emb is None:
+            raise ValueError("GLA/MLA need model.position_embedding=rope")
+        if isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = rotary_pos_emb[0]
+        q_nope, q_rope = self.queries(hidden_states, rotary_pos_emb)
+        c, k_rope = self.latent_kv(hidden_states, rotary_pos_emb)
+        k_nope, v = self.expand(c)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
+        out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
+        return self.linear_proj(out)
+
+
+def latent_spec(num_latents: int, latent_dim: int, rope_dim: int, q_lora_rank: Optional[int]) -> ModuleSpec:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from models.attention.sdpa import SDPACoreAttention
+
+    return ModuleSpec(module=LatentAttention,
+                      params={"num_latents": num_latents, "latent_dim": latent_dim, "rope_dim": rope_dim,
+                              "q_lora_rank": q_lora_rank},
+                      submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
+                                  "linear_proj": RowParallelLinear})
+
+
+def gla_spec(attention, model) -> ModuleSpec:
+    d = model.kv_channels
+    return latent_spec(attention.num_latent_heads, attention.latent_dim or 2 * d,
+                       attention.qk_pos_emb_head_dim or d // 2, attention.q_lora_rank)

@@ -1,0 +1,104 @@
+"""Grouped-Tied Attention (Zadouri, Strauss, Dao 2025): one tied key/value state per KV head.
+
+Per token: KV = W_kv x in R^{h_kv x d} is the value, and its first d - d_R dims (never rotated) are the
+key's no-RoPE part; the key's last d_R dims are K_rope = RoPE(W_kr x), one head shared by all heads.
+Queries are [q_nope (d - d_R) | RoPE(q_rope) (d_R)], scale 1/sqrt(d). Under TP the KV heads are
+sharded with their query heads and the RoPE key projection is replicated. The KV cache holds
+h_kv*d + d_R elements per token per layer.
+
+`tied=False` removes the tie (separate per-head K with its own last d_R dims rotated, and V): with
+d_R = d this is exactly GQA, which tests/models/test_attention.py uses to check the wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from models.attention.common import apply_rope, divide, replicated, replicated_linear, rope_table, tp_size
+
+
+class GroupedTiedAttention(MegatronModule):
+    """SelfAttention's contract: forward(hidden [s, b, D], attention_mask, rotary_pos_emb, ...) -> (out, bias)."""
+
+    def __init__(self, config, submodules: dict, layer_number: int, rope_dim: int, tied: bool = True,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **_unused):
+        super().__init__(config=config)
+        d, n = config.kv_channels, tp_size()
+        self.head_dim, self.rope_dim, self.tied = d, rope_dim, tied
+        if not 0 < rope_dim <= d:
+            raise ValueError(f"attention.rope_dim={rope_dim} must be in (0, head_dim={d}]")
+        self.heads = divide(config.num_attention_heads, n, "GTA query heads over tensor-parallel ranks")
+        self.kv_heads = divide(config.num_query_groups, n, "GTA KV heads over tensor-parallel ranks")
+        linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
+                      is_expert=False)
+        col = submodules["linear_q"]
+        self.linear_q = build_module(col, config.hidden_size, config.num_attention_heads * d,
+                                     gather_output=False, **linear)
+        kv_width = config.num_query_groups * d * (1 if tied else 2)
+        self.linear_kv = build_module(col, config.hidden_size, kv_width, gather_output=False, **linear)
+        # one RoPE key for all heads: replicated on every tensor-parallel rank
+        self.linear_k_rope = replicated_linear(config.hidden_size, rope_dim, config) if tied else None
+        self.core_attention = build_module(submodules["core_attention"], config=config, layer_number=layer_number,
+                                           attn_mask_type=attn_mask_type, softmax_scale=d ** -0.5)
+        self.linear_proj = build_module(
+            submodules["linear_proj"], config.num_attention_heads * d, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False)
+
+    def qkv(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated query [s,b,h,d], the cacheable state (KV [s,b,h_kv,d], RoPE key [s,b,1,d_R]) and V."""
+        s, b, _ = x.shape
+        d, r = self.head_dim, self.rope_dim
+        table = rope_table(table, r)
+        q = self.linear_q(x)[0].view(s, b, self.heads, d)
+        q = torch.cat([q[..., : d - r], apply_rope(q[..., d - r:], table)], dim=-1)
+        if not self.tied:
+            k, v = self.linear_kv(x)[0].view(s, b, self.kv_heads, 2 * d).split(d, dim=-1)
+            return q, torch.cat([k[..., : d - r], apply_rope(k[..., d - r:], table)], dim=-1), v
+        kv = self.linear_kv(x)[0].view(s, b, self.kv_heads, d)
+        k_rope = apply_rope(replicated(self.linear_k_rope(x)).unsqueeze(2), table)
+        return q, kv, k_rope
+
+    def tied_key(self, kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """K = [KV[..., :d - d_R] | K_rope broadcast over the KV heads]."""
+        shared = k_rope.expand(*kv.shape[:-1], self.rope_dim)
+        return torch.cat([kv[..., : self.head_dim - self.rope_dim], shared], dim=-1)
+
+    def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """Query/key projections per head, for pretrain/monitors.py (RoPE rotation left out)."""
+        d, r = self.head_dim, self.rope_dim
+        w_q = self.linear_q.weight.detach()
+        if not self.tied:
+            w_k = self.linear_kv.weight.detach().view(self.kv_heads, 2 * d, -1)[:, :d]
+        else:
+            kv = self.linear_kv.weight.detach().view(self.kv_heads, d, -1)[:, : d - r]
+            rope = self.linear_k_rope.weight.detach().expand(self.kv_heads, r, kv.shape[-1])
+            w_k = torch.cat([kv, rope], dim=1)
+        return w_q, w_k.reshape(-1, w_k.shape[-1]), self.heads, self.kv_heads, d
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[torch.Tensor] = None, attn_mask_type=None, **_unused):
+        if rotary_pos_emb is None:
+            raise ValueError("GTA needs model.position_embedding=rope")
+        if isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = rotary_pos_emb[0]
+        q, a, b = self.qkv(hidden_states, rotary_pos_emb)
+        k, v = (self.tied_key(a, b), a) if self.tied else (a, b)
+        out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
+        return self.linear_proj(out)
+
+
+def gta_spec(attention, model) -> ModuleSpec:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from models.attention.sdpa import SDPACoreAttention
+
+    rope_dim = attention.rope_dim or model.kv_channels // 2
+    return ModuleSpec(module=GroupedTiedAttention, params={"rope_dim": rope_dim},
+                      submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
+                                  "linear_proj": RowParallelLinear})

@@ -1,0 +1,19 @@
+"""Multi-head Latent Attention (DeepSeek-V2) as keel's latent attention with ONE latent of kv_lora_rank.
+
+Why not megatron's MLASelfAttention: it builds its own rotary embedding from the sequence length (so
+per-document positions are ignored), interleaves the RoPE dims, and would need a second decode path.
+MLA here is GLA with h_c = 1, d_c = kv_lora_rank (default 4d): the same code trains it and decodes it
+(absorbed), and its cache is kv_lora_rank + d_R per token per layer, replicated on every TP rank.
+"""
+
+from __future__ import annotations
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from models.attention.gla import latent_spec
+
+
+def mla_spec(attention, model) -> ModuleSpec:
+    d = model.kv_channels
+    return latent_spec(1, attention.kv_lora_rank or 4 * d, attention.qk_pos_emb_head_dim or d // 2,
+                       attention.q_lora_rank)

@@ -1,0 +1,96 @@
+"""KV-cache decoding: incremental equals a full forward, cache sizes equal the formulas, GLA absorbed = naive."""
+
+import pytest
+import torch
+
+from models.inference import forward_cached, generate, new_cache
+from tests.conftest import build_tiny_gpt
+
+TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
+# larger weights than the training init, so attention is far from uniform and errors would show
+BASE = ["model.init_std=0.2"]
+
+
+def _tokens(b=2, t=14):
+    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(1))
+
+
+def _decode(gpt, tokens, prefill, absorbed=True):
+    cache = new_cache(gpt, tokens.shape[0], tokens.shape[1])
+    parts = [forward_cached(gpt, tokens[:, :prefill], cache, absorbed)]
+    parts += [forward_cached(gpt, tokens[:, i:i + 1], cache, absorbed) for i in range(prefill, tokens.shape[1])]
+    return torch.cat(parts, dim=1), cache
+
+
+@pytest.mark.parametrize("attention", TYPES)
+def test_incremental_decoding_equals_full_forward(megatron_world, attention):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    tokens = _tokens()
+    with torch.no_grad():
+        full = gpt(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
+    assert full.std() > 0.5  # non-trivial logits
+    inc, cache = _decode(gpt, tokens, prefill=5)
+    torch.testing.assert_close(inc, full, rtol=0, atol=1e-4)
+    assert cache.length == tokens.shape[1]
+
+
+@pytest.mark.parametrize("attention", ["gla", "mla"])
+def test_absorbed_latent_decoding_equals_naive(megatron_world, attention):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    tokens = _tokens()
+    absorbed, _ = _decode(gpt, tokens, prefill=3, absorbed=True)
+    naive, _ = _decode(gpt, tokens, prefill=3, absorbed=False)
+    torch.testing.assert_close(absorbed, naive, rtol=0, atol=1e-4)
+
+
+# hidden 64, head_dim 16: h_q = 4, d = 16; GQA/GTA h_kv = 2; GLA h_c = 2, d_c = 32; MLA d_c = 64; d_R = 8
+@pytest.mark.parametrize("attention, overrides, expected", [
+    ("mha", [], 2 * 4 * 16),
+    ("gqa", [], 2 * 2 * 16),
+    ("mqa", [], 2 * 16),
+    ("gta", [], 2 * 16 + 8),
+    ("gla", [], 2 * 32 + 8),
+    ("mla", [], 64 + 8),
+    ("gta", ["attention.num_query_groups=4", "attention.rope_dim=16"], 4 * 16 + 16),
+    ("gla", ["attention.num_latent_heads=4", "attention.latent_dim=24", "attention.qk_pos_emb_head_dim=4"], 4 * 24 + 4),
+    ("mla", ["attention.kv_lora_rank=40"], 40 + 8),
+])
+def test_cache_elements_per_token_match_the_formula(megatron_world, attention, overrides, expected):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + overrides)
+    cache = new_cache(gpt, batch=1, max_len=4)
+    assert [cache.elements_per_token(i) for i in range(2)] == [expected, expected]
+    assert cache.bytes_per_token() == 4 * expected  # fp32
+
+
+def test_decoding_with_changed_options_still_matches(megatron_world):
+    _, gpt = build_tiny_gpt(["attention=gla", "attention.num_latent_heads=4", "attention.latent_dim=24",
+                             "attention.qk_pos_emb_head_dim=4", "attention.q_lora_rank=null"] + BASE)
+    tokens = _tokens(1, 9)
+    with torch.no_grad():
+        full = gpt(tokens, torch.arange(9)[None], None)
+    torch.testing.assert_close(_decode(gpt, tokens, prefill=1)[0], full, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_follows_the_full_forward(megatron_world):
+    _, gpt = build_tiny_gpt(["attention=gta"] + BASE)
+    prompt = _tokens(1, 4)
+    out = generate(gpt, prompt, max_new_tokens=5)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], prompt)
+    with torch.no_grad():  # each generated token is the argmax of a full forward over what precedes it
+        full = gpt(out[:, :-1], torch.arange(8)[None], None)
+    torch.testing.assert_close(full[0, 3:].argmax(-1), out[0, 4:])
+
+
+def test_sampling_is_seeded(megatron_world):
+    _, gpt = build_tiny_gpt(["attention=gla"] + BASE)
+    prompt = _tokens(1, 3)
+    runs = [generate(gpt, prompt, 6, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(s))
+            for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_cache_overflow_is_an_error(megatron_world):
+    _, gpt = build_tiny_gpt(["attention=gqa"])
+    cache = new_cache(gpt, 1, 3)
+    with pytest.raises(ValueError, match="holds 3 tokens"):
+        forward_cached(gpt, _tokens(1, 4), cache)

@@ -1,0 +1,92 @@
+"""Generate text from a trained keel checkpoint with the KV cache (models/inference.py).
+
+    python tools/generate.py --checkpoint RUN_DIR_OR_STEP_DIR --prompt "def main(" --max-new-tokens 64 \
+        [--temperature 0.8 --top-k 50 --seed 0] [--device cuda] [--dtype bf16]
+
+Greedy when --temperature is 0 (the default). The model and tokenizer come from the run folder's
+run_info.json; the weights from the dist_checkpointing folder, loaded in a world of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
+
+
+def run_folder(step_dir: Path) -> Path:
+    """checkpoints/step_N lives two levels below the run folder that holds run_info.json."""
+    for p in (step_dir, *step_dir.parents):
+        if (p / "run_info.json").exists():
+            return p
+    raise FileNotFoundError(f"no run_info.json above {step_dir}; point --checkpoint at a keel run folder")
+
+
+def saved_config(run_dir: Path):
+    """The run's resolved KeelConfig, rebuilt from run_info.json (validated again on the way)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import KeelConfig
+
+    info = json.loads((run_dir / "run_info.json").read_text())
+    merged = OmegaConf.merge(OmegaConf.structured(KeelConfig), info["config"])
+    return OmegaConf.to_object(merged), info
+
+
+def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(gpt, tokenizer, step folder) from a run or step folder; needs an initialised world of one."""
+    from data.tokenizer import Tokenizer
+    from models.inference import build_for_decode
+    from pretrain import checkpoint as ckpt
+    from pretrain.run import model_signature
+
+    step_dir = ckpt.resolve(checkpoint)
+    cfg, info = saved_config(run_folder(step_dir))
+    tokenizer = Tokenizer(info["tokenizer"]["path"])
+    gpt = build_for_decode(cfg, tokenizer.vocab_size)
+    ckpt.load(step_dir, gpt, None, model_signature(cfg, tokenizer.vocab_size))
+    return gpt.to(device=device, dtype=dtype).eval(), tokenizer, step_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step_N folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = p.parse_args(argv)
+
+    from models.inference import generate
+    from pretrain import distributed
+    from pretrain.config import ParallelConfig
+
+    distributed.init(ParallelConfig(backend="gloo"))
+    try:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        gpt, tok, step_dir = load_model(args.checkpoint, args.device, dtype)
+        ids = tok.encode(args.prompt)
+        if not ids:
+            p.error("the prompt encodes to no tokens")
+        prompt = torch.tensor([ids], device=args.device)
+        out = generate(gpt, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                       torch.Generator().manual_seed(args.seed), eos=tok.eod)
+        print(f"# {step_dir}", file=sys.stderr)
+        print(tok.decode(out[0].tolist()))
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
