@@ -67,8 +67,8 @@ def init(parallel: ParallelConfig) -> World:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if "RANK" not in os.environ:  # a world of one: never reuse a port inherited from a parent
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(minutes=10))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,

@@ -45,8 +45,15 @@ def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
             "checkpoint.interval=3", "trainer.progress=false", "logging.tensorboard=false", "logging.plot=false"]
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a keel subprocess: one thread, and no rendezvous variables inherited
+    from the in-process world that other tests start (its port is taken)."""
+    skip = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in skip} | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
 def run_keel(overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     if nproc == 1:
         cmd = [sys.executable, str(MAIN), *overrides]
     else:

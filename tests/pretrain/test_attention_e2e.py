@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, losses, metrics, run_keel, tiny_overrides
+from tests.conftest import ROOT, child_env, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,8 @@ def test_generate_from_a_checkpoint(tiny_data, tmp_path):
     run_keel(tiny_overrides(tiny_data, run, steps=3) + ["attention=gla"])
     cmd = [sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(run), "--prompt", "def f(",
            "--max-new-tokens", "8"]
-    first, second = (subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300) for _ in range(2))
+    first, second = (subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+                     for _ in range(2))
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.startswith("def f(") and first.stdout == second.stdout  # greedy is deterministic
     assert "step_00000003" in first.stderr
@@ -63,6 +64,6 @@ def test_generate_from_a_checkpoint(tiny_data, tmp_path):
 def test_kv_cache_tool_verifies_decoding(attention):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "kv_cache.py"), "--attention", attention, "--verify",
                            "--length", "24", "model.hidden_size=64", "model.head_dim=16", "model.num_layers=2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |logit diff|" in proc.stdout and "ok" in proc.stdout

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import MAIN, ROOT, losses, metrics, run_keel, tiny_overrides
+from tests.conftest import MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_resume_is_exact(tiny_data, tmp_path, straight):
 
 def test_resume_after_kill_9_is_exact(tiny_data, tmp_path, straight):
     straight, killed = straight[0], tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, str(MAIN), *tiny_overrides(tiny_data, killed, steps=6)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
