@@ -1,5 +1,6 @@
 """End to end through `pretrain/main.py`: training, exact resume, parallel equivalence, errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,13 @@ def test_incompatible_checkpoint_is_refused(tiny_data, tmp_path):
     run_keel(tiny_overrides(tiny_data, run, steps=3))
     proc = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["model.num_layers=4"], check=False)
     assert "incompatible model" in _error_line(proc)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["optim.lr=1e30", "trainer.max_skipped_steps=2"],
+                    check=False)
+    assert proc.returncode == 1 and "2 steps in a row had a non-finite loss" in proc.stdout
+    rows = metrics(run)
+    assert [r.get("skipped", 0) for r in rows] == [0, 1]  # the huge first update poisons the weights
+    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
