@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from pretrain import cpu_compat
+
+# every test process (and each xdist worker) sees megatron-core with keel's CPU redirects, whichever
+# test happens to run first
+cpu_compat.apply()
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main.py"
 
