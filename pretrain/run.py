@@ -69,8 +69,6 @@ def run(raw) -> float | None:
 
 
 def _run(cfg) -> float | None:
-    import torch.distributed as dist
-
     from pretrain import distributed
 
     # 1. processes and parallel groups (the world size is validated here)
