@@ -7,7 +7,6 @@ Data parallelism is whatever remains of the world after tensor and pipeline para
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,12 +33,6 @@ class World:
         return self.rank == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_world(parallel: ParallelConfig, world_size: int) -> int:
     """Data-parallel size, or a one-line error when the parallel sizes do not divide the world."""
     model_parallel = parallel.tensor * parallel.pipeline
@@ -53,8 +46,12 @@ def check_world(parallel: ParallelConfig, world_size: int) -> int:
     return dp
 
 
-def init(parallel: ParallelConfig) -> World:
-    """Initialise torch.distributed and megatron's model-parallel groups."""
+def init(parallel: ParallelConfig, init_method: str | None = None) -> World:
+    """Initialise torch.distributed and megatron's model-parallel groups.
+
+    Under torchrun the rendezvous comes from the environment (env://); `init_method` overrides it
+    (e.g. `file://` for mp.spawn workers). A world of one uses an in-process store: no port to race
+    for when many single-process runs start side by side."""
     from megatron.core import parallel_state
 
     cpu_compat.apply()
@@ -67,9 +64,13 @@ def init(parallel: ParallelConfig) -> World:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a world of one: never reuse a port inherited from a parent
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(minutes=10))
+        timeout = timedelta(minutes=10)
+        if init_method is not None:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
+        elif "RANK" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
         expert_model_parallel_size=parallel.expert)

@@ -53,7 +53,7 @@ def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
 
 def child_env() -> dict[str, str]:
     """The environment of a keel subprocess: one thread, and no rendezvous variables inherited
-    from the in-process world that other tests start (its port is taken)."""
+    from a parent launcher (a child would try to join the parent's world)."""
     skip = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
     return {k: v for k, v in os.environ.items() if k not in skip} | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -63,20 +63,13 @@ def run_keel(overrides: list[str], nproc: int = 1, check: bool = True, timeout: 
     if nproc == 1:
         cmd = [sys.executable, str(MAIN), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), str(MAIN), *overrides]
+        # --standalone binds its store to port 0: no window in which another test takes the port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(MAIN), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"keel exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(run_dir: Path) -> list[dict]:

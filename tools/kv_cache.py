@@ -55,16 +55,15 @@ def _configs(overrides: list[str], tp: int, types) -> dict:
     return out
 
 
-def _worker(rank: int, tp: int, port: int, overrides: list[str], types, dtype: str, out_file: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _worker(rank: int, tp: int, init_file: str, overrides: list[str], types, dtype: str, out_file: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch.distributed as dist
 
     from models.inference import build_for_decode, new_cache
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
-    distributed.init(ParallelConfig(tensor=tp, backend="gloo"))
+    distributed.init(ParallelConfig(tensor=tp, backend="gloo"), init_method=f"file://{init_file}")
     try:
         rows = {}
         for t, cfg in _configs(overrides, tp, types).items():
@@ -90,13 +89,13 @@ def _worker(rank: int, tp: int, port: int, overrides: list[str], types, dtype: s
 def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list[dict]:
     import torch.multiprocessing as mp
 
-    from pretrain.distributed import free_port
-
     results = []
     for tp in tps:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            mp.spawn(_worker, args=(tp, free_port(), overrides, list(types), dtype, f.name), nprocs=tp, join=True)
-            rows = json.loads(Path(f.name).read_text())
+        with tempfile.TemporaryDirectory() as tmp:  # a file rendezvous: no port to race for
+            out = Path(tmp) / "rows.json"
+            mp.spawn(_worker, args=(tp, str(Path(tmp) / "store"), overrides, list(types), dtype, str(out)),
+                     nprocs=tp, join=True)
+            rows = json.loads(out.read_text())
         results += [{"attention": t, "tp": tp, "dtype": dtype, **rows[t]} for t in types]
     return results
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import socket
 
 import pytest
 import torch
@@ -206,19 +205,13 @@ def test_works_with_lr_scheduler() -> None:
 
 
 # ---------------------------------------------------------------------------- TP=2 over gloo
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(t: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     return t.chunk(2, dim=dim)[rank].clone()
 
 
-def _tp_worker(rank: int, port: int) -> None:
+def _tp_worker(rank: int, init_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         group = dist.group.WORLD
         full_old = _gapped(12, 8, [3.0, 2.0, 1.0], seed=7)
@@ -264,5 +257,5 @@ def _tp_wrapper_check(rank: int, group) -> None:
     assert ref.pop_stats()["spectral/clip_rate/all"] > 0
 
 
-def test_tensor_parallel_two_gloo_ranks() -> None:
-    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=2, join=True)
+def test_tensor_parallel_two_gloo_ranks(tmp_path) -> None:
+    mp.spawn(_tp_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
