@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.attention import SelfAttention
 
 from models.attention.common import apply_rope
@@ -168,7 +171,8 @@ def attention_step(attn, x, table, cache: KVCache, layer: int, absorbed: bool = 
 
 @torch.no_grad()
 def forward_cached(gpt, tokens: torch.Tensor, cache: KVCache, absorbed: bool = True) -> torch.Tensor:
-    """Logits [b, t, vocab] for `tokens` [b, t] following the cached ones; the cache grows by t."""
+    """Logits [b, t, vocab] for `tokens` [b, t] following the cached ones; the cache grows by t.
+    Under TP every rank gets the full vocabulary, so sampling agrees across ranks."""
     b, t = tokens.shape
     start = cache.length
     positions = torch.arange(start, start + t, device=tokens.device)
@@ -180,7 +184,7 @@ def forward_cached(gpt, tokens: torch.Tensor, cache: KVCache, absorbed: bool = T
     if gpt.decoder.final_layernorm is not None:
         h = gpt.decoder.final_layernorm(h)
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-    logits = gpt.output_layer(h, weight=weight)[0]
+    logits = gather_from_tensor_model_parallel_region(gpt.output_layer(h, weight=weight)[0])
     cache.length += t
     return logits.transpose(0, 1).float()
 

@@ -57,6 +57,18 @@ class AttentionConfig:
         _check(self.type in ("mha", "gqa", "mqa", "mla", "gta", "gla"),
                f"attention={self.type!r} is unknown; choose mha, gqa, mqa, mla, gta or gla")
 
+    def shape(self, head_dim: int) -> dict:
+        """The sizes this type's weights and KV cache depend on beyond heads/groups, defaults resolved.
+        MLA is GLA with one latent of width kv_lora_rank."""
+        if self.type == "gta":
+            return {"rope_dim": self.rope_dim or head_dim // 2}
+        if self.type in ("gla", "mla"):
+            gla = self.type == "gla"
+            return {"num_latents": self.num_latent_heads if gla else 1,
+                    "latent_dim": (self.latent_dim or 2 * head_dim) if gla else (self.kv_lora_rank or 4 * head_dim),
+                    "rope_dim": self.qk_pos_emb_head_dim or head_dim // 2, "q_lora_rank": self.q_lora_rank}
+        return {}
+
 
 @dataclass
 class ModelConfig:

@@ -48,7 +48,8 @@ def model_signature(cfg, vocab_size: int) -> dict:
             "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab_size,
             "attention": a.type, "num_query_groups": cfg.num_query_groups(), "activation": m.activation,
             "normalization": m.normalization, "position_embedding": m.position_embedding,
-            "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts}
+            "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts,
+            "attention_shape": a.shape(m.kv_channels)}
 
 
 def run(raw) -> float | None:

@@ -5,7 +5,8 @@
 Prints ms per step for keel (megatron GPTModel + DDP + schedule + megatron optimizer) and for a
 plain-PyTorch GPT of the same shapes (RMSNorm, RoPE, GQA on SDPA, SwiGLU, tied embeddings, AdamW,
 clipping), their ratio, the data loader's time per global batch against the step, the stability
-monitors' overhead at their default interval, and on a GPU tokens/s and MFU.
+monitors' cost (a monitored step against a plain one, and amortised over their default interval),
+and on a GPU tokens/s and MFU.
 """
 
 from __future__ import annotations
@@ -131,16 +132,7 @@ def main(argv=None) -> None:
         vocab = built.gpt.vocab_size
         plain_ms = _median_ms(plain_step_fn(cfg, vocab, world.device, dtype), args.steps, args.warmup, sync)
         loader_ms = _median_ms(trainer.loader.next_global_batch, args.steps, 1, lambda: None)
-        # monitors at their default interval: mean step time over whole intervals, on vs off
-        from pretrain.config import MonitorConfig
-        from pretrain.monitors import StabilityMonitor
-
-        interval = MonitorConfig().interval
-        span = max(args.steps, interval) // interval * interval
-        trainer.callbacks = []
-        off_ms = _mean_ms(trainer, span, sync)
-        trainer.callbacks = [StabilityMonitor(built.gpt, MonitorConfig(interval=interval))]
-        on_ms = _mean_ms(trainer, span, sync)
+        interval, off_ms, on_ms = _monitor_cost(trainer, built.gpt, max(args.steps, 8), sync)
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
     print(f"model: {built.num_params / 1e6:.1f}M params, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
           f"seq {cfg.data.seq_len}, global batch {cfg.trainer.global_batch_size}, {world.device}, {dtype}")
@@ -148,7 +140,8 @@ def main(argv=None) -> None:
     print(f"plain PyTorch step {plain_ms:9.1f} ms   ({tokens / plain_ms * 1e3:,.0f} tokens/s)")
     print(f"ratio keel/plain   {keel_ms / plain_ms:9.3f}")
     print(f"data loader        {loader_ms:9.2f} ms per global batch = {loader_ms / keel_ms:.2%} of the step")
-    print(f"monitors every {interval} steps: {on_ms:.1f} vs {off_ms:.1f} ms per step = {on_ms / off_ms - 1:+.2%}")
+    print(f"monitored step     {on_ms:9.1f} ms vs {off_ms:.1f} ms = {(on_ms - off_ms) / off_ms:+.1%} on the steps it runs; "
+          f"every {interval} steps (default): {(on_ms - off_ms) / (interval * off_ms):+.2%} of step time")
     if world.device.type == "cuda":
         from pretrain.trainer import peak_flops
 
@@ -157,15 +150,28 @@ def main(argv=None) -> None:
     distributed.shutdown()
 
 
-def _mean_ms(trainer, steps: int, sync) -> float:
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
+def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:
+    """The stability monitors' default interval and the median ms of plain and monitored steps.
+
+    Plain and monitored steps alternate, so drift in the machine's speed hits both alike; the
+    monitor's share of step time at interval k is then (monitored - plain) / (k * plain)."""
+    from pretrain.config import MonitorConfig
+    from pretrain.monitors import StabilityMonitor
+
+    monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
+    plain, monitored = [], []
+    for i in range(2 * steps + 2):
+        trainer.callbacks = [monitor] if i % 2 else []
+        sync()
+        t = time.perf_counter()
         trainer.train_step()
         for c in trainer.callbacks:  # the monitor computes in on_step_end
             c.on_step_end(trainer, {"step": trainer.step})
-    sync()
-    return (time.perf_counter() - t) * 1e3 / steps
+        sync()
+        if i >= 2:  # the first pair warms the monitor's buffers up
+            (monitored if i % 2 else plain).append((time.perf_counter() - t) * 1e3)
+    trainer.callbacks = []
+    return MonitorConfig().interval, statistics.median(plain), statistics.median(monitored)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """KV-cache size per token per layer for every attention type, measured from the real cache tensors.
 
     python tools/kv_cache.py [--tp 1 2 4] [--dtype bf16] [--json] [HYDRA_OVERRIDES ...]
-    python tools/kv_cache.py --attention gla --verify [--length 64] [--tol 1e-4] [HYDRA_OVERRIDES ...]
+    python tools/kv_cache.py --verify [--attention gla] [--tp 2] [--length 64] [--tol 1e-3] [HYDRA_OVERRIDES ...]
 
 The first form builds each type's model (one layer) in a gloo world of N processes per TP size, allocates
 the decode cache from this rank's real modules (models/inference.py) and reports rank 0's elements and
-bytes next to the formula. `--verify` decodes a random sequence token by token with the cache and
-compares the logits with one full forward; it exits 1 when the largest difference exceeds --tol.
+bytes next to the formula. `--verify` decodes a random sequence token by token with the cache, at TP=N
+in a gloo world of N processes, and compares the gathered logits with one full forward at TP=1 (every
+type unless --attention is given); it exits 1 when the largest difference exceeds --tol.
 """
 
 from __future__ import annotations
@@ -31,16 +32,13 @@ VOCAB = 256
 
 def formula(cfg, tp: int) -> int:
     """The methods' per-device cache elements per token per layer (docs/results/attention.md)."""
-    a, d, h = cfg.attention, cfg.model.kv_channels, cfg.model.heads
-    d_r = (a.rope_dim if a.type == "gta" else a.qk_pos_emb_head_dim) or d // 2
+    a, d = cfg.attention, cfg.model.kv_channels
+    s = a.shape(d)
     if a.type in ("mha", "gqa", "mqa"):
-        kv = cfg.num_query_groups()
-        return 2 * max(kv // tp, 1) * d
+        return 2 * max(cfg.num_query_groups() // tp, 1) * d
     if a.type == "gta":
-        return (cfg.num_query_groups() // tp) * d + d_r
-    if a.type == "gla":
-        return max(a.num_latent_heads // tp, 1) * (a.latent_dim or 2 * d) + d_r
-    return (a.kv_lora_rank or 4 * d) + d_r  # mla: one latent, copied to every rank
+        return (cfg.num_query_groups() // tp) * d + s["rope_dim"]
+    return max(s["num_latents"] // tp, 1) * s["latent_dim"] + s["rope_dim"]  # MLA's one latent: on every rank
 
 
 def _configs(overrides: list[str], tp: int, types) -> dict:
@@ -100,23 +98,58 @@ def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list
     return results
 
 
-def verify(attention: str, overrides: list[str], length: int, tol: float, init_std: float) -> float:
+def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
+    """Logits [1, length, vocab] of a random sequence at this world's TP size, gathered over the TP
+    group: token by token with the KV cache, or one full forward."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
     from models.inference import build_for_decode, compose_config, forward_cached, new_cache
+
+    cfg = compose_config(overrides)
+    gpt = build_for_decode(cfg, VOCAB)
+    tokens = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(cfg.seed))
+    if cached:
+        cache = new_cache(gpt, 1, length)
+        return torch.cat([forward_cached(gpt, tokens[:, i:i + 1], cache) for i in range(length)], dim=1)
+    with torch.no_grad():
+        return gather_from_tensor_model_parallel_region(gpt(tokens, torch.arange(length)[None], None)).float()
+
+
+def _verify_worker(rank: int, tp: int, init_file: str, runs: dict, length: int, out_file: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
-    distributed.init(ParallelConfig(backend="gloo"))
+    distributed.init(ParallelConfig(tensor=tp, backend="gloo"), init_method=f"file://{init_file}")
     try:
-        cfg = compose_config([*overrides, f"attention={attention}", f"model.init_std={init_std}"])
-        gpt = build_for_decode(cfg, VOCAB)
-        tokens = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(cfg.seed))
-        with torch.no_grad():
-            full = gpt(tokens, torch.arange(length)[None], None)
-        cache = new_cache(gpt, 1, length)
-        steps = [forward_cached(gpt, tokens[:, i:i + 1], cache) for i in range(length)]
-        return float((torch.cat(steps, dim=1) - full).abs().max())
+        logits = {t: _logits([*o, f"parallel.tensor={tp}"], length, cached=True) for t, o in runs.items()}
+        if rank == 0:
+            torch.save(logits, out_file)
     finally:
         distributed.shutdown()
+
+
+def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 1) -> dict[str, float]:
+    """Per type, the largest |logit diff| between decoding with the cache at TP=tp and one full
+    forward at TP=1 (the same weights: keel's init is seeded by parameter name, not by shard)."""
+    import torch.multiprocessing as mp
+
+    from pretrain import distributed
+    from pretrain.config import ParallelConfig
+
+    runs = {t: [*overrides, f"attention={t}", f"model.init_std={init_std}"] for t in types}
+    distributed.init(ParallelConfig(backend="gloo"))
+    try:
+        full = {t: _logits(o, length, cached=False) for t, o in runs.items()}
+        cached = {t: _logits(o, length, cached=True) for t, o in runs.items()} if tp == 1 else None
+    finally:
+        distributed.shutdown()
+    if tp > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "logits.pt"
+            mp.spawn(_verify_worker, args=(tp, str(Path(tmp) / "store"), runs, length, str(out)), nprocs=tp, join=True)
+            cached = torch.load(out)
+    return {t: float((cached[t] - full[t]).abs().max()) for t in types}
 
 
 def _table(rows: list[dict]) -> str:
@@ -134,7 +167,7 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--tp", type=int, nargs="+", help="TP sizes (default 1 2 4; --verify: one size, default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--json", action="store_true")
     p.add_argument("--attention", choices=TYPES)
@@ -144,14 +177,16 @@ def main(argv=None) -> int:
     p.add_argument("--init-std", type=float, default=0.1, help="--verify: larger than training's, to stress it")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +experiment=attention_quality")
     args = p.parse_args(argv)
+    args.tp = args.tp or ([1] if args.verify else [1, 2, 4])
     if args.verify:
-        if not args.attention:
-            p.error("--verify needs --attention TYPE")
-        diff = verify(args.attention, args.overrides, args.length, args.tol, args.init_std)
-        ok = diff <= args.tol
-        print(f"{args.attention}: {args.length} tokens decoded with the KV cache vs a full forward: "
-              f"max |logit diff| = {diff:.3e} ({'ok' if ok else 'FAIL'}, tolerance {args.tol:g})")
-        return 0 if ok else 1
+        if len(args.tp) != 1:
+            p.error("--verify takes one --tp size")
+        diffs = verify([args.attention] if args.attention else TYPES, args.overrides, args.length, args.init_std,
+                       args.tp[0])
+        for t, diff in diffs.items():
+            print(f"{t}: {args.length} tokens decoded with the KV cache at TP={args.tp[0]} vs a full forward at TP=1: "
+                  f"max |logit diff| = {diff:.3e} ({'ok' if diff <= args.tol else 'FAIL'}, tolerance {args.tol:g})")
+        return 0 if all(d <= args.tol for d in diffs.values()) else 1
     rows = measure(args.overrides, args.tp, [args.attention] if args.attention else TYPES, args.dtype)
     bad = [r for r in rows if "error" not in r and r["elements"] != r["formula"]]
     print(json.dumps(rows, indent=2) if args.json else _table(rows))

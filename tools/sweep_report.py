@@ -296,8 +296,15 @@ def plot_logits(summary: dict, out: Path) -> bool:
         xy = [(w, v[key]) for w, v in pts if key in v]
         if xy:
             ax.plot(*zip(*xy), marker + "-", label=key)
+    # the paper's regime: logits grow as n^(1-alpha) at LR ~ n^-alpha; drawn from the first norm
+    first = [(w, v[LOGIT_KEYS[0]]) for w, v in pts if LOGIT_KEYS[0] in v]
+    if first and summary.get("alpha") is not None:
+        (w0, v0), ws = first[0], [w for w, _ in first]
+        for alpha, style in ((summary["alpha"], "k--"), (-PAPER["adam_optimal"], "k:")):
+            ax.plot(ws, [v0 * (w / w0) ** (1 - alpha) for w in ws], style, lw=1,
+                    label=f"n^(1-{alpha:.2f}){' (paper)' if style == 'k:' else ' (fitted alpha)'}")
     ax.set(xscale="log", yscale="log", xlabel="width n", ylabel="value at the end of training",
-           title="output logits at the optimal LR (paper: grow as n^(1-alpha) under CE)")
+           title="output logits at the grid-best LR")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -154,6 +154,4 @@ def latent_spec(num_latents: int, latent_dim: int, rope_dim: int, q_lora_rank: O
 
 
 def gla_spec(attention, model) -> ModuleSpec:
-    d = model.kv_channels
-    return latent_spec(attention.num_latent_heads, attention.latent_dim or 2 * d,
-                       attention.qk_pos_emb_head_dim or d // 2, attention.q_lora_rank)
+    return latent_spec(**attention.shape(model.kv_channels))

@@ -98,7 +98,6 @@ def gta_spec(attention, model) -> ModuleSpec:
 
     from models.attention.sdpa import SDPACoreAttention
 
-    rope_dim = attention.rope_dim or model.kv_channels // 2
-    return ModuleSpec(module=GroupedTiedAttention, params={"rope_dim": rope_dim},
+    return ModuleSpec(module=GroupedTiedAttention, params=attention.shape(model.kv_channels),
                       submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
                                   "linear_proj": RowParallelLinear})

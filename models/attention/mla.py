@@ -14,6 +14,4 @@ from models.attention.gla import latent_spec
 
 
 def mla_spec(attention, model) -> ModuleSpec:
-    d = model.kv_channels
-    return latent_spec(1, attention.kv_lora_rank or 4 * d, attention.qk_pos_emb_head_dim or d // 2,
-                       attention.q_lora_rank)
+    return latent_spec(**attention.shape(model.kv_channels))

@@ -67,3 +67,14 @@ def test_kv_cache_tool_verifies_decoding(attention):
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |logit diff|" in proc.stdout and "ok" in proc.stdout
+
+
+def test_kv_cache_decoding_under_tensor_parallelism():
+    """Every type decoded with the cache at TP=2 (two gloo processes) gives the TP=1 full forward's logits."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "kv_cache.py"), "--verify", "--tp", "2", "--length", "12",
+                           "model.hidden_size=64", "model.head_dim=16", "model.num_layers=2"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "at TP=2 vs a full forward at TP=1" in line]
+    assert [line.split(":")[0] for line in lines] == ["mha", "gqa", "mqa", "gta", "gla", "mla"]
+    assert all(line.endswith("(ok, tolerance 0.001)") for line in lines)

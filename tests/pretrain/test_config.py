@@ -93,3 +93,18 @@ def test_hydra_output_folder_follows_run_dir(overrides, expected):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=demo", *overrides], return_hydra_config=True)
     assert OmegaConf.select(cfg, "hydra.run.dir") == expected
+
+
+@pytest.mark.parametrize("attention,changed", [("gta", "attention.rope_dim=8"), ("gla", "attention.latent_dim=48"),
+                                               ("gla", "attention.num_latent_heads=4"), ("mla", "attention.kv_lora_rank=96")])
+def test_checkpoint_signature_holds_the_attention_shape(tmp_path, attention, changed):
+    import json
+
+    from pretrain.checkpoint import check_compatible
+    from pretrain.run import model_signature
+
+    saved = json.loads(json.dumps(model_signature(compose_keel([f"attention={attention}"]), 256)))  # as in meta.json
+    check_compatible({"model": saved}, model_signature(compose_keel([f"attention={attention}"]), 256), tmp_path)
+    other = model_signature(compose_keel([f"attention={attention}", changed]), 256)
+    with pytest.raises(ValueError, match="incompatible model.*attention_shape"):
+        check_compatible({"model": saved}, other, tmp_path)
