@@ -10,6 +10,10 @@ works on every pipeline stage) and logs under `stability/...`:
 Attention modules say what plays W_q and W_k through an optional `qk_weights()` method returning
 (w_q, w_k, local_heads, local_kv_heads, head_dim); megatron's fused `linear_qkv` is split otherwise.
 The monitor runs on every rank (it uses collectives); rank 0 writes.
+
+Cost: on a GPU the monitor is bound by kernel launches and host syncs, not FLOPs, so it batches:
+same-shaped matrices (the same weight in every layer) share one power iteration, W_qᵀW_k of all
+layers is one batched factorisation, and every value leaves the device in one sync at the end.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from models.stability import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
-from optim.spectral import megatron_shard_dim, power_iteration
+from optim.spectral import init_vectors, megatron_shard_dim, power_iteration
 from pretrain.callbacks import Callback
 from pretrain.config import MonitorConfig
 from pretrain.spike import SpikeDetector
+
+STACK_BYTES = 1 << 28  # fp32 bytes per batch of stacked matrices: bounds the monitor's extra memory
+POWER_ITERS = 3  # per monitored step; the vectors are warm-started, so estimates tighten over steps
 
 
 class StabilityMonitor(Callback):
@@ -32,6 +39,7 @@ class StabilityMonitor(Callback):
         self.gpt, self.cfg = gpt, cfg
         self.layers = list(gpt.decoder.layers)
         self.matrices = [(n, p) for n, p in gpt.named_parameters() if p.ndim >= 2]
+        self.batches = _same_shape_batches(self.matrices)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.power_state: dict[str, dict] = {}
@@ -69,10 +77,10 @@ class StabilityMonitor(Callback):
             # clone: megatron's cross entropy later turns the logits into probabilities in place
             self._captured["logits"] = logits[:, : self.cfg.batch_rows].detach().float().clone()
 
-    # 2. snapshot matrices before the update, for the update ratio
+    # 2. snapshot matrices before the update, for the update ratio (stacking copies them)
     def on_before_update(self, trainer, loss: float):
         if self._due(trainer.step + 1):
-            self._before = {n: p.detach().clone() for n, p in self.matrices}
+            self._before = [torch.stack([p.detach() for _, p in batch]) for batch in self.batches]
         return None
 
     # 3. compute, gather to rank 0, add to the step's metrics
@@ -83,8 +91,10 @@ class StabilityMonitor(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        local = {**self._attention_stats(), **self._matrix_stats(), **self._logit_stats()}
-        self._before, self._captured = {}, {}
+        # every statistic stays on the device until the one .tolist() below
+        pending = {**self._attention_stats(), **self._matrix_stats(), **self._logit_stats()}
+        self._before, self._captured = [], {}
+        local = dict(zip(pending, torch.stack(list(pending.values())).tolist())) if pending else {}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         merged = {k: v for part in gathered for k, v in part.items()}
@@ -92,6 +102,7 @@ class StabilityMonitor(Callback):
         metrics["stability/param_norm"] = _param_norm(self.gpt)
 
     def _attention_stats(self) -> dict:
+        """0-dim tensors per layer and head: entropy from the captured q/k, then W_qᵀW_k's spectrum."""
         out = {}
         for layer in self.layers:
             n, attn = layer.layer_number, layer.self_attention
@@ -99,34 +110,54 @@ class StabilityMonitor(Callback):
                 q, k, mask = self._captured[n]
                 ent = attention_entropy_from_scores(q, k, causal=mask is None, mask=mask,
                                                     scale=getattr(attn.core_attention, "softmax_scale", None))
-                for h, e in enumerate(ent.tolist()):
+                for h, e in enumerate(ent.unbind()):
                     out[f"stability/attn_entropy/layer{n}/head{self._global_head(h, len(ent))}"] = e
-            w_q, w_k, heads, _, head_dim = _qk_weights(attn)
-            qk = qk_spectral_stats(w_q, w_k, heads, head_dim, top_s=1)
-            for h, (s, c) in enumerate(zip(qk.sigma1.tolist(), _per_head(qk.concentration, heads))):
-                g = self._global_head(h, heads)
-                out[f"stability/qk_sigma1/layer{n}/head{g}"] = s
-                out[f"stability/qk_energy_top1/layer{n}/head{g}"] = c
+        # layers of one shape (all of them, in a homogeneous model) are factorised together
+        by_shape: dict[tuple, list] = {}
+        for layer in self.layers:
+            w_q, w_k, heads, _, head_dim = _qk_weights(layer.self_attention)
+            by_shape.setdefault((w_q.shape, w_k.shape, heads, head_dim), []).append((layer.layer_number, w_q, w_k))
+        for (_, _, heads, head_dim), group in by_shape.items():
+            qk = qk_spectral_stats(torch.cat([q for _, q, _ in group]), torch.cat([k for _, _, k in group]),
+                                   heads * len(group), head_dim, top_s=1)
+            conc = qk.concentration if qk.concentration is not None else torch.full_like(qk.sigma1, math.nan)
+            for i, (n, _, _) in enumerate(group):
+                for h in range(heads):
+                    g = self._global_head(h, heads)
+                    out[f"stability/qk_sigma1/layer{n}/head{g}"] = qk.sigma1[i * heads + h]
+                    out[f"stability/qk_energy_top1/layer{n}/head{g}"] = conc[i * heads + h]
         return out
 
     def _global_head(self, h: int, local_heads: int) -> int:
         return self.tp_rank * local_heads + h
 
     def _matrix_stats(self) -> dict:
-        sigmas, ratios = [], []
-        for name, p in self.matrices:
-            shard = megatron_shard_dim(p)
-            state = self.power_state.setdefault(name, {"w": {}, "dw": {}})
-            sigma = power_iteration(p.detach().float(), state["w"], 3, self.tp_group, shard)
-            delta = p.detach().float() - self._before[name].float()
-            sigmas.append(sigma)
-            ratios.append(power_iteration(delta, state["dw"], 3, self.tp_group, shard) / sigma.clamp_min(1e-12))
-        if self.tp_rank != 0 or not sigmas:
-            return {}
-        values = torch.stack(sigmas + ratios).tolist()  # one host sync for every matrix
-        names = [_layer_name(n, self.gpt) for n, _ in self.matrices]
-        return {**{f"stability/sigma1/{n}": v for n, v in zip(names, values[:len(names)])},
-                **{f"stability/update_ratio/{n}": v for n, v in zip(names, values[len(names):])}}
+        """σ1(W) and σ1(ΔW)/σ1(W) per matrix (0-dim tensors), one batched power iteration per batch."""
+        out = {}
+        for batch, before in zip(self.batches, self._before):
+            names, shard = [n for n, _ in batch], megatron_shard_dim(batch[0][1])
+            w = torch.stack([p.detach() for _, p in batch]).float()
+            sigma = self._power(w, names, "w", shard)
+            ratio = self._power(w - before.float(), names, "dw", shard) / sigma.clamp_min(1e-12)
+            if self.tp_rank == 0:
+                for name, s, r in zip(names, sigma.unbind(), ratio.unbind()):
+                    out[f"stability/sigma1/{_layer_name(name, self.gpt)}"] = s
+                    out[f"stability/update_ratio/{_layer_name(name, self.gpt)}"] = r
+        return out
+
+    def _power(self, mats: torch.Tensor, names: list[str], which: str, shard) -> torch.Tensor:
+        """Power iteration over a stack of matrices, warm-started from (and saved to) each one's vectors."""
+        states = [self.power_state.setdefault(n, {"w": {}, "dw": {}})[which] for n in names]
+        if any(st.get("u") is None for st in states):  # a matrix's first call starts where a lone one would
+            u, v = init_vectors(mats.shape[1:], mats.device, self.tp_group, shard)
+            for st in states:
+                st.setdefault("u", u)
+                st.setdefault("v", v)
+        batch = {"u": torch.stack([st["u"] for st in states]), "v": torch.stack([st["v"] for st in states])}
+        sigma = power_iteration(mats, batch, POWER_ITERS, self.tp_group, shard)
+        for st, u, v in zip(states, batch["u"].unbind(), batch["v"].unbind()):
+            st["u"], st["v"] = u, v
+        return sigma
 
     def _logit_stats(self) -> dict:
         if "logits" not in self._captured:
@@ -138,7 +169,7 @@ class StabilityMonitor(Callback):
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.tp_group)
         if self.tp_rank != 0:
             return {}
-        return {"stability/logit_norm": float(sq.sqrt().mean()), "stability/logit_max": float(mx)}
+        return {"stability/logit_norm": sq.sqrt().mean(), "stability/logit_max": mx[0]}
 
     def state_dict(self) -> dict:
         return {"power_state": self.power_state}
@@ -157,10 +188,16 @@ def _qk_weights(attn):
     return w_q, w_k, heads, kv, d
 
 
-def _per_head(concentration, heads: int) -> list[float]:
-    if concentration is None:
-        return [math.nan] * heads
-    return concentration.tolist() if concentration.ndim else [float(concentration)] * heads
+def _same_shape_batches(matrices: list) -> list[list]:
+    """(name, param) lists of one shape, dtype and TP split, each at most STACK_BYTES as fp32."""
+    groups: dict[tuple, list] = {}
+    for name, p in matrices:
+        groups.setdefault((tuple(p.shape), p.dtype, megatron_shard_dim(p)), []).append((name, p))
+    batches = []
+    for (shape, _, _), members in groups.items():
+        size = max(1, STACK_BYTES // (4 * math.prod(shape)))
+        batches += [members[i:i + size] for i in range(0, len(members), size)]
+    return batches
 
 
 def _layer_name(name: str, gpt) -> str:
@@ -196,13 +233,12 @@ def _summarise(values: dict) -> dict:
 
 
 def _param_norm(gpt) -> float:
-    total = torch.zeros(1, dtype=torch.float64)
+    """L2 norm of all parameters across the model-parallel group (replicas and shared copies once)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for p in gpt.parameters():
-        duplicate = not getattr(p, "tensor_model_parallel", False) and tp_rank != 0
-        if not duplicate and not getattr(p, "shared", False):
-            total += p.detach().double().pow(2).sum().cpu()
-    total = total.to(next(gpt.parameters()).device)
+    owned = [p.detach() for p in gpt.parameters()
+             if (getattr(p, "tensor_model_parallel", False) or tp_rank == 0) and not getattr(p, "shared", False)]
+    norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in owned])
+    total = norms.double().square().sum().reshape(1)
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return float(total.sqrt())
 

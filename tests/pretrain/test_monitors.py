@@ -1,0 +1,47 @@
+"""The stability monitor's batched statistics against a lone, per-matrix computation."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from optim.spectral import power_iteration
+from pretrain.config import MonitorConfig
+from pretrain.monitors import StabilityMonitor
+from tests.conftest import build_tiny_gpt
+
+
+@pytest.mark.parametrize("attention", ["gqa", "gla"])
+def test_batched_statistics_equal_per_matrix_ones(megatron_world, attention):
+    from models.stability import qk_spectral_stats
+    from pretrain.monitors import _qk_weights
+
+    _, gpt = build_tiny_gpt([f"attention={attention}", "model.num_layers=3"])
+    monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
+    assert len(monitor.batches) < len(monitor.matrices)  # a weight of every layer shares one batch
+    lone = {n: {} for n, _ in monitor.matrices}
+    trainer, g = SimpleNamespace(step=0), torch.Generator().manual_seed(0)
+    for step in (1, 2, 3):  # warm-started: each call continues from the last call's vectors
+        monitor.on_before_update(trainer, 0.0)
+        deltas = {}
+        with torch.no_grad():
+            for n, p in monitor.matrices:  # a rank-one update: σ1(ΔW) = |u| |v| exactly
+                deltas[n] = 1e-3 * torch.outer(torch.randn(p.shape[0], generator=g), torch.randn(p.shape[1], generator=g))
+                p.add_(deltas[n])
+        trainer.step = step
+        metrics = {"step": step}
+        monitor.on_step_end(trainer, metrics)
+        for n, p in monitor.matrices:
+            sigma = float(power_iteration(p.detach().float(), lone[n].setdefault("w", {}), 3))
+            assert metrics[f"stability/sigma1/{n}"] == pytest.approx(sigma, rel=1e-5)
+            ratio = float(torch.linalg.matrix_norm(deltas[n], 2)) / sigma
+            assert metrics[f"stability/update_ratio/{n}"] == pytest.approx(ratio, rel=1e-4)
+    # W_qᵀW_k of all layers at once equals each layer on its own
+    for layer in monitor.layers:
+        w_q, w_k, heads, _, d = _qk_weights(layer.self_attention)
+        alone = qk_spectral_stats(w_q, w_k, heads, d).sigma1
+        for h in range(heads):
+            assert metrics[f"stability/qk_sigma1/layer{layer.layer_number}/head{h}"] == pytest.approx(
+                float(alone[h]), rel=1e-5)
+    total = torch.sqrt(sum(p.detach().double().square().sum() for p in gpt.parameters()))
+    assert metrics["stability/param_norm"] == pytest.approx(float(total), rel=1e-6)
