@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# keel's checks on a lent NVIDIA GPU (bf16, nccl): demo throughput and MFU, keel vs plain PyTorch,
-# the spectral bound and monitors in bf16. megatron-core, Hydra and OmegaConf travel in .gpu/site
+# keel's checks on a lent NVIDIA GPU (bf16, nccl): demo throughput and MFU, keel vs plain PyTorch and
+# the monitors' cost, the spectral bound and monitors in bf16, MoE on the alltoall dispatcher, and
+# decode throughput per attention type. Each section is independent: one failing does not stop the rest. megatron-core, Hydra and OmegaConf travel in .gpu/site
 # (copied from .venv: pure Python) because the GPU machine reaches no package registry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,15 @@ r = rows[-1]
 print({k: r[k] for k in ("step", "loss", "grad_norm", "tokens_per_s", "mfu", "spectral/clip_rate",
                          "stability/attn_entropy_min", "stability/qk_sigma1_max", "stability/logit_norm") if k in r})
 PY
+echo "== 4. MoE in bf16 on the alltoall dispatcher (one GPU: EP=1), with both losses"
+python3 pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=10 \
+  model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false 2>&1 | grep -v Warning | tail -4
+python3 - <<'PY'
+import json
+rows = [json.loads(l) for l in open("/tmp/runs/moe/metrics.jsonl")]
+r = rows[-1]
+print({k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "tokens_per_s") or
+       (k.startswith("moe/") and k.count("/") == 1)})
+PY
+echo "== 5. decode tokens/s vs context, bf16"
+python3 tools/bench_decode.py --device cuda --dtype bf16 --contexts 256 1024 4096 8192 --batch 8 --steps 16 2>&1 | tail -12
