@@ -228,6 +228,13 @@ def _logits_at(runs: list[Run], width: int, lr: float) -> dict | None:
 
 
 # ---- plots and output ---------------------------------------------------------------------------
+def _save(fig, ax, out: Path) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _plt().close(fig)
+
+
 def _plt():
     import matplotlib
 
@@ -253,10 +260,7 @@ def plot_loss_vs_lr(runs: list[Run], summary: dict, out: Path) -> None:
             ax.plot(bad, [top] * len(bad), "x", color=line.get_color(), ms=8)
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
            title="loss vs LR per width (x: unstable; dotted: fitted optimum)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, out)
 
 
 def plot_optimal_lr(summary: dict, out: Path) -> None:
@@ -279,10 +283,7 @@ def plot_optimal_lr(summary: dict, out: Path) -> None:
         ax.plot(*zip(*stable), "^", color="C3", label="max stable LR on the grid")
     ax.set(xscale="log", yscale="log", xlabel="width n (hidden size)", ylabel="learning rate",
            title="optimal LR vs width")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, out)
 
 
 def plot_logits(summary: dict, out: Path) -> bool:
@@ -305,10 +306,7 @@ def plot_logits(summary: dict, out: Path) -> bool:
                     label=f"n^(1-{alpha:.2f}){' (paper)' if style == 'k:' else ' (fitted alpha)'}")
     ax.set(xscale="log", yscale="log", xlabel="width n", ylabel="value at the end of training",
            title="output logits at the grid-best LR")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, out)
     return True
 
 
