@@ -1,8 +1,8 @@
 """Aggregate attention-quality runs: validation loss against KV-cache bytes per token, per type.
 
-    python tools/attention_report.py runs/attention_quality --out docs/results --name attention_quality
+    python tools/attention_report.py runs/attention_quality [MORE_ROOTS ...] --out docs/results --name attention_quality
 
-Every completed run folder below ROOT (`+experiment=attention_quality attention=TYPE seed=S ...`) is
+Every completed run folder below the ROOTs (`+experiment=attention_quality attention=TYPE seed=S ...`) is
 grouped by attention type and learning rate. For each group the report gives the final validation
 loss per seed, its mean and standard deviation, the parameter count (the model is rebuilt from the
 run's config) and the KV cache per token per layer at TP=1 (the formula of tools/kv_cache.py, which
@@ -26,10 +26,10 @@ TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 BF16_BYTES = 2
 
 
-def load_runs(root: Path) -> list[dict]:
+def load_runs(roots: list[Path]) -> list[dict]:
     """{type, lr, seed, val_loss, val_by_step, max_grad_norm, config} of each completed run."""
     runs = []
-    for info_path in sorted(root.rglob("run_info.json")):
+    for info_path in sorted(path for root in roots for path in root.rglob("run_info.json")):
         result = info_path.parent / "result.json"
         if not result.exists() or json.loads(result.read_text())["status"] != "completed":
             continue
@@ -41,7 +41,8 @@ def load_runs(root: Path) -> list[dict]:
                      "max_grad_norm": max((r["grad_norm"] for r in rows if isinstance(r.get("grad_norm"), float)),
                                           default=None)})
     if not runs:
-        raise SystemExit(f"no completed runs (result.json with status completed) below {root}; run the experiment first")
+        raise SystemExit(f"no completed runs (result.json with status completed) below {', '.join(map(str, roots))}; "
+                         "run the experiment first")
     return runs
 
 
@@ -118,16 +119,16 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", type=Path, help="folder holding the run folders (any depth)")
+    p.add_argument("roots", type=Path, nargs="+", help="folders holding the run folders (any depth)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default="attention_quality", help="stem of the JSON and PNG written into --out")
     args = p.parse_args(argv)
-    rows = summarize(load_runs(args.root))
+    rows = summarize(load_runs(args.roots))
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / f".{args.name}.json.tmp"  # never leave a partial JSON under the final name
-    tmp.write_text(json.dumps({"root": str(args.root), "rows": rows}, indent=2))
+    tmp.write_text(json.dumps({"roots": [str(r) for r in args.roots], "rows": rows}, indent=2))
     tmp.replace(args.out / f"{args.name}.json")
-    plot(rows, args.out / f"{args.name}.png", f"attention quality: {args.root.name}")
+    plot(rows, args.out / f"{args.name}.png", f"attention quality: {args.name}")
     print(markdown_table(rows))
     return 0
 
