@@ -27,7 +27,7 @@ print({k: r[k] for k in ("step", "loss", "grad_norm", "tokens_per_s", "mfu", "sp
                          "stability/attn_entropy_min", "stability/qk_sigma1_max", "stability/logit_norm") if k in r})
 PY
 echo "== 4. MoE in bf16 on the alltoall dispatcher (one GPU: EP=1), with both losses"
-python3 pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=10 \
+python3 pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
   model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false 2>&1 | grep -v Warning | tail -4
 python3 - <<'PY'
 import json
