@@ -35,6 +35,7 @@ class Run:
     first_loss: float | None = None  # the step-1 training loss: a stable run ends below it
     logits: dict | None = None  # last logged LOGIT_KEYS, when the monitors ran
     path: str = ""
+    optimizer: str = "adamw"
 
     @property
     def stable(self) -> bool:
@@ -90,10 +91,13 @@ def load_run(result_path: Path) -> Run:
     losses = [m["loss"] for m in rows if isinstance(m.get("loss"), float)]
     logits = {k: [m[k] for m in rows if isinstance(m.get(k), float)] for k in LOGIT_KEYS}
     val = r.get("final_val_loss")
+    info = result_path.parent / "run_info.json"
+    optimizer = json.loads(info.read_text())["config"]["optim"].get("name", "adamw") if info.exists() else "adamw"
     return Run(width=int(r["hidden_size"]), lr=peak_lr(result_path.parent, r), seed=int(r.get("seed", 0)), status=r["status"],
                val_loss=float(val) if isinstance(val, (int, float)) else None,
                first_loss=losses[0] if losses else None,
-               logits={k: v[-1] for k, v in logits.items() if v} or None, path=str(result_path.parent))
+               logits={k: v[-1] for k, v in logits.items() if v} or None, path=str(result_path.parent),
+               optimizer=optimizer)
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
@@ -213,7 +217,10 @@ def analyze(runs: list[Run], n_boot: int = 2000) -> dict:
     for w, (lr, censored) in stable.items():
         per_width.setdefault(str(w), {}).update(max_stable_lr=lr, max_stable_censored=censored)
     ms = fit_exponent(list(stable), [v[0] for v in stable.values()]) if len(stable) >= 2 else float("nan")
+    optimizers = sorted({r.optimizer for r in runs})
+    paper_key = "sgd_clipped_optimal" if optimizers == ["sgd"] else "adam_optimal"
     return {"exponent": exponent, "exponent_ci": ci, "ci_method": method, "alpha": -exponent,
+            "optimizer": ",".join(optimizers), "paper_reference": paper_key,
             "max_stable_exponent": ms, "max_stable_censored": any(c for _, c in stable.values()),
             "n_runs": len(runs), "n_unstable": sum(not r.stable for r in runs), "paper": PAPER,
             "widths": per_width}
@@ -301,7 +308,7 @@ def plot_logits(summary: dict, out: Path) -> bool:
     first = [(w, v[LOGIT_KEYS[0]]) for w, v in pts if LOGIT_KEYS[0] in v]
     if first and summary.get("alpha") is not None:
         (w0, v0), ws = first[0], [w for w, _ in first]
-        for alpha, style in ((summary["alpha"], "k--"), (-PAPER["adam_optimal"], "k:")):
+        for alpha, style in ((summary["alpha"], "k--"), (-PAPER[summary.get("paper_reference", "adam_optimal")], "k:")):
             ax.plot(ws, [v0 * (w / w0) ** (1 - alpha) for w in ws], style, lw=1,
                     label=f"n^(1-{alpha:.2f}){' (paper)' if style == 'k:' else ' (fitted alpha)'}")
     ax.set(xscale="log", yscale="log", xlabel="width n", ylabel="value at the end of training",
@@ -321,7 +328,7 @@ def markdown_table(summary: dict) -> str:
                      f"{_fmt(ms)}{' (top of grid)' if e.get('max_stable_censored') else ''} | {_fmt(logit, '.3g')} |")
     lo, hi = summary["exponent_ci"]
     lines.append(f"\nfitted exponent {summary['exponent']:.3f} (95% bootstrap CI {lo:.3f}..{hi:.3f}, "
-                 f"{summary['ci_method']}); paper, Adam: {PAPER['adam_optimal']}. "
+                 f"{summary['ci_method']}); paper ({summary['paper_reference']}): {PAPER[summary['paper_reference']]}. "
                  f"max-stable exponent {summary['max_stable_exponent']:.3f}"
                  f"{' (a bound: some widths stable at the top of the grid)' if summary['max_stable_censored'] else ''}"
                  ".")

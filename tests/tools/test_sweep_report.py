@@ -1,5 +1,6 @@
 """tools/sweep_report.py on synthetic sweeps with a known optimal-LR exponent, and on run folders."""
 
+import dataclasses
 import json
 import math
 
@@ -101,3 +102,9 @@ def test_missing_logits_and_empty_sweep(tmp_path, capsys):
     assert "no stability/logit_norm" in capsys.readouterr().out
     assert not (tmp_path / "s" / "report" / "logit_norm_vs_width.png").exists()
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_the_paper_reference_follows_the_sweeps_optimizer():
+    adam, sgd = _runs(-0.5), [dataclasses.replace(r, optimizer="sgd") for r in _runs(-0.5)]
+    assert analyze(adam, 10)["paper_reference"] == "adam_optimal"
+    assert analyze(sgd, 10)["paper_reference"] == "sgd_clipped_optimal" and analyze(sgd, 10)["optimizer"] == "sgd"
