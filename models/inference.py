@@ -216,20 +216,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def compose_config(overrides: list[str]):
-    """A validated KeelConfig from keel's Hydra groups plus command-line style overrides."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from pretrain.config import register_configs, to_config
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides))
-
-
 def build_for_decode(cfg, vocab_size: int, device="cpu", dtype: torch.dtype = torch.float32):
     """The bare GPT of `cfg` at this world's TP size, initialised like training (no DDP), in eval mode."""
     from megatron.core import parallel_state

@@ -62,10 +62,36 @@ class MetricsLogger(Callback):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if there is none); a line cut short by a killed run is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def completed_runs(*roots: Path) -> list[tuple[Path, dict, list[dict]]]:
+    """(run folder, resolved config, metrics rows) of every run below `roots` (any depth) whose
+    result.json says completed; runs still going or diverged are left out."""
+    runs = []
+    for info_path in sorted(p for root in roots for p in Path(root).rglob("run_info.json")):
+        result = info_path.parent / "result.json"
+        if result.exists() and json.loads(result.read_text())["status"] == "completed":
+            runs.append((info_path.parent, json.loads(info_path.read_text())["config"], read_metrics(info_path.parent)))
+    return runs
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: keel's plots are PNG files, never a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 class ProgressBar(Callback):
@@ -103,11 +129,7 @@ class LossPlot(Callback):
 
 
 def plot_losses(run_dir: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float)]
     val = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), float)]

@@ -336,6 +336,25 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("keel_run_dir", lambda run_dir, name: run_dir or f"runs/{name}")
 
 
+def compose_config(overrides: list[str]) -> KeelConfig:
+    """A validated KeelConfig from keel's Hydra groups (conf/) plus command-line style overrides."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return to_config(compose("config", overrides=overrides))
+
+
+def config_from_dict(values: dict) -> KeelConfig:
+    """A saved, resolved config (run_info.json's "config") as a validated KeelConfig."""
+    from omegaconf import OmegaConf
+
+    return to_config(OmegaConf.merge(OmegaConf.structured(KeelConfig), values))
+
+
 def to_config(raw) -> KeelConfig:
     """Resolve a Hydra DictConfig into validated dataclasses; a bad value raises one clear ValueError."""
     from omegaconf import OmegaConf

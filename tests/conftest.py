@@ -93,17 +93,13 @@ def megatron_world():
 
 def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128):
     """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides."""
-    from hydra import compose, initialize_config_dir
-
     from models.gpt import build_gpt, transformer_config
     from models.builder import layer_specs
     from models.init import reset_parameters
-    from pretrain.config import register_configs, to_config
+    from pretrain.config import compose_config
 
-    register_configs()
     base = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16", "model.max_seq_len=64", "data.seq_len=32"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=base + (overrides or [])))
+    cfg = compose_config(base + (overrides or []))
     config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups())
     gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg), per_document_positions=cfg.data.reset_position_ids)
     reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, 0, cfg.model.tie_embeddings)

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
+from pretrain.callbacks import completed_runs, pyplot  # noqa: E402
 
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 BF16_BYTES = 2
@@ -29,12 +30,7 @@ BF16_BYTES = 2
 def load_runs(roots: list[Path]) -> list[dict]:
     """{type, lr, seed, val_loss, val_by_step, max_grad_norm, config} of each completed run."""
     runs = []
-    for info_path in sorted(path for root in roots for path in root.rglob("run_info.json")):
-        result = info_path.parent / "result.json"
-        if not result.exists() or json.loads(result.read_text())["status"] != "completed":
-            continue
-        config = json.loads(info_path.read_text())["config"]
-        rows = [json.loads(line) for line in (info_path.parent / "metrics.jsonl").read_text().splitlines() if line]
+    for _, config, rows in completed_runs(*roots):
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)}
         runs.append({"type": config["attention"]["type"], "lr": config["optim"]["lr"], "seed": config["seed"],
                      "val_loss": val[max(val)], "val_by_step": val, "config": config,
@@ -48,13 +44,11 @@ def load_runs(roots: list[Path]) -> list[dict]:
 
 def model_facts(config: dict) -> dict:
     """Parameters and KV-cache elements/bytes per token per layer of a run's model, at TP=1."""
-    from omegaconf import OmegaConf
-
     from kv_cache import formula
     from models.inference import build_for_decode
-    from pretrain.config import KeelConfig, to_config
+    from pretrain.config import config_from_dict
 
-    cfg = to_config(OmegaConf.merge(OmegaConf.structured(KeelConfig), config))
+    cfg = config_from_dict(config)
     gpt = build_for_decode(cfg, cfg.data.vocab_size)
     elements = formula(cfg, 1)
     return {"params": sum(p.numel() for p in gpt.parameters()), "ffn": cfg.model.ffn_size,
@@ -94,11 +88,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lrs = sorted({r["lr"] for r in rows})
     for r in rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ def attention_params(gpt) -> int:
 
 def matched_models(overrides: list[str], types, device, dtype) -> dict:
     """{type: (gpt, total params)} with each FFN widened to the largest attention's parameter count."""
-    from models.inference import build_for_decode, compose_config
+    from models.inference import build_for_decode
+    from pretrain.config import compose_config
 
     cfgs = {t: compose_config([*overrides, f"attention={t}"]) for t in types}
     attn = {t: attention_params(build_for_decode(c, 256)) for t, c in cfgs.items()}
@@ -75,8 +77,8 @@ def tokens_per_s(gpt, context: int, batch: int, steps: int, warmup: int = 2) -> 
         sync()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"wall": batch / median(walls), "cpu": None if tok.is_cuda else batch / max(median(cpus), 1e-9)}
+    return {"wall": batch / statistics.median(walls),
+            "cpu": None if tok.is_cuda else batch / max(statistics.median(cpus), 1e-9)}
 
 
 def main(argv=None) -> int:
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
         return 0
     print(f"tokens/s = {'per CPU-second, one thread' if key == 'cpu' else 'wall clock'}; batch {args.batch}, "
           f"median of {args.steps} steps, {rows[0]['dtype']} on {args.device}")
-    print(f"| attention | params | KV bytes/token (all layers) | " + " | ".join(f"ctx {c}" for c in args.contexts) + " |")
+    print("| attention | params | KV bytes/token (all layers) | " + " | ".join(f"ctx {c}" for c in args.contexts) + " |")
     print("|---" * (3 + len(args.contexts)) + "|")
     for t in models:
         cells = [r for r in rows if r["attention"] == t]

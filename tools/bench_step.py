@@ -112,17 +112,13 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="hydra overrides (default: +experiment=demo)")
     args = ap.parse_args(argv)
-    from hydra import compose, initialize_config_dir
-
     from pretrain import distributed
-    from pretrain.config import register_configs, to_config
+    from pretrain.config import compose_config
     from pretrain.run import build_trainer, precision
 
-    register_configs()
     overrides = args.overrides or ["+experiment=demo"]
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides + ["trainer.progress=false", "logging.tensorboard=false",
-                                                                 "logging.plot=false", "logging.monitors.interval=0"]))
+    cfg = compose_config(overrides + ["trainer.progress=false", "logging.tensorboard=false", "logging.plot=false",
+                                      "logging.monitors.interval=0"])
     world = distributed.init(cfg.parallel)
     sync = torch.cuda.synchronize if world.device.type == "cuda" else (lambda: None)
     dtype = precision(cfg, world)

@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
+
 METHODS = ("concat", "bfd", "sp")
 SEEDS = (1, 2, 3)
 SEQ_LEN = 256  # must match conf/experiment/cpt_*.yaml
@@ -152,11 +154,6 @@ def pack_split_val(tokenizer, seq_len: int, output: Path, rows: int = VAL_ROWS, 
 
 
 # --- Aggregation --------------------------------------------------------------------------------
-def read_metrics(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
-
-
 def val_curve(rows: list[dict]) -> dict[int, float]:
     return {int(r["step"]): float(r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))}
 
@@ -221,11 +218,7 @@ def packing_stats(methods=METHODS, seq_len: int = SEQ_LEN) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green"}
     labels = {"concat": "CT (concat)", "bfd": "BFD", "sp": "SP"}
     fig, (ax, zoom, dots) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.1, 1.1, 0.8]})

@@ -31,13 +31,10 @@ def run_folder(step_dir: Path) -> Path:
 
 def saved_config(run_dir: Path):
     """The run's resolved KeelConfig, rebuilt from run_info.json (validated again on the way)."""
-    from omegaconf import OmegaConf
-
-    from pretrain.config import KeelConfig
+    from pretrain.config import config_from_dict
 
     info = json.loads((run_dir / "run_info.json").read_text())
-    merged = OmegaConf.merge(OmegaConf.structured(KeelConfig), info["config"])
-    return OmegaConf.to_object(merged), info
+    return config_from_dict(info["config"]), info
 
 
 def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

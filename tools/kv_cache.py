@@ -42,7 +42,7 @@ def formula(cfg, tp: int) -> int:
 
 
 def _configs(overrides: list[str], tp: int, types) -> dict:
-    from models.inference import compose_config
+    from pretrain.config import compose_config
 
     out = {}
     for t in types:
@@ -103,7 +103,8 @@ def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
     group: token by token with the KV cache, or one full forward."""
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    from models.inference import build_for_decode, compose_config, forward_cached, new_cache
+    from models.inference import build_for_decode, forward_cached, new_cache
+    from pretrain.config import compose_config
 
     cfg = compose_config(overrides)
     gpt = build_for_decode(cfg, VOCAB)

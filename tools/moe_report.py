@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python tools/moe_report.py`
+
+from pretrain.callbacks import completed_runs, pyplot  # noqa: E402
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")
 
@@ -30,13 +35,8 @@ def arm_of(config: dict) -> str:
 def load_runs(root: Path) -> dict[str, list[dict]]:
     """arm -> runs, each {"seed", "rows", "config"}."""
     arms: dict[str, list[dict]] = defaultdict(list)
-    for info_path in sorted(root.rglob("run_info.json")):
-        result = info_path.parent / "result.json"
-        if not result.exists() or json.loads(result.read_text())["status"] != "completed":
-            continue  # still running, or diverged
-        info = json.loads(info_path.read_text())
-        rows = [json.loads(line) for line in (info_path.parent / "metrics.jsonl").read_text().splitlines() if line]
-        arms[arm_of(info["config"])].append({"seed": info["config"]["seed"], "rows": rows, "config": info["config"]})
+    for _, config, rows in completed_runs(root):
+        arms[arm_of(config)].append({"seed": config["seed"], "rows": rows, "config": config})
     return dict(arms)
 
 
@@ -81,18 +81,9 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(arms: dict, keys: tuple[str, ...], out: Path) -> None:
     """Mean over seeds of `moe/<key>` against the step, one panel per key, one line per MoE arm."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for ax, key in zip(axes, keys):
         for arm, runs in arms.items():
@@ -111,7 +102,7 @@ def plot_curves(arms: dict, keys: tuple[str, ...], out: Path) -> None:
 
 def plot_load_heatmaps(arms: dict, tail: float, out: Path) -> None:
     """Per arm: layers x experts, the share of routed tokens over the last `tail` of training."""
-    plt = _plt()
+    plt = pyplot()
     moe_arms = {a: r for a, r in arms.items() if a != "dense"}
     grids = {}
     for arm, runs in moe_arms.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.callbacks import read_metrics  # noqa: E402
+from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
 
 PANELS = [  # (title, metric key, log scale)
     ("training loss", "loss", False),
@@ -32,11 +32,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for i, run in enumerate(run_dirs):
         rows = read_metrics(run)

@@ -21,6 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/sweep_report.py`
 
+from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
+
 PAPER = {"adam_optimal": -0.42, "adam_max_stable": -0.60, "sgd_clipped_optimal": -0.38}
 LOGIT_KEYS = ("stability/logit_norm", "stability/logit_max")  # logged by the stability monitors
 
@@ -49,18 +51,6 @@ class Run:
 
 
 # ---- reading ------------------------------------------------------------------------------------
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
-    return rows
-
-
 def peak_lr(run_dir: Path, result: dict) -> float:
     """The run's peak LR: `optim.lr`, or under a width rule the hidden group's peak (run_info.json),
     so that runs with and without a rule sit on one LR axis."""
@@ -87,7 +77,7 @@ def _make(cls, values: dict):
 
 def load_run(result_path: Path) -> Run:
     r = json.loads(result_path.read_text())
-    rows = _read_metrics(result_path.parent / "metrics.jsonl")
+    rows = read_metrics(result_path.parent)
     losses = [m["loss"] for m in rows if isinstance(m.get("loss"), float)]
     logits = {k: [m[k] for m in rows if isinstance(m.get(k), float)] for k in LOGIT_KEYS}
     val = r.get("final_val_loss")
@@ -239,21 +229,12 @@ def _save(fig, ax, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    _plt().close(fig)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    pyplot().close(fig)
 
 
 def plot_loss_vs_lr(runs: list[Run], summary: dict, out: Path) -> None:
     """Validation loss against LR, one line per width; unstable runs as crosses on the top edge."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     finite = [r.val_loss for r in runs if r.stable]
     top = max(finite) if finite else 1.0
@@ -272,7 +253,7 @@ def plot_loss_vs_lr(runs: list[Run], summary: dict, out: Path) -> None:
 
 def plot_optimal_lr(summary: dict, out: Path) -> None:
     """Optimal (and maximal stable) LR against width on log-log axes, with the fit and references."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     ws = sorted((int(w), e) for w, e in summary["widths"].items() if "opt_lr" in e)
     n = np.array([w for w, _ in ws], dtype=float)
@@ -298,7 +279,7 @@ def plot_logits(summary: dict, out: Path) -> bool:
     pts = sorted((int(w), e["logits"]) for w, e in summary["widths"].items() if e.get("logits"))
     if not pts:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for key, marker in zip(LOGIT_KEYS, "os"):
         xy = [(w, v[key]) for w, v in pts if key in v]

@@ -4,18 +4,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pretrain.config import (CheckpointConfig, KeelConfig, ModelConfig, OptimConfig, ParallelConfig,
-                             ScheduleConfig, TrainerConfig, register_configs, to_config)
+                             ScheduleConfig, TrainerConfig, compose_config, register_configs)
 from tests.conftest import ROOT
 
 
-def compose_keel(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides))
-
-
 def test_defaults_compose_and_derive_heads_and_ffn():
-    cfg = compose_keel([])
+    cfg = compose_config([])
     assert isinstance(cfg, KeelConfig)
     assert cfg.model.heads == cfg.model.hidden_size // cfg.model.head_dim
     assert cfg.model.ffn_size % 8 == 0 and cfg.model.ffn_size >= 8 * cfg.model.hidden_size // 3
@@ -24,12 +18,12 @@ def test_defaults_compose_and_derive_heads_and_ffn():
 
 @pytest.mark.parametrize("name", ["smoke", "demo"])
 def test_presets_compose(name):
-    cfg = compose_keel([f"+experiment={name}"])
+    cfg = compose_config([f"+experiment={name}"])
     assert cfg.name == name
 
 
 def test_required_override_names_exist():
-    cfg = compose_keel(["run_dir=/tmp/x", "trainer.max_steps=7", "trainer.stop_at=3", "trainer.eval_interval=2",
+    cfg = compose_config(["run_dir=/tmp/x", "trainer.max_steps=7", "trainer.stop_at=3", "trainer.eval_interval=2",
                         "checkpoint.interval=2", "parallel.tensor=2", "parallel.pipeline=2", "model.hidden_size=128",
                         "optim.lr=0.01", "seed=5"])
     assert (cfg.run_dir, cfg.trainer.max_steps, cfg.trainer.stop_at, cfg.seed) == ("/tmp/x", 7, 3, 5)
@@ -38,7 +32,7 @@ def test_required_override_names_exist():
 
 def test_width_knob_keeps_head_dim():
     for width in (64, 128, 256, 512):
-        cfg = compose_keel([f"model.hidden_size={width}"])
+        cfg = compose_config([f"model.hidden_size={width}"])
         assert cfg.model.kv_channels == 32 and cfg.model.heads == width // 32 and cfg.model.num_layers == 4
         assert cfg.model.ffn_size == -(-8 * width // 3 // 8) * 8
 
@@ -57,7 +51,7 @@ def test_width_knob_keeps_head_dim():
 ])
 def test_config_errors_are_one_clear_line(overrides, message):
     with pytest.raises(ValueError) as err:
-        compose_keel(overrides)
+        compose_config(overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -103,8 +97,8 @@ def test_checkpoint_signature_holds_the_attention_shape(tmp_path, attention, cha
     from pretrain.checkpoint import check_compatible
     from pretrain.run import model_signature
 
-    saved = json.loads(json.dumps(model_signature(compose_keel([f"attention={attention}"]), 256)))  # as in meta.json
-    check_compatible({"model": saved}, model_signature(compose_keel([f"attention={attention}"]), 256), tmp_path)
-    other = model_signature(compose_keel([f"attention={attention}", changed]), 256)
+    saved = json.loads(json.dumps(model_signature(compose_config([f"attention={attention}"]), 256)))  # as in meta.json
+    check_compatible({"model": saved}, model_signature(compose_config([f"attention={attention}"]), 256), tmp_path)
+    other = model_signature(compose_config([f"attention={attention}", changed]), 256)
     with pytest.raises(ValueError, match="incompatible model.*attention_shape"):
         check_compatible({"model": saved}, other, tmp_path)

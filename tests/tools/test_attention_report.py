@@ -13,7 +13,7 @@ TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim
 
 
 def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = "completed") -> None:
-    from models.inference import compose_config
+    from pretrain.config import compose_config
 
     cfg = compose_config([*TINY, f"attention={attention}", f"seed={seed}"])
     folder.mkdir(parents=True)

@@ -87,14 +87,10 @@ def test_collect_reads_only_completed_runs(tmp_path):
 
 @pytest.mark.parametrize("method", ["concat", "bfd", "sp"])
 def test_presets_compose_and_match_the_pretrained_model(method):
-    from hydra import compose, initialize_config_dir
+    from pretrain.config import compose_config
 
-    from pretrain.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        pre = to_config(compose("config", ["+experiment=cpt_pretrain"]))
-        cfg = to_config(compose("config", ["+experiment=cpt_packing", f"data.pack_method={method}", "seed=2"]))
+    pre = compose_config(["+experiment=cpt_pretrain"])
+    cfg = compose_config(["+experiment=cpt_packing", f"data.pack_method={method}", "seed=2"])
     assert cfg.model == pre.model and cfg.data.seq_len == pre.data.seq_len == cpt.SEQ_LEN
     assert pre.data.corpus == "stdlib:code" and cfg.init_from == str(cpt.PRETRAIN_DIR) == pre.run_dir
     assert cfg.data.path == str(cpt.train_prefix(method)) and cfg.data.val_path == str(cpt.val_prefix())

@@ -108,3 +108,10 @@ def test_the_paper_reference_follows_the_sweeps_optimizer():
     adam, sgd = _runs(-0.5), [dataclasses.replace(r, optimizer="sgd") for r in _runs(-0.5)]
     assert analyze(adam, 10)["paper_reference"] == "adam_optimal"
     assert analyze(sgd, 10)["paper_reference"] == "sgd_clipped_optimal" and analyze(sgd, 10)["optimizer"] == "sgd"
+
+
+def test_metrics_of_a_killed_run_are_read_up_to_the_cut(tmp_path):
+    from pretrain.callbacks import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and read_metrics(tmp_path / "none") == []
