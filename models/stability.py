@@ -140,7 +140,8 @@ def qk_spectral_stats(
 
     iters=None (default): exact.  M_h has rank <= hd; with W_q,hᵀ = Q_q R_q and W_k,hᵀ = Q_k R_k (thin
     QR), M_h = Q_q (R_q R_kᵀ) Q_kᵀ, so its singular values are those of the hd×hd core R_q R_kᵀ:
-    O(heads·d·hd²) instead of an SVD of d×d.  R comes from a Cholesky of the Gram matrix W Wᵀ.  Energy concentration (AdamW² §3) = top-s share of Σσ².
+    O(heads·d·hd²) instead of an SVD of d×d; R comes from a Cholesky of the Gram matrix W Wᵀ.
+    Energy concentration (AdamW² §3) = top-s share of Σσ².
     iters=int: σ1 only, by warm-started power iteration on the implicit operator (cheaper for large
     hd; pass the same `state` dict every call), concentration=None.
     w_k may have fewer heads (GQA): query head h uses kv head h // (heads / kv_heads).

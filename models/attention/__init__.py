@@ -14,7 +14,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from models.attention.gla import gla_spec
+from models.attention.gla import latent_spec
 from models.attention.gta import gta_spec
 from models.attention.mla import mla_spec
 from models.attention.sdpa import SDPACoreAttention
@@ -37,7 +37,7 @@ ATTENTION_SPECS: dict[str, Callable[[AttentionConfig, Optional[ModelConfig]], Mo
     "gqa": standard_attention_spec,
     "mqa": standard_attention_spec,
     "gta": gta_spec,
-    "gla": gla_spec,
+    "gla": latent_spec,
     "mla": mla_spec,
 }
 

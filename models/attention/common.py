@@ -28,6 +28,13 @@ def rope_table(table: torch.Tensor, rot_dim: int) -> torch.Tensor:
     return torch.cat([sub, sub], dim=-1)
 
 
+def rope_angles(rotary_pos_emb, who: str) -> torch.Tensor:
+    """The angle table megatron passes to self-attention (a tensor, or a (q, k) pair of one table)."""
+    if rotary_pos_emb is None:
+        raise ValueError(f"{who} needs model.position_embedding=rope")
+    return rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+
+
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate all of x's last dim (width = table width) by megatron's rotate-half convention.
 

@@ -22,8 +22,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rms_norm, rope_table, tp_rank,
-                                     tp_size)
+from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rms_norm, rope_angles,
+                                     rope_table, tp_rank, tp_size)
 
 
 class LatentAttention(MegatronModule):
@@ -128,12 +128,9 @@ class LatentAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, attn_mask_type=None, **_unused):
-        if rotary_pos_emb is None:
-            raise ValueError("GLA/MLA need model.position_embedding=rope")
-        if isinstance(rotary_pos_emb, tuple):
-            rotary_pos_emb = rotary_pos_emb[0]
-        q_nope, q_rope = self.queries(hidden_states, rotary_pos_emb)
-        c, k_rope = self.latent_kv(hidden_states, rotary_pos_emb)
+        table = rope_angles(rotary_pos_emb, "GLA/MLA")
+        q_nope, q_rope = self.queries(hidden_states, table)
+        c, k_rope = self.latent_kv(hidden_states, table)
         k_nope, v = self.expand(c)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
@@ -141,17 +138,12 @@ class LatentAttention(MegatronModule):
         return self.linear_proj(out)
 
 
-def latent_spec(num_latents: int, latent_dim: int, rope_dim: int, q_lora_rank: Optional[int]) -> ModuleSpec:
+def latent_spec(attention, model) -> ModuleSpec:
+    """GLA's spec, and MLA's: `AttentionConfig.shape` resolves MLA to one latent of kv_lora_rank."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from models.attention.sdpa import SDPACoreAttention
 
-    return ModuleSpec(module=LatentAttention,
-                      params={"num_latents": num_latents, "latent_dim": latent_dim, "rope_dim": rope_dim,
-                              "q_lora_rank": q_lora_rank},
+    return ModuleSpec(module=LatentAttention, params=attention.shape(model.kv_channels),
                       submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
                                   "linear_proj": RowParallelLinear})
-
-
-def gla_spec(attention, model) -> ModuleSpec:
-    return latent_spec(**attention.shape(model.kv_channels))

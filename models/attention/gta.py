@@ -19,7 +19,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import apply_rope, divide, replicated, replicated_linear, rope_table, tp_size
+from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rope_angles, rope_table,
+                                     tp_size)
 
 
 class GroupedTiedAttention(MegatronModule):
@@ -83,11 +84,7 @@ class GroupedTiedAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, attn_mask_type=None, **_unused):
-        if rotary_pos_emb is None:
-            raise ValueError("GTA needs model.position_embedding=rope")
-        if isinstance(rotary_pos_emb, tuple):
-            rotary_pos_emb = rotary_pos_emb[0]
-        q, a, b = self.qkv(hidden_states, rotary_pos_emb)
+        q, a, b = self.qkv(hidden_states, rope_angles(rotary_pos_emb, "GTA"))
         k, v = (self.tied_key(a, b), a) if self.tied else (a, b)
         out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
         return self.linear_proj(out)

@@ -8,10 +8,6 @@ MLA here is GLA with h_c = 1, d_c = kv_lora_rank (default 4d): the same code tra
 
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-
 from models.attention.gla import latent_spec
 
-
-def mla_spec(attention, model) -> ModuleSpec:
-    return latent_spec(**attention.shape(model.kv_channels))
+mla_spec = latent_spec  # the sizes differ (AttentionConfig.shape), the module and its decode path do not

@@ -40,7 +40,12 @@ def variance_loss(probs: torch.Tensor) -> torch.Tensor:
     writes a per-expert variance over tokens). Population variance: for a distribution over E experts
     it equals mean(p^2) - 1/E^2, so it is largest (the loss most negative) for one-hot routing.
     """
-    return -probs.var(dim=-1, unbiased=False).mean()
+    return -routing_variance(probs).mean()
+
+
+def routing_variance(probs: torch.Tensor) -> torch.Tensor:
+    """Per-token variance across experts (population), [tokens, experts] -> [tokens]; -L_v per token."""
+    return probs.var(dim=-1, unbiased=False)
 
 
 def attach_loss(activation: torch.Tensor, loss: torch.Tensor, coeff: float, num_tokens: int,

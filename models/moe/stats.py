@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
+from models.moe.losses import routing_variance
+
 TRACKED_LOSSES = ("load_balancing_loss", "seq_load_balancing_loss", "z_loss", "ortho_loss", "var_loss")
 
 
@@ -24,11 +26,6 @@ def max_violation(load: torch.Tensor, tokens: float, k: int) -> float:
 def router_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of the routing distribution, [tokens, experts] -> [tokens] (nats)."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-
-
-def routing_variance(probs: torch.Tensor) -> torch.Tensor:
-    """Per-token variance across experts (population), [tokens, experts] -> [tokens]; -L_v per token."""
-    return probs.var(dim=-1, unbiased=False)
 
 
 def pairwise_abs_cosine(vectors: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

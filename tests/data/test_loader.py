@@ -1,6 +1,5 @@
 """The loader: deterministic, shuffled per epoch, sharded over DP ranks, resumable; masks and positions."""
 
-import numpy as np
 import torch
 
 from data.format import PackedDataset

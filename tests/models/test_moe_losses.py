@@ -1,6 +1,5 @@
 """The specialization losses (Guo et al. 2025, eqs. 6-7), their attachment, and grouping by token."""
 
-import math
 
 import pytest
 import torch
