@@ -153,8 +153,11 @@ def qk_spectral_stats(
     # 1. the triangular factor of each head block's Gram matrix W Wᵀ = Rᵀ R (the R of a thin QR of
     #    Wᵀ, up to signs); under GQA each kv head is factored once and shared by its query heads
     r_q, r_k = _gram_factor(wq), _gram_factor(wk)[kv_of]
-    # 2. singular values of the small core (descending)
-    sv = torch.linalg.svdvals(r_q @ r_k.transpose(-1, -2)).float()
+    # 2. singular values of the small core (descending), on the host: on a GPU torch's default SVD
+    #    solves one core at a time (384 cores of 64×64, fp64: 553 ms on an H200, 97 ms on its host;
+    #    BENCHMARKS.md), which made the monitor cost +5.6% of step time instead of +1.8%
+    core = r_q @ r_k.transpose(-1, -2)
+    sv = torch.linalg.svdvals(core.cpu()).to(core.device, torch.float32)
     energy = sv.square()
     conc = energy[:, :top_s].sum(-1) / energy.sum(-1).clamp_min(torch.finfo(energy.dtype).tiny)
     return QKStats(sv[:, 0], sv[:, 0].max(), conc)

@@ -1,0 +1,108 @@
+"""Where a monitored training step's time goes, part by part, and the SVD choices for W_qᵀW_k cores.
+
+    python tools/profile_monitor.py [hydra overrides ...]   (default: the 286M model of BENCHMARKS.md)
+
+Wraps each part of the stability monitor with a device sync on both sides, runs six monitored steps
+and prints the mean per part over the last four; then times the SVD of 384 cores of 64×64 (fp64, one
+per layer and head of that model) on the device's default solver, on the host, with cuSOLVER's
+batched `gesvda` driver (CUDA only) and as `eigvalsh` of the Gram matrix.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain import cpu_compat  # noqa: E402,F401
+
+MODEL_286M = ["model.num_layers=24", "model.hidden_size=1024", "model.head_dim=64", "model.max_seq_len=1024",
+              "data.seq_len=1024", "trainer.global_batch_size=16", "trainer.micro_batch_size=8"]
+PARTS = {"pretrain.monitors.StabilityMonitor": ("on_before_update", "on_step_end", "_attention_stats",
+                                                "_matrix_stats", "_logit_stats"),
+         "pretrain.monitors": ("qk_spectral_stats", "attention_entropy_from_scores", "_summarise", "_param_norm")}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _instrument(times: dict) -> None:
+    import pretrain.monitors
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+            return out
+        return wrapper
+
+    for owner, names in PARTS.items():
+        target = pretrain.monitors.StabilityMonitor if owner.endswith("StabilityMonitor") else pretrain.monitors
+        for name in names:
+            setattr(target, name, timed(name, getattr(target, name)))
+
+
+def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> None:
+    from pretrain import distributed
+    from pretrain.config import MonitorConfig, compose_config
+    from pretrain.monitors import StabilityMonitor
+    from pretrain.run import build_trainer
+
+    times: dict[str, list[float]] = defaultdict(list)
+    _instrument(times)
+    cfg = compose_config(["+experiment=demo", *overrides, "trainer.progress=false", "logging.tensorboard=false",
+                          "logging.plot=false", "logging.monitors.interval=0"])
+    world = distributed.init(cfg.parallel)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, built, *_ = build_trainer(cfg, world, Path(tmp))
+        monitor = StabilityMonitor(built.gpt, MonitorConfig(interval=1))
+        trainer.callbacks = [monitor]
+        step_ms = []
+        for i in range(steps):
+            if i == warmup:
+                times.clear()
+            _sync()
+            start = time.perf_counter()
+            trainer.train_step()
+            monitor.on_step_end(trainer, {"step": trainer.step})  # the trainer's loop would call it
+            _sync()
+            step_ms.append((time.perf_counter() - start) * 1e3)
+    distributed.shutdown()
+    measured = steps - warmup
+    print(f"{built.num_params / 1e6:.1f}M params on {world.device}: monitored step "
+          f"{sorted(step_ms[warmup:])[measured // 2]:.1f} ms (median of {measured})")
+    for name, ms in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {name:30s} {sum(ms) / measured:8.2f} ms per monitored step ({len(ms) // measured} calls)")
+
+
+def profile_core_svd(device: torch.device, cores: int = 384, size: int = 64, repeats: int = 3) -> None:
+    core = torch.randn(cores, size, size, dtype=torch.float64, device=device)
+    ways = {"default solver": lambda: torch.linalg.svdvals(core),
+            "on the host": lambda: torch.linalg.svdvals(core.cpu()).to(device),
+            "eigvalsh of the Gram": lambda: torch.linalg.eigvalsh(core @ core.mT)}
+    if device.type == "cuda":
+        ways["gesvda (batched)"] = lambda: torch.linalg.svd(core, full_matrices=False, driver="gesvda")[1]
+    for name, fn in ways.items():
+        fn()
+        _sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync()
+        print(f"SVD of {cores} {size}x{size} fp64 cores, {name:22s} {(time.perf_counter() - start) / repeats * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    profile_monitor(sys.argv[1:] or MODEL_286M)
+    profile_core_svd(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
