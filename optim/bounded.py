@@ -38,7 +38,7 @@ class SpectralBoundedOptimizer:
         if math.isinf(self.cfg.tau):
             return self.optimizer.step()
         # 1. snapshot the model parameters (and separate fp32 main copies) before the update
-        olds = [(n, p, p.detach().clone(), _main_copy(p)) for n, p in self.bounded]
+        olds = [(n, p, p.detach().clone(), main_copy(p)) for n, p in self.bounded]
         update_ok, grad_norm, zeros = self.optimizer.step()
         if not update_ok:
             return update_ok, grad_norm, zeros
@@ -75,9 +75,21 @@ class SpectralBoundedOptimizer:
         self.spectral_state = {n: {"w": dict(s["w"]), "dw": dict(s["dw"]), "steps": s["steps"]} for n, s in state.items()}
 
 
-def _main_copy(p: torch.Tensor) -> torch.Tensor | None:
+def main_copy(p: torch.Tensor) -> torch.Tensor | None:
     """A snapshot of the fp32 main parameter when it is a separate tensor (bf16 training)."""
     main = getattr(p, "main_param", None)
     if main is None or main.data_ptr() == p.data_ptr():
         return None
     return main.detach().clone()
+
+
+def sharded_main_range(optimizer, p: torch.Tensor) -> tuple[int, int]:
+    """The flat range of `p` that its fp32 main copy holds: a shard under the distributed optimizer
+    (megatron's per-parameter range map), else the whole parameter."""
+    if getattr(p, "main_param_sharded", False):
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if p in getattr(opt, "model_param_gbuf_map", {}):
+                r = opt._get_model_param_range_map(p)["param"]
+                return r.start, r.end
+        raise RuntimeError("a sharded main parameter that no distributed optimizer owns")
+    return 0, p.numel()

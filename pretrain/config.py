@@ -188,6 +188,7 @@ class OptimConfig:
     width_exponent: Optional[float] = None  # alpha; None: the paper's value for the optimizer
     layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    quack: bool = False  # per-head query/key learning rates ∝ 1/‖W_K‖, 1/‖W_Q‖ (optim/quack.py)
 
     def __post_init__(self):
         _check(self.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd, got {self.name!r}")
@@ -198,6 +199,8 @@ class OptimConfig:
         _check(self.lr_rule in ("global", "sp_width", "layerwise"),
                f"optim.lr_rule must be global, sp_width or layerwise, got {self.lr_rule!r}")
         _check(self.base_width >= 1, f"optim.base_width must be >= 1, got {self.base_width}")
+        _check(not (self.quack and self.spectral.enabled),
+               "optim.quack and optim.spectral.enabled are alternatives; enable one of them")
 
 
 @dataclass
@@ -313,6 +316,8 @@ class KeelConfig:
         _check(groups % self.parallel.tensor == 0 or self.attention.type in ("mla", "gla", "mqa"),
                f"parallel.tensor={self.parallel.tensor} does not divide the {groups} key/value heads; "
                "pick a tensor-parallel size that divides attention.num_query_groups")
+        _check(not self.optim.quack or self.attention.type in ("mha", "gqa", "mqa"),
+               f"optim.quack needs attention=mha, gqa or mqa (megatron's fused linear_qkv), not {self.attention.type}")
 
     def num_query_groups(self) -> int:
         a = self.attention

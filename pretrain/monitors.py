@@ -266,8 +266,9 @@ class SpikeMonitor(Callback):
         self.detector.load_state_dict(state)
 
 
-class SpectralStats(Callback):
-    """How often and how hard the spectral bound clipped, per matrix group, on logged steps."""
+class OptimizerStats(Callback):
+    """The optimizer wrapper's statistics on logged steps: how often and how hard the spectral bound
+    clipped per matrix group, or the spread of QuacK's rate factors."""
 
     def __init__(self, optimizer, interval: int):
         self.optimizer, self.interval = optimizer, interval

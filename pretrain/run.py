@@ -128,6 +128,10 @@ def build_trainer(cfg, world, run_dir: Path):
 
         tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
         optimizer = SpectralBoundedOptimizer(optimizer, built.gpt, cfg.optim.spectral, tp_group)
+    if cfg.optim.quack:
+        from optim.quack import QuackOptimizer
+
+        optimizer = QuackOptimizer(optimizer, built.gpt)
     loader = PackedLoader(train_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
                           world.dp_rank, world.dp, cfg.seed)
     val_loader = PackedLoader(val_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
@@ -173,14 +177,14 @@ def _train(cfg, world) -> float | None:
 def build_callbacks(cfg, world, run_dir: Path, built, optimizer) -> list:
     """The trainer's callbacks, in call order: monitors add their metrics before the logger writes."""
     from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
-    from pretrain.monitors import SpectralStats, SpikeMonitor, StabilityMonitor
+    from pretrain.monitors import OptimizerStats, SpikeMonitor, StabilityMonitor
 
     mon = cfg.logging.monitors
     callbacks = [SpikeMonitor(mon)]  # every rank: they act on the update and use collectives
     if mon.interval > 0:
         callbacks.append(StabilityMonitor(built.gpt, mon))
-    if cfg.optim.spectral.enabled:
-        callbacks.append(SpectralStats(optimizer, cfg.trainer.log_interval))
+    if cfg.optim.spectral.enabled or cfg.optim.quack:
+        callbacks.append(OptimizerStats(optimizer, cfg.trainer.log_interval))
     if cfg.model.moe.num_experts:
         from pretrain.moe_callback import MoEStatsCallback
 

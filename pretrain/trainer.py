@@ -134,7 +134,7 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
                  "loader": self.loader.state_dict()}
-        if hasattr(self.optimizer, "state_dict_extra"):  # the spectral bound's power-iteration vectors
+        if hasattr(self.optimizer, "state_dict_extra"):  # a wrapper's own state: spectral vectors, QuacK norms
             state["optimizer_extra"] = self.optimizer.state_dict_extra()
         return state
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The warmup-free experiment (docs/results/warmup_free.md): AdamW without warmup vs with warmup vs
-# the spectral bound without warmup, at two high learning rates and 2 seeds, plus a τ ablation.
+# the spectral bound without warmup vs QuacK without warmup, at two high learning rates and 2 seeds,
+# plus a τ ablation.
 # Usage: tools/warmup_free_experiment.sh OUT_DIR [JOBS] [extra overrides...]
 #   e.g. with pre-packed data: tools/warmup_free_experiment.sh runs/warmup_free 4 data.path=P/train ...
 set -uo pipefail
@@ -19,6 +20,7 @@ plan() {
     echo "adamw_lr${lr}_s${seed} warmup_free_adamw optim.lr=$lr seed=$seed"
     echo "warmup_lr${lr}_s${seed} warmup_free_adamw_warmup optim.lr=$lr seed=$seed"
     echo "spectral_lr${lr}_s${seed} warmup_free_spectral optim.lr=$lr seed=$seed"
+    echo "quack_lr${lr}_s${seed} warmup_free_quack optim.lr=$lr seed=$seed"
   done; done
   echo "adamw_lr3e-2_s1 warmup_free_adamw optim.lr=3e-2 seed=1"
   for tau in 0.01 0.02 0.1 0.2; do
