@@ -61,6 +61,14 @@ class MetricsLogger(Callback):
             self.writer.close()
 
 
+def write_json(path: Path, obj, **dumps_kwargs) -> None:
+    """Write `obj` as JSON under a temporary name, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
+    tmp.replace(path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl ([] if there is none); a line cut short by a killed run is skipped."""
     path = Path(run_dir) / "metrics.jsonl"

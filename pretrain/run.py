@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.callbacks import read_metrics, write_json
+
 
 class ConfigError(ValueError):
     """A configuration or input problem, reported as one line before anything heavy starts."""
@@ -115,7 +117,7 @@ def build_trainer(cfg, world, run_dir: Path):
                 "tp": world.tp, "pp": world.pp, "dp": world.dp, "device": str(world.device),
                 "train_data": train_prefix, "val_data": val_prefix, "tokenizer": tokenizer.describe(),
                 "command": " ".join(sys.argv)}
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+        write_json(run_dir / "run_info.json", info, default=str)
     # 4. model, optimizer, loaders
     seed_everything(cfg.seed)
     dtype = precision(cfg, world)
@@ -162,8 +164,6 @@ def _train(cfg, world) -> float | None:
     except TrainingStopped as e:
         status = "diverged"
         _say(world, f"keel: {e}")
-    from pretrain.callbacks import read_metrics
-
     rows = read_metrics(run_dir) if world.is_main else []
     val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
     if world.is_main:
@@ -216,9 +216,7 @@ def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict]) -
     result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
               "final_loss": final_loss, "final_val_loss": final_val,
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run_dir / "result.json")
+    write_json(run_dir / "result.json", result)
 
 
 def precision(cfg, world) -> torch.dtype:

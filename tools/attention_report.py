@@ -13,7 +13,6 @@ NAME.png (validation loss against KV bytes per token per layer, bf16) into --out
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
-from pretrain.callbacks import completed_runs, pyplot  # noqa: E402
+from pretrain.callbacks import completed_runs, pyplot, write_json  # noqa: E402
 
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 BF16_BYTES = 2
@@ -115,9 +114,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = summarize(load_runs(args.roots))
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / f".{args.name}.json.tmp"  # never leave a partial JSON under the final name
-    tmp.write_text(json.dumps({"roots": [str(r) for r in args.roots], "rows": rows}, indent=2))
-    tmp.replace(args.out / f"{args.name}.json")
+    write_json(args.out / f"{args.name}.json", {"roots": [str(r) for r in args.roots], "rows": rows})
     plot(rows, args.out / f"{args.name}.png", f"attention quality: {args.name}")
     print(markdown_table(rows))
     return 0

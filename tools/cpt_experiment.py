@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
+from pretrain.callbacks import pyplot, read_metrics, write_json  # noqa: E402
 
 METHODS = ("concat", "bfd", "sp")
 SEEDS = (1, 2, 3)
@@ -312,7 +312,7 @@ def stage_report(json_path: Path, png_path: Path) -> dict:
     res = PRETRAIN_DIR / "result.json"
     report["pretrain_result"] = json.loads(res.read_text()) if res.exists() else None
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(json_path, report)
     if report["methods"]:
         plot(report, png_path)
     for method, m in report["methods"].items():

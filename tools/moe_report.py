@@ -10,7 +10,6 @@ validation loss is the final evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python tools/moe_report.py`
 
-from pretrain.callbacks import completed_runs, pyplot  # noqa: E402
+from pretrain.callbacks import completed_runs, pyplot, write_json  # noqa: E402
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")
 
@@ -137,7 +136,7 @@ def main() -> None:
     plot_curves(moe_arms, ("overlap", "routing_var", "maxvio", "entropy"), args.out / "moe_specialization_curves.png")
     plot_load_heatmaps(arms, args.tail, args.out / "moe_load_heatmap.png")
     print(markdown_table(summary))
-    (args.out / "moe_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(args.out / "moe_summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/sweep_report.py`
 
-from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
+from pretrain.callbacks import pyplot, read_metrics, write_json  # noqa: E402
 
 PAPER = {"adam_optimal": -0.42, "adam_max_stable": -0.60, "sgd_clipped_optimal": -0.38}
 LOGIT_KEYS = ("stability/logit_norm", "stability/logit_max")  # logged by the stability monitors
@@ -332,7 +332,7 @@ def report(sweep_dir: Path, out: Path | None = None, n_boot: int = 2000) -> dict
     if sum("opt_lr" in e for e in summary["widths"].values()) >= 2:
         plot_optimal_lr(summary, out / "optimal_lr_vs_width.png")
     summary["logit_plot"] = plot_logits(summary, out / "logit_norm_vs_width.png")
-    (out / "sweep_report.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(out / "sweep_report.json", summary, default=_json_default)
     return summary
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.callbacks import read_metrics  # noqa: E402
+from pretrain.callbacks import read_metrics, write_json  # noqa: E402
 
 WARMUP = "adamw + warmup"
 
@@ -98,9 +98,7 @@ def main(argv=None) -> int:
     runs = [summarize_run(f) for f in folders]
     rows = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / f".{args.name}.json.tmp"  # never leave a partial JSON under the final name
-    tmp.write_text(json.dumps({"roots": [str(r) for r in args.roots], "summary": rows, "runs": runs}, indent=2))
-    tmp.replace(args.out / f"{args.name}.json")
+    write_json(args.out / f"{args.name}.json", {"roots": [str(r) for r in args.roots], "summary": rows, "runs": runs})
     print(markdown(runs, rows))
     return 0
 

@@ -78,3 +78,16 @@ def divide(a: int, b: int, what: str) -> int:
     if a % b:
         raise ValueError(f"{what}: {a} is not divisible by {b}")
     return a // b
+
+
+def own_attention_spec(module: type, attention, model):
+    """The ModuleSpec of one of keel's own attention modules: a column-parallel query projection,
+    SDPA as the core and a row-parallel output projection, with the sizes `AttentionConfig.shape` resolves."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from models.attention.sdpa import SDPACoreAttention
+
+    return ModuleSpec(module=module, params=attention.shape(model.kv_channels),
+                      submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
+                                  "linear_proj": RowParallelLinear})

@@ -22,8 +22,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rms_norm, rope_angles,
-                                     rope_table, tp_rank, tp_size)
+from models.attention.common import (apply_rope, divide, own_attention_spec, replicated, replicated_linear,
+                                     rms_norm, rope_angles, rope_table, tp_rank, tp_size)
 
 
 class LatentAttention(MegatronModule):
@@ -140,10 +140,4 @@ class LatentAttention(MegatronModule):
 
 def latent_spec(attention, model) -> ModuleSpec:
     """GLA's spec, and MLA's: `AttentionConfig.shape` resolves MLA to one latent of kv_lora_rank."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    from models.attention.sdpa import SDPACoreAttention
-
-    return ModuleSpec(module=LatentAttention, params=attention.shape(model.kv_channels),
-                      submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
-                                  "linear_proj": RowParallelLinear})
+    return own_attention_spec(LatentAttention, attention, model)

@@ -19,8 +19,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import (apply_rope, divide, replicated, replicated_linear, rope_angles, rope_table,
-                                     tp_size)
+from models.attention.common import (apply_rope, divide, own_attention_spec, replicated, replicated_linear,
+                                     rope_angles, rope_table, tp_size)
 
 
 class GroupedTiedAttention(MegatronModule):
@@ -91,10 +91,4 @@ class GroupedTiedAttention(MegatronModule):
 
 
 def gta_spec(attention, model) -> ModuleSpec:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    from models.attention.sdpa import SDPACoreAttention
-
-    return ModuleSpec(module=GroupedTiedAttention, params=attention.shape(model.kv_channels),
-                      submodules={"linear_q": ColumnParallelLinear, "core_attention": SDPACoreAttention,
-                                  "linear_proj": RowParallelLinear})
+    return own_attention_spec(GroupedTiedAttention, attention, model)
