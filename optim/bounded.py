@@ -47,8 +47,7 @@ class SpectralBoundedOptimizer:
             state = self.spectral_state.setdefault(name, {})
             scale = bound_update(old, p.data, state, self.cfg.tau, self.cfg.power_iters, self.tp_group,
                                  megatron_shard_dim(p) if self.tp_group is not None else None)
-            if main_old is not None:
-                p.main_param.lerp_(main_old, 1.0 - scale)
+            rescale_main_copy(self.optimizer, p, main_old, 1.0 - scale)
             self._stats.setdefault(default_group_name(name), []).append(scale)
         return update_ok, grad_norm, zeros
 
@@ -83,7 +82,20 @@ def main_copy(p: torch.Tensor) -> torch.Tensor | None:
     return main.detach().clone()
 
 
-def sharded_main_range(optimizer, p: torch.Tensor) -> tuple[int, int]:
+def rescale_main_copy(optimizer, p: torch.Tensor, main_old: torch.Tensor | None, keep: torch.Tensor) -> None:
+    """Give p's fp32 main copy the rescaled update its model parameter got: main = lerp(main, main_old,
+    keep), where `keep` (1 - the update's scale) is 0-dim or shaped like p. Nothing to do without a
+    separate main copy. Under the distributed optimizer the copy is a flat shard of p, so a per-element
+    `keep` is cut to the shard's range."""
+    if main_old is None:
+        return
+    if keep.ndim:
+        start, end = _main_range(optimizer, p)
+        keep = keep.expand_as(p).reshape(-1)[start:end].view_as(main_old)
+    p.main_param.lerp_(main_old, keep)
+
+
+def _main_range(optimizer, p: torch.Tensor) -> tuple[int, int]:
     """The flat range of `p` that its fp32 main copy holds: a shard under the distributed optimizer
     (megatron's per-parameter range map), else the whole parameter."""
     if getattr(p, "main_param_sharded", False):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from optim.bounded import main_copy, sharded_main_range
+from optim.bounded import main_copy, rescale_main_copy
 
 
 def qkv_layout(attention) -> tuple[int, int, int]:
@@ -76,22 +76,21 @@ class QuackOptimizer:
     @torch.no_grad()
     def step(self):
         # 1. each head's norms before the update set this step's rates
-        olds = []
+        olds, factors = [], []
         for name, p, (heads, kv_heads, head_dim) in self.qkv:
             norms = head_norms(p, heads, kv_heads, head_dim)
             s_q, s_k = rate_factors(norms, self.initial_norms.setdefault(name, norms))
-            self._factors.append(torch.cat([s_q, s_k]))
+            factors.append(torch.cat([s_q, s_k]))
             olds.append((p, p.detach().clone(), main_copy(p), row_scales(s_q, s_k, heads, head_dim)))
         update_ok, grad_norm, zeros = self.optimizer.step()
         if not update_ok:
             return update_ok, grad_norm, zeros
         # 2. W = W_old + s·ΔW row by row; lerp with weight 0 (value rows) leaves W_new bit-exact
         for p, old, main_old, scale in olds:
-            weight = (1.0 - scale)[:, None].expand_as(p)
-            p.data.lerp_(old, weight.to(p.dtype))
-            if main_old is not None:
-                start, end = sharded_main_range(self.optimizer, p)
-                p.main_param.lerp_(main_old, weight.reshape(-1)[start:end].view_as(main_old))
+            keep = (1.0 - scale)[:, None]
+            p.data.lerp_(old, keep.expand_as(p).to(p.dtype))
+            rescale_main_copy(self.optimizer, p, main_old, keep)
+        self._factors += factors
         return update_ok, grad_norm, zeros
 
     def pop_stats(self) -> dict[str, float]:

@@ -40,6 +40,7 @@ class StabilityMonitor(Callback):
         self.layers = list(gpt.decoder.layers)
         self.matrices = [(n, p) for n, p in gpt.named_parameters() if p.ndim >= 2]
         self.batches = _same_shape_batches(self.matrices)
+        self.global_names = {n: _layer_name(n, gpt) for n, _ in self.matrices}  # as logged: model-wide layer numbers
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.power_state: dict[str, dict] = {}
@@ -141,8 +142,8 @@ class StabilityMonitor(Callback):
             ratio = self._power(w - before.float(), names, "dw", shard) / sigma.clamp_min(1e-12)
             if self.tp_rank == 0:
                 for name, s, r in zip(names, sigma.unbind(), ratio.unbind()):
-                    out[f"stability/sigma1/{_layer_name(name, self.gpt)}"] = s
-                    out[f"stability/update_ratio/{_layer_name(name, self.gpt)}"] = r
+                    out[f"stability/sigma1/{self.global_names[name]}"] = s
+                    out[f"stability/update_ratio/{self.global_names[name]}"] = r
         return out
 
     def _power(self, mats: torch.Tensor, names: list[str], which: str, shard) -> torch.Tensor:
