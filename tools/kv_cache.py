@@ -53,47 +53,59 @@ def _configs(overrides: list[str], tp: int, types) -> dict:
     return out
 
 
-def _worker(rank: int, tp: int, init_file: str, overrides: list[str], types, dtype: str, out_file: str) -> None:
+def _rank(rank: int, tp: int, init_file: str, out_file: str, fn, args: tuple) -> None:
+    """One rank of a gloo world of `tp` processes with megatron's TP groups; rank 0 saves fn's result."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    import torch.distributed as dist
-
-    from models.inference import build_for_decode, new_cache
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
     distributed.init(ParallelConfig(tensor=tp, backend="gloo"), init_method=f"file://{init_file}")
     try:
-        rows = {}
-        for t, cfg in _configs(overrides, tp, types).items():
-            if isinstance(cfg, str):
-                rows[t] = {"error": cfg}
-                continue
-            try:
-                cache = new_cache(build_for_decode(cfg, VOCAB), batch=1, max_len=1, dtype=DTYPES[dtype])
-                rows[t] = {"elements": cache.elements_per_token(), "bytes": cache.bytes_per_token(),
-                           "formula": formula(cfg, tp)}
-            except ValueError as e:
-                rows[t] = {"error": str(e)}
-        gathered = [None] * tp
-        dist.all_gather_object(gathered, rows)
+        result = fn(tp, *args)
         if rank == 0:
-            for t in rows:  # every rank must hold the same amount
-                assert all(g[t] == rows[t] for g in gathered), f"{t}: ranks differ {[g[t] for g in gathered]}"
-            Path(out_file).write_text(json.dumps(rows))
+            torch.save(result, out_file)
     finally:
         distributed.shutdown()
 
 
-def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list[dict]:
+def in_tp_world(tp: int, fn, *args):
+    """fn(tp, *args) run on every rank of a fresh TP=tp world of processes; rank 0's result."""
     import torch.multiprocessing as mp
 
+    with tempfile.TemporaryDirectory() as tmp:  # a file rendezvous: no port to race for
+        out = Path(tmp) / "result.pt"
+        mp.spawn(_rank, args=(tp, str(Path(tmp) / "store"), str(out), fn, args), nprocs=tp, join=True)
+        return torch.load(out)
+
+
+def _cache_rows(tp: int, overrides: list[str], types, dtype: str) -> dict:
+    """This rank's cache elements and bytes per token for each type, checked equal on every rank."""
+    import torch.distributed as dist
+
+    from models.inference import build_for_decode, new_cache
+
+    rows = {}
+    for t, cfg in _configs(overrides, tp, types).items():
+        if isinstance(cfg, str):
+            rows[t] = {"error": cfg}
+            continue
+        try:
+            cache = new_cache(build_for_decode(cfg, VOCAB), batch=1, max_len=1, dtype=DTYPES[dtype])
+            rows[t] = {"elements": cache.elements_per_token(), "bytes": cache.bytes_per_token(),
+                       "formula": formula(cfg, tp)}
+        except ValueError as e:
+            rows[t] = {"error": str(e)}
+    gathered = [None] * tp
+    dist.all_gather_object(gathered, rows)
+    for t in rows:  # every rank must hold the same amount
+        assert all(g[t] == rows[t] for g in gathered), f"{t}: ranks differ {[g[t] for g in gathered]}"
+    return rows
+
+
+def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list[dict]:
     results = []
     for tp in tps:
-        with tempfile.TemporaryDirectory() as tmp:  # a file rendezvous: no port to race for
-            out = Path(tmp) / "rows.json"
-            mp.spawn(_worker, args=(tp, str(Path(tmp) / "store"), overrides, list(types), dtype, str(out)),
-                     nprocs=tp, join=True)
-            rows = json.loads(out.read_text())
+        rows = in_tp_world(tp, _cache_rows, overrides, list(types), dtype)
         results += [{"attention": t, "tp": tp, "dtype": dtype, **rows[t]} for t in types]
     return results
 
@@ -116,25 +128,13 @@ def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
         return gather_from_tensor_model_parallel_region(gpt(tokens, torch.arange(length)[None], None)).float()
 
 
-def _verify_worker(rank: int, tp: int, init_file: str, runs: dict, length: int, out_file: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from pretrain import distributed
-    from pretrain.config import ParallelConfig
-
-    distributed.init(ParallelConfig(tensor=tp, backend="gloo"), init_method=f"file://{init_file}")
-    try:
-        logits = {t: _logits([*o, f"parallel.tensor={tp}"], length, cached=True) for t, o in runs.items()}
-        if rank == 0:
-            torch.save(logits, out_file)
-    finally:
-        distributed.shutdown()
+def _cached_logits(tp: int, runs: dict, length: int) -> dict:
+    return {t: _logits([*o, f"parallel.tensor={tp}"], length, cached=True) for t, o in runs.items()}
 
 
 def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 1) -> dict[str, float]:
     """Per type, the largest |logit diff| between decoding with the cache at TP=tp and one full
     forward at TP=1 (the same weights: keel's init is seeded by parameter name, not by shard)."""
-    import torch.multiprocessing as mp
-
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
@@ -146,10 +146,7 @@ def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 
     finally:
         distributed.shutdown()
     if tp > 1:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "logits.pt"
-            mp.spawn(_verify_worker, args=(tp, str(Path(tmp) / "store"), runs, length, str(out)), nprocs=tp, join=True)
-            cached = torch.load(out)
+        cached = in_tp_world(tp, _cached_logits, runs, length)
     return {t: float((cached[t] - full[t]).abs().max()) for t in types}
 
 
