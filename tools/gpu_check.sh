@@ -18,12 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import sys, torch, megatron.core; print(sys.version.split()[0], torch.__version__, megatron.core.__version__)"
 
 section "1. keel vs plain PyTorch and the monitors' cost: 286M model, then the demo model"
-timeout 150 python3 tools/bench_step.py --steps 10 +experiment=demo model.num_layers=24 model.hidden_size=1024 \
-  model.head_dim=64 model.max_seq_len=1024 data.seq_len=1024 trainer.global_batch_size=16 trainer.micro_batch_size=8 \
-  2>&1 | filtered | tail -9
+MODEL_286M=(+experiment=demo model.num_layers=24 model.hidden_size=1024 model.head_dim=64 model.max_seq_len=1024
+            data.seq_len=1024 trainer.global_batch_size=16 trainer.micro_batch_size=8)
+timeout 150 python3 tools/bench_step.py --steps 10 "${MODEL_286M[@]}" 2>&1 | filtered | tail -9
 timeout 60 python3 tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 \
   trainer.micro_batch_size=64 2>&1 | filtered | tail -9
-timeout 120 python3 tools/profile_monitor.py 2>&1 | filtered | tail -16
+timeout 120 python3 tools/profile_monitor.py "${MODEL_286M[@]}" 2>&1 | filtered | tail -16
 
 section "2. MoE in bf16 on the alltoall dispatcher (one GPU: EP=1), with both losses"
 python3 -c "import torch; from pretrain.config import MoEConfig; from models.gpt import moe_fields; \

@@ -1,6 +1,8 @@
 """Where a monitored training step's time goes, part by part, and the SVD choices for W_qᵀW_k cores.
 
-    python tools/profile_monitor.py [hydra overrides ...]   (default: the 286M model of BENCHMARKS.md)
+    python tools/profile_monitor.py [hydra overrides ...]   (default: +experiment=demo)
+
+`tools/gpu_check.sh` runs it on the 286M model of BENCHMARKS.md.
 
 Wraps each part of the stability monitor with a device sync on both sides, runs six monitored steps
 and prints the mean per part over the last four; then times the SVD of 384 cores of 64×64 (fp64, one
@@ -22,11 +24,8 @@ import torch  # noqa: E402
 
 from pretrain import cpu_compat  # noqa: E402,F401
 
-MODEL_286M = ["model.num_layers=24", "model.hidden_size=1024", "model.head_dim=64", "model.max_seq_len=1024",
-              "data.seq_len=1024", "trainer.global_batch_size=16", "trainer.micro_batch_size=8"]
-PARTS = {"pretrain.monitors.StabilityMonitor": ("on_before_update", "on_step_end", "_attention_stats",
-                                                "_matrix_stats", "_logit_stats"),
-         "pretrain.monitors": ("qk_spectral_stats", "attention_entropy_from_scores", "_summarise", "_param_norm")}
+MONITOR_METHODS = ("on_before_update", "on_step_end", "_attention_stats", "_matrix_stats", "_logit_stats")
+MONITOR_FUNCTIONS = ("qk_spectral_stats", "attention_entropy_from_scores", "_summarise", "_param_norm")
 
 
 def _sync() -> None:
@@ -47,8 +46,7 @@ def _instrument(times: dict) -> None:
             return out
         return wrapper
 
-    for owner, names in PARTS.items():
-        target = pretrain.monitors.StabilityMonitor if owner.endswith("StabilityMonitor") else pretrain.monitors
+    for target, names in ((pretrain.monitors.StabilityMonitor, MONITOR_METHODS), (pretrain.monitors, MONITOR_FUNCTIONS)):
         for name in names:
             setattr(target, name, timed(name, getattr(target, name)))
 
@@ -61,7 +59,7 @@ def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> No
 
     times: dict[str, list[float]] = defaultdict(list)
     _instrument(times)
-    cfg = compose_config(["+experiment=demo", *overrides, "trainer.progress=false", "logging.tensorboard=false",
+    cfg = compose_config([*overrides, "trainer.progress=false", "logging.tensorboard=false",
                           "logging.plot=false", "logging.monitors.interval=0"])
     world = distributed.init(cfg.parallel)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,5 +102,5 @@ def profile_core_svd(device: torch.device, cores: int = 384, size: int = 64, rep
 
 
 if __name__ == "__main__":
-    profile_monitor(sys.argv[1:] or MODEL_286M)
+    profile_monitor(sys.argv[1:] or ["+experiment=demo"])
     profile_core_svd(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
