@@ -51,18 +51,17 @@ class Run:
 
 
 # ---- reading ------------------------------------------------------------------------------------
-def peak_lr(run_dir: Path, result: dict) -> float:
-    """The run's peak LR: `optim.lr`, or under a width rule the hidden group's peak (run_info.json),
-    so that runs with and without a rule sit on one LR axis."""
-    info = run_dir / "run_info.json"
-    optim = json.loads(info.read_text())["config"]["optim"] if info.exists() else {}
+def peak_lr(config: dict, result: dict) -> float:
+    """The run's peak LR: `optim.lr`, or under a width rule the hidden group's peak (from the run's
+    saved config), so that runs with and without a rule sit on one LR axis."""
+    optim = config.get("optim", {})
     if optim.get("lr_rule", "global") == "global":
         return float(result["lr"])
     from pretrain import cpu_compat  # noqa: F401  (silences megatron's import-time warnings)
     from optim.lr_rules import peak_lrs  # imports megatron: only for runs under a width rule
     from pretrain.config import LayerwiseConfig, ModelConfig, OptimConfig, SpectralConfig
 
-    model = json.loads(info.read_text())["config"]["model"]
+    model = config["model"]
     cfg = _make(OptimConfig, {**optim, "layerwise": _make(LayerwiseConfig, optim.get("layerwise", {})),
                               "spectral": _make(SpectralConfig, optim.get("spectral", {}))})
     return peak_lrs(cfg, _make(ModelConfig, {k: v for k, v in model.items() if k != "moe"}))["hidden"]
@@ -82,8 +81,9 @@ def load_run(result_path: Path) -> Run:
     logits = {k: [m[k] for m in rows if isinstance(m.get(k), float)] for k in LOGIT_KEYS}
     val = r.get("final_val_loss")
     info = result_path.parent / "run_info.json"
-    optimizer = json.loads(info.read_text())["config"]["optim"].get("name", "adamw") if info.exists() else "adamw"
-    return Run(width=int(r["hidden_size"]), lr=peak_lr(result_path.parent, r), seed=int(r.get("seed", 0)), status=r["status"],
+    config = json.loads(info.read_text())["config"] if info.exists() else {}
+    optimizer = config.get("optim", {}).get("name", "adamw")
+    return Run(width=int(r["hidden_size"]), lr=peak_lr(config, r), seed=int(r.get("seed", 0)), status=r["status"],
                val_loss=float(val) if isinstance(val, (int, float)) else None,
                first_loss=losses[0] if losses else None,
                logits={k: v[-1] for k, v in logits.items() if v} or None, path=str(result_path.parent),
