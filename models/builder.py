@@ -55,8 +55,23 @@ def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) 
     gpt = gpt.to(device=device, dtype=dtype)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.optim.distributed)
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
+                                  full_param_layout=distributed_optimizer_layout(gpt, ddp_config))
     return BuiltModel(gpt=gpt, ddp=ddp, num_params=count_params(gpt))
+
+
+def distributed_optimizer_layout(gpt: torch.nn.Module, ddp_config: DistributedDataParallelConfig):
+    """How the distributed optimizer shards the gradient buffers; megatron 0.19 wants it computed
+    before DDP is built (None without the distributed optimizer)."""
+    if not ddp_config.use_distributed_optimizer:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    assert not ddp_config.overlap_grad_reduce, "one bucket per buffer: DDP's bucket size is None"
+    return DistributedOptimizer.compute_full_param_layout(
+        [p for p in gpt.parameters() if p.requires_grad], None,
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True), ddp_config,
+        expert_data_parallel_world_size=parallel_state.get_expert_data_parallel_world_size())
 
 
 def count_params(model: torch.nn.Module) -> int:

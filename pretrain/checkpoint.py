@@ -9,6 +9,7 @@ mid-save (even ``kill -9``) never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -20,6 +21,17 @@ import torch
 import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class _DropSyncSaveNotice(logging.Filter):
+    """megatron-core 0.19's synchronous torch_dist save runs through its own async writer and then
+    warns that this writer is deprecated; keel saves synchronously, so the notice says nothing to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MCore's async save is deprecated")
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropSyncSaveNotice())
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -61,6 +73,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_compatible(meta: dict, model_signature: dict, path: Path) -> None:
+    from pretrain.cpu_compat import MEGATRON_VERSION
+
+    written_by = meta.get("megatron_core", "0.16.1")  # keel's first checkpoints did not record it
+    if written_by != MEGATRON_VERSION:
+        raise ValueError(f"checkpoint {path} was written with megatron-core {written_by}; this keel reads "
+                         f"checkpoints of megatron-core {MEGATRON_VERSION} only: train anew or use the keel release "
+                         f"that wrote it")
     saved = meta.get("model", {})
     diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in model_signature.items() if saved.get(k) != v]
     if diffs:
@@ -86,6 +105,8 @@ def _sharded(model, optimizer, is_loading: bool) -> dict:
 def save(root: Path, step: int, model, optimizer, extra: dict, model_signature: dict, keep_last: int) -> Path:
     from megatron.core import dist_checkpointing
 
+    from pretrain.cpu_compat import MEGATRON_VERSION
+
     rank = dist.get_rank()
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -101,6 +122,7 @@ def save(root: Path, step: int, model, optimizer, extra: dict, model_signature: 
     # 3. publish atomically, then prune old checkpoints
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "model": model_signature,
+                                                   "megatron_core": MEGATRON_VERSION,
                                                    "world_size": dist.get_world_size()}, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -1,19 +1,17 @@
-"""Run megatron-core 0.16.1 on CPU: every CUDA redirect keel needs, in one place.
+"""Run megatron-core 0.19.2 on CPU: every CUDA redirect keel needs, in one place.
 
-megatron-core hard-codes CUDA in a few primitives (``torch.cuda.current_device()``,
-``device="cuda"`` factories, ``torch.cuda.synchronize()``, ``.cuda()`` and CUDA tensor-type name
-checks). When CUDA is available, `apply()` does nothing and megatron-core runs untouched. Without
-CUDA it redirects exactly the call sites listed in ``shared/reference/megatron-cpu.md``:
+megatron-core hard-codes CUDA in a few primitives (``torch.cuda.current_device()``, ``device="cuda"``
+factories, ``torch.cuda.synchronize()``/``current_stream()``, ``.cuda()`` and CUDA tensor-type name
+checks). When CUDA is available, `apply()` patches nothing and megatron-core runs untouched. Without
+CUDA it redirects exactly the call sites below, each one found by tracing keel's whole test suite on
+0.19.2 (docs/design.md lists them; tests/pretrain/test_cpu_compat.py exercises each one):
 
-1. Modules whose *own* code builds CUDA tensors see a ``torch`` whose tensor factories map
-   ``device="cuda"`` to the CPU and whose ``torch.cuda`` namespace answers with the CPU. The real
-   ``torch`` module is never modified for anyone else.
-2. ``Tensor.cuda()`` becomes the identity (on a machine without CUDA it could only raise).
-3. CUDA type-name checks (``param.type() == 'torch.cuda.FloatTensor'``) see CUDA-style names, but
-   only while the few megatron functions that check them run.
-4. MLA: megatron believes TransformerEngine is present when it is mocked out; tell it the truth.
-
-The redirects are pinned to megatron-core 0.16.1, which `tests/test_cpu_compat.py` asserts.
+1. `CUDA_CALL_SITES`: these modules see a ``torch`` whose ``zeros``/``tensor`` map ``device="cuda"``
+   to the CPU and whose ``torch.cuda`` answers ``current_device()`` with the CPU and makes
+   ``synchronize()``/``current_stream()`` no-ops. The real ``torch`` module is never modified.
+2. `CUDA_TYPE_NAME_CHECKS`: while these functions run, ``Tensor.type()`` gives CUDA-style names, so
+   their ``param.type() == 'torch.cuda.FloatTensor'`` checks accept CPU tensors.
+3. `CUDA_MOVES`: while these functions run, ``Tensor.cuda()`` is the identity.
 """
 
 from __future__ import annotations
@@ -27,51 +25,42 @@ import warnings
 
 import torch
 
-MEGATRON_VERSION = "0.16.1"
+MEGATRON_VERSION = "0.19.2"
 
-# Modules whose own code calls CUDA factories, current_device() or synchronize().
-_MODULES_WITH_CUDA_CALLS = (
-    "megatron.core.utils",
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.exchange_utils",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.strategies.async_utils",
-    "megatron.core.dist_checkpointing.strategies.fully_parallel",
-    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
-    "megatron.core.models.gpt.gpt_model",
-    "megatron.core.transformer.moe.experts",
-    "megatron.core.tensor_parallel.mappings",  # expert-parallel all-gather buffers
-    "megatron.core.transformer.moe.router",
-    "megatron.core.transformer.moe.moe_utils",
-    "megatron.core.transformer.multi_latent_attention",
-)
+# module -> the functions in it whose CUDA tensors, device queries or waits are redirected
+CUDA_CALL_SITES: dict[str, tuple[str, ...]] = {
+    "megatron.core.utils": ("local_multi_tensor_l2_norm", "GlobalMemoryBuffer.get_tensor"),
+    "megatron.core.pipeline_parallel.schedules": (
+        "forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving"),
+    "megatron.core.pipeline_parallel.p2p_communication": ("P2PCommunicator._communicate",),
+    "megatron.core.distributed.param_and_grad_buffer": (
+        "_ParamAndGradBuffer.__init__", "_ParamAndGradBucketGroup.start_grad_sync"),
+    "megatron.core.optimizer.optimizer": (
+        "FP32Optimizer.__init__", "MixedPrecisionOptimizer.__init__", "MegatronOptimizer.has_grad_norm_group"),
+    "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32"),
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": ("RotaryEmbedding.get_emb",),
+    "megatron.core.tensor_parallel.mappings": ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": ("FileSystemWriterAsync.preload_tensors",),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("save_state_dict_async_finalize",),
+}
 
-# (module, qualified attribute) of the functions that compare tensor type names with CUDA ones.
-_TYPE_NAME_CHECKERS = (
-    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "get_grad_norm_fp32"),
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+# (module, function) that compare tensor type names with CUDA ones
+CUDA_TYPE_NAME_CHECKS: tuple[tuple[str, str], ...] = (
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported from clip_grads
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
 )
 
+# (module, function) that call Tensor.cuda()
+CUDA_MOVES: tuple[tuple[str, str], ...] = (
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),  # tied embeddings across pipeline stages
+)
+
+_FACTORIES = ("zeros", "tensor")  # the only factories these modules call with device="cuda"
 _applied = False
 
 
 def _to_cpu_device(device):
-    if device is None:
-        return None
-    if isinstance(device, int):
-        return torch.device("cpu")
     if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
         return torch.device("cpu")
     return device
@@ -88,7 +77,7 @@ def _redirect_factory(fn):
 
 
 class _CpuCuda(types.SimpleNamespace):
-    """What ``torch.cuda`` answers inside redirected modules."""
+    """What ``torch.cuda`` answers inside redirected modules; anything else is the real torch.cuda."""
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -97,16 +86,10 @@ class _CpuCuda(types.SimpleNamespace):
 def _cpu_torch() -> types.ModuleType:
     proxy = types.ModuleType("torch")
     proxy.__dict__.update(torch.__dict__)
-    for name in ("zeros", "ones", "empty", "tensor", "full", "arange", "empty_like", "zeros_like", "randn", "rand"):
+    for name in _FACTORIES:
         setattr(proxy, name, _redirect_factory(getattr(torch, name)))
-    proxy.cuda = _CpuCuda(
-        current_device=lambda: torch.device("cpu"),
-        synchronize=lambda *a, **k: None,
-        is_available=lambda: False,
-        empty_cache=lambda: None,
-        default_stream=lambda *a, **k: None,
-        current_stream=lambda *a, **k: None,
-    )
+    proxy.cuda = _CpuCuda(current_device=lambda: torch.device("cpu"), synchronize=lambda *a, **k: None,
+                          current_stream=lambda *a, **k: None)
     return proxy
 
 
@@ -127,13 +110,26 @@ def _cuda_type_names():
         torch.Tensor.type = original
 
 
-def _with_cuda_type_names(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _cuda_type_names():
-            return fn(*args, **kwargs)
+@contextlib.contextmanager
+def _cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
 
-    return wrapper
+
+def _within(context):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with context():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return wrap
 
 
 def _patch_attr(module_name: str, qualname: str, wrap) -> None:
@@ -144,14 +140,24 @@ def _patch_attr(module_name: str, qualname: str, wrap) -> None:
     setattr(owner, attr, wrap(getattr(owner, attr)))
 
 
+def installed_version() -> str:
+    """megatron-core's release, without the `+<git sha>` it appends when installed inside a git checkout."""
+    import megatron.core
+
+    return megatron.core.__version__.split("+")[0]
+
+
 def silence_import_warnings() -> None:
-    """megatron-core warns at import about missing apex/TransformerEngine; keel needs neither."""
-    for pattern in (".*Apex is not installed.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*apex.*", ".*deprecated.*", ".*TorchNorm.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    """megatron-core warns at import about missing apex/TransformerEngine/absl; keel needs none of them.
+    Each filter is scoped to the megatron modules that emit it, so other libraries' warnings still show."""
+    for message in (".*Apex is not installed.*", ".*Transformer Engine.*", ".*transformer_engine.*",
+                    ".*absl.logging is not installed.*", ".*MimoModelConfig is experimental.*"):
+        warnings.filterwarnings("ignore", message=message, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
+    # torch's CUDA build says, on a machine without a GPU, that it found no CUDA runtime: true, and expected here
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
@@ -159,22 +165,17 @@ def apply() -> None:
     """Apply the CPU redirects once; a no-op when CUDA is available."""
     global _applied
     silence_import_warnings()
+    if installed_version() != MEGATRON_VERSION:
+        raise RuntimeError(f"keel supports megatron-core {MEGATRON_VERSION} (its CPU redirects and MoE layer target "
+                           f"that release), found {installed_version()}; install megatron-core=={MEGATRON_VERSION}")
     if _applied or torch.cuda.is_available():
         return
-    import megatron.core
-
-    if megatron.core.__version__ != MEGATRON_VERSION:
-        raise RuntimeError(f"keel's CPU redirects target megatron-core {MEGATRON_VERSION}, found "
-                           f"{megatron.core.__version__}; install megatron-core=={MEGATRON_VERSION}")
-    proxy = _cpu_torch()
-    for name in _MODULES_WITH_CUDA_CALLS:
-        importlib.import_module(name).torch = proxy
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    for module_name, qualname in _TYPE_NAME_CHECKERS:
-        _patch_attr(module_name, qualname, _with_cuda_type_names)
-    import megatron.core.transformer.multi_latent_attention as mla
-
-    mla.HAVE_TE = False
+    for name in CUDA_CALL_SITES:
+        importlib.import_module(name).torch = _cpu_torch()
+    for module_name, qualname in CUDA_TYPE_NAME_CHECKS:
+        _patch_attr(module_name, qualname, _within(_cuda_type_names))
+    for module_name, qualname in CUDA_MOVES:
+        _patch_attr(module_name, qualname, _within(_cuda_is_identity))
     _applied = True
 
 

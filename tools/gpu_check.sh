@@ -1,60 +1,88 @@
 #!/usr/bin/env bash
-# keel's checks on a lent NVIDIA GPU (bf16, nccl), most wanted first: keel vs plain PyTorch with
-# the monitors' cost (and where it goes), MoE on the alltoall dispatcher, decode throughput per
-# attention type, the spectral bound and monitors in bf16, and the demo's throughput and MFU. Each
-# section is independent and time-boxed, so one failing or hanging does not stop the rest, and the
-# log is written to $OUT as it goes. megatron-core, Hydra and OmegaConf travel in .gpu/site (copied
-# from .venv: pure Python) because the GPU machine reaches no package registry.
+# keel's checks on a lent NVIDIA GPU (bf16, nccl):   bash tools/gpu_check.sh SECTION [SECTION...]
+#
+#   10  install and smoke: versions, then megatron-core's GPTModel with megatron DDP, the distributed
+#       optimizer and bf16 training the smoke model
+#   20  step speed: keel vs plain PyTorch (eager and compiled), and the monitors' cost
+#   30  decoding: tokens/s per attention type against context
+#   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
+# Numbers group sections by area; later work adds its own (21, 31, 41, ...).
+#
+# A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
+# time-boxed: the timeouts of its steps add up to its budget (SECTION_BUDGET, checked by
+# tests/tools/test_gpu_check.py), which with the machine's start fits the 8 minutes a section may take.
+# The image lacks megatron-core and Hydra: `bash tools/fetch_wheels.sh` puts them in .whl/ here, the
+# call carries .whl, and this script installs them with pip --no-index, as a cluster without internet
+# would. Logs go to $OUT/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore KEEL_DEBUG=1 HYDRA_FULL_ERROR=1
+SECTION_BUDGET=300
+INSTALL_BUDGET=45
 OUT=${OUT:-/tmp/keel-gpu-out}; mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-
-section() { echo "== $1  ($(date -u +%H:%M:%S))"; }
-filtered() { grep -v -e Warning -e warnings.warn; }
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import sys, torch, megatron.core; print(sys.version.split()[0], torch.__version__, megatron.core.__version__)"
-
-section "1. keel vs plain PyTorch and the monitors' cost: 286M model, then the demo model"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore KEEL_DEBUG=1 HYDRA_FULL_ERROR=1
+PY=${PY:-python3}
+PRECISION=${PRECISION:-bf16}  # PRECISION=fp32 PY=.venv/bin/python tries the sections on a CPU first
 MODEL_286M=(+experiment=demo model.num_layers=24 model.hidden_size=1024 model.head_dim=64 model.max_seq_len=1024
             data.seq_len=1024 trainer.global_batch_size=16 trainer.micro_batch_size=8)
-timeout 150 python3 tools/bench_step.py --steps 10 "${MODEL_286M[@]}" 2>&1 | filtered | tail -9
-timeout 60 python3 tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 \
-  trainer.micro_batch_size=64 2>&1 | filtered | tail -9
-timeout 120 python3 tools/profile_monitor.py "${MODEL_286M[@]}" 2>&1 | filtered | tail -16
 
-section "2. MoE in bf16 on the alltoall dispatcher (one GPU: EP=1), with both losses"
-python3 -c "import torch; from pretrain.config import MoEConfig; from models.gpt import moe_fields; \
-print('cuda', torch.cuda.is_available(), 'dispatcher', moe_fields(MoEConfig(num_experts=8), 256)['moe_token_dispatcher_type'])"
-timeout 120 python3 pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
-  model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false 2>&1 | filtered | tail -4
-python3 - <<'PY'
-import json
-rows = [json.loads(l) for l in open("/tmp/runs/moe/metrics.jsonl")]
-r = rows[-1]
-print({k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "tokens_per_s") or
-       (k.startswith("moe/") and k.count("/") == 1)})
-PY
-cp /tmp/runs/moe/metrics.jsonl "$OUT/moe_metrics.jsonl"
+say() { echo "== $*  ($(date -u +%H:%M:%S))"; }
+step() {  # step SECONDS COMMAND...: one time-boxed step; its output is in the log
+  local seconds=$1; shift
+  timeout "$seconds" "$@" 2>&1 | grep -v -e Warning -e warnings.warn
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "!! exit $rc after at most ${seconds}s: $*"
+}
 
-section "3. decode tokens/s vs context, bf16"
-timeout 120 python3 tools/bench_decode.py --device cuda --dtype bf16 --contexts 256 1024 4096 8192 --batch 8 \
-  --steps 16 2>&1 | filtered | tail -12
+install() {  # what the image lacks, from carried wheels only
+  if [ -d .whl ]; then
+    step $INSTALL_BUDGET "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  "$PY" -c "import sys, torch, megatron.core; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'megatron-core', megatron.core.__version__, 'cuda', torch.cuda.is_available())"
+}
 
-section "4. spectral bound + monitors in bf16"
-timeout 90 python3 pretrain/main.py +experiment=smoke run_dir=/tmp/runs/spec optim.spectral.enabled=true \
-  logging.monitors.interval=5 trainer.progress=false 2>&1 | filtered | tail -3
-python3 - <<'PY'
-import json
-rows = [json.loads(l) for l in open("/tmp/runs/spec/metrics.jsonl")]
-r = rows[-1]
-print({k: r[k] for k in ("step", "loss", "grad_norm", "tokens_per_s", "mfu", "spectral/clip_rate",
-                         "stability/attn_entropy_min", "stability/qk_sigma1_max", "stability/logit_norm") if k in r})
-PY
+section_10() {
+  say "10. smoke: megatron-core GPTModel + DDP + distributed optimizer, bf16"
+  step 120 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/smoke optim.distributed=true \
+    trainer.precision=$PRECISION trainer.max_steps=30 trainer.progress=false
+  step 15 "$PY" -c "import json; rows = [json.loads(l) for l in open('/tmp/runs/smoke/metrics.jsonl')]; \
+print('loss', rows[0]['loss'], '->', rows[-1]['loss'], 'val', [r['val_loss'] for r in rows if 'val_loss' in r])"
+  step 150 "$PY" -m pytest -q -p no:cacheprovider tests/pretrain/test_cpu_compat.py tests/models/test_gpt.py
+}
 
-section "5. demo (bf16)"
-timeout 120 python3 pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false 2>&1 | filtered | tail -25
-cp /tmp/runs/demo/metrics.jsonl "$OUT/demo_metrics.jsonl"
-section "done"
+section_20() {
+  say "20. step speed: keel vs plain PyTorch, and the monitors' cost (286M, then the demo model)"
+  step 150 "$PY" tools/bench_step.py --steps 10 "${MODEL_286M[@]}"
+  step 50 "$PY" tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 trainer.micro_batch_size=64
+  step 100 "$PY" tools/profile_monitor.py "${MODEL_286M[@]}"
+}
+
+section_30() {
+  say "30. decode tokens/s against context, bf16"
+  step 300 "$PY" tools/bench_decode.py --device cuda --dtype bf16 --contexts 256 1024 4096 8192 --batch 8 --steps 16
+}
+
+section_40() {
+  say "40. experiments in bf16: MoE on the alltoall dispatcher, the spectral bound with monitors, the demo"
+  step 110 "$PY" pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
+    model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false
+  step 70 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/spec optim.spectral.enabled=true \
+    logging.monitors.interval=5 trainer.progress=false
+  step 120 "$PY" pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false
+  cp /tmp/runs/moe/metrics.jsonl "$OUT/moe_metrics.jsonl" 2>/dev/null
+  cp /tmp/runs/demo/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
+}
+
+sections=$(declare -F | sed -n 's/^declare -f section_//p' | tr '\n' ' ')
+if [ $# = 0 ] || [ "$1" = --list ]; then
+  echo "usage: bash tools/gpu_check.sh SECTION... (sections: $sections)"; exit $([ $# = 0 ] && echo 2 || echo 0)
+fi
+for s in "$@"; do
+  declare -F "section_$s" >/dev/null || { echo "keel: no section $s in tools/gpu_check.sh (sections: $sections)" >&2; exit 2; }
+done
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+install
+for s in "$@"; do "section_$s"; done
+say done

@@ -1,14 +1,40 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install keel (editable) with its test extras.
-# Idempotent: when pyproject.toml has not changed since the last install, it does nothing.
+# Create .venv in the repository root and install keel (editable) with its test extras, at the
+# tested versions of tools/constraints.txt. Idempotent: it does nothing when pyproject.toml and the
+# constraints have not changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+# 1. a Python 3.12: $PYTHON, else python3.12 if it runs (a pyenv shim may not), else pyenv's own
+find_python() {
+  local candidates=("${PYTHON:-}" python3.12)
+  local root; root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+  candidates+=("$root"/versions/3.12.*/bin/python)
+  for py in "${candidates[@]}"; do
+    [ -n "$py" ] || continue
+    if "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+      command -v "$py"; return 0
+    fi
+  done
+  echo "keel: no Python 3.12 found; set PYTHON=/path/to/python3.12" >&2
+  return 1
+}
+
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  echo "keel: .venv is not Python 3.12; recreating it" >&2
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$(find_python)" -m venv .venv
+  # megatron-core appends `git rev-parse HEAD` of the folder it is installed in to its version;
+  # inside this repository that would be keel's commit. An empty repository answers nothing.
+  git init -q .venv
+fi
+
+# 2. install at the tested versions (constraints pin every package, torch included)
 stamp=.venv/.keel-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  # torch is pinned in pyproject.toml: an open range would pull a multi-GB CUDA build
-  .venv/bin/pip install --disable-pip-version-check -q -e '.[test]'
+  .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt -e '.[test,launchers]'
   echo "$want" > "$stamp"
 fi

@@ -8,7 +8,6 @@ the raw outputs feed L_o, and the gate is applied afterwards -- the same functio
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 import torch
@@ -47,15 +46,12 @@ def group_by_token(permuted_outputs: torch.Tensor, rows: torch.Tensor) -> tuple[
     return grouped, valid
 
 
-# TransformerLayer recognises MoE specs by exact class (transformer_layer.py:352) and warns for a
-# subclass; the layer then builds megatron's default process groups, which is what keel uses anyway
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-    lambda record: "Unknown MLP type" not in record.getMessage())
-
-
 class KeelMoELayer(MoELayer):
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, ortho_coeff: float = 0.0):
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, ortho_coeff: float = 0.0,
+                 **megatron_kwargs):
+        # megatron passes its own options through (is_mtp_layer, name); keel forwards them untouched
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **megatron_kwargs)
         # every local expert sees the whole token set only without expert/tensor parallelism
         self.sees_all_experts = self.ep_group.size() == 1 and self.experts.tp_group.size() == 1
         if ortho_coeff > 0 and not self.sees_all_experts:

@@ -17,8 +17,8 @@ from models.moe.stats import MoEStats
 
 
 class KeelRouter(TopKRouter):
-    def __init__(self, config, pg_collection=None, var_coeff: float = 0.0):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, var_coeff: float = 0.0, **megatron_kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **megatron_kwargs)
         self.var_coeff = var_coeff
         self.stats = MoEStats(config.num_moe_experts, config.moe_router_topk)
         self.last_routing_map: Optional[torch.Tensor] = None  # read by the MoE layer for L_o

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import build_tiny_gpt
+from tests.helpers import build_tiny_gpt
 
 TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
 

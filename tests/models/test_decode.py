@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.inference import forward_cached, generate, new_cache
-from tests.conftest import build_tiny_gpt
+from tests.helpers import build_tiny_gpt
 
 TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
 # larger weights than the training init, so attention is far from uniform and errors would show

@@ -3,7 +3,7 @@
 import torch
 
 from data.loader import model_inputs
-from tests.conftest import build_tiny_gpt
+from tests.helpers import build_tiny_gpt
 
 
 def _two_documents():

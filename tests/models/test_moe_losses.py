@@ -104,7 +104,7 @@ def test_group_by_token_inverts_megatrons_permutation():
     routing_map[2, 1] = True  # token 2 lost one expert to capacity dropping
     x = torch.randn(tokens, hidden)
     per_expert = torch.randn(experts, hidden)  # "expert e" maps token t to x_t + per_expert[e]
-    permuted, _, _ = permute(x, routing_map, num_out_tokens=int(routing_map.sum()))
+    permuted, *_ = permute(x, routing_map, num_out_tokens=int(routing_map.sum()))
     expert_of_row = torch.repeat_interleave(torch.arange(experts), routing_map.sum(0))
     outputs = permuted + per_expert[expert_of_row]
     grouped, valid = group_by_token(outputs, permuted_rows(routing_map, k))

@@ -56,7 +56,7 @@ def test_step_summary_of_a_hand_built_routing():
 
 def test_tiny_moe_model_reports_per_layer_metrics(megatron_world):
     from models.moe import collect, reset
-    from tests.conftest import build_tiny_gpt
+    from tests.helpers import build_tiny_gpt
 
     cfg, gpt = build_tiny_gpt(["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2",
                                "model.moe.ortho_loss=0.1", "model.moe.var_loss=0.1", "model.moe.z_loss=0.001"])

@@ -5,7 +5,7 @@ import torch
 
 from optim.lr_rules import GROUPS, PRESETS, default_alpha, group_exponents, peak_lrs, transfer_lr
 from pretrain.config import LAYERWISE_PRESETS, LayerwiseConfig, ModelConfig, OptimConfig
-from tests.conftest import build_tiny_gpt
+from tests.helpers import build_tiny_gpt
 
 WIDTHS = (32, 64, 128, 512)
 

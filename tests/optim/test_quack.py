@@ -5,7 +5,7 @@ import torch
 
 from optim.quack import head_norms, rate_factors, row_scales
 from pretrain.config import compose_config
-from tests.conftest import build_tiny_gpt, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import build_tiny_gpt, losses, metrics, run_keel, tiny_overrides
 
 QUACK = ["optim.quack=true", "optim.lr=1e-2"]
 

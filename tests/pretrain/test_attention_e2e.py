@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import ROOT, child_env, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 
 from pretrain.config import (CheckpointConfig, KeelConfig, ModelConfig, OptimConfig, ParallelConfig,
                              ScheduleConfig, TrainerConfig, compose_config, register_configs)
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_defaults_compose_and_derive_heads_and_ffn():
@@ -98,7 +98,8 @@ def test_checkpoint_signature_holds_the_attention_shape(tmp_path, attention, cha
     from pretrain.run import model_signature
 
     saved = json.loads(json.dumps(model_signature(compose_config([f"attention={attention}"]), 256)))  # as in meta.json
-    check_compatible({"model": saved}, model_signature(compose_config([f"attention={attention}"]), 256), tmp_path)
+    check_compatible({"model": saved, "megatron_core": "0.19.2"},
+                     model_signature(compose_config([f"attention={attention}"]), 256), tmp_path)
     other = model_signature(compose_config([f"attention={attention}", changed]), 256)
     with pytest.raises(ValueError, match="incompatible model.*attention_shape"):
-        check_compatible({"model": saved}, other, tmp_path)
+        check_compatible({"model": saved, "megatron_core": "0.19.2"}, other, tmp_path)

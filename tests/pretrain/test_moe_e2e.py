@@ -3,7 +3,7 @@ process, exact resume, and the losses' restrictions."""
 
 import pytest
 
-from tests.conftest import losses, metrics, run_keel, tiny_overrides
+from tests.helpers import losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +38,6 @@ def test_moe_data_parallel_matches_one_process(tiny_data, tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
-def _gather_redirected() -> bool:
-    from pretrain import cpu_compat
-
-    return "megatron.core.tensor_parallel.mappings" in cpu_compat._MODULES_WITH_CUDA_CALLS
-
-
-# EP>1 on CPU: the allgather dispatcher's gather (tensor_parallel/mappings.py:141) allocates on
-# torch.cuda.current_device(); it runs once pretrain/cpu_compat.py redirects that module too
-@pytest.mark.skipif(not _gather_redirected(), reason="cpu_compat does not redirect tensor_parallel.mappings yet")
 def test_moe_expert_parallel_matches_data_parallel(tiny_data, tmp_path):
     dp, ep = tmp_path / "dp", tmp_path / "ep"
     extra = MOE + ["model.moe.var_loss=1.0", "trainer.max_steps=2"]
@@ -68,7 +59,6 @@ def test_moe_resume_is_exact(tiny_data, tmp_path):
     assert [r["moe/overlap"] for r in metrics(split)] == [r["moe/overlap"] for r in metrics(straight)]
 
 
-@pytest.mark.skipif(not _gather_redirected(), reason="cpu_compat does not redirect tensor_parallel.mappings yet")
 def test_ortho_loss_refuses_expert_parallelism(tiny_data, tmp_path):
     out = run_keel(tiny_overrides(tiny_data, tmp_path / "run", steps=1) + MOE + SPECIALIZE + ["parallel.expert=2"],
                    nproc=2, check=False)

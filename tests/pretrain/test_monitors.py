@@ -8,7 +8,7 @@ import torch
 from optim.spectral import power_iteration
 from pretrain.config import MonitorConfig
 from pretrain.monitors import StabilityMonitor
-from tests.conftest import build_tiny_gpt
+from tests.helpers import build_tiny_gpt
 
 
 @pytest.mark.parametrize("attention", ["gqa", "gla"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import losses, metrics, run_keel, tiny_overrides
+from tests.helpers import losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 SPECTRAL = ["optim.spectral.enabled=true", "optim.spectral.tau=0.05", "logging.monitors.interval=2"]

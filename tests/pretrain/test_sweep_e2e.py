@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import metrics, run_keel, tiny_overrides
+from tests.helpers import metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

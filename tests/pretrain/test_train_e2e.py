@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +159,15 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
     rows = metrics(run)
     assert [r.get("skipped", 0) for r in rows] == [0, 1]  # the huge first update poisons the weights
     assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+
+
+def test_checkpoint_of_the_megatron_0_16_build_is_refused(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_keel(tiny_overrides(tiny_data, run, steps=3))
+    meta_path = run / "checkpoints" / "step_00000003" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["megatron_core"]  # what keel wrote on megatron-core 0.16.1
+    meta_path.write_text(json.dumps(meta))
+    proc = run_keel(tiny_overrides(tiny_data, run, steps=6), check=False)
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "megatron-core 0.16.1" in line and "0.19.2" in line

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.helpers import ROOT, child_env
 
 TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim=16", "data.vocab_size=256"]
 

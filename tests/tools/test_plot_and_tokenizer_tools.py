@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_plot_draws_several_runs(tmp_path):

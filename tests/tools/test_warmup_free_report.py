@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.helpers import ROOT, child_env
 
 
 def _fake_run(folder, preset: str, seed: int, losses: list[float], val: float, entropy: float, status="completed"):
