@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from data.config import PackMethod
 from data.window import max_join, window_all
 
 _HEAP_PATH = 130  # a leftist heap's right spine is <= log2(n + 1) nodes; merge walks two spines
@@ -304,8 +305,8 @@ def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, bins: np.
 
 
 # --- The four methods ---------------------------------------------------------------------------
-METHODS = ("sp", "bfd", "concat", "pad")
-UNDERFULL = ("concat", "pad")
+METHODS = tuple(PackMethod)
+UNDERFULL = (PackMethod.concat, PackMethod.pad)
 
 
 def _stage1(offsets: np.ndarray, seq_len: int, join: int) -> tuple[Plan, tuple[np.ndarray, np.ndarray, np.ndarray]]:

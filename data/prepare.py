@@ -14,7 +14,7 @@ from pathlib import Path
 from data.corpus import stdlib_documents
 from data.format import PackedDataset, dataset_exists
 from data.tokenizer import Tokenizer, train_tokenizer
-from pretrain.config import DataConfig
+from data.config import DataConfig
 
 
 def cache_dir(cfg: DataConfig) -> Path:

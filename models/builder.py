@@ -1,4 +1,5 @@
-"""Assemble the model for training: specs, GPTModel, device/dtype and megatron's DDP wrapper."""
+"""Assemble the model: specs → megatron GPTModel initialised like one process would → device/dtype →
+megatron's DDP wrapper for training. The parallel layout comes from megatron's `parallel_state`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from models.config import AttentionConfig, ModelConfig
 from models.gpt import build_gpt, layer_spec, transformer_config
 from models.init import expert_global_name, reset_parameters
 from models.moe import moe_spec
@@ -29,33 +30,42 @@ class BuiltModel:
         return 6 * self.num_params + 12 * c.num_layers * c.hidden_size * seq_len
 
 
-def layer_specs(cfg) -> list:
+def layer_specs(model: ModelConfig, attention: AttentionConfig) -> list:
     """One spec per layer: the attention type and (dense or MoE) MLP are chosen here, not in model code."""
-    moe = cfg.model.moe
+    moe = model.moe
     mlp = moe_spec(moe.ortho_loss, moe.var_loss) if moe.num_experts else None
     # megatron's moe_layer_freq convention: layer i (0-based) is MoE when i % every == 0
-    return [layer_spec(cfg.attention, cfg.model.normalization, mlp if mlp and i % moe.every == 0 else None,
-                       model=cfg.model)
-            for i in range(cfg.model.num_layers)]
+    return [layer_spec(attention, model.normalization, mlp if mlp and i % moe.every == 0 else None, model=model)
+            for i in range(model.num_layers)]
 
 
-def build_model(cfg, vocab_size: int, device: torch.device, dtype: torch.dtype) -> BuiltModel:
-    p = cfg.parallel
-    config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups(), p.tensor, p.pipeline, p.expert, dtype)
+def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_size: int, seed: int,
+                          dtype: torch.dtype = torch.float32, per_document_positions: bool = False):
+    """This rank's part of the GPT, every parameter drawn as a single process would draw it (models/init.py)."""
+    tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    config = transformer_config(model, attention, attention.query_groups(model.heads), tp, pp, ep, dtype)
     # token-weighted loss: gradients are divided by the global token count, so any split over
     # micro-batches and data-parallel ranks gives the same update
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
-    gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg),
-                    per_document_positions=cfg.data.reset_position_ids)
+    gpt = build_gpt(model, config, vocab_size, layer_specs(model, attention), per_document_positions)
     # experts are seeded by their global index (this expert-parallel rank holds a contiguous block)
-    expert_offset = parallel_state.get_expert_model_parallel_rank() * (cfg.model.moe.num_experts // p.expert)
-    reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, get_transformer_layer_offset(config),
-                     cfg.model.tie_embeddings, rename=partial(expert_global_name, expert_offset=expert_offset))
+    expert_offset = parallel_state.get_expert_model_parallel_rank() * (model.moe.num_experts // ep)
+    reset_parameters(gpt, seed, model.init_std, model.num_layers, get_transformer_layer_offset(config),
+                     model.tie_embeddings, rename=partial(expert_global_name, expert_offset=expert_offset))
+    return gpt
+
+
+def build_model(model: ModelConfig, attention: AttentionConfig, vocab_size: int, device: torch.device,
+                dtype: torch.dtype, seed: int, per_document_positions: bool = False,
+                distributed_optimizer: bool = False) -> BuiltModel:
+    """The GPT for training, wrapped in megatron's DDP (fp32 gradient reduction)."""
+    gpt = build_initialised_gpt(model, attention, vocab_size, seed, dtype, per_document_positions)
     gpt = gpt.to(device=device, dtype=dtype)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.optim.distributed)
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
+                                               use_distributed_optimizer=distributed_optimizer)
+    ddp = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt,
                                   full_param_layout=distributed_optimizer_layout(gpt, ddp_config))
     return BuiltModel(gpt=gpt, ddp=ddp, num_params=count_params(gpt))
 

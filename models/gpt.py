@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
 
 from models.attention import attention_spec
-from pretrain.config import AttentionConfig, ModelConfig, MoEConfig
+from models.config import AttentionConfig, ModelConfig, MoEConfig
 
 
 def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
@@ -44,16 +44,15 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         cuda_graph_modules=[],  # megatron's default ("full") only warns that it is deprecated
-        **moe_fields(model.moe, model.ffn_size, tensor),
+        **moe_fields(model.moe, model.ffn_size),
     )
 
 
-def moe_fields(moe: MoEConfig, ffn_size: int, tensor: int = 1) -> dict:
-    """megatron's MoE settings from `model.moe` (empty for a dense model)."""
+def moe_fields(moe: MoEConfig, ffn_size: int) -> dict:
+    """megatron's MoE settings from `model.moe` (empty for a dense model). MoE with TP>1 is refused by
+    the run config (megatron's MoE with TP needs sequence parallelism, which keel keeps off)."""
     if not moe.num_experts:
         return {}
-    if tensor > 1:  # megatron's MoELayer refuses TP>1 without sequence parallelism, which keel keeps off
-        raise ValueError("model.moe needs parallel.tensor=1 (megatron's MoE with TP needs sequence parallelism)")
     balance = {"switch": "aux_loss", "seq": "seq_aux_loss", "none": "none"}[moe.aux_loss]
     return dict(
         num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size or ffn_size,

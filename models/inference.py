@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.attention import SelfAttention
 
 from models.attention.common import apply_rope
+from models.config import AttentionConfig, ModelConfig
 from models.attention.gla import LatentAttention
 from models.attention.gta import GroupedTiedAttention
 
@@ -216,16 +217,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def build_for_decode(cfg, vocab_size: int, device="cpu", dtype: torch.dtype = torch.float32):
-    """The bare GPT of `cfg` at this world's TP size, initialised like training (no DDP), in eval mode."""
-    from megatron.core import parallel_state
+def build_for_decode(model: ModelConfig, attention: AttentionConfig, vocab_size: int, seed: int = 1234,
+                     device="cpu", dtype: torch.dtype = torch.float32):
+    """The bare GPT at this world's TP size, initialised like training (no DDP), in eval mode."""
+    from models.builder import build_initialised_gpt
 
-    from models.builder import layer_specs
-    from models.gpt import build_gpt, transformer_config
-    from models.init import reset_parameters
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups(), tensor=tp, dtype=dtype)
-    gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg), per_document_positions=False)
-    reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, 0, cfg.model.tie_embeddings)
-    return gpt.to(device=device, dtype=dtype).eval()
+    return build_initialised_gpt(model, attention, vocab_size, seed, dtype).to(device=device, dtype=dtype).eval()

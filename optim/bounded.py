@@ -15,31 +15,28 @@ import math
 
 import torch
 
-from optim.builder import param_group
+from optim.config import SpectralConfig
+from optim.lr_rules import param_group
 from optim.spectral import bound_update, default_group_name, megatron_shard_dim
-from pretrain.config import SpectralConfig
 
 
-class SpectralBoundedOptimizer:
-    """Delegates to a megatron optimizer; `step()` pulls each bounded matrix back to the bound."""
+class SpectralBoundRule:
+    """An update rule of `KeelOptimizer`: after megatron's step, pull each bounded matrix back to the bound."""
 
-    def __init__(self, optimizer, model: torch.nn.Module, cfg: SpectralConfig, tp_group=None):
-        self.optimizer, self.cfg, self.tp_group = optimizer, cfg, tp_group
+    def __init__(self, megatron_optimizer, model: torch.nn.Module, cfg: SpectralConfig, tp_group=None):
+        self.optimizer, self.cfg, self.tp_group = megatron_optimizer, cfg, tp_group
         self.bounded = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and
                         (cfg.bound_embeddings or param_group(n, p) != "embedding")]
         self.spectral_state: dict[str, dict] = {}
         self._stats: dict[str, list[float]] = {}
 
-    def __getattr__(self, name):
-        return getattr(self.optimizer, name)
-
     @torch.no_grad()
-    def step(self):
+    def step(self, inner_step):
         if math.isinf(self.cfg.tau):
-            return self.optimizer.step()
+            return inner_step()
         # 1. snapshot the model parameters (and separate fp32 main copies) before the update
         olds = [(n, p, p.detach().clone(), main_copy(p)) for n, p in self.bounded]
-        update_ok, grad_norm, zeros = self.optimizer.step()
+        update_ok, grad_norm, zeros = inner_step()
         if not update_ok:
             return update_ok, grad_norm, zeros
         # 2. rescale each matrix's update so that σ1(ΔW) <= τ·σ1(W_old)
@@ -65,12 +62,12 @@ class SpectralBoundedOptimizer:
         self._stats = {}
         return out
 
-    def state_dict_extra(self) -> dict:
+    def state_dict(self) -> dict:
         keep = lambda d: {k: d[k].clone() for k in ("u", "v") if k in d}  # noqa: E731
         return {n: {"w": keep(s.get("w", {})), "dw": keep(s.get("dw", {})), "steps": s.get("steps", 0)}
                 for n, s in self.spectral_state.items()}
 
-    def load_state_dict_extra(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.spectral_state = {n: {"w": dict(s["w"]), "dw": dict(s["dw"]), "steps": s["steps"]} for n, s in state.items()}
 
 
@@ -99,8 +96,12 @@ def _main_range(optimizer, p: torch.Tensor) -> tuple[int, int]:
     """The flat range of `p` that its fp32 main copy holds: a shard under the distributed optimizer
     (megatron's per-parameter range map), else the whole parameter."""
     if getattr(p, "main_param_sharded", False):
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            if p in getattr(opt, "model_param_gbuf_map", {}):
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        from optim.optimizer import chained
+
+        for opt in chained(optimizer):
+            if isinstance(opt, DistributedOptimizer) and p in opt.model_param_gbuf_map:
                 r = opt._get_model_param_range_map(p)["param"]
                 return r.start, r.end
         raise RuntimeError("a sharded main parameter that no distributed optimizer owns")

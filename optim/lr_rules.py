@@ -10,13 +10,32 @@ so at n = n0 every rule gives optim.lr; the rules differ only in the exponents a
 - sp_width:  one alpha for every group; default the paper's measured optimal exponent for the optimizer
 - layerwise: one alpha per group (embedding, hidden, readout, norm) from a preset plus overrides
 
-The schedule multiplies these peaks (`optim.builder.set_lr`), so rules and schedules compose.
+The schedule multiplies these peaks (`KeelOptimizer.set_lr`), so rules and schedules compose.
 """
 
 from __future__ import annotations
 
-from optim.builder import GROUPS  # embedding, hidden, readout, norm: see param_group
-from pretrain.config import LAYERWISE_PRESETS, ModelConfig, OptimConfig
+import torch
+
+from models.config import ModelConfig
+from optim.config import LayerwisePreset, OptimConfig
+
+GROUPS = ("embedding", "hidden", "readout", "norm")
+
+
+def param_group(name: str, param: torch.Tensor) -> str:
+    """The LR group of a parameter, from its megatron-core name.
+
+    With tied embeddings the one shared matrix is the embedding; `readout` exists only untied.
+    """
+    if "word_embeddings" in name or "position_embeddings" in name:
+        return "embedding"
+    if "output_layer" in name:
+        return "readout"
+    if param.ndim < 2:
+        return "norm"  # norm gains and biases
+    return "hidden"
+
 
 # 1. Optimal-LR exponents the paper measured on GPT (pythia-14m shape, widths 256/1024/4096, DCLM):
 #    Adam with trainable LayerNorm -0.42; SGD with gradient clipping -0.38, without clipping -0.5.
@@ -31,7 +50,7 @@ PRESETS: dict[str, dict[str, float]] = {
     "max_stable": {"embedding": 0.0, "hidden": 0.5, "readout": 1.0, "norm": 0.0},
     "everett_adam": {"embedding": 0.0, "hidden": 1.0, "readout": 1.0, "norm": 0.0},
 }
-assert tuple(PRESETS) == LAYERWISE_PRESETS  # the config validates names, this module holds the tables
+assert tuple(PRESETS) == tuple(LayerwisePreset)  # the config validates names, this module holds the tables
 
 
 def default_alpha(optim: OptimConfig) -> float:

@@ -60,21 +60,18 @@ def row_scales(s_q: torch.Tensor, s_k: torch.Tensor, heads: int, head_dim: int) 
     return torch.cat(rows, dim=1).reshape(-1)
 
 
-class QuackOptimizer:
-    """Delegates to a megatron optimizer; `step()` rescales each layer's query and key updates."""
+class QuackRule:
+    """An update rule of `KeelOptimizer`: after megatron's step, rescale each layer's query and key updates."""
 
-    def __init__(self, optimizer, model: torch.nn.Module):
-        self.optimizer = optimizer
+    def __init__(self, megatron_optimizer, model: torch.nn.Module):
+        self.optimizer = megatron_optimizer
         self.qkv = [(f"layer{layer.layer_number}", layer.self_attention.linear_qkv.weight,
                      qkv_layout(layer.self_attention)) for layer in model.decoder.layers]
         self.initial_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._factors: list[torch.Tensor] = []
 
-    def __getattr__(self, name):
-        return getattr(self.optimizer, name)
-
     @torch.no_grad()
-    def step(self):
+    def step(self, inner_step):
         # 1. each head's norms before the update set this step's rates
         olds, factors = [], []
         for name, p, (heads, kv_heads, head_dim) in self.qkv:
@@ -82,7 +79,7 @@ class QuackOptimizer:
             s_q, s_k = rate_factors(norms, self.initial_norms.setdefault(name, norms))
             factors.append(torch.cat([s_q, s_k]))
             olds.append((p, p.detach().clone(), main_copy(p), row_scales(s_q, s_k, heads, head_dim)))
-        update_ok, grad_norm, zeros = self.optimizer.step()
+        update_ok, grad_norm, zeros = inner_step()
         if not update_ok:
             return update_ok, grad_norm, zeros
         # 2. W = W_old + s·ΔW row by row; lerp with weight 0 (value rows) leaves W_new bit-exact
@@ -102,8 +99,8 @@ class QuackOptimizer:
         return {"quack/min_factor": float(s.min()), "quack/max_factor": float(s.max()),
                 "quack/mean_factor": float(s.mean())}
 
-    def state_dict_extra(self) -> dict:
+    def state_dict(self) -> dict:
         return {name: [t.clone() for t in norms] for name, norms in self.initial_norms.items()}
 
-    def load_state_dict_extra(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.initial_norms = {name: tuple(norms) for name, norms in state.items()}

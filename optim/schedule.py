@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pretrain.config import ScheduleConfig
+from optim.config import ScheduleConfig
 
 
 def lr_factor(step: int, max_steps: int, cfg: ScheduleConfig) -> float:

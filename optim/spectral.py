@@ -18,7 +18,7 @@ Choices the paper leaves open (documented defaults, all constructor arguments):
     first step of σ1 <= τ·floor and then grow geometrically, instead of being frozen at zero.  Normal
     inits (std 0.02, d >= 256 gives σ1 >= 0.6) never touch the floor.
 
-One power-iteration implementation lives here (models/stability.py imports it).  It supports
+One power-iteration implementation lives here (the stability monitors in pretrain/callbacks/ import it).  It supports
 tensor-parallel shards: with `shard_dim` 0 (rows split) or 1 (columns split) and a process `group`,
 partial products are all-reduced (sum) so σ1 is that of the FULL matrix (shards must be equal-sized,
 as in megatron-core TP).  With megatron's distributed optimizer (flat DP shards of main params) the

@@ -89,16 +89,8 @@ def check_compatible(meta: dict, model_signature: dict, path: Path) -> None:
 
 def _sharded(model, optimizer, is_loading: bool) -> dict:
     state = {"model": model.sharded_state_dict()}
-    if optimizer is not None and is_loading:
-        # a fresh distributed optimizer has no state yet, and its state_dict() needs one to shape
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-                opt._init_optimizer_states_with_dummy_values()
     if optimizer is not None:
-        # dp_reshardable: the distributed optimizer's flat shards, resumable at the same DP size;
-        # the default (fully_sharded_model_space) is not writable by the torch_dist strategy in 0.16.1
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
     return state
 
 
@@ -133,22 +125,6 @@ def save(root: Path, step: int, model, optimizer, extra: dict, model_signature: 
     return final
 
 
-def _restore_adam_steps(optimizer) -> None:
-    """Give every parameter its own, correct Adam step after loading a distributed optimizer.
-
-    megatron-core 0.16.1 (without apex/TE) keeps the step in each param group, and on load either
-    leaves the step of its dummy initialisation in the per-parameter state or shares one tensor
-    across all parameters, which torch's AdamW then increments once per parameter.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for group in opt.optimizer.param_groups:
-            if group.get("step") is None:
-                continue
-            for p in group["params"]:
-                if p in opt.optimizer.state:
-                    opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
 def load(path: Path, model, optimizer, model_signature: dict) -> dict:
     """Restore model (and optimizer, when given) in place; returns this rank's extras."""
     from megatron.core import dist_checkpointing
@@ -159,9 +135,7 @@ def load(path: Path, model, optimizer, model_signature: dict) -> dict:
     model.load_state_dict(state["model"])
     if optimizer is None:
         return {}
-    with torch.no_grad():  # the distributed optimizer copies into leaf tensors
-        optimizer.load_state_dict(state["optimizer"])
-    _restore_adam_steps(optimizer)
+    optimizer.load_sharded_state_dict(state["optimizer"])
     extra_file = path / f"extra_rank{dist.get_rank():05d}.pt"
     if meta.get("world_size") != dist.get_world_size() or not extra_file.exists():
         raise ValueError(f"checkpoint {path} was saved by {meta.get('world_size')} processes, this run has "

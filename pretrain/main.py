@@ -5,16 +5,14 @@ A plain `python pretrain/main.py ...` runs as a world of one. Add `-m` for Hydra
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import-time warnings)
-from pretrain.config import register_configs  # noqa: E402
+from pretrain import cpu_compat  # noqa: F401  (silences megatron's import-time warnings)
+from pretrain.config import register_configs
 
 register_configs()
 
@@ -22,6 +20,11 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> float | None:
     from pretrain.run import ConfigError, run
+
+    # a joblib launcher worker (hydra/launcher=local) makes loky's its default start method, which the
+    # process megatron's checkpoint writer starts cannot resolve: use the platform's own
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
+        multiprocessing.set_start_method(None, force=True)
 
     try:
         return run(raw)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.callbacks import read_metrics, write_json
+from pretrain.rundir import read_metrics, write_json
 
 
 class ConfigError(ValueError):
@@ -48,7 +48,7 @@ def model_signature(cfg, vocab_size: int) -> dict:
     m, a = cfg.model, cfg.attention
     return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.heads,
             "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab_size,
-            "attention": a.type, "num_query_groups": cfg.num_query_groups(), "activation": m.activation,
+            "attention": a.type, "num_query_groups": a.query_groups(m.heads), "activation": m.activation,
             "normalization": m.normalization, "position_embedding": m.position_embedding,
             "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts,
             "attention_shape": a.shape(m.kv_channels)}
@@ -83,20 +83,20 @@ def _run(cfg) -> float | None:
 
 
 def build_trainer(cfg, world, run_dir: Path):
-    """Every component, validated and wired: data, model, optimizer, callbacks, trainer."""
+    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from data.loader import PackedLoader
     from data.prepare import ensure_packed, ensure_tokenizer, open_checked
     from models.builder import build_model
-    from optim.builder import build_optimizer
-    from optim.lr_rules import peak_lrs
-    from pretrain import checkpoint
-    from pretrain.trainer import Trainer
+    from optim.optimizer import build_optimizer
+    from pretrain.callbacks import build_callbacks
+    from pretrain.trainer import Components, Trainer
 
     if cfg.trainer.threads and world.device.type == "cpu":
         torch.set_num_threads(cfg.trainer.threads)
-    # 2. data: rank 0 builds what is missing, everyone validates before the model is built
+    # 1. data: rank 0 builds what is missing, everyone validates before the model is built
     if world.is_main:
         tokenizer = ensure_tokenizer(cfg.data)
         ensure_packed(cfg.data, tokenizer)
@@ -106,11 +106,7 @@ def build_trainer(cfg, world, run_dir: Path):
     train_set = open_checked(train_prefix, cfg.data, tokenizer, "training")
     val_set = open_checked(val_prefix, cfg.data, tokenizer, "validation")
     signature = model_signature(cfg, tokenizer.vocab_size)
-    resume_from = checkpoint.latest(run_dir / "checkpoints")
-    init_from = checkpoint.resolve(cfg.init_from) if cfg.init_from and resume_from is None else None
-    for path in filter(None, (resume_from, init_from)):
-        checkpoint.check_compatible(json.loads((path / "meta.json").read_text()), signature, path)
-    # 3. run folder: resolved config and git revision beside the outputs
+    # 2. run folder: resolved config and git revision beside the outputs
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {"config": asdict(cfg), "git_revision": git_revision(), "world_size": world.size,
@@ -118,30 +114,31 @@ def build_trainer(cfg, world, run_dir: Path):
                 "train_data": train_prefix, "val_data": val_prefix, "tokenizer": tokenizer.describe(),
                 "command": " ".join(sys.argv)}
         write_json(run_dir / "run_info.json", info, default=str)
-    # 4. model, optimizer, loaders
+    # 3. model, optimizer, loaders, callbacks
     seed_everything(cfg.seed)
     dtype = precision(cfg, world)
-    built = build_model(cfg, tokenizer.vocab_size, world.device, dtype)
-    optimizer = build_optimizer(cfg.optim, [built.ddp], dtype, peak_lrs(cfg.optim, cfg.model))
-    if cfg.optim.spectral.enabled:
-        from megatron.core import parallel_state
+    model = build_model(cfg.model, cfg.attention, tokenizer.vocab_size, world.device, dtype, cfg.seed,
+                        per_document_positions=cfg.data.reset_position_ids, distributed_optimizer=cfg.optim.distributed)
+    tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
+    optimizer = build_optimizer(cfg.optim, cfg.model, model.ddp, model.gpt, dtype, tp_group)
+    t = cfg.trainer
+    loader = PackedLoader(train_set, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed)
+    val_loader = PackedLoader(val_set, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed + 1)
+    callbacks = build_callbacks(cfg, world, run_dir, model.gpt, optimizer)
+    return Trainer(cfg, Components(world=world, model=model, optimizer=optimizer, train=loader, val=val_loader,
+                                   callbacks=callbacks, run_dir=run_dir, signature=signature))
 
-        from optim.bounded import SpectralBoundedOptimizer
 
-        tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
-        optimizer = SpectralBoundedOptimizer(optimizer, built.gpt, cfg.optim.spectral, tp_group)
-    if cfg.optim.quack:
-        from optim.quack import QuackOptimizer
+def starting_point(cfg, run_dir: Path, signature: dict) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume, checkpoint to initialise weights from): resuming this run_dir wins over
+    init_from; either must match the model."""
+    from pretrain import checkpoint
 
-        optimizer = QuackOptimizer(optimizer, built.gpt)
-    loader = PackedLoader(train_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
-                          world.dp_rank, world.dp, cfg.seed)
-    val_loader = PackedLoader(val_set, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
-                              world.dp_rank, world.dp, cfg.seed + 1)
-    callbacks = build_callbacks(cfg, world, run_dir, built, optimizer)
-    trainer = Trainer(cfg, world, built.ddp, built.gpt, optimizer, loader, val_loader, run_dir, signature,
-                      callbacks, flops_per_token=built.flops_per_token(cfg.data.seq_len))
-    return trainer, built, signature, resume_from, init_from
+    resume_from = checkpoint.latest(run_dir / "checkpoints")
+    init_from = checkpoint.resolve(cfg.init_from) if cfg.init_from and resume_from is None else None
+    for path in filter(None, (resume_from, init_from)):
+        checkpoint.check_compatible(json.loads((path / "meta.json").read_text()), signature, path)
+    return resume_from, init_from
 
 
 def _train(cfg, world) -> float | None:
@@ -149,15 +146,16 @@ def _train(cfg, world) -> float | None:
     from pretrain.trainer import TrainingStopped
 
     run_dir = resolve_run_dir(cfg)
-    trainer, built, signature, resume_from, init_from = build_trainer(cfg, world, run_dir)
-    # 5. resume exactly, or start from pretrained weights (continual pretraining)
+    trainer = build_trainer(cfg, world, run_dir)
+    # 4. resume exactly, or start from pretrained weights (continual pretraining)
+    resume_from, init_from = starting_point(cfg, run_dir, trainer.parts.signature)
     if resume_from is not None:
         trainer.resume(resume_from)
         _say(world, f"resumed from {resume_from} at step {trainer.step}")
     elif init_from is not None:
-        checkpoint.load(init_from, built.gpt, None, signature)
+        checkpoint.load(init_from, trainer.gpt, None, trainer.parts.signature)
         _say(world, f"initialised weights from {init_from}")
-    # 6. train; a run that diverges is recorded as such (a sweep goes on to its next run)
+    # 5. train; a run that diverges is recorded as such (a sweep goes on to its next run)
     status = "completed"
     try:
         trainer.fit()
@@ -172,30 +170,6 @@ def _train(cfg, world) -> float | None:
     if status == "diverged" and not in_multirun():
         raise SystemExit(1)
     return val[-1] if val and status == "completed" else float("nan")
-
-
-def build_callbacks(cfg, world, run_dir: Path, built, optimizer) -> list:
-    """The trainer's callbacks, in call order: monitors add their metrics before the logger writes."""
-    from pretrain.callbacks import LossPlot, MetricsLogger, ProgressBar
-    from pretrain.monitors import OptimizerStats, SpikeMonitor, StabilityMonitor
-
-    mon = cfg.logging.monitors
-    callbacks = [SpikeMonitor(mon)]  # every rank: they act on the update and use collectives
-    if mon.interval > 0:
-        callbacks.append(StabilityMonitor(built.gpt, mon))
-    if cfg.optim.spectral.enabled or cfg.optim.quack:
-        callbacks.append(OptimizerStats(optimizer, cfg.trainer.log_interval))
-    if cfg.model.moe.num_experts:
-        from pretrain.moe_callback import MoEStatsCallback
-
-        callbacks.append(MoEStatsCallback(cfg.trainer.log_interval))  # every rank: all-reduces over DP
-    if world.is_main:
-        callbacks.append(MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval))
-        if cfg.trainer.progress:
-            callbacks.append(ProgressBar(cfg.trainer.max_steps))
-        if cfg.logging.plot:
-            callbacks.append(LossPlot(run_dir))
-    return callbacks
 
 
 def in_multirun() -> bool:

@@ -1,9 +1,10 @@
-"""The training loop: megatron-core's forward-backward schedule, megatron's optimizer, callbacks."""
+"""The training loop: megatron-core's forward-backward schedule, keel's optimizer, named callbacks."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -13,14 +14,30 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data.loader import PackedLoader, model_inputs
-from optim.builder import set_lr
+from models.builder import BuiltModel
+from optim.optimizer import KeelOptimizer
 from optim.schedule import lr_factor
 from pretrain import checkpoint
+from pretrain.callbacks import Callback
 from pretrain.config import KeelConfig
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclass
+class Components:
+    """Everything a Trainer runs, built and validated by `pretrain.run.build`."""
+
+    world: object  # pretrain.distributed.World
+    model: BuiltModel  # the bare GPT (.gpt: checkpoints, monitors) and its DDP wrapper (.ddp: the schedule)
+    optimizer: KeelOptimizer
+    train: PackedLoader
+    val: PackedLoader
+    callbacks: dict[str, Callback]  # by name, in call order
+    run_dir: Path
+    signature: dict  # the model's shape, checked against every checkpoint
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -31,11 +48,11 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 class Trainer:
-    def __init__(self, cfg: KeelConfig, world, model, gpt, optimizer, loader: PackedLoader,
-                 val_loader: PackedLoader, run_dir: Path, model_signature: dict, callbacks=(), flops_per_token=0.0):
-        self.cfg, self.world, self.model, self.gpt, self.optimizer = cfg, world, model, gpt, optimizer
-        self.loader, self.val_loader, self.run_dir = loader, val_loader, run_dir
-        self.model_signature, self.callbacks, self.flops_per_token = model_signature, list(callbacks), flops_per_token
+    def __init__(self, cfg: KeelConfig, parts: Components):
+        self.cfg, self.parts = cfg, parts
+        self.world, self.optimizer, self.loader, self.callbacks = parts.world, parts.optimizer, parts.train, parts.callbacks
+        self.gpt, self.model = parts.model.gpt, parts.model.ddp
+        self.flops_per_token = parts.model.flops_per_token(cfg.data.seq_len)
         self.step = 0
         self.skipped_in_row = 0
         self.skipped_total = 0
@@ -45,10 +62,9 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        for c in self.callbacks:
-            c.on_step_start(self)
+        self._call("on_step_start")
         # 1. this step's learning rate, per parameter group
-        lrs = set_lr(self.optimizer, lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
+        lrs = self.optimizer.set_lr(lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
         # 2. forward and backward over this rank's micro-batches; grads reduced over DP
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -58,7 +74,7 @@ class Trainer:
         #    such as the spike detector may also skip it or stop training
         if not (math.isfinite(loss) and self._grads_finite()):
             return self._skip(loss, lrs, t0)
-        actions = [c.on_before_update(self, loss) for c in self.callbacks]
+        actions = self._call("on_before_update", loss)
         if "stop" in actions:
             raise TrainingStopped(f"stopped at step {self.step + 1} by a callback (loss {loss:.4f}); see metrics.jsonl")
         if "skip" in actions:
@@ -68,6 +84,9 @@ class Trainer:
         _, grad_norm, _ = self.optimizer.step()
         self.step += 1
         return self._metrics(loss, grad_norm, lrs, t0)
+
+    def _call(self, hook: str, *args) -> list:
+        return [getattr(c, hook)(self, *args) for c in self.callbacks.values()]
 
     def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> float:
         """Global mean token loss over every micro-batch of every data-parallel rank."""
@@ -124,60 +143,56 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        self.val_loader.consumed = 0  # the same validation rows every time
+        val = self.parts.val
+        val.consumed = 0  # the same validation rows every time
         total = 0.0
         for _ in range(self.cfg.trainer.eval_batches):
-            total += self._run_schedule(self.val_loader.next_global_batch(), forward_only=True)
+            total += self._run_schedule(val.next_global_batch(), forward_only=True)
         self.model.train()
         return total / self.cfg.trainer.eval_batches
 
     def state_dict(self) -> dict:
-        state = {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
-                 "loader": self.loader.state_dict()}
-        if hasattr(self.optimizer, "state_dict_extra"):  # a wrapper's own state: spectral vectors, QuacK norms
-            state["optimizer_extra"] = self.optimizer.state_dict_extra()
-        return state
+        """Everything a resume needs besides the model and megatron's optimizer: counters, the data
+        position, the optimizer's update rule, and each callback's state under its name."""
+        return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
+                "loader": self.loader.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "callbacks": {name: c.state_dict() for name, c in self.callbacks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.skipped_in_row = state["skipped_in_row"]
         self.loader.load_state_dict(state["loader"])
-        if "optimizer_extra" in state:
-            self.optimizer.load_state_dict_extra(state["optimizer_extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, c in self.callbacks.items():
+            if name in state["callbacks"]:  # rank 0's file writers keep no state on other ranks
+                c.load_state_dict(state["callbacks"][name])
 
     def save_checkpoint(self) -> Path:
-        extra = {"trainer": self.state_dict(),
-                 "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks if hasattr(c, "state_dict")}}
-        return checkpoint.save(self.run_dir / "checkpoints", self.step, self.gpt, self.optimizer, extra,
-                               self.model_signature, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.parts.run_dir / "checkpoints", self.step, self.gpt, self.optimizer,
+                               {"trainer": self.state_dict()}, self.parts.signature, self.cfg.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
-        extra = checkpoint.load(path, self.gpt, self.optimizer, self.model_signature)
+        extra = checkpoint.load(path, self.gpt, self.optimizer, self.parts.signature)
         self.load_state_dict(extra["trainer"])
-        for c in self.callbacks:
-            if hasattr(c, "load_state_dict") and type(c).__name__ in extra.get("callbacks", {}):
-                c.load_state_dict(extra["callbacks"][type(c).__name__])
 
     def fit(self) -> None:
         t = self.cfg.trainer
         stop = t.stop_at or t.max_steps
-        for c in self.callbacks:
-            c.on_train_start(self)
+        self._call("on_train_start")
         try:
             while self.step < stop:
                 metrics = self.train_step()
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     metrics["val_loss"] = self.evaluate()
-                for c in self.callbacks:
+                for c in self.callbacks.values():
                     c.on_step_end(self, metrics)
                     if "val_loss" in metrics:
                         c.on_eval(self, metrics)
                 if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
                     self.save_checkpoint()
         finally:
-            for c in self.callbacks:
-                c.on_train_end(self)
+            self._call("on_train_end")
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

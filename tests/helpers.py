@@ -12,6 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main.py"
 
+# values that pass a type check but would crash or mislead later: each must stop with one line
+BAD_VALUES = [
+    (["trainer.eval_batches=0"], "trainer.eval_batches must be positive"),
+    (["trainer.eval_batches=-1"], "trainer.eval_batches must be positive"),
+    (["trainer.log_interval=0"], "trainer.log_interval must be positive"),
+    (["trainer.global_batch_size=0"], "trainer.global_batch_size must be positive"),
+    (["trainer.global_batch_size=-8"], "trainer.global_batch_size must be positive"),
+    (["optim.spectral.tau=-1"], "optim.spectral.tau must be positive"),
+    (["optim.spectral.power_iters=0"], "optim.spectral.power_iters must be >= 1"),
+    (["logging.monitors.batch_rows=0"], "logging.monitors.batch_rows must be positive"),
+]
+
 
 def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
     """A 2-layer model on the tiny corpus: a few seconds per run on 2 CPU cores."""
@@ -51,15 +63,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128):
-    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides."""
-    from models.gpt import build_gpt, transformer_config
-    from models.builder import layer_specs
-    from models.init import reset_parameters
+    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides, in eval mode; needs the
+    megatron_world fixture."""
+    from models.builder import build_initialised_gpt
     from pretrain.config import compose_config
 
     base = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16", "model.max_seq_len=64", "data.seq_len=32"]
     cfg = compose_config(base + (overrides or []))
-    config = transformer_config(cfg.model, cfg.attention, cfg.num_query_groups())
-    gpt = build_gpt(cfg.model, config, vocab_size, layer_specs(cfg), per_document_positions=cfg.data.reset_position_ids)
-    reset_parameters(gpt, cfg.seed, cfg.model.init_std, cfg.model.num_layers, 0, cfg.model.tie_embeddings)
+    gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab_size, cfg.seed,
+                                per_document_positions=cfg.data.reset_position_ids)
     return cfg, gpt.eval()

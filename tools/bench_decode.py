@@ -15,15 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
+from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 VOCAB = 8192
@@ -39,14 +35,14 @@ def matched_models(overrides: list[str], types, device, dtype) -> dict:
     from pretrain.config import compose_config
 
     cfgs = {t: compose_config([*overrides, f"attention={t}"]) for t in types}
-    attn = {t: attention_params(build_for_decode(c, 256)) for t, c in cfgs.items()}
+    attn = {t: attention_params(build_for_decode(c.model, c.attention, 256, c.seed)) for t, c in cfgs.items()}
     target = max(attn.values())
     models = {}
     for t, cfg in cfgs.items():
         m = cfg.model
         per_unit = (3 if m.activation == "swiglu" else 2) * m.hidden_size * m.num_layers  # params per FFN unit
         cfg.model.ffn_hidden_size = m.ffn_size + round((target - attn[t]) / per_unit)
-        gpt = build_for_decode(cfg, VOCAB, device, dtype)
+        gpt = build_for_decode(cfg.model, cfg.attention, VOCAB, cfg.seed, device, dtype)
         models[t] = (gpt, sum(p.numel() for p in gpt.parameters()))
     return models
 

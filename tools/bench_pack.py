@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -23,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.packing import best_fit_decreasing, first_fit_decreasing  # noqa: E402
+from data.packing import best_fit_decreasing, first_fit_decreasing
 
 SEQ_LEN, EXTRA = 2048, 50  # SP's bins at the paper's setting
 DEFAULT_TOKENIZER = "/tmp/keel-pack/stdlib-8192.model"

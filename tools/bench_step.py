@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401
+from pretrain import cpu_compat  # noqa: F401
 
 
 class PlainBlock(nn.Module):
@@ -89,7 +86,7 @@ def _median_ms(fn, steps: int, warmup: int, sync) -> float:
 
 def plain_step_fn(cfg, vocab: int, device, dtype):
     m = cfg.model
-    model = PlainGPT(vocab, m.hidden_size, m.num_layers, m.heads, cfg.num_query_groups(), m.ffn_size,
+    model = PlainGPT(vocab, m.hidden_size, m.num_layers, m.heads, cfg.attention.query_groups(cfg.model.heads), m.ffn_size,
                      cfg.data.seq_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
     g, mb = cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size
@@ -152,7 +149,7 @@ def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:
     Plain and monitored steps alternate, so drift in the machine's speed hits both alike; the
     monitor's share of step time at interval k is then (monitored - plain) / (k * plain)."""
     from pretrain.config import MonitorConfig
-    from pretrain.monitors import StabilityMonitor
+    from pretrain.callbacks.stability import StabilityMonitor
 
     monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
     plain, monitored = [], []

@@ -14,11 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
+from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
 
 def run_folder(step_dir: Path) -> Path:
@@ -47,7 +45,7 @@ def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.
     step_dir = ckpt.resolve(checkpoint)
     cfg, info = saved_config(run_folder(step_dir))
     tokenizer = Tokenizer(info["tokenizer"]["path"])
-    gpt = build_for_decode(cfg, tokenizer.vocab_size)
+    gpt = build_for_decode(cfg.model, cfg.attention, tokenizer.vocab_size, cfg.seed)
     ckpt.load(step_dir, gpt, None, model_signature(cfg, tokenizer.vocab_size))
     return gpt.to(device=device, dtype=dtype).eval(), tokenizer, step_dir
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401  (silences megatron's import warnings)
+from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,9 +32,9 @@ def formula(cfg, tp: int) -> int:
     a, d = cfg.attention, cfg.model.kv_channels
     s = a.shape(d)
     if a.type in ("mha", "gqa", "mqa"):
-        return 2 * max(cfg.num_query_groups() // tp, 1) * d
+        return 2 * max(cfg.attention.query_groups(cfg.model.heads) // tp, 1) * d
     if a.type == "gta":
-        return (cfg.num_query_groups() // tp) * d + s["rope_dim"]
+        return (cfg.attention.query_groups(cfg.model.heads) // tp) * d + s["rope_dim"]
     return max(s["num_latents"] // tp, 1) * s["latent_dim"] + s["rope_dim"]  # MLA's one latent: on every rank
 
 
@@ -90,7 +87,7 @@ def _cache_rows(tp: int, overrides: list[str], types, dtype: str) -> dict:
             rows[t] = {"error": cfg}
             continue
         try:
-            cache = new_cache(build_for_decode(cfg, VOCAB), batch=1, max_len=1, dtype=DTYPES[dtype])
+            cache = new_cache(build_for_decode(cfg.model, cfg.attention, VOCAB, cfg.seed), batch=1, max_len=1, dtype=DTYPES[dtype])
             rows[t] = {"elements": cache.elements_per_token(), "bytes": cache.bytes_per_token(),
                        "formula": formula(cfg, tp)}
         except ValueError as e:
@@ -119,7 +116,7 @@ def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
     from pretrain.config import compose_config
 
     cfg = compose_config(overrides)
-    gpt = build_for_decode(cfg, VOCAB)
+    gpt = build_for_decode(cfg.model, cfg.attention, VOCAB, cfg.seed)
     tokens = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(cfg.seed))
     if cached:
         cache = new_cache(gpt, 1, length)

@@ -13,13 +13,10 @@ import argparse
 import errno
 import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/pack.py`
-
-from data.packing import METHODS, UNDERFULL  # noqa: E402
-from data.sources import TEXT_MODES, InputError, Source, check_settings  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from data.packing import METHODS, UNDERFULL
+from data.sources import TEXT_MODES, InputError, Source, check_settings
+from data.tokenizer import Tokenizer
 
 _TABLE_ROWS = [  # (stats key, label, format)
     ("documents", "documents", "{:,}"), ("empty_documents", "empty documents (skipped)", "{:,}"),

@@ -10,9 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.callbacks import pyplot, read_metrics  # noqa: E402
+from pretrain.rundir import pyplot, read_metrics
 
 PANELS = [  # (title, metric key, log scale)
     ("training loss", "loss", False),

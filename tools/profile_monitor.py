@@ -18,11 +18,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pretrain import cpu_compat  # noqa: E402,F401
+from pretrain import cpu_compat  # noqa: F401
 
 MONITOR_METHODS = ("on_before_update", "on_step_end", "_attention_stats", "_matrix_stats", "_logit_stats")
 MONITOR_FUNCTIONS = ("qk_spectral_stats", "attention_entropy_from_scores", "_summarise", "_param_norm")
@@ -34,7 +32,7 @@ def _sync() -> None:
 
 
 def _instrument(times: dict) -> None:
-    import pretrain.monitors
+    import pretrain.callbacks.stability
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -46,7 +44,7 @@ def _instrument(times: dict) -> None:
             return out
         return wrapper
 
-    for target, names in ((pretrain.monitors.StabilityMonitor, MONITOR_METHODS), (pretrain.monitors, MONITOR_FUNCTIONS)):
+    for target, names in ((pretrain.callbacks.stability.StabilityMonitor, MONITOR_METHODS), (pretrain.monitors, MONITOR_FUNCTIONS)):
         for name in names:
             setattr(target, name, timed(name, getattr(target, name)))
 
@@ -54,7 +52,7 @@ def _instrument(times: dict) -> None:
 def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> None:
     from pretrain import distributed
     from pretrain.config import MonitorConfig, compose_config
-    from pretrain.monitors import StabilityMonitor
+    from pretrain.callbacks.stability import StabilityMonitor
     from pretrain.run import build_trainer
 
     times: dict[str, list[float]] = defaultdict(list)

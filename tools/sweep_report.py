@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/sweep_report.py`
-
-from pretrain.callbacks import pyplot, read_metrics, write_json  # noqa: E402
+from pretrain.rundir import pyplot, read_metrics, write_json
 
 PAPER = {"adam_optimal": -0.42, "adam_max_stable": -0.60, "sgd_clipped_optimal": -0.38}
 LOGIT_KEYS = ("stability/logit_norm", "stability/logit_max")  # logged by the stability monitors
@@ -59,7 +57,8 @@ def peak_lr(config: dict, result: dict) -> float:
         return float(result["lr"])
     from pretrain import cpu_compat  # noqa: F401  (silences megatron's import-time warnings)
     from optim.lr_rules import peak_lrs  # imports megatron: only for runs under a width rule
-    from pretrain.config import LayerwiseConfig, ModelConfig, OptimConfig, SpectralConfig
+    from optim.config import LayerwiseConfig, OptimConfig, SpectralConfig
+    from models.config import ModelConfig
 
     model = config["model"]
     cfg = _make(OptimConfig, {**optim, "layerwise": _make(LayerwiseConfig, optim.get("layerwise", {})),

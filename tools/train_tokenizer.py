@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.sources import InputError, Source  # noqa: E402
+from data.sources import InputError, Source
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from models.attention.gla import latent_spec
 from models.attention.gta import gta_spec
 from models.attention.mla import mla_spec
 from models.attention.sdpa import SDPACoreAttention
-from pretrain.config import AttentionConfig, ModelConfig
+from models.config import AttentionConfig, ModelConfig
 
 
 def standard_attention_spec(attention: AttentionConfig, model: Optional[ModelConfig]) -> ModuleSpec:

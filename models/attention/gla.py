@@ -109,7 +109,7 @@ class LatentAttention(MegatronModule):
         return kv.split(self.head_dim, dim=-1)
 
     def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        """Effective per-head query/key projections of the hidden state, for pretrain/monitors.py.
+        """Effective per-head query/key projections of the hidden state, for the stability monitor (pretrain/callbacks/stability.py).
 
         Products of the down- and up-projections; the RMSNorms and the RoPE rotation are left out.
         """

@@ -71,7 +71,7 @@ class GroupedTiedAttention(MegatronModule):
         return torch.cat([kv[..., : self.head_dim - self.rope_dim], shared], dim=-1)
 
     def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        """Query/key projections per head, for pretrain/monitors.py (RoPE rotation left out)."""
+        """Query/key projections per head, for the stability monitor (pretrain/callbacks/stability.py) (RoPE rotation left out)."""
         d, r = self.head_dim, self.rope_dim
         w_q = self.linear_q.weight.detach()
         if not self.tied:

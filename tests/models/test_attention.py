@@ -20,7 +20,7 @@ def test_every_type_trains_a_step(megatron_world, attention):
 
 def _config(heads=4, groups=2, d=16):
     from models.gpt import transformer_config
-    from pretrain.config import AttentionConfig, ModelConfig
+    from models.config import AttentionConfig, ModelConfig
 
     model = ModelConfig(hidden_size=heads * d, head_dim=d, num_layers=1)
     return transformer_config(model, AttentionConfig(type="gqa"), groups)
@@ -33,7 +33,7 @@ def test_gta_without_the_tie_is_gqa(megatron_world):
 
     from models.attention import standard_attention_spec
     from models.attention.gta import gta_spec
-    from pretrain.config import AttentionConfig, ModelConfig
+    from models.config import AttentionConfig, ModelConfig
 
     config, d, groups, per_group = _config(), 16, 2, 2
     spec = gta_spec(AttentionConfig(type="gta", rope_dim=d), ModelConfig(hidden_size=64, head_dim=d))

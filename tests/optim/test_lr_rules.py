@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from optim.lr_rules import GROUPS, PRESETS, default_alpha, group_exponents, peak_lrs, transfer_lr
-from pretrain.config import LAYERWISE_PRESETS, LayerwiseConfig, ModelConfig, OptimConfig
+from optim.config import LayerwisePreset
+from optim.config import LayerwiseConfig, OptimConfig
+from models.config import ModelConfig
 from tests.helpers import build_tiny_gpt
 
 WIDTHS = (32, 64, 128, 512)
@@ -35,7 +37,7 @@ def test_sp_width_explicit_exponent_and_transfer():
     assert transfer_lr(2e-3, 128, 512, 0.3) == pytest.approx(peak_lrs(cfg, _model(512))["hidden"])
 
 
-@pytest.mark.parametrize("preset", LAYERWISE_PRESETS)
+@pytest.mark.parametrize("preset", list(LayerwisePreset))
 def test_layerwise_presets_untied(preset):
     cfg = OptimConfig(lr=1e-2, lr_rule="layerwise", base_width=32, layerwise=LayerwiseConfig(preset=preset))
     for n in WIDTHS:
@@ -77,7 +79,8 @@ MODEL_VARIANTS = [[], ["model.tie_embeddings=false"], ["model.position_embedding
 
 @pytest.mark.parametrize("overrides", MODEL_VARIANTS)
 def test_every_parameter_lands_in_exactly_one_group(megatron_world, overrides):
-    from optim.builder import _group_overrides, param_group
+    from optim.lr_rules import param_group
+    from optim.optimizer import _group_overrides
 
     cfg, gpt = build_tiny_gpt(overrides)
     named = list(gpt.named_parameters())
@@ -98,16 +101,18 @@ def test_every_parameter_lands_in_exactly_one_group(megatron_world, overrides):
 @pytest.mark.parametrize("rule", ["sp_width", "layerwise"])
 def test_effective_lr_per_group_follows_the_formula_across_widths(megatron_world, rule):
     from models.builder import build_model
-    from optim.builder import build_optimizer, param_group, set_lr
+    from optim.lr_rules import param_group
+    from optim.optimizer import build_optimizer
 
     for width in (32, 64, 128):
         over = [f"model.hidden_size={width}", "model.tie_embeddings=false", f"optim.lr_rule={rule}",
                 "optim.base_width=64", "optim.lr=1e-2"]
         cfg, _ = build_tiny_gpt(over)
-        built = build_model(cfg, 128, torch.device("cpu"), torch.float32)
+        built = build_model(cfg.model, cfg.attention, 128, torch.device("cpu"), torch.float32, cfg.seed)
         peaks = peak_lrs(cfg.optim, cfg.model)
-        optimizer = build_optimizer(cfg.optim, [built.ddp], torch.float32, peaks)
-        logged = set_lr(optimizer, 0.5)  # the schedule's factor multiplies every group's peak
+        optimizer = build_optimizer(cfg.optim, cfg.model, built.ddp, built.gpt, torch.float32)
+        assert optimizer.peak_lrs == peaks
+        logged = optimizer.set_lr(0.5)  # the schedule's factor multiplies every group's peak
         exps = group_exponents(cfg.optim, cfg.model)
         for g in GROUPS:
             assert logged[f"lr/{g}"] == pytest.approx(0.5 * 1e-2 * (width / 64) ** -exps[g])

@@ -25,20 +25,17 @@ def test_head_norms_and_row_scales_by_hand():
 @pytest.mark.parametrize("attention", ["mha", "gqa", "mqa"])
 def test_step_scales_query_and_key_updates_and_leaves_the_rest(megatron_world, attention):
     from models.builder import build_model
-    from optim.builder import build_optimizer
-    from optim.lr_rules import peak_lrs
-    from optim.quack import QuackOptimizer
+    from optim.optimizer import build_optimizer
 
     def one_step(quack: bool):
-        cfg, _ = build_tiny_gpt([f"attention={attention}", "optim.weight_decay=0.1"])
-        built = build_model(cfg, 128, torch.device("cpu"), torch.float32)
-        optimizer = build_optimizer(cfg.optim, [built.ddp], torch.float32, peak_lrs(cfg.optim, cfg.model))
+        cfg, _ = build_tiny_gpt([f"attention={attention}", "optim.weight_decay=0.1", f"optim.quack={quack}"])
+        built = build_model(cfg.model, cfg.attention, 128, torch.device("cpu"), torch.float32, cfg.seed)
+        optimizer = build_optimizer(cfg.optim, cfg.model, built.ddp, built.gpt, torch.float32)
         if quack:
-            optimizer = QuackOptimizer(optimizer, built.gpt)
             # as if the weights had grown since the first step: query/key rates halve
-            for name, p, (heads, kv, d) in optimizer.qkv:
+            for name, p, (heads, kv, d) in optimizer.rule.qkv:
                 q, k = head_norms(p, heads, kv, d)
-                optimizer.initial_norms[name] = (q / 2, k / 2)
+                optimizer.rule.initial_norms[name] = (q / 2, k / 2)
         before = {n: p.detach().clone() for n, p in built.gpt.named_parameters()}
         for n, p in built.gpt.named_parameters():
             p.main_grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + len(n)).view_as(p)
@@ -46,7 +43,7 @@ def test_step_scales_query_and_key_updates_and_leaves_the_rest(megatron_world, a
         return {n: p.detach() - before[n] for n, p in built.gpt.named_parameters()}, optimizer
 
     (plain, _), (quacked, optimizer) = one_step(False), one_step(True)
-    for name, p, (heads, kv, d) in optimizer.qkv:
+    for name, p, (heads, kv, d) in optimizer.rule.qkv:
         key = f"decoder.layers.{int(name[5:]) - 1}.self_attention.linear_qkv.weight"
         per_group = heads // kv
         a, b = plain[key].view(kv, per_group + 2, d, -1), quacked[key].view(kv, per_group + 2, d, -1)

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from optim.schedule import lr_factor
-from pretrain.config import ScheduleConfig
+from optim.config import ScheduleConfig
 
 
 def test_constant_with_and_without_warmup():

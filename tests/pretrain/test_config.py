@@ -3,9 +3,10 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pretrain.config import (CheckpointConfig, KeelConfig, ModelConfig, OptimConfig, ParallelConfig,
-                             ScheduleConfig, TrainerConfig, compose_config, register_configs)
-from tests.helpers import ROOT
+from pretrain.config import CheckpointConfig, KeelConfig, ParallelConfig, TrainerConfig, compose_config, register_configs
+from models.config import ModelConfig
+from optim.config import OptimConfig, ScheduleConfig
+from tests.helpers import BAD_VALUES, ROOT
 
 
 def test_defaults_compose_and_derive_heads_and_ffn():
@@ -13,13 +14,31 @@ def test_defaults_compose_and_derive_heads_and_ffn():
     assert isinstance(cfg, KeelConfig)
     assert cfg.model.heads == cfg.model.hidden_size // cfg.model.head_dim
     assert cfg.model.ffn_size % 8 == 0 and cfg.model.ffn_size >= 8 * cfg.model.hidden_size // 3
-    assert cfg.num_query_groups() == cfg.model.heads // 2  # GQA by default
+    assert cfg.attention.query_groups(cfg.model.heads) == cfg.model.heads // 2  # GQA by default
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo"])
-def test_presets_compose(name):
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes(name):
     cfg = compose_config([f"+experiment={name}"])
     assert cfg.name == name
+
+
+def test_the_preset_list_is_complete():
+    assert len(PRESETS) >= 12 and {"smoke", "demo", "moe_dense_baseline", "warmup_free_adamw"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+model.hiden_size=128", "unknown config key model.hiden_size; did you mean model.hidden_size?"),
+    ("+trainer.evl_interval=3", "unknown config key trainer.evl_interval; did you mean trainer.eval_interval?"),
+    ("+typo=1", "unknown config key typo"),
+])
+def test_unknown_keys_are_refused_even_with_plus(override, message):
+    with pytest.raises(ValueError) as err:
+        compose_config([override])
+    assert str(err.value) == message
 
 
 def test_required_override_names_exist():
@@ -44,10 +63,15 @@ def test_width_knob_keeps_head_dim():
     (["trainer.stop_at=500", "trainer.max_steps=10"], "trainer.stop_at=500"),
     (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], "must be a multiple"),
     (["optim.lr=-1"], "optim.lr must be positive"),
-    (["lr.name=linear"], "lr.name must be"),
-    (["attention.type=sparse"], "attention='sparse' is unknown"),
+    (["lr.name=linear"], "lr.name='linear' is unknown"),
+    (["attention.type=sparse"], "attention.type='sparse' is unknown"),
     (["parallel.pipeline=3"], "does not divide model.num_layers"),
     (["optim.name=sgd", "optim.distributed=true"], "Adam-only"),
+    (["logging.monitors.spike_window=5"], "logging.monitors.spike_window must be >= 20"),
+    (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1)"),
+    (["model.moe.num_experts=4", "parallel.tensor=2"], "model.moe needs parallel.tensor=1"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; choose one of auto, fp32, bf16"),
+    *BAD_VALUES,
 ])
 def test_config_errors_are_one_clear_line(overrides, message):
     with pytest.raises(ValueError) as err:

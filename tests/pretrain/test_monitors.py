@@ -7,14 +7,14 @@ import torch
 
 from optim.spectral import power_iteration
 from pretrain.config import MonitorConfig
-from pretrain.monitors import StabilityMonitor
+from pretrain.callbacks.stability import StabilityMonitor
 from tests.helpers import build_tiny_gpt
 
 
 @pytest.mark.parametrize("attention", ["gqa", "gla"])
 def test_batched_statistics_equal_per_matrix_ones(megatron_world, attention):
-    from models.stability import qk_spectral_stats
-    from pretrain.monitors import _qk_weights
+    from pretrain.callbacks.stability_stats import qk_spectral_stats
+    from pretrain.callbacks.stability import _qk_weights
 
     _, gpt = build_tiny_gpt([f"attention={attention}", "model.num_layers=3"])
     monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))

@@ -1,4 +1,4 @@
-"""Tests for pretrain/spike.py on a synthetic loss curve."""
+"""Tests for the spike detector (pretrain/callbacks/spike.py) on a synthetic loss curve."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pretrain.spike import SpikeDetector
+from pretrain.callbacks.spike import SpikeDetector
 
 SPIKES = {150: 3.0, 151: 2.0, 300: 1.5, 420: 4.0}
 

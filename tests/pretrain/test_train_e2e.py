@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import BAD_VALUES, MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -125,9 +125,14 @@ def _error_line(proc):
     (["model.hidden_size=100"], "not divisible by model.head_dim"),
     (["parallel.tensor=3"], "does not divide the 4 attention heads"),
     (["data.seq_len=1024"], "exceeds model.max_seq_len"),
+    (["+model.hiden_size=128"], "unknown config key model.hiden_size"),
+    (["lr.name=linear"], "lr.name='linear' is unknown"),
+    *BAD_VALUES,
 ])
 def test_config_errors_from_the_command_line(tiny_data, tmp_path, extra, message):
-    assert message in _error_line(run_keel(tiny_overrides(tiny_data, tmp_path / "r") + extra, check=False))
+    run = tmp_path / "r"
+    assert message in _error_line(run_keel(tiny_overrides(tiny_data, run) + extra, check=False))
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # nothing started
 
 
 def test_input_errors_from_the_command_line(tiny_data, tmp_path):

@@ -1,4 +1,4 @@
-"""tools/attention_report.py on synthetic run folders: grouping, statistics, model facts, outputs."""
+"""tools/experiments/attention_report.py on synthetic run folders: grouping, statistics, model facts, outputs."""
 
 import dataclasses
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import ROOT, child_env
 
+REPORT = ROOT / "tools" / "experiments" / "attention_report.py"
 TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim=16", "data.vocab_size=256"]
 
 
@@ -29,8 +30,8 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
         _fake_run(runs / f"{attention}-s{seed}", attention, seed, loss)
     _fake_run(runs / "mla-s1", "mla", 1, 1.0, status="diverged")  # not completed: left out
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "attention_report.py"), str(runs), "--out", str(out),
-                           "--name", "q"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(out), "--name", "q"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["attention"]: r for r in json.loads((out / "q.json").read_text())["rows"]}
     assert list(rows) == ["gqa", "gla"]  # keel's type order, the diverged MLA run left out
@@ -43,6 +44,6 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
 
 
 def test_report_without_completed_runs_says_so(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "attention_report.py"), str(tmp_path), "--out",
-                           str(tmp_path / "out")], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "no completed runs" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no completed runs" in proc.stderr

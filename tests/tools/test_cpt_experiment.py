@@ -1,49 +1,52 @@
-"""tools/cpt_experiment.py: planning, the validation split, aggregation and the experiment presets (no training)."""
+"""tools/experiments/cpt_experiment.py: settings from the presets, the stage commands, aggregation and the
+reading of run folders (no training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tools import cpt_experiment as cpt  # noqa: E402
+from tools.experiments import cpt_experiment as cpt
 
 
-def test_plan_runs_covers_every_method_and_seed_from_one_init():
-    runs = cpt.plan_runs()
-    assert runs[0].name == cpt.INIT_RUN and "trainer.max_steps=1" in runs[0].argv
-    grid = [(r.method, r.seed) for r in runs[1:]]
-    assert grid == [(m, s) for m in ("concat", "bfd", "sp") for s in (1, 2, 3)]
-    for r in runs[1:]:
-        assert f"data.pack_method={r.method}" in r.argv and f"seed={r.seed}" in r.argv
-        assert r.run_dir == cpt.CPT_DIR / f"{r.method}-seed{r.seed}"
-        assert not any(a.startswith(("init_from=", "trainer.max_steps=")) for a in r.argv)  # same init, same budget
+@pytest.fixture(scope="module")
+def setup() -> cpt.Setup:
+    return cpt.setup()
 
 
-def test_split_pieces_cover_every_token_once_without_mixing_documents():
-    lengths = np.array([1, 5, 8, 9, 3])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    src, length, doc = cpt.split_pieces(offsets, 4)
-    assert length.max() <= 4 and length.min() >= 1
-    assert np.array_equal(np.bincount(doc, weights=length).astype(int), lengths)
-    covered = np.concatenate([np.arange(s, s + k) for s, k in zip(src, length)])
-    assert np.array_equal(np.sort(covered), np.arange(offsets[-1]))
-    for s, k, d in zip(src, length, doc):
-        assert offsets[d] <= s and s + k <= offsets[d + 1]
-    assert list(np.diff(np.concatenate([[0], np.cumsum(-(-lengths // 4))]))) == [1, 2, 2, 3, 1]
+def test_settings_come_from_the_presets(setup):
+    from pretrain.config import compose_config
+
+    pre = compose_config(["+experiment=cpt_pretrain"])
+    cfg = compose_config(["+experiment=cpt_packing", "data.pack_method=sp"])
+    assert setup.seq_len == cfg.data.seq_len == pre.data.seq_len
+    assert setup.val_rows == cfg.trainer.eval_batches * cfg.trainer.global_batch_size
+    assert str(setup.train["sp"]) == cfg.data.path == f"{setup.pack_prefix}.sp" and str(setup.val) == cfg.data.val_path
+    assert str(setup.pretrain_dir) == cfg.init_from == pre.run_dir
+    assert setup.cpt_dir == cpt.Path(cfg.run_dir).parent
 
 
-def test_sample_rows_is_fixed_and_sorted():
-    a, b = cpt.sample_rows(100, 10), cpt.sample_rows(100, 10)
-    assert np.array_equal(a, b) and np.all(np.diff(a) > 0) and a.size == 10
-    assert np.array_equal(cpt.sample_rows(5, 10), np.arange(5))
+def test_a_preset_without_method_suffixed_paths_is_one_clear_error(monkeypatch):
+    import pretrain.config
+
+    real = pretrain.config.compose_config
+    monkeypatch.setattr(pretrain.config, "compose_config", lambda o: real([*o, "data.path=runs/x/train"]))
+    with pytest.raises(cpt.ExperimentError, match=r"data.path must be PREFIX.\$\{data.pack_method\}"):
+        cpt.setup()
+
+
+def test_the_grid_is_one_multirun_of_every_method_and_seed_from_one_init(setup):
+    grid = cpt.grid_argv(jobs=3)
+    assert grid[:4] == ["pretrain/main.py", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=3"]
+    assert "data.pack_method=concat,bfd,sp" in grid and "seed=1,2,3" in grid and "+experiment=cpt_packing" in grid
+    assert not any(a.startswith(("init_from=", "trainer.max_steps=", "run_dir=")) for a in grid)  # same init, budget
+    init = cpt.init_argv(setup)
+    assert "-m" not in init and f"run_dir={setup.cpt_dir / cpt.INIT_RUN}" in init and "trainer.max_steps=1" in init
+    pack = cpt.pack_argv(setup, cpt.Path("t.model"))
+    assert "--compare" in pack and pack[pack.index("--output") + 1] == str(setup.pack_prefix)
 
 
 def test_aggregate_mean_spread_and_band():
@@ -58,7 +61,7 @@ def test_aggregate_mean_spread_and_band():
     assert c["final_val_loss"]["spread"] == pytest.approx(0.4)
     assert c["final_val_loss"]["perplexity_of_mean"] == pytest.approx(math.exp(2.2))
     assert c["curve"]["min"] == pytest.approx([3.0, 2.0]) and c["curve"]["max"] == pytest.approx([3.2, 2.4])
-    assert c["curve_with_init"]["step"][0] == 0 and c["curve_with_init"]["mean"][0] == 4.0
+    assert c["curve_with_init"]["step"] == [0, 25, 50] and c["curve_with_init"]["mean"][0] == 4.0
     assert rep["methods"]["bfd"]["final_step"] == 25  # only steps every seed evaluated
     ranking = rep["ranking_by_mean_final_val_loss"]
     assert ranking.index("sp") < ranking.index("concat")
@@ -70,19 +73,40 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "x.png").stat().st_size > 1000
 
 
-def test_collect_reads_only_completed_runs(tmp_path):
-    def write(name, status, vals):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "val_loss": v}) + "\n"
-                                                 for s, v in vals.items()))
-        (d / "result.json").write_text(json.dumps({"status": status}))
+def _run(folder, method: str, seed: int, status: str, vals: dict[int, float]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run_info.json").write_text(json.dumps({"config": {"seed": seed, "data": {"pack_method": method}}}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "val_loss": v}) + "\n"
+                                                  for s, v in vals.items()))
+    (folder / "result.json").write_text(json.dumps({"status": status}))
 
-    write("concat-seed1", "completed", {10: 2.5})
-    write("concat-seed2", "diverged", {10: 9.0})
-    write(cpt.INIT_RUN, "completed", {1: 4.2})
-    curves, init = cpt.collect(("concat",), (1, 2), root=tmp_path)
-    assert curves == {"concat": {1: {10: 2.5}}} and init == 4.2
+
+def test_collect_reads_completed_runs_by_config_and_the_init_run_apart(setup, tmp_path):
+    s = dataclasses.replace(setup, cpt_dir=tmp_path)
+    _run(tmp_path / "data.pack_method=concat,seed=1", "concat", 1, "completed", {10: 2.6, 20: 2.5})
+    _run(tmp_path / "data.pack_method=concat,seed=2", "concat", 2, "diverged", {10: 9.0})
+    _run(tmp_path / cpt.INIT_RUN, "concat", 1, "completed", {1: 4.2})  # concat, seed 1 too: kept apart
+    curves, init = cpt.collect(s)
+    assert curves == {"concat": {1: {10: 2.6, 20: 2.5}}} and init == 4.2
+    assert not cpt.grid_done(s)
+    for method, seed in [(m, seed) for m in ("bfd", "sp") for seed in cpt.SEEDS] + [("concat", 3)]:
+        _run(tmp_path / f"{method}-{seed}", method, seed, "completed", {20: 2.0})
+    assert not cpt.grid_done(s)  # concat seed 2 diverged
+    (tmp_path / "data.pack_method=concat,seed=2" / "result.json").write_text(json.dumps({"status": "completed"}))
+    assert cpt.grid_done(s)
+
+
+def test_a_stage_whose_runs_completed_is_skipped(setup, tmp_path, monkeypatch, capsys):
+    s = dataclasses.replace(setup, pretrain_dir=tmp_path / "pre")
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "result.json").write_text(json.dumps({"status": "completed"}))
+    monkeypatch.setattr(cpt, "launch", lambda argv: pytest.fail(f"launched {argv}"))
+    cpt.stage_training("pretrain", s, jobs=2, dry=False, force=False)
+    assert "pretrain: every run has completed; skipped" in capsys.readouterr().out
+    launched = []
+    monkeypatch.setattr(cpt, "launch", launched.append)
+    cpt.stage_training("pretrain", s, jobs=2, dry=False, force=True)  # --force: folder removed, run again
+    assert launched == [cpt.pretrain_argv()] and not (tmp_path / "pre").exists()
 
 
 @pytest.mark.parametrize("method", ["concat", "bfd", "sp"])
@@ -91,8 +115,5 @@ def test_presets_compose_and_match_the_pretrained_model(method):
 
     pre = compose_config(["+experiment=cpt_pretrain"])
     cfg = compose_config(["+experiment=cpt_packing", f"data.pack_method={method}", "seed=2"])
-    assert cfg.model == pre.model and cfg.data.seq_len == pre.data.seq_len == cpt.SEQ_LEN
-    assert pre.data.corpus == "stdlib:code" and cfg.init_from == str(cpt.PRETRAIN_DIR) == pre.run_dir
-    assert cfg.data.path == str(cpt.train_prefix(method)) and cfg.data.val_path == str(cpt.val_prefix())
-    assert cfg.run_dir == str(cpt.CPT_DIR / f"{method}-seed2")
-    assert cfg.trainer.eval_batches * cfg.trainer.global_batch_size == cpt.VAL_ROWS  # whole val set, once
+    assert cfg.model == pre.model and pre.data.corpus == "stdlib:code" and cfg.init_from == pre.run_dir
+    assert cfg.data.path.endswith(f".{method}")

@@ -111,14 +111,14 @@ def test_the_paper_reference_follows_the_sweeps_optimizer():
 
 
 def test_metrics_of_a_killed_run_are_read_up_to_the_cut(tmp_path):
-    from pretrain.callbacks import read_metrics
+    from pretrain.rundir import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.5}\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and read_metrics(tmp_path / "none") == []
 
 
 def test_json_is_written_whole_or_not_at_all(tmp_path):
-    from pretrain.callbacks import write_json
+    from pretrain.rundir import write_json
 
     write_json(tmp_path / "a.json", {"x": 1.5})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5}

@@ -1,4 +1,4 @@
-"""Tests for models/stability.py against hand-computed values and explicit SVDs."""
+"""Tests for pretrain/callbacks/stability_stats.py against hand-computed values and explicit SVDs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.stability import (
+from pretrain.callbacks.stability_stats import (
     attention_entropy,
     attention_entropy_from_scores,
     logit_stats,

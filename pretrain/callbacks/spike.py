@@ -1,6 +1,7 @@
-"""Loss-spike detection by a one-sided z-score against a rolling window of recent non-spike losses.
+"""Loss-spike detection by a one-sided z-score against a rolling window of recent non-spike losses,
+and the callback that applies it to every step's loss.
 
-The trainer calls `observe(step, loss)` once per step and acts on the returned event's `action`:
+`SpikeDetector.observe(step, loss)` runs once per step and returns an event whose `action` is
 "log" (record only), "skip" (drop this update) or "stop" (end the run).  Spikes are kept out of the
 history so a burst of bad steps cannot raise the baseline it is judged against.
 """
@@ -12,7 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Action = Literal["log", "skip", "stop"]
+from pretrain.callbacks.base import Callback
+from pretrain.config import SPIKE_MIN_HISTORY, MonitorConfig, SpikeAction
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class SpikeEvent:
     std: float
     z: float  # (loss - mean) / std; inf for a non-finite loss
     reason: Literal["zscore", "nonfinite"]
-    action: Action
+    action: SpikeAction
     consecutive: int  # spikes in a row including this one
 
 
@@ -37,17 +39,17 @@ class SpikeDetector:
         self,
         window: int = 100,
         z_threshold: float = 6.0,
-        min_history: int = 20,
-        action: Action = "log",
+        min_history: int = SPIKE_MIN_HISTORY,
+        action: SpikeAction = SpikeAction.log,
         min_std: float = 1e-6,
         reset_after: int | None = None,
     ) -> None:
-        if action not in ("log", "skip", "stop"):
+        if action not in tuple(SpikeAction):
             raise ValueError(f"action must be log, skip or stop, not {action!r}")
         if not 2 <= min_history <= window:
             raise ValueError("need 2 <= min_history <= window")
         self.window, self.z_threshold, self.min_history = window, z_threshold, min_history
-        self.action: Action = action
+        self.action = SpikeAction(action)
         self.min_std, self.reset_after = min_std, reset_after
         self.history: deque[float] = deque(maxlen=window)
         self.consecutive = 0
@@ -94,3 +96,26 @@ class SpikeDetector:
         self.history = deque((float(x) for x in state["history"]), maxlen=self.window)
         self.consecutive = int(state["consecutive"])
         self.num_spikes = int(state["num_spikes"])
+
+
+class SpikeMonitor(Callback):
+    """Loss spikes by z-score over a window; the action is log, skip the update, or stop."""
+
+    def __init__(self, cfg: MonitorConfig):
+        self.detector = SpikeDetector(window=cfg.spike_window, z_threshold=cfg.spike_z, action=cfg.spike_action)
+        self.event = None
+
+    def on_before_update(self, trainer, loss: float):
+        self.event = self.detector.observe(trainer.step + 1, loss)
+        return self.event.action if self.event and self.event.action != "log" else None
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if self.event is not None:
+            metrics.update({"spike": 1, "spike_z": self.event.z, "spike_action": self.event.action})
+            self.event = None
+
+    def state_dict(self) -> dict:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(state)

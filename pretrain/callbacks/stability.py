@@ -1,4 +1,4 @@
-"""Stability monitors and loss-spike detection, as trainer callbacks.
+"""The stability monitors, as a trainer callback.
 
 Every `logging.monitors.interval` steps the monitor looks at the first micro-batch's first
 `batch_rows` rows as the training forward sees them (forward hooks, no extra forward pass, so it
@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from models.stability import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
+from pretrain.callbacks.stability_stats import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
 from optim.spectral import init_vectors, megatron_shard_dim, power_iteration
-from pretrain.callbacks import Callback
+from pretrain.callbacks.base import Callback
 from pretrain.config import MonitorConfig
-from pretrain.spike import SpikeDetector
 
 STACK_BYTES = 1 << 28  # fp32 bytes per batch of stacked matrices: bounds the monitor's extra memory
 POWER_ITERS = 3  # per monitored step; the vectors are warm-started, so estimates tighten over steps
@@ -242,38 +241,3 @@ def _param_norm(gpt) -> float:
     total = norms.double().square().sum().reshape(1)
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return float(total.sqrt())
-
-
-class SpikeMonitor(Callback):
-    """Loss spikes by z-score over a window; the action is log, skip the update, or stop."""
-
-    def __init__(self, cfg: MonitorConfig):
-        self.detector = SpikeDetector(window=cfg.spike_window, z_threshold=cfg.spike_z, action=cfg.spike_action)
-        self.event = None
-
-    def on_before_update(self, trainer, loss: float):
-        self.event = self.detector.observe(trainer.step + 1, loss)
-        return self.event.action if self.event and self.event.action != "log" else None
-
-    def on_step_end(self, trainer, metrics: dict) -> None:
-        if self.event is not None:
-            metrics.update({"spike": 1, "spike_z": self.event.z, "spike_action": self.event.action})
-            self.event = None
-
-    def state_dict(self) -> dict:
-        return self.detector.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.detector.load_state_dict(state)
-
-
-class OptimizerStats(Callback):
-    """The optimizer wrapper's statistics on logged steps: how often and how hard the spectral bound
-    clipped per matrix group, or the spread of QuacK's rate factors."""
-
-    def __init__(self, optimizer, interval: int):
-        self.optimizer, self.interval = optimizer, interval
-
-    def on_step_end(self, trainer, metrics: dict) -> None:
-        if metrics["step"] % self.interval == 0:
-            metrics.update(self.optimizer.pop_stats())

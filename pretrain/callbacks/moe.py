@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 
-from pretrain.callbacks import Callback
+from pretrain.callbacks.base import Callback
 
 
 class MoEStatsCallback(Callback):

@@ -1,0 +1,176 @@
+"""The model's configuration: architecture, attention variant and mixture of experts.
+
+Each dataclass validates itself in `__post_init__` and raises one `ValueError` line naming the fix.
+Derived sizes (heads from `hidden_size` and the fixed `head_dim`, the FFN width) are properties, never
+stored, so Hydra's schema defaults can not freeze them. Choice fields draw their values from one
+`StrEnum` each (which tools reuse); members compare equal to their strings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Optional
+
+def choices(name: str, *values: str) -> type[StrEnum]:
+    """A StrEnum whose member names are its values (Hydra matches by name; `auto()` would lowercase)."""
+    return StrEnum(name, [(v, v) for v in values])
+
+
+AttentionType = choices("AttentionType", "mha", "gqa", "mqa", "mla", "gta", "gla")
+PositionEmbedding = choices("PositionEmbedding", "rope", "learned_absolute")
+Normalization = choices("Normalization", "RMSNorm", "LayerNorm")
+Activation = choices("Activation", "swiglu", "gelu")
+AuxLoss = choices("AuxLoss", "switch", "seq", "none")  # switch: global load balancing; seq: per sequence
+DropPolicy = choices("DropPolicy", "probs", "position")
+
+# attention types whose key/value heads are megatron's query groups (the others keep their own latents)
+GROUPED_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa, AttentionType.gta)
+
+
+def check(ok: bool, message: str) -> None:
+    """The one way keel's configs fail: a ValueError whose message is the line the user sees."""
+    if not ok:
+        raise ValueError(message)
+
+
+def choice(kind: type[StrEnum], default: str):
+    """A config field limited to `kind`'s values. Hydra sees a plain string, so a bad value reaches
+    `check_choices` (one line) rather than failing inside Hydra's composition."""
+    return field(default=kind(default), metadata={"choices": kind})
+
+
+def check_choices(owner: str, obj) -> None:
+    """Turn each choice field's string into its enum member; an unknown value is one line naming the choices."""
+    for f in fields(obj):
+        kind = f.metadata.get("choices")
+        if kind is not None:
+            value = getattr(obj, f.name)
+            check(value in tuple(kind), f"{owner}.{f.name}={value!r} is unknown; choose one of {', '.join(kind)}")
+            setattr(obj, f.name, kind(value))
+
+
+def check_positive(owner: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        check(value is None or value > 0, f"{owner}.{name} must be positive, got {value}")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0: dense MLP everywhere
+    top_k: int = 2
+    every: int = 1  # every n-th layer is MoE (1: all layers)
+    ffn_hidden_size: Optional[int] = None  # per expert; None: the dense FFN size
+    aux_loss: str = choice(AuxLoss, "switch")
+    aux_loss_coeff: float = 1e-2
+    z_loss: float = 0.0
+    ortho_loss: float = 0.0  # beta
+    var_loss: float = 0.0  # gamma
+    capacity_factor: Optional[float] = None  # None: no token dropping
+    drop_policy: str = choice(DropPolicy, "probs")
+
+    def __post_init__(self):
+        check_choices("model.moe", self)
+        check(self.num_experts >= 0, f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts:
+            check(1 <= self.top_k <= self.num_experts,
+                  f"model.moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        check_positive("model.moe", self, "every", "ffn_hidden_size", "capacity_factor")
+        for name in ("aux_loss_coeff", "z_loss", "ortho_loss", "var_loss"):
+            check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class AttentionConfig:
+    """Which attention a layer uses; the spec builder in `models/attention/` maps `type` to a module."""
+
+    type: str = choice(AttentionType, "gqa")
+    num_query_groups: Optional[int] = None  # gqa/gta; None: heads // 2
+    rope_dim: Optional[int] = None  # gta: RoPE key width, None: head_dim // 2
+    num_latent_heads: int = 2  # gla: h_c
+    latent_dim: Optional[int] = None  # gla: d_c, None: 2 * head_dim
+    q_lora_rank: Optional[int] = None  # mla
+    kv_lora_rank: Optional[int] = None  # mla, None: 4 * head_dim
+    qk_pos_emb_head_dim: Optional[int] = None  # mla/gla decoupled RoPE width, None: head_dim // 2
+
+    def __post_init__(self):
+        check_choices("attention", self)
+        check_positive("attention", self, "num_query_groups", "rope_dim", "num_latent_heads", "latent_dim",
+                       "q_lora_rank", "kv_lora_rank", "qk_pos_emb_head_dim")
+
+    def query_groups(self, heads: int) -> int:
+        """Key/value heads of megatron's attention: all heads for MHA, one for MQA, else the setting."""
+        if self.type == AttentionType.mha:
+            return heads
+        if self.type == AttentionType.mqa:
+            return 1
+        return self.num_query_groups if self.num_query_groups is not None else max(1, heads // 2)
+
+    def shape(self, head_dim: int) -> dict:
+        """The sizes this type's weights and KV cache depend on beyond heads/groups, defaults resolved.
+        MLA is GLA with one latent of width kv_lora_rank."""
+        if self.type == AttentionType.gta:
+            return {"rope_dim": self.rope_dim or head_dim // 2}
+        if self.type in (AttentionType.gla, AttentionType.mla):
+            gla = self.type == AttentionType.gla
+            return {"num_latents": self.num_latent_heads if gla else 1,
+                    "latent_dim": (self.latent_dim or 2 * head_dim) if gla else (self.kv_lora_rank or 4 * head_dim),
+                    "rope_dim": self.qk_pos_emb_head_dim or head_dim // 2, "q_lora_rank": self.q_lora_rank}
+        return {}
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    head_dim: int = 32  # fixed under width scaling: heads = hidden_size // head_dim
+    num_heads: Optional[int] = None  # None: derived from hidden_size and head_dim
+    ffn_hidden_size: Optional[int] = None  # None: derived from hidden_size (8/3 h for SwiGLU, 4 h otherwise)
+    max_seq_len: int = 2048
+    position_embedding: str = choice(PositionEmbedding, "rope")
+    rotary_base: int = 10000
+    normalization: str = choice(Normalization, "RMSNorm")
+    activation: str = choice(Activation, "swiglu")
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        # validation only: derived sizes are properties, so a default instance never freezes them
+        check_choices("model", self)
+        check_positive("model", self, "num_layers", "hidden_size", "head_dim", "num_heads", "ffn_hidden_size",
+                       "max_seq_len", "rotary_base", "init_std")
+        if self.num_heads is None:
+            check(self.hidden_size % self.head_dim == 0,
+                  f"model.hidden_size={self.hidden_size} is not divisible by model.head_dim={self.head_dim}; "
+                  "choose a multiple of the head dimension")
+        check(self.heads >= 1 and self.hidden_size % self.heads == 0,
+              f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.heads}")
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else self.hidden_size // self.head_dim
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head width actually used (equals head_dim unless num_heads is set explicitly)."""
+        return self.hidden_size // self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return _round_up(8 * self.hidden_size // 3, 8) if self.activation == Activation.swiglu else 4 * self.hidden_size
+
+
+def check_attention(model: ModelConfig, attention: AttentionConfig) -> None:
+    """What the model and its attention must agree on."""
+    groups = attention.query_groups(model.heads)
+    check(groups >= 1 and model.heads % groups == 0,
+          f"attention.num_query_groups={groups} must divide the {model.heads} heads")
+
+
+def _round_up(x: int, m: int) -> int:
+    return int(math.ceil(x / m) * m)

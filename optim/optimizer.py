@@ -1,0 +1,151 @@
+"""The whole optimizer: megatron-core's optimizer over the DDP-wrapped model, the per-group peak
+learning rates, and keel's update rule (the spectral bound or QuacK) that acts after megatron's step.
+
+`build_optimizer` returns one `KeelOptimizer`; the trainer and checkpoints use only its methods.
+Parameters fall into four groups by their megatron-core names (`optim.lr_rules.param_group`), each with
+its own peak LR; norms and biases get no weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+from models.config import ModelConfig
+from optim.config import OptimConfig, OptimizerName
+from optim.lr_rules import GROUPS, param_group, peak_lrs
+
+
+class UpdateRule(Protocol):
+    """Something that runs megatron's step and then reshapes the update it made (optim/bounded.py,
+    optim/quack.py). Its state is tensors and numbers, saved beside the trainer's."""
+
+    def step(self, inner_step) -> tuple: ...
+    def pop_stats(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class KeelOptimizer:
+    """megatron's optimizer, the peak LR of each parameter group, and an optional update rule."""
+
+    def __init__(self, megatron, peak_lrs: dict[str, float], base_lr: float, rule: UpdateRule | None = None):
+        self.megatron, self.peak_lrs, self.base_lr, self.rule = megatron, dict(peak_lrs), base_lr, rule
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.megatron.param_groups
+
+    def set_lr(self, factor: float) -> dict[str, float]:
+        """Apply the schedule's factor to every group's peak; return the effective LR per LR group."""
+        for group in self.megatron.param_groups:
+            group["lr"] = self.base_lr * group["lr_mult"] * factor
+        return {f"lr/{name}": peak * factor for name, peak in self.peak_lrs.items()}
+
+    def zero_grad(self) -> None:
+        self.megatron.zero_grad()
+
+    def step(self) -> tuple[bool, float | None, int | None]:
+        """Clip and update: (applied, grad norm, zeros) as megatron returns them."""
+        return self.rule.step(self.megatron.step) if self.rule else self.megatron.step()
+
+    def pop_stats(self) -> dict[str, float]:
+        """The update rule's statistics since the last call (empty without one)."""
+        return self.rule.pop_stats() if self.rule else {}
+
+    # ---- checkpoints: megatron's sharded state, and keel's own (the update rule's) --------------
+    def sharded_state_dict(self, model_sharded: dict, is_loading: bool) -> dict:
+        if is_loading:
+            # a fresh distributed optimizer has no state yet, and its state_dict() needs one to shape
+            for opt in self._chained():
+                if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+                    opt._init_optimizer_states_with_dummy_values()
+        # dp_reshardable: the distributed optimizer's flat shards, resumable at the same DP size
+        return self.megatron.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                                metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+
+    @torch.no_grad()  # the distributed optimizer copies into leaf tensors
+    def load_sharded_state_dict(self, state: dict) -> None:
+        self.megatron.load_state_dict(state)
+        self._restore_adam_steps()
+
+    def _restore_adam_steps(self) -> None:
+        """Give every parameter its own, correct Adam step after loading a distributed optimizer.
+
+        Without apex/TE megatron-core keeps the step in each param group, and on load either leaves the
+        step of its dummy initialisation in the per-parameter state or shares one tensor across all
+        parameters, which torch's AdamW then increments once per parameter."""
+        for opt in self._chained():
+            for group in opt.optimizer.param_groups:
+                if group.get("step") is None:
+                    continue
+                for p in group["params"]:
+                    if p in opt.optimizer.state:
+                        opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+    def _chained(self) -> list:
+        return chained(self.megatron)
+
+    def state_dict(self) -> dict:
+        return {"rule": self.rule.state_dict()} if self.rule else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.rule:
+            self.rule.load_state_dict(state["rule"])
+
+
+def chained(megatron_optimizer) -> list:
+    """The optimizers inside megatron's optimizer: a ChainedOptimizer's parts, or the optimizer itself."""
+    if isinstance(megatron_optimizer, ChainedOptimizer):
+        return list(megatron_optimizer.chained_optimizers)
+    return [megatron_optimizer]
+
+
+def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.nn.Module, dtype: torch.dtype,
+                    tp_group=None) -> KeelOptimizer:
+    """megatron's optimizer over `ddp_model` (each param group's peak LR is `optim.lr * lr_mult`), with
+    the update rule `cfg` asks for acting on the bare model `gpt`."""
+    peaks = peak_lrs(cfg, model)
+    megatron = get_megatron_optimizer(megatron_optimizer_config(cfg, dtype), [ddp_model],
+                                      config_overrides=_group_overrides(peaks, cfg.lr))
+    for group in megatron.param_groups:
+        group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
+    rule = None
+    if cfg.spectral.enabled:
+        from optim.bounded import SpectralBoundRule
+
+        rule = SpectralBoundRule(megatron, gpt, cfg.spectral, tp_group)
+    elif cfg.quack:
+        from optim.quack import QuackRule
+
+        rule = QuackRule(megatron, gpt)
+    return KeelOptimizer(megatron, peaks, cfg.lr, rule)
+
+
+def megatron_optimizer_config(cfg: OptimConfig, dtype: torch.dtype) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer="adam" if cfg.name == OptimizerName.adamw else "sgd", lr=cfg.lr, min_lr=0.0,
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps,
+        sgd_momentum=cfg.momentum, clip_grad=cfg.grad_clip, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=cfg.distributed)
+
+
+def _group_overrides(peak_lrs: dict[str, float], base_lr: float) -> dict:
+    """One megatron param group per distinct (LR multiplier, weight-decay multiplier).
+
+    megatron identifies groups across checkpoints by (wd_mult, lr_mult, ...), so LR groups that
+    share both multipliers are merged: they would be updated identically anyway.
+    """
+    combos: dict[tuple[float, float], list[str]] = {}
+    for group in GROUPS:
+        combos.setdefault((peak_lrs[group] / base_lr, 0.0 if group == "norm" else 1.0), []).append(group)
+    overrides = {}
+    for (lr_mult, wd_mult), members in combos.items():
+        match = ParamWithNamePredicate(name="keel_" + "+".join(members),
+                                       fn=lambda p, n, m=tuple(members): param_group(n, p) in m)
+        overrides[ParamKey(with_name_predicate=match)] = {"lr_mult": lr_mult, "wd_mult": wd_mult}
+    return overrides

@@ -1,0 +1,39 @@
+"""`loss.png`: training and validation loss against the step, drawn when training ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pretrain.callbacks.base import Callback
+from pretrain.rundir import pyplot, read_metrics
+
+
+class LossPlot(Callback):
+    """`loss.png` in the run folder: training loss and validation loss against the step."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_end(self, trainer) -> None:
+        plot_losses(self.run_dir, self.run_dir / "loss.png")
+
+
+def plot_losses(run_dir: Path, out: Path) -> None:
+    plt = pyplot()
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float)]
+    val = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), float)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)

@@ -1,0 +1,49 @@
+"""Metrics: one JSON object per logged step in `metrics.jsonl`, and the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pretrain.callbacks.base import Callback
+
+
+class MetricsLogger(Callback):
+    """Rank 0's metrics.jsonl and TensorBoard writer."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, interval: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.interval = interval
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def on_train_start(self, trainer) -> None:
+        # after a crash and resume, drop the rows logged past the checkpoint: they are re-run
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= trainer.step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            tmp.replace(self.path)
+
+    def _write(self, metrics: dict) -> None:
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.writer:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, metrics["step"])
+            self.writer.flush()
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if metrics["step"] % self.interval == 0 or "val_loss" in metrics:
+            self._write(metrics)
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,102 @@
+"""tools/experiments/common.py against hand-computed numbers: paired seeds and their t interval, summaries,
+tables, and runs read from folders and grouped into arms."""
+
+import json
+import math
+
+import pytest
+
+from tools.experiments import common
+from tools.experiments.common import ExperimentError, by_arm, load_runs, markdown_table, paired, per_seed, summarize
+
+T2 = 4.302652729911275  # Student t, 2 degrees of freedom, two-sided 95% (tables: 4.303)
+
+
+@pytest.mark.parametrize("confidence, df, table", [(0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 5, 2.5706),
+                                                   (0.95, 30, 2.0423), (0.99, 10, 3.1693), (0.90, 4, 2.1318)])
+def test_t_quantile_matches_the_tables(confidence, df, table):
+    assert common.t_quantile(confidence, df) == pytest.approx(table, abs=1e-4)
+
+
+def test_paired_differences_cover_zero_within_noise():
+    # diffs 0.1, 0.3, 0.2: mean 0.2, sample std 0.1, half-width t(2) * 0.1 / sqrt(3) = 0.248414
+    p = paired({1: 5.0, 2: 5.2, 3: 5.1}, {1: 5.1, 2: 5.5, 3: 5.3})
+    assert p.seeds == (1, 2, 3) and p.diffs == pytest.approx((0.1, 0.3, 0.2)) and p.mean == pytest.approx(0.2)
+    assert p.interval == pytest.approx((0.2 - T2 * 0.1 / math.sqrt(3), 0.2 + T2 * 0.1 / math.sqrt(3)))
+    assert p.interval == pytest.approx((-0.048414, 0.448414), abs=1e-6)
+    assert p.within_noise and p.verdict() == "within noise"
+
+
+def test_paired_differences_away_from_zero_are_higher_or_lower():
+    # diffs 0.2, 0.3, 0.25: mean 0.25, std 0.05, half-width 0.124207 -> (0.125793, 0.374207)
+    a, b = {1: 1.0, 2: 2.0, 3: 3.0}, {1: 1.2, 2: 2.3, 3: 3.25}
+    up = paired(a, b)
+    assert up.interval == pytest.approx((0.125793, 0.374207), abs=1e-6)
+    assert not up.within_noise and up.verdict() == "higher"
+    down = paired(b, a)
+    assert down.mean == pytest.approx(-0.25) and down.verdict() == "lower" and not down.within_noise
+
+
+def test_only_shared_seeds_are_paired_and_one_pair_has_no_interval():
+    p = paired({1: 3.0, 2: 3.5, 4: 9.0}, {2: 3.25, 3: 1.0})
+    assert p.seeds == (2,) and p.diffs == (-0.25,) and p.interval is None
+    assert not p.within_noise and p.verdict() == "one seed: no interval"
+    with pytest.raises(ExperimentError, match=r"share no seed \(seeds \[1\] and \[2\]\)"):
+        paired({1: 1.0}, {2: 1.0})
+
+
+def test_summarize():
+    s = summarize([2.0, 2.4, 2.2])
+    assert (s["mean"], s["std"], s["spread"]) == pytest.approx((2.2, 0.2, 0.4))
+    assert (s["min"], s["max"], s["n"], s["values"]) == (2.0, 2.4, 3, [2.0, 2.4, 2.2])
+    assert summarize([5.0])["std"] == 0.0
+
+
+def test_markdown_table_aligns_the_named_columns():
+    table = markdown_table(["arm", "loss"], [["a", "1.00"], ["b", common.fmt(None)]], align="lr")
+    assert table == "| arm | loss |\n| --- | ---: |\n| a | 1.00 |\n| b | — |"
+
+
+def _run(folder, seed: int, status: str | None, rows: list[dict], arm: str = "x") -> None:
+    folder.mkdir(parents=True)
+    (folder / "run_info.json").write_text(json.dumps({"config": {"seed": seed, "arm": arm}}))
+    if status:
+        (folder / "result.json").write_text(json.dumps({"status": status}))
+    # keel logs a non-finite value as a string; a killed run leaves a torn last line
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+
+
+def test_runs_are_read_by_status_and_their_metrics_by_step(tmp_path):
+    rows = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": "nan"}, {"step": 3, "loss": 7.0, "val_loss": 6.5},
+            {"step": 6, "loss": 6.0, "val_loss": 6.0}]
+    _run(tmp_path / "a" / "s1", 1, "completed", rows)
+    _run(tmp_path / "b", 2, "diverged", [{"step": 1, "loss": 9.0}])
+    _run(tmp_path / "c", 3, None, [])  # still going
+    (run,) = load_runs(tmp_path)
+    assert (run.name, run.seed, run.status) == ("a/s1", 1, "completed")
+    assert run.series("loss") == {1: 9.0, 3: 7.0, 6: 6.0}  # the NaN and the torn line are left out
+    assert run.values("loss", after=1) == [7.0, 6.0] and run.last("val_loss") == 6.0 and run.last("x") is None
+    assert [r.name for r in load_runs(tmp_path, statuses=("completed", "diverged"))] == ["a/s1", "b"]
+    with pytest.raises(ExperimentError, match="no completed runs .* below .*nothing; run the experiment first"):
+        load_runs(tmp_path / "nothing")
+
+
+def test_runs_group_into_arms_with_one_run_per_seed(tmp_path):
+    for name, seed, arm, val in [("p2", 2, "p", 4.0), ("p1", 1, "p", 5.0), ("q1", 1, "q", 3.0)]:
+        _run(tmp_path / name, seed, "completed", [{"step": 1, "val_loss": val}], arm)
+    arms = by_arm(load_runs(tmp_path), lambda r: r.config["arm"])
+    assert list(arms) == ["p", "q"] and list(arms["p"]) == [1, 2]  # arms as first seen, seeds sorted
+    assert per_seed(arms["p"], lambda r: r.last("val_loss")) == {1: 5.0, 2: 4.0}
+    assert per_seed(arms["p"], lambda r: r.last("grad_norm")) == {}
+    _run(tmp_path / "p1-again", 1, "completed", [{"step": 1, "val_loss": 5.5}], "p")
+    with pytest.raises(ExperimentError, match=r"p1 and .*p1-again are both seed 1 of arm 'p'"):
+        by_arm(load_runs(tmp_path), lambda r: r.config["arm"])
+
+
+def test_guarded_turns_a_problem_with_the_runs_into_one_line_and_exit_2(capsys):
+    def broken():
+        raise ExperimentError("no completed runs below x; run the experiment first")
+
+    assert common.guarded(broken) == 2 and common.guarded(lambda: None) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("error: no completed runs below x; run the experiment first\n")

@@ -1,0 +1,191 @@
+"""What the experiment drivers and reports share, written once.
+
+- Runs: `load_runs` finds the finished run folders below some roots (the resolved config of
+  run_info.json, the status of result.json, the rows of metrics.jsonl); `Run` reads metrics from them.
+- Arms and seeds: `by_arm` groups runs into arms, one run per seed; `per_seed` takes one number per seed.
+- Paired seeds: `paired` compares two arms seed by seed (the same seed means the same initialisation
+  and data order, so the per-seed difference cancels most of the seed noise): the mean difference and
+  its 95% Student-t interval. `Paired.within_noise` holds only when that interval covers 0.
+- Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
+- The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
+  one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Hashable, Iterable
+
+from pretrain.rundir import read_metrics
+
+CONFIDENCE = 0.95
+MISSING = "—"  # a table cell without a value
+
+
+class ExperimentError(ValueError):
+    """A problem an experiment script reports in one line: no runs found, one seed twice in an arm, a
+    stage that failed."""
+
+
+class NoRuns(ExperimentError):
+    """No finished run below the roots a report was given."""
+
+
+# --- Runs -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    name: str  # the folder, relative to the root it was found below
+    folder: Path
+    config: dict  # the resolved config (run_info.json)
+    status: str  # completed | diverged (result.json)
+    rows: list[dict]  # metrics.jsonl
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    def series(self, key: str) -> dict[int, float]:
+        """step -> value of `key`, at the steps where it was logged as a number (keel logs a
+        non-finite value as a string, so NaN and inf are left out)."""
+        return {int(r["step"]): float(r[key]) for r in self.rows if _is_number(r.get(key))}
+
+    def values(self, key: str, after: int = 0) -> list[float]:
+        """The logged values of `key` after step `after`, in step order."""
+        return [v for step, v in sorted(self.series(key).items()) if step > after]
+
+    def last(self, key: str) -> float | None:
+        """The value of `key` at the last step that logged it (the final evaluation for val_loss)."""
+        values = self.values(key)
+        return values[-1] if values else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_runs(*roots: Path, statuses: tuple[str, ...] = ("completed",)) -> list[Run]:
+    """Every run folder below `roots` (any depth) whose result.json status is one of `statuses`, in
+    path order. Runs without a result.json are still going and left out."""
+    runs = []
+    for root, info in sorted((Path(root), p) for root in roots for p in Path(root).rglob("run_info.json")):
+        folder, result = info.parent, info.parent / "result.json"
+        status = json.loads(result.read_text())["status"] if result.exists() else None
+        if status in statuses:
+            name = str(folder.relative_to(root)) if folder != root else folder.name
+            runs.append(Run(name, folder, json.loads(info.read_text())["config"], status, read_metrics(folder)))
+    if not runs:
+        raise NoRuns(f"no {' or '.join(statuses)} runs (run_info.json beside a result.json) below "
+                              f"{', '.join(map(str, roots))}; run the experiment first")
+    return runs
+
+
+# --- Arms and seeds -------------------------------------------------------------------------------
+def by_arm(runs: Iterable[Run], arm: Callable[[Run], Hashable]) -> dict[Hashable, dict[int, Run]]:
+    """arm -> seed -> run, arms in the order first seen and seeds sorted. Two runs of one arm with the
+    same seed are an error: they would be counted twice."""
+    arms: dict[Hashable, dict[int, Run]] = {}
+    for run in runs:
+        seeds = arms.setdefault(arm(run), {})
+        if run.seed in seeds:
+            raise ExperimentError(f"{seeds[run.seed].folder} and {run.folder} are both seed {run.seed} of arm "
+                                  f"{arm(run)!r}; remove one, or report them from separate roots")
+        seeds[run.seed] = run
+    return {name: dict(sorted(seeds.items())) for name, seeds in arms.items()}
+
+
+def per_seed(arm: dict[int, Run], value: Callable[[Run], float | None]) -> dict[int, float]:
+    """seed -> value(run) for the arm's runs, leaving out runs without a value."""
+    return {seed: v for seed, run in arm.items() if (v := value(run)) is not None}
+
+
+# --- Paired seeds ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Paired:
+    """Arm b against arm a, seed by seed."""
+
+    seeds: tuple[int, ...]  # the seeds both arms ran
+    diffs: tuple[float, ...]  # b - a, per seed
+    mean: float
+    interval: tuple[float, float] | None  # 95% Student-t interval of the mean; None from one pair
+
+    @property
+    def within_noise(self) -> bool:
+        """The interval covers 0. Never true without an interval: one pair says nothing about noise."""
+        return self.interval is not None and self.interval[0] <= 0.0 <= self.interval[1]
+
+    def verdict(self) -> str:
+        if self.interval is None:
+            return "one seed: no interval"
+        return "within noise" if self.within_noise else ("higher" if self.mean > 0 else "lower")
+
+
+def paired(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE) -> Paired:
+    """The per-seed differences b - a over the seeds both arms ran, their mean and its interval."""
+    seeds = tuple(sorted(a.keys() & b.keys()))
+    if not seeds:
+        raise ExperimentError(f"the arms share no seed (seeds {sorted(a)} and {sorted(b)}); "
+                              "run both arms with the same seeds")
+    diffs = tuple(b[s] - a[s] for s in seeds)
+    mean = statistics.fmean(diffs)
+    if len(diffs) == 1:
+        return Paired(seeds, diffs, mean, None)
+    half = t_quantile(confidence, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return Paired(seeds, diffs, mean, (mean - half, mean + half))
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """t such that P(|T| <= t) = confidence for Student's t with `df` degrees of freedom (two-sided)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+# --- Summaries and tables -------------------------------------------------------------------------
+def summarize(values: Iterable[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), extremes and the values themselves."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("summarize needs at least one value")
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "spread": max(xs) - min(xs), "n": len(xs), "values": xs}
+
+
+def mean_std(mean: float, std: float, spec: str = ".4f") -> str:
+    return f"{mean:{spec}} ± {std:{spec}}"
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    return MISSING if value is None else format(value, spec)
+
+
+def markdown_table(header: list[str], rows: Iterable[list], align: str = "") -> str:
+    """A markdown table of preformatted cells; `align` holds one letter per column, l or r (default l)."""
+    rule = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, rule, *rows])
+
+
+# --- The reports' command line --------------------------------------------------------------------
+def report_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
+    """ROOT ... --out DIR [--name STEM]: the arguments every report takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("roots", type=Path, nargs="+", help="folders holding the run folders (any depth)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the plots")
+    if name:
+        p.add_argument("--name", default=name, help="stem of the files written into --out")
+    return p
+
+
+def guarded(report: Callable[[], None]) -> int:
+    """Run a report; a problem with its runs is one line on stderr and exit code 2."""
+    try:
+        report()
+    except ExperimentError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

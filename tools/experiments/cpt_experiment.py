@@ -1,0 +1,321 @@
+"""The continual-pretraining packing experiment of keel issue 3 (docs/results/packing.md): CT vs BFD vs SP.
+
+Five stages; each training stage is one process of pretrain/main.py:
+1. pack: the standard library's test files (`stdlib:tests` train split) packed with every method by
+   `tools/pack.py --compare`, and the fixed validation set, the `stdlib:tests` val split packed one
+   document piece per row (data/validation.py), at the paths conf/experiment/cpt_packing.yaml names.
+2. pretrain: one small GPT on `stdlib:code`:
+       python pretrain/main.py +experiment=cpt_pretrain
+3. init: the pretrained model measured on the validation set (one step at a negligible learning rate):
+       python pretrain/main.py +experiment=cpt_packing run_dir=runs/cpt_packing/init trainer.max_steps=1 \
+           lr.warmup_steps=0 optim.lr=1e-12 optim.weight_decay=0
+4. cpt: every method and seed continued from the same pretrained weights, one Hydra multirun into
+   runs/cpt_packing (the preset's hydra.sweep.dir), --jobs runs at once:
+       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_packing \
+           data.pack_method=concat,bfd,sp seed=1,2,3
+5. report: every run's metrics.jsonl aggregated into JSON and a PNG.
+
+    python tools/experiments/cpt_experiment.py                  # every stage
+    python tools/experiments/cpt_experiment.py --dry-run        # print the commands only
+    python tools/experiments/cpt_experiment.py --stage report   # re-aggregate existing runs
+
+A training stage whose runs have all completed is skipped (--force reruns it from scratch); otherwise it
+runs whole: keel resumes a killed run from its last checkpoint, and a completed run ends at once.
+Sequence length, validation rows and data paths come from the presets (pretrain.config.compose_config).
+Equal training tokens: every continual run takes max_steps x global_batch_size rows of seq_len tokens,
+whatever the method (rows x L, padding and SP's duplicated tokens included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data.config import DataConfig
+from pretrain.rundir import pyplot, write_json
+from tools.experiments.common import ExperimentError, NoRuns, Run, by_arm, guarded, load_runs, mean_std, summarize
+
+ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
+METHODS = ("concat", "bfd", "sp")
+SEEDS = (1, 2, 3)
+CORPUS = "stdlib:tests"  # the new domain: packed from its train split, validated on its val split
+INIT_RUN = "init"  # the pretrained model's validation loss, before continual pretraining
+STAGES = ("pack", "pretrain", "init", "cpt", "report")
+
+
+# --- The experiment's settings, from the presets ----------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    data: DataConfig  # cpt_packing's (the tokenizer and its vocabulary)
+    seq_len: int
+    val_rows: int  # eval_batches x global_batch_size: the whole validation set, once per evaluation
+    train: dict[str, Path]  # method -> packed training set (data.path)
+    pack_prefix: Path  # tools/pack.py --compare --output: it writes PREFIX.<method>
+    val: Path  # the split-packed validation set (data.val_path)
+    pretrain_dir: Path  # cpt_packing's init_from
+    cpt_dir: Path  # the continual runs' folder: run_dir's parent, and the preset's hydra.sweep.dir
+
+
+def setup(methods: tuple[str, ...] = METHODS) -> Setup:
+    """The settings conf/experiment/cpt_packing.yaml gives each method."""
+    from pretrain.config import compose_config
+
+    cfgs = {m: compose_config(["+experiment=cpt_packing", f"data.pack_method={m}"]) for m in methods}
+    train = {m: Path(cfg.data.path) for m, cfg in cfgs.items()}
+    prefixes = {str(path).removesuffix(f".{m}") for m, path in train.items()}
+    if len(prefixes) != 1 or any(not str(path).endswith(f".{m}") for m, path in train.items()):
+        raise ExperimentError("conf/experiment/cpt_packing.yaml: data.path must be PREFIX.${data.pack_method}, "
+                              f"the names tools/pack.py --compare writes; it gives {sorted(map(str, train.values()))}")
+    cfg = cfgs[methods[0]]
+    val_rows = cfg.trainer.eval_batches * cfg.trainer.global_batch_size
+    return Setup(data=cfg.data, seq_len=cfg.data.seq_len, val_rows=val_rows, train=train,
+                 pack_prefix=Path(prefixes.pop()), val=Path(cfg.data.val_path), pretrain_dir=Path(cfg.init_from),
+                 cpt_dir=Path(cfg.run_dir).parent)
+
+
+# --- The commands -------------------------------------------------------------------------------------
+def pack_argv(s: Setup, tokenizer: Path) -> list[str]:
+    return ["tools/pack.py", "--input", f"{CORPUS}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
+            "--compare", "--output", str(s.pack_prefix), "--overwrite", "--no-progress"]
+
+
+def pretrain_argv() -> list[str]:
+    return ["pretrain/main.py", "+experiment=cpt_pretrain"]
+
+
+def init_argv(s: Setup) -> list[str]:
+    # one step at a negligible learning rate: the pretrained weights, evaluated
+    return ["pretrain/main.py", "+experiment=cpt_packing", f"run_dir={s.cpt_dir / INIT_RUN}", "trainer.max_steps=1",
+            "lr.warmup_steps=0", "optim.lr=1e-12", "optim.weight_decay=0"]
+
+
+def grid_argv(jobs: int, methods=METHODS, seeds=SEEDS) -> list[str]:
+    return ["pretrain/main.py", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}",
+            "+experiment=cpt_packing", f"data.pack_method={','.join(methods)}", f"seed={','.join(map(str, seeds))}"]
+
+
+# --- Which runs exist ---------------------------------------------------------------------------------
+def completed(run_dir: Path) -> bool:
+    result = run_dir / "result.json"
+    return result.exists() and json.loads(result.read_text()).get("status") == "completed"
+
+
+def continual_runs(s: Setup) -> tuple[dict[str, dict[int, Run]], Run | None]:
+    """(method -> seed -> run, the init run or None) of the completed runs below cpt_dir."""
+    runs = load_runs(s.cpt_dir)
+    init = next((r for r in runs if r.name == INIT_RUN), None)
+    return by_arm((r for r in runs if r.name != INIT_RUN), lambda r: r.config["data"]["pack_method"]), init
+
+
+def grid_done(s: Setup) -> bool:
+    try:
+        arms, _ = continual_runs(s)
+    except NoRuns:
+        return False
+    return all(seed in arms.get(m, {}) for m in METHODS for seed in SEEDS)
+
+
+def grid_folders(s: Setup) -> list[Path]:
+    return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name != INIT_RUN]
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    argv: list[str]  # its one process
+    done: Callable[[], bool]  # have all its runs completed?
+    folders: Callable[[], list[Path]]  # what --force removes
+
+
+def training_stages(s: Setup, jobs: int) -> dict[str, TrainingStage]:
+    return {"pretrain": TrainingStage(pretrain_argv(), lambda: completed(s.pretrain_dir), lambda: [s.pretrain_dir]),
+            "init": TrainingStage(init_argv(s), lambda: completed(s.cpt_dir / INIT_RUN),
+                                  lambda: [s.cpt_dir / INIT_RUN]),
+            "cpt": TrainingStage(grid_argv(jobs), lambda: grid_done(s), lambda: grid_folders(s))}
+
+
+# --- Aggregation --------------------------------------------------------------------------------------
+def aggregate(curves: dict[str, dict[int, dict[int, float]]], init_loss: float | None = None) -> dict:
+    """Per method: final validation loss over seeds, and the curve (mean/min/max at each step).
+
+    ``curves[method][seed][step] = val_loss``. Only steps every seed of a method evaluated are kept.
+    """
+    out = {}
+    for method, by_seed in curves.items():
+        steps = sorted(set.intersection(*(set(c) for c in by_seed.values()))) if by_seed else []
+        if not steps:
+            continue
+        at_step = [[c[step] for c in by_seed.values()] for step in steps]
+        curve = {"step": steps, "mean": [float(np.mean(v)) for v in at_step],
+                 "min": [float(np.min(v)) for v in at_step], "max": [float(np.max(v)) for v in at_step]}
+        final = summarize(by_seed[seed][steps[-1]] for seed in sorted(by_seed))
+        final["perplexity_of_mean"] = math.exp(final["mean"])
+        out[method] = {"seeds": sorted(by_seed), "final_step": steps[-1], "final_val_loss": final, "curve": curve}
+        if init_loss is not None:
+            out[method]["curve_with_init"] = {k: [0 if k == "step" else init_loss] + v for k, v in curve.items()}
+    ranking = sorted(out, key=lambda m: out[m]["final_val_loss"]["mean"])
+    return {"methods": out, "ranking_by_mean_final_val_loss": ranking}
+
+
+def collect(s: Setup) -> tuple[dict, float | None]:
+    """(method -> seed -> step -> val_loss, the init run's validation loss) of the completed runs."""
+    arms, init = continual_runs(s)
+    curves = {m: {seed: run.series("val_loss") for seed, run in arms[m].items()} for m in METHODS if m in arms}
+    return curves, init.last("val_loss") if init else None
+
+
+def packing_stats(s: Setup) -> dict:
+    keys = ("rows", "corpus_tokens", "content_tokens", "padding_share", "duplicated_share", "truncated_share",
+            "split_share", "pieces_per_row", "documents", "pieces_before_sampling")
+    out = {}
+    for name, prefix in [*s.train.items(), ("val", s.val)]:
+        meta = Path(f"{prefix}.json")
+        if meta.exists():
+            stats = json.loads(meta.read_text())["stats"]
+            out[name] = {k: stats[k] for k in keys if k in stats}
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    plt = pyplot()
+    colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green"}
+    labels = {"concat": "CT (concat)", "bfd": "BFD", "sp": "SP"}
+    fig, (ax, zoom, dots) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.1, 1.1, 0.8]})
+    for i, (method, m) in enumerate(report["methods"].items()):
+        c, color = m.get("curve_with_init", m["curve"]), colors.get(method)
+        f = m["final_val_loss"]
+        label = f"{labels.get(method, method)}: {mean_std(f['mean'], f['std'])} (n={f['n']})"
+        ax.plot(c["step"], c["mean"], marker="o", ms=3, color=color, label=label)
+        ax.fill_between(c["step"], c["min"], c["max"], color=color, alpha=0.2)
+        late = range(min(1, len(m["curve"]["step"]) - 1), len(m["curve"]["step"]))  # from the 2nd evaluation
+        z = {k: [m["curve"][k][j] for j in late] for k in ("step", "mean", "min", "max")}
+        zoom.plot(z["step"], z["mean"], marker="o", ms=3, color=color, label=label)
+        zoom.fill_between(z["step"], z["min"], z["max"], color=color, alpha=0.2)
+        dots.scatter([i] * f["n"], f["values"], color=color, s=18, zorder=3)
+        dots.errorbar([i + 0.15], [f["mean"]], yerr=[f["std"]], fmt="s", color=color, capsize=4)
+    ax.set_title("new-domain validation loss (stdlib:tests val)")
+    zoom.set_title("zoom from the 2nd evaluation; band = min..max over seeds")
+    for a in (ax, zoom):
+        a.set_xlabel("continual-pretraining step (step 0: pretrained model)")
+        a.set_ylabel("validation loss (nats/token)")
+        a.grid(alpha=0.3)
+    zoom.legend(fontsize=8)
+    names = list(report["methods"])
+    dots.set_xticks(range(len(names)), [labels.get(n, n) for n in names])
+    dots.set_xlim(-0.5, len(names) - 0.5)
+    dots.set_title("final validation loss: seeds, mean ± std")
+    dots.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- The stages ---------------------------------------------------------------------------------------
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(argv: list[str]) -> None:
+    """One stage's process, its output on this terminal (each run also logs to its folder's main.log)."""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env())
+    if proc.returncode:
+        raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
+
+
+def stage_pack(s: Setup, dry: bool) -> None:
+    from data.prepare import ensure_tokenizer, tokenizer_path
+
+    print("python " + " ".join(pack_argv(s, tokenizer_path(s.data))))
+    print(f"(validation set) data.validation.pack_split_val({CORPUS}:val) -> {s.val}")
+    if dry:
+        return
+    from data.corpus import stdlib_documents
+    from data.validation import pack_split_val
+
+    tokenizer = ensure_tokenizer(s.data)
+    launch(pack_argv(s, tokenizer.path))
+    documents = stdlib_documents(CORPUS.split(":")[1], "val")
+    meta = pack_split_val(documents, tokenizer, s.seq_len, s.val, s.val_rows, source=f"{CORPUS}:val")
+    print(f"wrote {s.val} ({meta['rows']} rows of {meta['stats']['pieces_before_sampling']} pieces)")
+    launch(["tools/pack.py", "--verify", *map(str, s.train.values()), str(s.val)])
+
+
+def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
+    stage = training_stages(s, jobs)[name]
+    print("python " + " ".join(stage.argv))
+    if dry:
+        return
+    if force:
+        for folder in stage.folders():
+            shutil.rmtree(folder, ignore_errors=True)
+    elif stage.done():
+        print(f"{name}: every run has completed; skipped (--force reruns it)")
+        return
+    launch(stage.argv)
+
+
+def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
+    curves, init = collect(s)
+    report = aggregate(curves, init)
+    report["init_val_loss"] = init
+    report["packing"] = packing_stats(s)
+    report["setup"] = {
+        "pretrain": "python " + " ".join(pretrain_argv()),
+        "continual": ["python " + " ".join(init_argv(s)), "python " + " ".join(grid_argv(jobs))],
+        "seq_len": s.seq_len, "validation_rows": s.val_rows,
+        "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
+                        "(rows x L, padding and SP duplicates included)"}
+    for name in ("cpt_pretrain", "cpt_packing"):
+        p = ROOT / "conf" / "experiment" / f"{name}.yaml"
+        report["setup"][f"{name}.yaml"] = p.read_text() if p.exists() else None
+    res = s.pretrain_dir / "result.json"
+    report["pretrain_result"] = json.loads(res.read_text()) if res.exists() else None
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, report)
+    if report["methods"]:
+        plot(report, png_path)
+    for method, m in report["methods"].items():
+        f = m["final_val_loss"]
+        print(f"{method:>7}: val loss {mean_std(f['mean'], f['std'])} (min {f['min']:.4f}, max {f['max']:.4f}, "
+              f"n={f['n']}), ppl {f['perplexity_of_mean']:.3f}")
+    print(f"init: {init}; wrote {json_path} and {png_path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("all", *STAGES), default="all")
+    p.add_argument("--jobs", type=int, default=2, help="continual runs at once (hydra.launcher.n_jobs)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--force", action="store_true", help="rerun training stages whose runs completed (folders removed)")
+    p.add_argument("--json", type=Path, default=Path("docs/results/cpt_packing.json"))
+    p.add_argument("--png", type=Path, default=Path("docs/results/cpt_packing.png"))
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        os.chdir(ROOT)
+        s = setup()
+        for stage in STAGES if args.stage == "all" else (args.stage,):
+            if stage == "pack":
+                stage_pack(s, args.dry_run)
+            elif stage == "report":
+                if not args.dry_run:
+                    stage_report(s, args.jobs, args.json, args.png)
+            else:
+                stage_training(stage, s, args.jobs, args.dry_run, args.force)
+
+    return guarded(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
