@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,10 @@ import torch
 
 FORMAT_VERSION = 1
 _SUFFIXES = (".bin", ".idx", ".bounds.bin", ".bounds.idx", ".json")
+_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's indexed format (indexed_dataset.py)
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, row count, document count
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+           8: np.uint16}
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -101,6 +106,52 @@ class PackedWriter:
             Path(self._tmp(suffix)).unlink(missing_ok=True)
 
 
+def check_index(prefix: str, dtype, row_length: int | None) -> tuple[list[str], np.ndarray | None]:
+    """Problems of `prefix`.idx/.bin as a pair, and the row lengths when the structure holds.
+    `row_length`: every row must have exactly this many items (None: at least two)."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for path in (idx, bin_):
+        if not path.is_file():
+            return [f"{path} is missing"], None
+    raw = idx.read_bytes()
+    # 1. the header
+    if len(raw) < _HEADER.size:
+        return [f"{idx} is {len(raw)} bytes, shorter than its {_HEADER.size}-byte header"], None
+    magic, version, code, rows, docs = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        return [f"{idx} does not start with megatron's index header {_MAGIC!r}"], None
+    if version != 1:
+        return [f"{idx} has index version {version}, not 1"], None
+    if _DTYPES.get(code) != np.dtype(dtype):
+        return [f"{idx} stores dtype code {code}, the dataset needs {np.dtype(dtype).name}"], None
+    # 2. the counts against the file's own size: lengths (int32), pointers (int64), documents (int64)
+    expected = _HEADER.size + 4 * rows + 8 * rows + 8 * docs
+    if len(raw) != expected:
+        return [f"{idx} is {len(raw)} bytes, its header ({rows} rows, {docs} documents) implies {expected}"], None
+    lengths = np.frombuffer(raw, np.int32, rows, _HEADER.size).astype(np.int64)
+    pointers = np.frombuffer(raw, np.int64, rows, _HEADER.size + 4 * rows)
+    documents = np.frombuffer(raw, np.int64, docs, _HEADER.size + 12 * rows)
+    problems = []
+    # 3. every row: its length, and a pointer exactly where the previous row ends
+    bad = np.flatnonzero(lengths != row_length) if row_length else np.flatnonzero(lengths < 2)
+    if bad.size:
+        want = f"exactly {row_length}" if row_length else "at least 2"
+        problems.append(f"{idx}: {bad.size} rows do not hold {want} items (first: row {bad[0]}, {lengths[bad[0]]})")
+    itemsize = np.dtype(dtype).itemsize
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize
+    bad = np.flatnonzero(pointers != starts)
+    if bad.size:
+        problems.append(f"{idx}: {bad.size} row pointers are not where the previous row ends "
+                        f"(first: row {bad[0]} points at byte {pointers[bad[0]]}, not {starts[bad[0]]})")
+    if docs != rows + 1 or (documents != np.arange(docs)).any():
+        problems.append(f"{idx}: the document index is not one document per row (0..{rows})")
+    # 4. the data file holds exactly what the index describes
+    size = bin_.stat().st_size
+    if size != int(lengths.sum()) * itemsize:
+        problems.append(f"{bin_} is {size} bytes, its index describes {int(lengths.sum()) * itemsize}")
+    return problems, (None if problems else lengths)
+
+
 @dataclass
 class PackedRow:
     tokens: np.ndarray  # [seq_len]
@@ -128,6 +179,13 @@ class PackedDataset:
             raise ValueError(f"{meta_path} has format_version {self.meta.get('format_version')}, "
                              f"keel reads {FORMAT_VERSION}; re-pack the corpus")
         self.seq_len = int(self.meta["seq_len"])
+        # the structure first, independently of megatron's reader (which asserts, and trusts pointers)
+        for pair, dtype, length in ((self.prefix, token_dtype(self.vocab_size), self.seq_len),
+                                    (f"{self.prefix}.bounds", np.int32, None)):
+            problems, _ = check_index(pair, dtype, length)
+            if problems:
+                raise ValueError(f"packed dataset {self.prefix} is damaged: {problems[0]}; re-pack it "
+                                 f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
         self.tokens = IndexedDataset(self.prefix)
         self.bounds = IndexedDataset(f"{self.prefix}.bounds")
         if len(self.tokens) != len(self.bounds):

@@ -1,12 +1,20 @@
-"""A deterministic, resumable loader over a packed dataset, sharded across data-parallel ranks.
+"""Deterministic, resumable loaders over packed datasets, sharded across data-parallel ranks.
 
 The loader's whole state is one integer, the number of rows consumed: row k of the stream is row
 ``perm_e[k % n]`` of the dataset, where ``perm_e`` is epoch ``e = k // n``'s permutation drawn
 from the seed. Every rank computes the same stream and takes its own slice of each global batch,
 so resuming only needs that integer.
+
+`MixedLoader` blends several datasets by weight (data.sources). Which source row k comes from is
+megatron-core's blending rule (`helpers.build_blending_indices`: each row goes to the source
+furthest below its share so far), computed once for a block of `BLEND_BLOCK` rows and repeated, so
+row k is found in O(1) and the state is still that one integer. Each source then streams its own
+rows as above, with its own permutations.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,17 +80,99 @@ class PackedLoader:
             self._perm_epoch = epoch
         return int(self._perm[k % n])
 
+    def _rows(self, stream: range) -> list[tuple[PackedDataset, int]]:
+        """(dataset, row) of each position of the stream."""
+        return [(self.dataset, self._row(k)) for k in stream]
+
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch."""
         per_rank = self.global_batch // self.dp_size
         start = self.consumed + self.dp_rank * per_rank
-        rows = [self._row(k) for k in range(start, start + per_rank)]
+        rows = self._rows(range(start, start + per_rank))
         self.consumed += self.global_batch
-        return [self.dataset.batch(np.array(rows[i:i + self.micro_batch]))
-                for i in range(0, per_rank, self.micro_batch)]
+        return [_batch(rows[i:i + self.micro_batch]) for i in range(0, per_rank, self.micro_batch)]
+
+    def tokens_seen(self) -> dict[str, int]:
+        """Token positions consumed per source (metrics): nothing to split for one dataset."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
+
+
+def _batch(rows: list[tuple[PackedDataset, int]]) -> dict[str, torch.Tensor]:
+    """One micro-batch of rows, each from its own dataset."""
+    datasets = {id(ds) for ds, _ in rows}
+    if len(datasets) == 1:
+        return rows[0][0].batch(np.array([i for _, i in rows]))
+    parts = [ds.batch(np.array([i])) for ds, i in rows]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+BLEND_BLOCK = 1 << 16  # rows per repeat of the blend: every source's share is exact to one row per block
+
+
+@dataclass
+class Source:
+    name: str  # in the metrics: tokens_seen/NAME
+    dataset: PackedDataset
+    weight: float
+
+
+class MixedLoader(PackedLoader):
+    """Rows of several packed datasets, blended by weight; same interface and state as PackedLoader."""
+
+    def __init__(self, sources: list[Source], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 seed: int):
+        from megatron.core.datasets import helpers
+        from megatron.core.datasets.utils import normalize
+
+        super().__init__(sources[0].dataset, global_batch, micro_batch, dp_rank, dp_size, seed)
+        for s in sources:
+            if len(s.dataset) == 0:
+                raise ValueError(f"dataset {s.dataset.prefix} (source {s.name}) has no rows; pack a larger corpus")
+        self.sources = sources
+        # 1. megatron's blend of one block: which source each row takes, and its index within that source
+        self._source = np.zeros(BLEND_BLOCK, dtype=np.int16)
+        self._index = np.zeros(BLEND_BLOCK, dtype=np.int64)
+        weights = np.array(normalize([s.weight for s in sources]), dtype=np.float64)
+        helpers.build_blending_indices(self._source, self._index, weights, len(sources), BLEND_BLOCK, False)
+        self._per_block = np.bincount(self._source, minlength=len(sources)).astype(np.int64)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
+
+    def _source_row(self, k: int) -> tuple[int, int]:
+        """(source, how many of its rows came before) for stream position k."""
+        block, r = divmod(k, BLEND_BLOCK)
+        d = int(self._source[r])
+        return d, int(block * self._per_block[d] + self._index[r])
+
+    def _dataset_row(self, d: int, j: int) -> int:
+        """Row of source d's dataset at position j of that source's own stream (epochs permuted by seed)."""
+        n = len(self.sources[d].dataset)
+        epoch = j // n
+        if self._perms.get(d, (None,))[0] != epoch:
+            self._perms[d] = (epoch, np.random.default_rng([self.seed, d, epoch]).permutation(n))
+        return int(self._perms[d][1][j % n])
+
+    def _rows(self, stream: range) -> list[tuple[PackedDataset, int]]:
+        return [(self.sources[d].dataset, self._dataset_row(d, j)) for d, j in map(self._source_row, stream)]
+
+    def rows_seen(self) -> np.ndarray:
+        """Rows consumed so far from each source (over every data-parallel rank)."""
+        block, r = divmod(self.consumed, BLEND_BLOCK)
+        return block * self._per_block + np.bincount(self._source[:r], minlength=len(self.sources))
+
+    def tokens_seen(self) -> dict[str, int]:
+        seq_len = self.dataset.seq_len
+        return {f"tokens_seen/{s.name}": int(n) * seq_len for s, n in zip(self.sources, self.rows_seen())}
+
+
+def build_loader(sources: list[Source], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 seed: int) -> PackedLoader:
+    """One dataset's loader, or the blend of several."""
+    if len(sources) == 1:
+        return PackedLoader(sources[0].dataset, global_batch, micro_batch, dp_rank, dp_size, seed)
+    return MixedLoader(sources, global_batch, micro_batch, dp_rank, dp_size, seed)

@@ -25,14 +25,13 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data.corpus import Document
-from data.format import PackedDataset, PackedWriter, dataset_exists, remove_dataset, token_dtype
+from data.format import PackedWriter, dataset_exists, remove_dataset, token_dtype
 from data.packing import METHODS, Plan, build_plan, plan_stats
 from data.sources import InputError, check_settings
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 _CHUNK_DOCS = 256  # documents per tokenization task: big enough to amortize IPC, small for progress
 _CHUNK_CHARS = 1 << 20
-_VERIFY_BLOCK = 4096  # rows checked at a time by verify_dataset
 
 
 def check_output(output: str | Path, overwrite: bool) -> None:
@@ -57,7 +56,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(model_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer = load_tokenizer(model_path)
 
 
 def _encode(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -253,73 +252,3 @@ def pack_compare(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: i
     with tokenized(documents, tokenizer, output, workers=workers, progress=progress) as corpus:
         return {m: pack_tokenized(corpus, tokenizer, seq_len, m, out, workers=workers, seed=seed, overwrite=overwrite,
                                   progress=progress, metadata=metadata, **settings) for m, out in outputs.items()}
-
-
-# --- Verification ------------------------------------------------------------------------------
-def _bounds(prefix: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """All boundary rows flat, and where each row begins (through megatron-core's reader)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(f"{prefix}.bounds")
-    lengths = ds.sequence_lengths.astype(np.int64)
-    flat = ds.get(0, 0, int(lengths.sum())) if rows else np.zeros(0, np.int32)
-    return flat.astype(np.int64), np.concatenate([[0], np.cumsum(lengths)])
-
-
-def _check_rows(ds: PackedDataset, flat: np.ndarray, ptr: np.ndarray) -> list[str]:
-    L, problems = ds.seq_len, []
-    if (ds.tokens.sequence_lengths != L).any():
-        problems.append(f"{int((ds.tokens.sequence_lengths != L).sum())} rows are not exactly {L} tokens")
-    if (np.diff(ptr) < 2).any():
-        problems.append("some boundary rows lack a document start or a content end")
-        return problems
-    ends, firsts = flat[ptr[1:] - 1], flat[ptr[:-1]]
-    steps = np.diff(flat)
-    steps[ptr[1:-1] - 1] = 1  # differences across two rows are not a row's own
-    if (firsts != 0).any():
-        problems.append(f"{int((firsts != 0).sum())} rows do not start with boundary 0")
-    if (steps <= 0).any():
-        problems.append("boundaries are not strictly increasing within some rows")
-    if ((ends < 1) | (ends > L)).any():
-        problems.append(f"content_end outside [1, {L}] in some rows")
-    return problems
-
-
-def _check_tokens(ds: PackedDataset, ends: np.ndarray) -> list[str]:
-    pad, vocab, problems = int(ds.meta["tokenizer"]["pad"]), ds.vocab_size, []
-    for lo in range(0, len(ds), _VERIFY_BLOCK):
-        hi = min(lo + _VERIFY_BLOCK, len(ds))
-        rows = np.stack(ds.tokens[lo:hi])  # megatron-core's reader, a block at a time
-        padding = np.arange(ds.seq_len)[None, :] >= ends[lo:hi, None]
-        if (rows[padding] != pad).any():
-            problems.append(f"rows {lo}..{hi - 1}: tokens after content_end are not the pad id {pad}")
-        if rows.size and int(rows.max()) >= vocab:
-            problems.append(f"rows {lo}..{hi - 1}: token ids >= vocab_size {vocab}")
-    return problems
-
-
-def _check_accounting(meta: dict, rows: int, seq_len: int, padding: int) -> list[str]:
-    s, problems = meta.get("stats", {}), []
-    content = rows * seq_len - padding
-    expect = {"rows": rows, "output_tokens": rows * seq_len, "padding_tokens": padding, "content_tokens": content}
-    for key, value in expect.items():
-        if s.get(key) != value or (key == "rows" and meta.get("rows") != value):
-            problems.append(f"metadata {key}={s.get(key)} but the files hold {value}")
-    accounted = s.get("corpus_tokens", 0) + s.get("duplicated_tokens", 0) - s.get("truncated_tokens", 0)
-    if accounted != content:
-        problems.append(f"corpus {s.get('corpus_tokens')} + duplicated {s.get('duplicated_tokens')} - truncated "
-                        f"{s.get('truncated_tokens')} = {accounted}, but the rows hold {content} content tokens")
-    return problems
-
-
-def verify_dataset(prefix: str | Path) -> list[str]:
-    """Every problem found in a packed dataset (empty when it is consistent)."""
-    ds = PackedDataset(prefix)
-    flat, ptr = _bounds(str(prefix), len(ds))
-    problems = _check_rows(ds, flat, ptr)
-    if problems:
-        return problems
-    ends = flat[ptr[1:] - 1]
-    problems += _check_tokens(ds, ends)
-    problems += _check_accounting(ds.meta, len(ds), ds.seq_len, int((ds.seq_len - ends).sum()))
-    return problems

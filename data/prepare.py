@@ -1,8 +1,8 @@
 """Resolve the training data: a tokenizer and packed train/validation sets, cached when derived.
 
-With `data.path` set, the packed sets are used as they are (after validation). Otherwise the named
-corpus (the Python standard library) is tokenized with a cached tokenizer trained on it, split by
-file, and packed once into the cache; later runs reuse it.
+With `data.path` or `data.sources` set, the packed sets are used as they are (after validation).
+Otherwise the named corpus (the Python standard library) is tokenized with a cached tokenizer trained
+on it, split by file, and packed once into the cache; later runs reuse it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from data.corpus import stdlib_documents
 from data.format import PackedDataset, dataset_exists
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.loader import Source
+from data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from data.config import DataConfig
 
 
@@ -37,11 +38,12 @@ def ensure_tokenizer(cfg: DataConfig) -> Tokenizer:
     if not cfg.tokenizer and not path.exists():
         # trained on the training side of the split only, so validation text stays unseen
         train_tokenizer((d.text for d in stdlib_documents("all", "train", cfg.val_percent)), path, cfg.vocab_size)
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
-def packed_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
-    if cfg.path:
+def packed_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str | None, str]:
+    """(training set, validation set); the training set is None for a mixture (data.sources)."""
+    if cfg.path or cfg.sources:
         return cfg.path, cfg.val_path or cfg.path
     subset = cfg.corpus.split(":")[1] if ":" in cfg.corpus else "all"
     tag = f"stdlib-{subset}-{_python_tag()}-{tokenizer.fingerprint()}-L{cfg.seq_len}-{cfg.pack_method}-v{cfg.val_percent:g}"
@@ -52,7 +54,7 @@ def packed_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
 def ensure_packed(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
     """Build the cached packed sets for a named corpus when they are missing."""
     train, val = packed_prefixes(cfg, tokenizer)
-    if cfg.path:
+    if cfg.path or cfg.sources:
         return train, val
     subset = cfg.corpus.split(":")[1] if ":" in cfg.corpus else "all"
     for split, prefix in (("train", train), ("val", val)):
@@ -68,10 +70,38 @@ def ensure_packed(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
 def open_checked(prefix: str, cfg: DataConfig, tokenizer: Tokenizer, role: str) -> PackedDataset:
     """Open a packed set and check it against the tokenizer and the configured sequence length."""
     ds = PackedDataset(prefix)
-    if ds.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{role} data {prefix} was packed with a {ds.vocab_size}-token vocabulary but the tokenizer "
-                         f"{tokenizer.path} has {tokenizer.vocab_size}; re-pack with this tokenizer or set data.tokenizer")
+    packed_with = ds.meta["tokenizer"]
+    if ds.vocab_size != tokenizer.vocab_size or packed_with.get("sha256_16", tokenizer.fingerprint()) != tokenizer.fingerprint():
+        raise ValueError(f"{role} data {prefix} was packed with another tokenizer ({packed_with.get('path')}: "
+                         f"{ds.vocab_size}-token vocabulary, fingerprint {packed_with.get('sha256_16')}) than "
+                         f"{tokenizer.path} ({tokenizer.vocab_size}-token vocabulary, fingerprint "
+                         f"{tokenizer.fingerprint()}); re-pack with this tokenizer or set data.tokenizer to the one it "
+                         "was packed with")
     if ds.seq_len != cfg.seq_len:
         raise ValueError(f"{role} data {prefix} has rows of {ds.seq_len} tokens but data.seq_len={cfg.seq_len}; "
                          f"set data.seq_len={ds.seq_len} or re-pack")
     return ds
+
+
+def training_sources(cfg: DataConfig, tokenizer: Tokenizer, train_prefix: str | None) -> list[Source]:
+    """The training set, or each set of the mixture with its weight, opened and checked."""
+    if not cfg.sources:
+        return [Source("train", open_checked(train_prefix, cfg, tokenizer, "training"), 1.0)]
+    sources = []
+    for i, s in enumerate(cfg.sources):
+        try:
+            sources.append(Source(s.label, open_checked(s.path, cfg, tokenizer, f"data.sources[{i}]"), s.weight))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.sources[{i}].path: {e}") from None
+    return sources
+
+
+def validation_sets(cfg: DataConfig, tokenizer: Tokenizer, val_prefix: str) -> tuple[PackedDataset, dict]:
+    """The validation set (val_loss) and each of data.val_sets by name (val_loss/NAME), opened and checked."""
+    named = {}
+    for v in cfg.val_sets:
+        try:
+            named[v.name] = open_checked(v.path, cfg, tokenizer, f"data.val_sets {v.name}")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.val_sets {v.name}: {e}") from None
+    return open_checked(val_prefix, cfg, tokenizer, "validation"), named

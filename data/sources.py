@@ -19,6 +19,8 @@ so nothing is copied into the datasets cache.
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,35 +87,106 @@ def _load(path: str, fmt: str, text_mode: str):
     return datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True, **kwargs)
 
 
-def _field(row: dict, path: str, text_field: str) -> str:
-    if text_field not in row:
-        fields = ", ".join(sorted(row)) or "none"
-        raise InputError(f"{path} has no field {text_field!r} (fields: {fields}); pass --text-field NAME")
+class MissingField(InputError):
+    """A row without the text field (or with null there); `--skip-missing-field` skips such rows."""
+
+
+def _field(row, where: str, text_field: str) -> str:
+    """The document text of one row; `where` names the file and the row's line (or row number)."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where} holds a JSON {type(row).__name__}, not an object; one object per line, "
+                         f"with the text in {text_field!r}")
+    if row.get(text_field) is None:  # absent, or null (datasets fills absent fields with null)
+        fields = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+        raise MissingField(f"{where} has no field {text_field!r} (fields: {fields}); pass --text-field NAME, "
+                           "or --skip-missing-field to skip such rows")
     value = row[text_field]
-    if value is None:
-        return ""
     if not isinstance(value, str):
-        raise InputError(f"{path}: field {text_field!r} holds {type(value).__name__}, not text; "
+        raise InputError(f"{where}: field {text_field!r} holds {type(value).__name__}, not text; "
                          "pass the --text-field that holds the document text")
     return value
 
 
-def _file_documents(path: str, text_field: str, text_mode: str) -> Iterator[Document]:
+def _json_lines(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line: read here rather than through `datasets`
+    so that an error names the file's real line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number} is not valid JSON ({e.msg} at column {e.colno}); "
+                                 "fix or remove that line") from None
+            except RecursionError:
+                raise InputError(f"{path}:{number} nests JSON deeper than Python's parser goes; "
+                                 "flatten or remove that line") from None
+            yield number, value
+
+
+def _first_invalid_utf8(path: str) -> tuple[int, str]:
+    """The file offset and reason of the first byte sequence that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start, e.reason
+            offset += len(chunk)
+    return offset, "truncated character at the end"
+
+
+def _rows(path: str, fmt: str, text_mode: str) -> Iterator[tuple[str, object]]:
+    """(where, row) for each row of a file: `where` is `path:LINE` for JSON lines, `path row N` else."""
+    if Path(path).suffix.lower() in (".jsonl", ".ndjson"):
+        for number, row in _json_lines(path):
+            yield f"{path}:{number}", row
+        return
+    for i, row in enumerate(_load(path, fmt, text_mode)):
+        yield (path if text_mode == "file" else f"{path}:{i + 1}") if fmt == "text" else f"{path} row {i + 1}", row
+
+
+def _file_documents(path: str, text_field: str, text_mode: str, skip_missing=None) -> Iterator[Document]:
+    """Documents of one file. `skip_missing`: a list that collects the rows skipped for lacking the
+    text field (None: such a row is an error)."""
     fmt = file_format(path)
     try:
-        for i, row in enumerate(_load(path, fmt, text_mode)):
+        for where, row in _rows(path, fmt, text_mode):
             if fmt == "text":
-                yield Document(path if text_mode == "file" else f"{path}:{i + 1}", row["text"])
-            else:
-                yield Document(f"{path}:{i}", _field(row, path, text_field))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); convert it, "
+                yield Document(where, row["text"])
+                continue
+            try:
+                yield Document(where, _field(row, where, text_field))
+            except MissingField:
+                if skip_missing is None:
+                    raise
+                skip_missing.append(where)
+    except UnicodeDecodeError:
+        at, reason = _first_invalid_utf8(path)
+        raise InputError(f"{path} is not valid UTF-8 ({reason} at byte {at}); convert it, "
                          f"e.g. `iconv -f latin1 -t utf-8`") from None
     except InputError:
         raise
     except Exception as e:  # datasets/pyarrow parse errors come in many types; report them as input errors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if fmt == "json":
+            reason = _json_error(path) or reason
         raise InputError(f"cannot read {path} as {fmt}: {reason}; check the file's format") from None
+
+
+def _json_error(path: str) -> str | None:
+    """Where a JSON file stops being JSON, by the standard parser (datasets reports block offsets)."""
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return f"{e.msg} at line {e.lineno}, column {e.colno}"
+    except (OSError, UnicodeDecodeError, RecursionError):
+        return None
+    return None
 
 
 @dataclass
@@ -123,7 +196,10 @@ class Source:
     inputs: list[str]
     text_field: str = "text"
     text_mode: str = "file"
+    skip_missing_field: bool = False  # skip (and count) rows lacking the text field instead of failing
+    skipped: list = field(default_factory=list, init=False, repr=False)  # where each skipped row was
     _items: list = field(default_factory=list, init=False, repr=False)
+    _description: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -141,15 +217,23 @@ class Source:
         #    text fields fail here, before any heavy work.
         firsts = {file_format(v): v for kind, v in reversed(self._items) if kind == "file"}
         for path in firsts.values():
-            next(_file_documents(path, self.text_field, self.text_mode), None)
+            next(_file_documents(path, self.text_field, self.text_mode, [] if self.skip_missing_field else None),
+                 None)
 
     def __iter__(self) -> Iterator[Document]:
         for kind, value in self._items:
             if kind == "stdlib":
                 yield from stdlib_documents(*value)
             else:
-                yield from _file_documents(value, self.text_field, self.text_mode)
+                yield from _file_documents(value, self.text_field, self.text_mode,
+                                           self.skipped if self.skip_missing_field else None)
+        self.describe()
 
     def describe(self) -> dict:
-        return {"inputs": list(self.inputs), "files": sum(kind == "file" for kind, _ in self._items),
-                "text_field": self.text_field, "text_mode": self.text_mode}
+        """The inputs, for the packed data's metadata. The same dict object is returned each time, and
+        its count of skipped rows is filled in as the documents are read (the packer writes the
+        metadata once they all have been)."""
+        self._description.update({"inputs": list(self.inputs), "files": sum(kind == "file" for kind, _ in self._items),
+                                  "text_field": self.text_field, "text_mode": self.text_mode,
+                                  "rows_missing_text_field": len(self.skipped)})
+        return self._description

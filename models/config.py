@@ -24,6 +24,7 @@ Normalization = choices("Normalization", "RMSNorm", "LayerNorm")
 Activation = choices("Activation", "swiglu", "gelu")
 AuxLoss = choices("AuxLoss", "switch", "seq", "none")  # switch: global load balancing; seq: per sequence
 DropPolicy = choices("DropPolicy", "probs", "position")
+RopeScaling = choices("RopeScaling", "none", "llama3")
 
 # attention types whose key/value heads are megatron's query groups (the others keep their own latents)
 GROUPED_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa, AttentionType.gta)
@@ -122,6 +123,27 @@ class AttentionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling. llama3: Llama 3.1's rule (transformers' `_compute_llama3_parameters`):
+    wavelengths above original_max_positions / low_freq_factor are stretched by `factor`, those below
+    original_max_positions / high_freq_factor kept, the band between interpolated."""
+
+    type: str = choice(RopeScaling, "none")
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def __post_init__(self):
+        check_choices("model.rope_scaling", self)
+        check_positive("model.rope_scaling", self, "factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_positions")
+        check(self.high_freq_factor > self.low_freq_factor,
+              f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+              f"low_freq_factor={self.low_freq_factor}")
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
@@ -130,10 +152,15 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None  # None: derived from hidden_size (8/3 h for SwiGLU, 4 h otherwise)
     max_seq_len: int = 2048
     position_embedding: str = choice(PositionEmbedding, "rope")
-    rotary_base: int = 10000
+    rotary_base: float = 10000  # RoPE theta
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     normalization: str = choice(Normalization, "RMSNorm")
+    norm_eps: float = 1e-5
+    final_norm: bool = False  # a norm after the last layer (Llama has one; keel's own models so far do not)
     activation: str = choice(Activation, "swiglu")
     tie_embeddings: bool = True
+    vocab_size: Optional[int] = None  # rows of the embedding and output; None: the tokenizer's vocabulary
+    vocab_multiple: int = 1  # pad those rows to a multiple of this, so that tensor parallelism divides them
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -141,7 +168,7 @@ class ModelConfig:
         # validation only: derived sizes are properties, so a default instance never freezes them
         check_choices("model", self)
         check_positive("model", self, "num_layers", "hidden_size", "head_dim", "num_heads", "ffn_hidden_size",
-                       "max_seq_len", "rotary_base", "init_std")
+                       "max_seq_len", "rotary_base", "norm_eps", "vocab_size", "vocab_multiple", "init_std")
         if self.num_heads is None:
             check(self.hidden_size % self.head_dim == 0,
                   f"model.hidden_size={self.hidden_size} is not divisible by model.head_dim={self.head_dim}; "
@@ -158,11 +185,24 @@ class ModelConfig:
         """Per-head width actually used (equals head_dim unless num_heads is set explicitly)."""
         return self.hidden_size // self.heads
 
+    def vocab_rows(self, tokenizer_vocab: int) -> tuple[int, int]:
+        """(tokens the model predicts, rows of its embedding and output after padding). Padded rows
+        are never predicted: the model masks their logits (models/gpt.py)."""
+        vocab = self.vocab_size or tokenizer_vocab
+        check_vocabulary(tokenizer_vocab, vocab, model="the model (model.vocab_size)")
+        return vocab, _round_up(vocab, self.vocab_multiple)
+
     @property
     def ffn_size(self) -> int:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         return _round_up(8 * self.hidden_size // 3, 8) if self.activation == Activation.swiglu else 4 * self.hidden_size
+
+
+def check_vocabulary(tokens: int, predicted: int, tokenizer: str = "the tokenizer", model: str = "the model") -> None:
+    """A tokenizer fits a model when the model predicts every id it produces."""
+    check(tokens <= predicted, f"{tokenizer} has {tokens} tokens but {model} predicts {predicted}; "
+                               "use the model's own tokenizer")
 
 
 def check_attention(model: ModelConfig, attention: AttentionConfig) -> None:

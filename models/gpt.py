@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
 
 from models.attention import attention_spec
-from models.config import AttentionConfig, ModelConfig, MoEConfig
+from models.config import AttentionConfig, ModelConfig, MoEConfig, RopeScalingConfig, check
 
 
 def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
@@ -34,7 +34,7 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.heads,
         num_query_groups=num_query_groups, kv_channels=model.kv_channels, ffn_hidden_size=model.ffn_size,
-        normalization=model.normalization, layernorm_epsilon=1e-5,
+        normalization=model.normalization, layernorm_epsilon=model.norm_eps,
         gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=model.init_std, use_cpu_initialization=True, perform_initialization=True,
@@ -70,9 +70,13 @@ def mlp_spec():
                    submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
 
 
+def norm_spec(normalization: str):
+    return LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm")
+
+
 def layer_spec(attention: AttentionConfig | str, normalization: str, mlp=None,
                model: ModelConfig | None = None) -> ModuleSpec:
-    norm = LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm")
+    norm = norm_spec(normalization)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -81,11 +85,13 @@ def layer_spec(attention: AttentionConfig | str, normalization: str, mlp=None,
             mlp=mlp or mlp_spec(), mlp_bda=get_bias_dropout_add))
 
 
-def block_spec(config: TransformerConfig, layer_specs: list[ModuleSpec]) -> TransformerBlockSubmodules:
-    """Keep the layers of this pipeline stage (megatron builds whatever list it is given)."""
+def block_spec(config: TransformerConfig, layer_specs: list[ModuleSpec],
+               final_norm=None) -> TransformerBlockSubmodules:
+    """Keep the layers of this pipeline stage (megatron builds whatever list it is given); megatron adds
+    `final_norm` after the last layer, on the last stage."""
     offset = get_transformer_layer_offset(config)
     count = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count])
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count], layer_norm=final_norm)
 
 
 class _DropGPTModelDeprecation(logging.Filter):
@@ -100,15 +106,31 @@ logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_DropGPTModelD
 
 
 class KeelGPT(GPTModel):
-    """GPTModel whose RoPE follows `position_ids`, so positions can restart at each document.
+    """GPTModel whose RoPE follows `position_ids`, so positions can restart at each document, whose
+    llama3 RoPE scaling takes all of its parameters, and whose padded vocabulary rows are never predicted.
 
     megatron-core's GPTModel rotates by sequence index and ignores `position_ids` for RoPE; with
     `per_document_positions` the rotary table is gathered per token instead.
     """
 
-    def __init__(self, *args, per_document_positions: bool = False, **kwargs):
+    def __init__(self, *args, per_document_positions: bool = False, rope_scaling: RopeScalingConfig | None = None,
+                 unpadded_vocab_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.per_document_positions = per_document_positions
+        self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
+        if rope_scaling is not None and rope_scaling.type == "llama3" and hasattr(self, "rotary_pos_emb"):
+            self.rotary_pos_emb.inv_freq = llama3_inv_freq(self.rotary_pos_emb, rope_scaling)
+
+    def _scale_logits(self, logits):
+        """Padded vocabulary rows get -inf logits, so that neither the loss nor sampling sees them.
+        megatron calls this hook on every output-layer result (TP shards, or gathered logits)."""
+        logits = super()._scale_logits(logits)
+        if self.unpadded_vocab_size == self.vocab_size:
+            return logits
+        width = logits.shape[-1]
+        start = 0 if width == self.vocab_size else parallel_state.get_tensor_model_parallel_rank() * width
+        ids = torch.arange(start, start + width, device=logits.device)
+        return logits.masked_fill(ids >= self.unpadded_vocab_size, float("-inf"))
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -122,12 +144,26 @@ class KeelGPT(GPTModel):
         return (out[0], per_token, *out[2:])
 
 
+def llama3_inv_freq(rotary, scaling: RopeScalingConfig) -> torch.Tensor:
+    """megatron's llama3 formula with every parameter given: megatron-core 0.19.2's RotaryEmbedding passes
+    only the factor and keeps low_freq_factor=1, high_freq_factor=4 and 8192 original positions."""
+    return rotary._apply_scaling(rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+                                 high_freq_factor=scaling.high_freq_factor,
+                                 original_max_position_embeddings=scaling.original_max_positions)
+
+
 def build_gpt(model: ModelConfig, config: TransformerConfig, vocab_size: int, layer_specs: list[ModuleSpec],
               per_document_positions: bool = False) -> KeelGPT:
+    """The GPT with `vocab_size` (the tokenizer's) tokens, its rows padded as `model` says."""
+    vocab, padded = model.vocab_rows(vocab_size)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    check(padded % tp == 0, f"the {padded} vocabulary rows do not divide by parallel.tensor={tp}; "
+                            f"set model.vocab_multiple to a multiple of {tp}")
+    final_norm = norm_spec(model.normalization) if model.final_norm else None
     return KeelGPT(
-        config=config, transformer_layer_spec=block_spec(config, layer_specs), vocab_size=vocab_size,
+        config=config, transformer_layer_spec=block_spec(config, layer_specs, final_norm), vocab_size=padded,
         max_sequence_length=model.max_seq_len,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=model.position_embedding, rotary_base=model.rotary_base,
-        per_document_positions=per_document_positions)
+        per_document_positions=per_document_positions, rope_scaling=model.rope_scaling, unpadded_vocab_size=vocab)

@@ -187,7 +187,7 @@ def forward_cached(gpt, tokens: torch.Tensor, cache: KVCache, absorbed: bool = T
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
     logits = gather_from_tensor_model_parallel_region(gpt.output_layer(h, weight=weight)[0])
     cache.length += t
-    return logits.transpose(0, 1).float()
+    return logits.transpose(0, 1).float()[..., :gpt.unpadded_vocab_size]  # padded rows are never predicted
 
 
 @torch.no_grad()

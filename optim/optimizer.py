@@ -64,12 +64,21 @@ class KeelOptimizer:
             for opt in self._chained():
                 if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
                     opt._init_optimizer_states_with_dummy_values()
-        # dp_reshardable: the distributed optimizer's flat shards, resumable at the same DP size
+        # fully_reshardable: the distributed optimizer's state in each parameter's own shape (gathered on
+        # DP rank 0 when saving), so a checkpoint resumes at any TP/PP/DP layout
         return self.megatron.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                                metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+                                                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
     @torch.no_grad()  # the distributed optimizer copies into leaf tensors
     def load_sharded_state_dict(self, state: dict) -> None:
+        # torch's Adam keeps a "step" tensor per parameter, which megatron 0.19.2's fully reshardable
+        # load then looks up among the loaded tensors, where it never is (distrib_optimizer.py:1223,
+        # a KeyError): such a key is passed as "nothing to copy", and the steps are restored below
+        for opt in self._chained():
+            if isinstance(opt, DistributedOptimizer):
+                copy_states = opt._set_main_param_and_optimizer_states
+                opt._set_main_param_and_optimizer_states = (
+                    lambda param, tensors, copy_states=copy_states: copy_states(param, {"step": None, **tensors}))
         self.megatron.load_state_dict(state)
         self._restore_adam_steps()
 

@@ -1,26 +1,49 @@
-"""Atomic, resumable checkpoints through megatron-core's dist_checkpointing.
+"""Checkpoints that cannot lie: atomic, checksummed, verified before loading, reshardable.
 
-Layout: ``run_dir/checkpoints/step_00000100/`` holds the sharded model and optimizer (torch_dist),
-one ``extra_rank*.pt`` per rank (RNG, loader, schedule and callback state) and ``meta.json``.
+Layout of ``run_dir/checkpoints/step_00000100/``:
+- megatron's dist_checkpointing files (torch_dist): the sharded model and optimizer. The distributed
+  optimizer's state is saved `fully_reshardable`, so a checkpoint resumes at another TP/PP/DP layout;
+- ``keel_rank00000.safetensors`` per rank: keel's own state (trainer counters, loader position, RNG,
+  the optimizer's update rule, callbacks) as tensors plus a JSON tree in the file's metadata — plain
+  data that loads without unpickling anything;
+- ``meta.json``: step, model signature, parallel layout, megatron-core release;
+- ``manifest.json``, written last: the size and SHA-256 of every other file.
+
 Everything is written under ``step_N.tmp`` and renamed once every rank has finished, so a crash
-mid-save (even ``kill -9``) never leaves a folder that looks complete.
+mid-save (even ``kill -9``) never leaves a folder that looks complete. Resume verifies the manifest
+first; a checkpoint that fails is moved aside to ``step_N.bad`` (never deleted) and the newest one
+that passes is used. If checkpoints exist but none passes, the run stops: it never silently starts
+from scratch.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+META = "meta.json"
+FORMAT = 2  # 1: keel on megatron-core 0.16.1 and before the manifest (pickled extras)
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint keel will not load, or cannot write; the message is the one line the user sees."""
 
 
 class _DropSyncSaveNotice(logging.Filter):
@@ -34,6 +57,33 @@ class _DropSyncSaveNotice(logging.Filter):
 logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropSyncSaveNotice())
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the helper outlives a killed parent, as before
+        pass
+
+
+def _writer_results_queue_dies_with_us() -> None:
+    """megatron's checkpoint writer collects results through a multiprocessing Manager that it starts
+    on first use and that outlives a `kill -9` of the training process (and keeps multiprocessing's
+    resource tracker alive with it). keel starts that Manager itself, set to die with its parent."""
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+
+
+# ---- finding checkpoints -------------------------------------------------------------------------
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
@@ -47,46 +97,262 @@ def latest(root: Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A step folder, a `checkpoints` folder or a run folder -> the step folder to load."""
+    """A step folder, a `checkpoints` folder or a run folder -> the newest step folder in it."""
     p = Path(path)
-    if _STEP_DIR.match(p.name) and (p / "meta.json").exists():
+    if _STEP_DIR.match(p.name) and p.is_dir():
         return p
     for root in (p, p / "checkpoints"):
         if (found := latest(root)) is not None:
             return found
-    raise FileNotFoundError(f"no complete checkpoint at {p}; point at a run folder or a checkpoints/step_N folder")
+    raise FileNotFoundError(f"no checkpoint at {p}; point at a run folder or a checkpoints/step_N folder")
+
+
+# ---- integrity ---------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _hash_share(folder: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
+    """Size and SHA-256 of this rank's share of `names` (every world-th file), so ranks hash in parallel."""
+    return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names[rank::world]}
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather_hashes(folder: Path, names: list[str]) -> dict[str, dict]:
+    rank, world = _rank_world()
+    mine = _hash_share(folder, names, rank, world)
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def write_manifest(folder: Path) -> None:
+    """Hash every file of `folder` (all ranks share the work) and write manifest.json last, atomically."""
+    files = _gather_hashes(folder, _files(folder))
+    if _rank_world()[0] == 0:
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1, sort_keys=True))
+        os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path, collective: bool = True) -> str | None:
+    """None when every file the manifest lists is there with its size and checksum; else why not, in
+    a few words. `collective`: every rank of the process group calls it and hashes its share."""
+    # 1. the manifest itself
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = dict(manifest["files"])
+    except FileNotFoundError:
+        return "no manifest.json (an incomplete save, or a keel from before checksums)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    # 2. presence and sizes first: cheap, and they catch truncation without reading anything
+    for name, entry in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
+    # 3. checksums, shared among the ranks
+    actual = _gather_hashes(folder, sorted(listed)) if collective else _hash_share(folder, sorted(listed), 0, 1)
+    for name in sorted(listed):
+        if actual[name]["sha256"] != listed[name].get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a failed checkpoint to step_N.bad (step_N.bad2, ... if taken); nothing is deleted."""
+    target, n = folder.with_name(folder.name + ".bad"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.bad{n}")
+    os.replace(folder, target)
+    return target
+
+
+def _meta_problem(folder: Path) -> str | None:
+    """A meta.json that cannot be read is damage (the folder is set aside); one from another
+    megatron-core release is not: it stops the run with its own line."""
+    try:
+        meta = read_meta(folder)
+    except CheckpointError:
+        return f"{META} is missing or unreadable"
+    check_release(meta, folder)
+    return None
+
+
+_VERIFIED: set[Path] = set()  # checkpoints this process wrote or verified: pruning need not hash them again
+
+
+@dataclass
+class Selection:
+    """The checkpoint a run resumes from, and what was passed over on the way (one line each)."""
+
+    path: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def select_resume(root: Path) -> Selection:
+    """The newest checkpoint under `root` that passes verification; every newer one that fails is
+    moved aside. Collective: all ranks call it and get the same answer (rank 0 moves folders).
+    Raises CheckpointError when checkpoints exist and none passes."""
+    rank, world = _rank_world()
+    notes: list[str] = []
+    for _, folder in reversed(step_dirs(root)):
+        problem = _meta_problem(folder) or verify(folder)
+        if problem is None:
+            _VERIFIED.add(folder.resolve())
+            return Selection(folder, notes)
+        if rank == 0:
+            moved = move_aside(folder)
+            notes.append(f"checkpoint {folder} failed verification ({problem}); moved to {moved.name}")
+        if world > 1:
+            dist.barrier()
+    bad = sorted(p.name for p in root.glob("step_*.bad*")) if root.is_dir() else []
+    if bad:
+        raise CheckpointError(f"no checkpoint in {root} passes verification (set aside: {', '.join(bad)}); "
+                              "restore a good one, or use a new run_dir to start from scratch")
+    return Selection(None, notes)
+
+
+# ---- keel's own state: tensors plus JSON, never pickle -------------------------------------------------
+def _split_tensors(obj, tensors: dict, path: str = "s"):
+    """`obj` with every tensor replaced by {"__tensor__": key} (the tensor goes to `tensors`)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"keel state at {path} has a non-string key; state dicts use string keys")
+        return {k: _split_tensors(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"keel state at {path} is a {type(obj).__name__}; only tensors, numbers, strings, "
+                    "lists and dicts are saved")
+
+
+def _join_tensors(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split_tensors(state, tensors)
+    save_file(tensors, str(path), metadata={"keel": json.dumps(tree)})
+
+
+def load_state(path: Path) -> dict:
+    """keel's state from a safetensors file: no code runs, whatever the file holds."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tree = json.loads(f.metadata()["keel"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for any malformed file
+        raise CheckpointError(f"{path} is not a keel state file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "the checkpoint is damaged: remove it or resume from an earlier one") from None
+    return _join_tensors(tree, tensors)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain data (tensors, numbers, lists)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def check_compatible(meta: dict, model_signature: dict, path: Path) -> None:
+def derive_rng(seed: int, step: int) -> None:
+    """Fresh generators for a resume at another parallel layout, from the seed, step and rank."""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{_rank_world()[0]}".encode()).digest()[:8], "little")
+    random.seed(mixed)
+    np.random.seed(mixed % (2**32))
+    torch.manual_seed(mixed)
+
+
+# ---- meta: what a checkpoint is, checked before anything heavy ---------------------------------------
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no {META}; it is incomplete: remove it") from None
+    except ValueError as e:
+        raise CheckpointError(f"{folder / META} is not valid JSON ({e}); the checkpoint is damaged: "
+                              "remove it or resume from an earlier one") from None
+
+
+def check_release(meta: dict, path: Path) -> None:
     from pretrain.cpu_compat import MEGATRON_VERSION
 
     written_by = meta.get("megatron_core", "0.16.1")  # keel's first checkpoints did not record it
     if written_by != MEGATRON_VERSION:
-        raise ValueError(f"checkpoint {path} was written with megatron-core {written_by}; this keel reads "
-                         f"checkpoints of megatron-core {MEGATRON_VERSION} only: train anew or use the keel release "
-                         f"that wrote it")
+        raise CheckpointError(f"checkpoint {path} was written with megatron-core {written_by}; this keel reads "
+                              f"checkpoints of megatron-core {MEGATRON_VERSION} only: train anew or use the keel "
+                              "release that wrote it")
+
+
+def check_compatible(meta: dict, model_signature: dict, path: Path) -> None:
+    check_release(meta, path)
     saved = meta.get("model", {})
     diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in model_signature.items() if saved.get(k) != v]
     if diffs:
-        raise ValueError(f"checkpoint {path} is from an incompatible model ({'; '.join(diffs)}); "
-                         "use a matching model config or a different run_dir")
+        raise CheckpointError(f"checkpoint {path} is from an incompatible model ({'; '.join(diffs)}); "
+                              "use a matching model config or a different run_dir")
 
 
+def check_layout(meta: dict, layout: dict, path: Path) -> bool:
+    """True when `layout` is the one the checkpoint was saved at; a layout keel cannot reshard into is
+    one line (today: switching the distributed optimizer on or off)."""
+    saved = meta.get("layout", {})
+    if saved.get("distributed_optimizer") != layout["distributed_optimizer"]:
+        raise CheckpointError(f"checkpoint {path} was saved with optim.distributed="
+                              f"{str(saved.get('distributed_optimizer')).lower()}; resume with the same setting, "
+                              f"or start a new run_dir with init_from={path}")
+    return saved == layout
+
+
+# ---- save and load ---------------------------------------------------------------------------------
 def _sharded(model, optimizer, is_loading: bool) -> dict:
     state = {"model": model.sharded_state_dict()}
     if optimizer is not None:
@@ -94,52 +360,178 @@ def _sharded(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save(root: Path, step: int, model, optimizer, extra: dict, model_signature: dict, keep_last: int) -> Path:
+def _state_file(folder: Path, rank: int) -> Path:
+    return folder / f"keel_rank{rank:05d}.safetensors"
+
+
+def save(root: Path, step: int, model, optimizer, extra: dict, model_signature: dict, keep_last: int,
+         layout: dict | None = None, saver: "AsyncSaver | None" = None) -> Path:
+    """Write checkpoint `step` under `root` (every rank calls this), publish it atomically, prune.
+
+    With `saver`, megatron's part is written in the background and published when `saver.poll()`
+    finds it done; keel's small state and meta.json are written before this returns, so what the
+    checkpoint holds is this step's, whenever it is published."""
     from megatron.core import dist_checkpointing
 
-    from pretrain.cpu_compat import MEGATRON_VERSION
-
     rank = dist.get_rank()
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
-    # 1. a clean temporary folder, seen by every rank
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    # 2. sharded model and optimizer, then each rank's own extras
-    dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{rank:05d}.pt")
-    dist.barrier()
-    # 3. publish atomically, then prune old checkpoints
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "model": model_signature,
-                                                   "megatron_core": MEGATRON_VERSION,
-                                                   "world_size": dist.get_world_size()}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in step_dirs(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    _writer_results_queue_dies_with_us()
+    if saver is not None:
+        saver.wait()  # one save in flight: the previous one is published before this one starts
+    with _storage_errors(tmp):
+        # 1. a clean temporary folder, seen by every rank
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        # 2. megatron's shards (in the background with a saver: megatron wants the folder empty when it
+        #    starts), then keel's state and the description, all of this step
+        sharded = _sharded(model, optimizer, is_loading=False)
+        request = dist_checkpointing.save(sharded, str(tmp), **({} if saver is None else ASYNC))
+        save_state(_state_file(tmp, rank), {**extra, "rng": rng_state()})
+        if rank == 0:
+            _write_meta(tmp, step, model_signature, layout)
+        if saver is None:
+            _publish(tmp, final, root, keep_last)
+        else:
+            request.add_finalize_fn(lambda: _publish(tmp, final, root, keep_last))
+            saver.schedule(request, tmp)
     return final
 
 
-def load(path: Path, model, optimizer, model_signature: dict) -> dict:
-    """Restore model (and optimizer, when given) in place; returns this rank's extras."""
+def _write_meta(folder: Path, step: int, model_signature: dict, layout: dict | None) -> None:
+    from pretrain.cpu_compat import MEGATRON_VERSION
+
+    meta = {"format": FORMAT, "step": step, "model": model_signature, "megatron_core": MEGATRON_VERSION,
+            "world_size": dist.get_world_size(), "layout": layout or {}}
+    (folder / META).write_text(json.dumps(meta, indent=2))
+
+
+def _publish(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
+    """Every rank's files are in `tmp`: checksum them, rename into place, prune. Collective."""
+    with _storage_errors(tmp):
+        dist.barrier()
+        write_manifest(tmp)
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            prune(root, keep_last, keep=final)
+        dist.barrier()
+
+
+@contextmanager
+def _storage_errors(path: Path):
+    """A failed write becomes one line naming its cause and `path` (space, file-size limit, rights)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # a writer's OSError comes back as torch's own
+        # CheckpointException (a BaseException), which says nothing of the cause: look for it
+        cause = e if isinstance(e, OSError) else storage_limit(path)
+        if cause is None:
+            raise
+        raise CheckpointError(storage_problem(cause, path)) from e
+
+
+ASYNC = {"async_sharded_save": True, "async_strategy": "mcore"}  # megatron's own writer: NVRx is not installed
+
+
+class AsyncSaver:
+    """Checkpoints written in the background (`checkpoint.async_save`): megatron's async writer, one
+    save in flight at a time, published (manifest, rename, prune) once every rank's writer is done.
+    `poll` runs each step on every rank (finalizing is collective)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.in_flight: Path | None = None
+
+    def schedule(self, request, tmp: Path) -> None:
+        self.queue.schedule_async_request(request)
+        self.in_flight = tmp
+
+    def poll(self, blocking: bool = False) -> None:
+        if self.in_flight is None:
+            return
+        with _storage_errors(self.in_flight):
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        if not self.queue.get_num_unfinalized_calls():
+            self.in_flight = None
+
+    def wait(self) -> None:
+        self.poll(blocking=True)
+
+
+def prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Keep the newest `keep_last` checkpoints that pass verification (`keep` was just written):
+    a failing one is moved aside and not counted; past `keep_last`, older folders are deleted."""
+    _VERIFIED.add(keep.resolve())
+    good = 0
+    for _, folder in reversed(step_dirs(root)):
+        if good >= keep_last:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.resolve() in _VERIFIED or verify(folder, collective=False) is None:
+            _VERIFIED.add(folder.resolve())
+            good += 1
+        else:
+            move_aside(folder)
+
+
+def storage_limit(folder: Path) -> OSError | None:
+    """The storage limit a failed write most likely ran into (no space, or the file-size limit that a
+    file of `folder` has reached), or None when neither explains it."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    largest = max((p.stat().st_size for p in folder.rglob("*") if p.is_file()), default=0) if folder.is_dir() else 0
+    if soft != resource.RLIM_INFINITY and largest >= soft:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    if folder.exists() and shutil.disk_usage(folder).free < (64 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def storage_problem(error: OSError, path: Path) -> str:
+    """One line naming the cause of a failed write (space, file-size limit, permissions) and the path."""
+    import resource
+
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {path}; free space or choose another run_dir"
+    if error.errno == errno.EFBIG:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return (f"a file-size limit (ulimit -f: {soft} bytes) stopped the write of {path}; raise the limit "
+                "or choose another run_dir")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path} is not writable ({error.strerror}); choose a writable run_dir"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path} cannot be a folder: a file is in the way ({error.strerror}); choose another run_dir"
+    return f"writing {path} failed ({error.strerror or error}); check the device and the path"
+
+
+def load(path: Path, model, optimizer, model_signature: dict, layout: dict | None = None) -> dict:
+    """Restore model (and optimizer, when given) in place; returns keel's state for this rank.
+
+    With `layout` unchanged every rank reads its own state file; at another layout every rank reads
+    rank 0's (counters and data position are global) and the caller re-derives the RNG. The small
+    files are read first, so a bad one stops the load before megatron reads the shards."""
     from megatron.core import dist_checkpointing
 
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     check_compatible(meta, model_signature, path)
+    same_layout = layout is None or check_layout(meta, layout, path)
+    extra = load_state(_state_file(path, dist.get_rank() if same_layout else 0)) if optimizer is not None else {}
     state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), str(path))
     model.load_state_dict(state["model"])
     if optimizer is None:
         return {}
     optimizer.load_sharded_state_dict(state["optimizer"])
-    extra_file = path / f"extra_rank{dist.get_rank():05d}.pt"
-    if meta.get("world_size") != dist.get_world_size() or not extra_file.exists():
-        raise ValueError(f"checkpoint {path} was saved by {meta.get('world_size')} processes, this run has "
-                         f"{dist.get_world_size()}; resume with the same world size or use init_from={path}")
-    extra = torch.load(extra_file, weights_only=False)
-    set_rng_state(extra.pop("rng"))
+    rng = extra.pop("rng")
+    if same_layout:
+        set_rng_state(rng)
+    extra["same_layout"] = same_layout
     return extra

@@ -65,6 +65,7 @@ class TrainerConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
+    async_save: bool = False  # write in the background, publish when done (pretrain/checkpoint.py AsyncSaver)
 
     def __post_init__(self):
         check_positive("checkpoint", self, "interval", "keep_last")
@@ -142,9 +143,10 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
-    # Hydra's own output folder follows run_dir, or runs/<name> when run_dir is unset
-    if not OmegaConf.has_resolver("keel_run_dir"):
-        OmegaConf.register_new_resolver("keel_run_dir", lambda run_dir, name: run_dir or f"runs/{name}")
+    # Hydra records its composed config (.hydra/) in each multirun job's folder, which is that job's
+    # run folder; a single run writes nothing of Hydra's (conf/config.yaml sets hydra.run.dir to .)
+    if not OmegaConf.has_resolver("keel_hydra_subdir"):
+        OmegaConf.register_new_resolver("keel_hydra_subdir", lambda mode: ".hydra" if "MULTIRUN" in str(mode) else None)
 
 
 def compose_config(overrides: list[str]) -> KeelConfig:
@@ -153,10 +155,25 @@ def compose_config(overrides: list[str]) -> KeelConfig:
 
     from hydra import compose, initialize_config_dir
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides))
+        try:
+            raw = compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:  # a malformed or impossible override
+            raise ValueError(_first_lines(e)) from None
+        return to_config(raw, overrides)
+
+
+def _first_lines(error: Exception) -> str:
+    """Hydra's error and the cause it wraps, each cut to its first line, as one line."""
+    lines = [str(e).strip().splitlines()[0] for e in (error, error.__cause__) if e is not None and str(e).strip()]
+    if getattr(error, "override", None):  # a parse error does not name the override it failed on
+        lines.insert(0, f"cannot parse the override {error.override!r}")
+    return ": ".join(dict.fromkeys(lines)) or type(error).__name__
 
 
 def config_from_dict(values: dict) -> KeelConfig:
@@ -166,11 +183,63 @@ def config_from_dict(values: dict) -> KeelConfig:
     return to_config(OmegaConf.merge(OmegaConf.structured(KeelConfig), values))
 
 
-def to_config(raw) -> KeelConfig:
-    """Resolve a Hydra DictConfig into validated dataclasses; a bad value raises one clear ValueError."""
+def command_line_overrides() -> list[str]:
+    """The overrides this Hydra job was given (a multirun job's own included); [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+ADOPTED = ("model", "attention", "data.tokenizer")  # what init_from brings along from the run it points at
+
+
+def adopt_init_from(raw, overrides: list[str]) -> None:
+    """init_from=X takes the model, the attention and the tokenizer of X's run (its run_info.json, which
+    tools/import_hf.py also writes), so a continual run need not retype them; a key named in
+    `overrides` (the command line) keeps its value, and so does data.tokenizer when X's was unset (the
+    cached stdlib tokenizer). Without a run_info.json above X nothing changes."""
+    from functools import reduce
+    from pathlib import Path
+
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from pretrain.rundir import find_run_folder, read_run_info
+
+    source = find_run_folder(Path(raw.init_from)) if raw.get("init_from") else None
+    if source is None:
+        return
+    saved = read_run_info(source)["config"]
+    named = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    for section in ADOPTED:
+        value = reduce(lambda node, part: node.get(part) if isinstance(node, dict) else None, section.split("."), saved)
+        for key, value in _leaves(value, section) if isinstance(value, dict) else [(section, value)]:
+            if any(key == n or key.startswith(f"{n}.") for n in named) or (section == "data.tokenizer" and value is None):
+                continue
+            try:
+                OmegaConf.update(raw, key, value, merge=False)
+            except OmegaConfBaseException:
+                continue  # a key this keel no longer has: the composed value stays
+
+
+def _leaves(values: dict, prefix: str):
+    """(dotted key, value) of every leaf of a nested dict."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
+def to_config(raw, overrides: list[str] | None = None) -> KeelConfig:
+    """Resolve a Hydra DictConfig into validated dataclasses; a bad value raises one clear ValueError.
+    With `overrides` (the command line that composed `raw`), init_from's model and tokenizer come first;
+    a saved, resolved config passes None."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if overrides is not None:
+        adopt_init_from(raw, overrides)
     unknown = unknown_keys(raw, KeelConfig)
     if unknown:
         raise ValueError(unknown[0])

@@ -38,10 +38,16 @@ CUDA_CALL_SITES: dict[str, tuple[str, ...]] = {
     "megatron.core.optimizer.optimizer": (
         "FP32Optimizer.__init__", "MixedPrecisionOptimizer.__init__", "MegatronOptimizer.has_grad_norm_group"),
     "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32"),
+    # the fully reshardable checkpoint format gathers the distributed optimizer's shards on DP rank 0
+    "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.get_parameter_state_dp_zero",),
     "megatron.core.models.common.embeddings.rotary_pos_embedding": ("RotaryEmbedding.get_emb",),
     "megatron.core.tensor_parallel.mappings": ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": ("FileSystemWriterAsync.preload_tensors",),
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("save_state_dict_async_finalize",),
+    # checkpoint.async_save: megatron's background writer and its collective finalization
+    "megatron.core.dist_checkpointing.strategies.async_utils": (
+        "AsyncCaller.sync_all_async_calls", "TemporalAsyncCaller.schedule_async_call",
+        "AsyncCallsQueue.maybe_finalize_async_calls"),
 }
 
 # (module, function) that compare tensor type names with CUDA ones
@@ -54,6 +60,7 @@ CUDA_TYPE_NAME_CHECKS: tuple[tuple[str, str], ...] = (
 CUDA_MOVES: tuple[tuple[str, str], ...] = (
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"),  # tied embeddings across pipeline stages
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
 )
 
 _FACTORIES = ("zeros", "tensor")  # the only factories these modules call with device="cuda"
@@ -148,16 +155,14 @@ def installed_version() -> str:
 
 
 def silence_import_warnings() -> None:
-    """megatron-core warns at import about missing apex/TransformerEngine/absl; keel needs none of them.
-    Each filter is scoped to the megatron modules that emit it, so other libraries' warnings still show."""
-    for message in (".*Apex is not installed.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*absl.logging is not installed.*", ".*MimoModelConfig is experimental.*"):
-        warnings.filterwarnings("ignore", message=message, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
-    # torch's CUDA build says, on a machine without a GPU, that it found no CUDA runtime: true, and expected here
+    """megatron-core's notices about missing apex/TransformerEngine/absl, its deprecations and its
+    rank guesses say nothing to a keel user. Each filter is scoped to megatron's modules (or, for the
+    CUDA-runtime line of torch's CUDA build on a machine without a GPU, to that one logger), so other
+    libraries' warnings still show."""
+    for category in (UserWarning, DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
     logging.getLogger("torch.utils.cpp_extension").addFilter(
         lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 

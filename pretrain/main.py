@@ -33,5 +33,20 @@ def main(raw: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def check_command_line(args: list[str]) -> None:
+    """Compose a single run's overrides before Hydra does, so that a malformed or unknown override is
+    keel's one line (exit 2) rather than Hydra's report; sweeps (-m) and Hydra's flags are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    from pretrain.config import compose_config
+
+    try:
+        compose_config(args)
+    except ValueError as e:
+        print(f"keel: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # required: megatron's checkpoint writer starts worker processes
+    check_command_line(sys.argv[1:])
     main()

@@ -7,7 +7,7 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +45,25 @@ def seed_everything(seed: int) -> None:
 
 
 def model_signature(cfg, vocab_size: int) -> dict:
+    """The model's shape, for a tokenizer of `vocab_size` tokens. Padded vocabulary rows and a final norm
+    appear only when present, so checkpoints written before those options existed still match."""
     m, a = cfg.model, cfg.attention
+    vocab, padded = m.vocab_rows(vocab_size)
+    optional = {"padded_vocab_size": padded} if padded != vocab else {}
+    optional |= {"final_norm": True} if m.final_norm else {}
     return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.heads,
-            "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab_size,
+            "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab,
             "attention": a.type, "num_query_groups": a.query_groups(m.heads), "activation": m.activation,
             "normalization": m.normalization, "position_embedding": m.position_embedding,
             "tie_embeddings": m.tie_embeddings, "moe_experts": m.moe.num_experts,
-            "attention_shape": a.shape(m.kv_channels)}
+            "attention_shape": a.shape(m.kv_channels), **optional}
 
 
 def run(raw) -> float | None:
-    from pretrain.config import to_config
+    from pretrain.config import command_line_overrides, to_config
 
     try:
-        cfg = to_config(raw)
+        cfg = to_config(raw, command_line_overrides())  # init_from brings its model unless the command line says
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
@@ -82,13 +87,38 @@ def _run(cfg) -> float | None:
         distributed.shutdown()
 
 
-def build_trainer(cfg, world, run_dir: Path):
-    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
+@dataclass
+class RunData:
+    """The tokenizer and the packed training and validation sets of a run, validated."""
+
+    tokenizer: object  # data.tokenizer.Tokenizer
+    train_prefix: str | None  # None for a mixture (data.sources)
+    val_prefix: str
+    train: list  # data.loader.Source: the training set, or each set of the mixture with its weight
+    val: object  # data.format.PackedDataset: val_loss
+    val_sets: dict = field(default_factory=dict)  # name -> PackedDataset: val_loss/NAME
+
+
+def prepare_data(cfg, world) -> RunData:
+    """Rank 0 builds what is missing (tokenizer, packed corpus), then every rank opens and checks it."""
     import torch.distributed as dist
+
+    from data.prepare import ensure_packed, ensure_tokenizer, training_sources, validation_sets
+
+    if world.is_main:
+        ensure_packed(cfg.data, ensure_tokenizer(cfg.data))
+    dist.barrier()
+    tokenizer = ensure_tokenizer(cfg.data)
+    train_prefix, val_prefix = ensure_packed(cfg.data, tokenizer)
+    val, val_sets = validation_sets(cfg.data, tokenizer, val_prefix)
+    return RunData(tokenizer, train_prefix, val_prefix, training_sources(cfg.data, tokenizer, train_prefix), val, val_sets)
+
+
+def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
+    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
     from megatron.core import parallel_state
 
-    from data.loader import PackedLoader
-    from data.prepare import ensure_packed, ensure_tokenizer, open_checked
+    from data.loader import PackedLoader, build_loader
     from models.builder import build_model
     from optim.optimizer import build_optimizer
     from pretrain.callbacks import build_callbacks
@@ -96,79 +126,123 @@ def build_trainer(cfg, world, run_dir: Path):
 
     if cfg.trainer.threads and world.device.type == "cpu":
         torch.set_num_threads(cfg.trainer.threads)
-    # 1. data: rank 0 builds what is missing, everyone validates before the model is built
-    if world.is_main:
-        tokenizer = ensure_tokenizer(cfg.data)
-        ensure_packed(cfg.data, tokenizer)
-    dist.barrier()
-    tokenizer = ensure_tokenizer(cfg.data)
-    train_prefix, val_prefix = ensure_packed(cfg.data, tokenizer)
-    train_set = open_checked(train_prefix, cfg.data, tokenizer, "training")
-    val_set = open_checked(val_prefix, cfg.data, tokenizer, "validation")
-    signature = model_signature(cfg, tokenizer.vocab_size)
-    # 2. run folder: resolved config and git revision beside the outputs
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"config": asdict(cfg), "git_revision": git_revision(), "world_size": world.size,
-                "tp": world.tp, "pp": world.pp, "dp": world.dp, "device": str(world.device),
-                "train_data": train_prefix, "val_data": val_prefix, "tokenizer": tokenizer.describe(),
-                "command": " ".join(sys.argv)}
-        write_json(run_dir / "run_info.json", info, default=str)
-    # 3. model, optimizer, loaders, callbacks
+    data = data or prepare_data(cfg, world)
     seed_everything(cfg.seed)
     dtype = precision(cfg, world)
-    model = build_model(cfg.model, cfg.attention, tokenizer.vocab_size, world.device, dtype, cfg.seed,
+    model = build_model(cfg.model, cfg.attention, data.tokenizer.vocab_size, world.device, dtype, cfg.seed,
                         per_document_positions=cfg.data.reset_position_ids, distributed_optimizer=cfg.optim.distributed)
     tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
     optimizer = build_optimizer(cfg.optim, cfg.model, model.ddp, model.gpt, dtype, tp_group)
     t = cfg.trainer
-    loader = PackedLoader(train_set, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed)
-    val_loader = PackedLoader(val_set, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed + 1)
+    loader = build_loader(data.train, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed)
+    val_loader, *val_sets = [PackedLoader(ds, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed + 1)
+                             for ds in (data.val, *data.val_sets.values())]
     callbacks = build_callbacks(cfg, world, run_dir, model.gpt, optimizer)
     return Trainer(cfg, Components(world=world, model=model, optimizer=optimizer, train=loader, val=val_loader,
-                                   callbacks=callbacks, run_dir=run_dir, signature=signature))
+                                   val_sets=dict(zip(data.val_sets, val_sets)), callbacks=callbacks, run_dir=run_dir,
+                                   signature=model_signature(cfg, data.tokenizer.vocab_size)))
 
 
-def starting_point(cfg, run_dir: Path, signature: dict) -> tuple[Path | None, Path | None]:
-    """(checkpoint to resume, checkpoint to initialise weights from): resuming this run_dir wins over
-    init_from; either must match the model."""
+@dataclass
+class Start:
+    """Where training starts: a checkpoint of this run_dir to resume, or weights to initialise from,
+    and one line for each thing the user should know about that choice."""
+
+    resume_from: Path | None = None
+    init_from: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def starting_point(cfg, run_dir: Path, signature: dict) -> Start:
+    """Resuming this run_dir's newest good checkpoint wins over init_from; either is verified and
+    checked against the model before anything is built. Collective over all ranks."""
     from pretrain import checkpoint
 
-    resume_from = checkpoint.latest(run_dir / "checkpoints")
-    init_from = checkpoint.resolve(cfg.init_from) if cfg.init_from and resume_from is None else None
-    for path in filter(None, (resume_from, init_from)):
-        checkpoint.check_compatible(json.loads((path / "meta.json").read_text()), signature, path)
-    return resume_from, init_from
+    selected = checkpoint.select_resume(run_dir / "checkpoints")
+    start = Start(notes=list(selected.notes))
+    if selected.path is not None:
+        checkpoint.check_compatible(checkpoint.read_meta(selected.path), signature, selected.path)
+        start.resume_from = selected.path
+        if cfg.init_from:
+            start.notes.append(f"init_from={cfg.init_from} is ignored: {run_dir} already has checkpoints, and a run "
+                               "resumes its own (use a new run_dir to start from init_from)")
+    elif cfg.init_from:
+        path = checkpoint.resolve(cfg.init_from)
+        checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
+        problem = checkpoint.verify(path)
+        if problem:
+            raise checkpoint.CheckpointError(f"init_from checkpoint {path} failed verification ({problem}); "
+                                             "point init_from at a good checkpoint")
+        start.init_from = path
+    return start
+
+
+def check_writable(run_dir: Path, rank: int) -> None:
+    """The run folder and its checkpoints folder take a file, before anything is built."""
+    from pretrain.checkpoint import CheckpointError, storage_problem
+
+    for folder in (run_dir, run_dir / "checkpoints"):
+        probe = folder / f".keel-write-test-{rank}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"keel")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(storage_problem(e, folder)) from None
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    """`run_info.json` describes the latest start; earlier starts go to run_info_history.jsonl first."""
+    current = run_dir / "run_info.json"
+    if current.exists():
+        with open(run_dir / "run_info_history.jsonl", "a") as f:
+            f.write(json.dumps(json.loads(current.read_text())) + "\n")
+    write_json(current, info, default=str)
 
 
 def _train(cfg, world) -> float | None:
     from pretrain import checkpoint
-    from pretrain.trainer import TrainingStopped
+    from pretrain.trainer import Preempted, TrainingStopped
 
+    # 1. the run folder takes files; the data and the starting checkpoint are checked before the model exists
     run_dir = resolve_run_dir(cfg)
-    trainer = build_trainer(cfg, world, run_dir)
-    # 4. resume exactly, or start from pretrained weights (continual pretraining)
-    resume_from, init_from = starting_point(cfg, run_dir, trainer.parts.signature)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        _say(world, f"resumed from {resume_from} at step {trainer.step}")
-    elif init_from is not None:
-        checkpoint.load(init_from, trainer.gpt, None, trainer.parts.signature)
-        _say(world, f"initialised weights from {init_from}")
-    # 5. train; a run that diverges is recorded as such (a sweep goes on to its next run)
-    status = "completed"
+    check_writable(run_dir, world.rank)
+    data = prepare_data(cfg, world)
+    start = starting_point(cfg, run_dir, model_signature(cfg, data.tokenizer.vocab_size))
+    if world.is_main:
+        write_run_info(run_dir, {
+            "config": asdict(cfg), "git_revision": git_revision(), "world_size": world.size, "tp": world.tp,
+            "pp": world.pp, "dp": world.dp, "device": str(world.device), "train_data": data.train_prefix,
+            "val_data": data.val_prefix, "tokenizer": data.tokenizer.describe(), "command": " ".join(sys.argv),
+            "resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
+    # 2. build, then resume exactly or start from pretrained weights (continual pretraining)
+    trainer = build_trainer(cfg, world, run_dir, data)
+    if start.resume_from is not None:
+        start.notes += trainer.resume(start.resume_from)
+        start.notes.append(f"resumed from {start.resume_from} at step {trainer.step}")
+    elif start.init_from is not None:
+        checkpoint.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
+        start.notes.append(f"initialised weights from {start.init_from}")
+    for note in start.notes:
+        _say(world, note)
+    # 3. train; a run that diverges is recorded as such (a sweep goes on to its next run)
+    status, exit_code = "completed", 0
     try:
         trainer.fit()
     except TrainingStopped as e:
-        status = "diverged"
+        status, exit_code = "diverged", 1
+        _say(world, f"keel: {e}")
+    except Preempted as e:
+        status, exit_code = "preempted", e.exit_code
         _say(world, f"keel: {e}")
     rows = read_metrics(run_dir) if world.is_main else []
     val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
     if world.is_main:
-        write_result(run_dir, cfg, status, trainer.step, rows)
-        _say(world, summary(run_dir, trainer, val))
-    if status == "diverged" and not in_multirun():
-        raise SystemExit(1)
+        write_result(run_dir, cfg, status, trainer.step, rows, start)
+        if status != "preempted":
+            _say(world, summary(run_dir, trainer, val))
+    if exit_code and not (status == "diverged" and in_multirun()):
+        raise SystemExit(exit_code)
     return val[-1] if val and status == "completed" else float("nan")
 
 
@@ -179,7 +253,7 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict]) -> None:
+def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], start: Start | None = None) -> None:
     """`result.json`: how the run ended and its final numbers (what sweep reports read)."""
     last = rows[-1] if rows else {}
     final_loss = last.get("loss") if isinstance(last.get("loss"), float) else None
@@ -190,6 +264,8 @@ def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict]) -
     result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
               "final_loss": final_loss, "final_val_loss": final_val,
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
+    if start is not None:
+        result.update({"resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
     write_json(run_dir / "result.json", result)
 
 

@@ -16,6 +16,17 @@ def write_json(path: Path, obj, **dumps_kwargs) -> None:
     tmp.replace(path)
 
 
+def find_run_folder(path: Path) -> Path | None:
+    """The run folder holding `path` (a run folder, or a checkpoint below one): the first with a
+    run_info.json, looking upward; None when there is none."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if (p / "run_info.json").exists()), None)
+
+
+def read_run_info(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "run_info.json").read_text())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl ([] if there is none); a line cut short by a killed run is skipped."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,16 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT arrived: the step in flight finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"preempted by {signal.Signals(signum).name} at step {step}; checkpoint {path} written, "
+                         "run the same command to resume")
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
+
+
 @dataclass
 class Components:
     """Everything a Trainer runs, built and validated by `pretrain.run.build`."""
@@ -33,11 +44,12 @@ class Components:
     world: object  # pretrain.distributed.World
     model: BuiltModel  # the bare GPT (.gpt: checkpoints, monitors) and its DDP wrapper (.ddp: the schedule)
     optimizer: KeelOptimizer
-    train: PackedLoader
-    val: PackedLoader
+    train: PackedLoader  # or data.loader.MixedLoader, which blends several sets
+    val: PackedLoader  # val_loss
     callbacks: dict[str, Callback]  # by name, in call order
     run_dir: Path
     signature: dict  # the model's shape, checked against every checkpoint
+    val_sets: dict[str, PackedLoader] = field(default_factory=dict)  # more validation sets: val_loss/NAME
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -48,8 +60,12 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 class Trainer:
+    PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # Slurm's and Kubernetes' warning, and Ctrl-C
+
     def __init__(self, cfg: KeelConfig, parts: Components):
         self.cfg, self.parts = cfg, parts
+        self.signal_received: int | None = None
+        self.saver = checkpoint.AsyncSaver() if cfg.checkpoint.async_save else None
         self.world, self.optimizer, self.loader, self.callbacks = parts.world, parts.optimizer, parts.train, parts.callbacks
         self.gpt, self.model = parts.model.gpt, parts.model.ddp
         self.flops_per_token = parts.model.flops_per_token(cfg.data.seq_len)
@@ -134,16 +150,17 @@ class Trainer:
         tokens = self.cfg.trainer.global_batch_size * self.cfg.data.seq_len
         m = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
              "lr": next(iter(lrs.values())), **lrs, "tokens_per_s": tokens / dt, "step_time_s": dt,
-             "skipped_total": self.skipped_total}
+             "skipped_total": self.skipped_total, **self.loader.tokens_seen()}
         if self.flops_per_token and self.world.device.type == "cuda":
             m["mfu"] = tokens * self.flops_per_token / dt / (peak_flops(self.world.device) * self.world.size)
         return m
 
     # ---- evaluation, checkpoints, loop --------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, val: PackedLoader | None = None) -> float:
+        """Mean loss over the first eval_batches global batches of `val` (the validation set by default)."""
         self.model.eval()
-        val = self.parts.val
+        val = val or self.parts.val
         val.consumed = 0  # the same validation rows every time
         total = 0.0
         for _ in range(self.cfg.trainer.eval_batches):
@@ -168,31 +185,82 @@ class Trainer:
             if name in state["callbacks"]:  # rank 0's file writers keep no state on other ranks
                 c.load_state_dict(state["callbacks"][name])
 
+    @property
+    def layout(self) -> dict:
+        """How the model and optimizer are split: a checkpoint resumed at another layout is resharded."""
+        w = self.world
+        return {"tp": w.tp, "pp": w.pp, "dp": w.dp, "ep": self.cfg.parallel.expert,
+                "distributed_optimizer": self.cfg.optim.distributed}
+
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.parts.run_dir / "checkpoints", self.step, self.gpt, self.optimizer,
-                               {"trainer": self.state_dict()}, self.parts.signature, self.cfg.checkpoint.keep_last)
+                               {"trainer": self.state_dict()}, self.parts.signature, self.cfg.checkpoint.keep_last,
+                               self.layout, self.saver)
 
-    def resume(self, path: Path) -> None:
-        extra = checkpoint.load(path, self.gpt, self.optimizer, self.parts.signature)
-        self.load_state_dict(extra["trainer"])
+    def resume(self, path: Path) -> list[str]:
+        """Restore everything from `path`; returns notes on what a new layout could not carry over."""
+        extra = checkpoint.load(path, self.gpt, self.optimizer, self.parts.signature, self.layout)
+        state = extra["trainer"]
+        if extra["same_layout"]:
+            self.load_state_dict(state)
+            return []
+        # another layout: counters, data position and layout-free callback state carry over; the RNG is
+        # re-derived and split-dependent state (power-iteration vectors of TP shards) starts afresh
+        fresh = [name for name, c in self.callbacks.items() if not c.layout_free and state["callbacks"].get(name)]
+        state = {**state, "optimizer": self.optimizer.state_dict(),
+                 "callbacks": {k: v for k, v in state["callbacks"].items() if k not in fresh}}
+        self.load_state_dict(state)
+        checkpoint.derive_rng(self.cfg.seed, self.step)
+        kept = "" if not fresh else f"; {', '.join(fresh)} restart their state"
+        rule = "; the optimizer's update rule restarts its vectors" if self.optimizer.rule else ""
+        return [f"resharded {path} to tp={self.world.tp} pp={self.world.pp} dp={self.world.dp}: RNG re-derived "
+                f"from seed and step{kept}{rule}"]
+
+    def _finish_saving(self) -> None:
+        if self.saver:
+            self.saver.wait()
+
+    # ---- preemption: finish the step, checkpoint, exit with 128 + the signal --------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal_received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_received = signum
+
+    def _preempted(self) -> int | None:
+        """The signal any rank received (all ranks agree, so they stop at the same step)."""
+        flag = torch.tensor([self.signal_received or 0], dtype=torch.int64, device=self.world.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def fit(self) -> None:
         t = self.cfg.trainer
         stop = t.stop_at or t.max_steps
+        previous = {s: signal.signal(s, self._on_signal) for s in self.PREEMPTION_SIGNALS}
         self._call("on_train_start")
         try:
             while self.step < stop:
                 metrics = self.train_step()
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     metrics["val_loss"] = self.evaluate()
+                    metrics.update({f"val_loss/{name}": self.evaluate(v) for name, v in self.parts.val_sets.items()})
                 for c in self.callbacks.values():
                     c.on_step_end(self, metrics)
                     if "val_loss" in metrics:
                         c.on_eval(self, metrics)
-                if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
-                    self.save_checkpoint()
+                signum = self._preempted()
+                if signum or self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+                    path = self.save_checkpoint()
+                    if signum:
+                        self._finish_saving()
+                        raise Preempted(signum, self.step, path)
+                elif self.saver:
+                    self.saver.poll()  # publish a background save once every rank has written it
+            self._finish_saving()
         finally:
             self._call("on_train_end")
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

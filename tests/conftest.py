@@ -15,11 +15,11 @@ cpu_compat.apply()
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from data.corpus import stdlib_documents
-    from data.tokenizer import Tokenizer, train_tokenizer
+    from data.tokenizer import load_tokenizer, train_tokenizer
 
     docs = [d.text for _, d in zip(range(80), stdlib_documents("code", "train"))]
     path = train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "tiny.model", vocab_size=512)
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +44,15 @@ def megatron_world():
     world = distributed.init(ParallelConfig())
     yield world
     distributed.shutdown()
+
+
+@pytest.fixture(scope="session")
+def packed_sp(tiny_tokenizer, tmp_path_factory):
+    """A small Seamless-Packing dataset (64-token rows), for tests that damage copies of it."""
+    from data.corpus import stdlib_documents
+    from data.pipeline import pack_documents
+
+    prefix = tmp_path_factory.mktemp("packed_sp") / "ds"
+    docs = [d for _, d in zip(range(40), stdlib_documents("code", "train"))]
+    pack_documents(docs, tiny_tokenizer, 64, "sp", str(prefix), progress=False)
+    return prefix

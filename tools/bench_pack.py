@@ -85,11 +85,11 @@ def bench_end_to_end(tokenizer_path: str, workers: list[int]) -> None:
 
     from data.corpus import stdlib_documents
     from data.pipeline import pack_documents
-    from data.tokenizer import Tokenizer, train_tokenizer
+    from data.tokenizer import load_tokenizer, train_tokenizer
 
     if not Path(tokenizer_path).exists():
         train_tokenizer((d.text for d in stdlib_documents("all", "train")), tokenizer_path, 8192)
-    tok = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     docs = list(stdlib_documents())  # read once, so both sides time tokenization and packing only
     t_sp, _ = timed(lambda: [tok.encode_batch([d.text for d in docs[i:i + 256]]) for i in range(0, len(docs), 256)],
                     repeat=2)

@@ -120,7 +120,8 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if world.device.type == "cuda" else (lambda: None)
     dtype = precision(cfg, world)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, built, *_ = build_trainer(cfg, world, Path(tmp))
+        trainer = build_trainer(cfg, world, Path(tmp))
+        built = trainer.parts.model
         keel_ms = _median_ms(trainer.train_step, args.steps, args.warmup, sync)
         vocab = built.gpt.vocab_size
         plain_ms = _median_ms(plain_step_fn(cfg, vocab, world.device, dtype), args.steps, args.warmup, sync)
@@ -154,16 +155,16 @@ def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:
     monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
     plain, monitored = [], []
     for i in range(2 * steps + 2):
-        trainer.callbacks = [monitor] if i % 2 else []
+        trainer.callbacks = {"stability": monitor} if i % 2 else {}
         sync()
         t = time.perf_counter()
         trainer.train_step()
-        for c in trainer.callbacks:  # the monitor computes in on_step_end
+        for c in trainer.callbacks.values():  # the monitor computes in on_step_end
             c.on_step_end(trainer, {"step": trainer.step})
         sync()
         if i >= 2:  # the first pair warms the monitor's buffers up
             (monitored if i % 2 else plain).append((time.perf_counter() - t) * 1e3)
-    trainer.callbacks = []
+    trainer.callbacks = {}
     return MonitorConfig().interval, statistics.median(plain), statistics.median(monitored)
 
 

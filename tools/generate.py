@@ -10,8 +10,8 @@ run_info.json; the weights from the dist_checkpointing folder, loaded in a world
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,33 +21,44 @@ from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warni
 
 def run_folder(step_dir: Path) -> Path:
     """checkpoints/step_N lives two levels below the run folder that holds run_info.json."""
-    for p in (step_dir, *step_dir.parents):
-        if (p / "run_info.json").exists():
-            return p
-    raise FileNotFoundError(f"no run_info.json above {step_dir}; point --checkpoint at a keel run folder")
+    from pretrain.rundir import find_run_folder
+
+    found = find_run_folder(step_dir)
+    if found is None:
+        raise FileNotFoundError(f"no run_info.json above {step_dir}; point --checkpoint at a keel run folder")
+    return found
 
 
 def saved_config(run_dir: Path):
     """The run's resolved KeelConfig, rebuilt from run_info.json (validated again on the way)."""
     from pretrain.config import config_from_dict
+    from pretrain.rundir import read_run_info
 
-    info = json.loads((run_dir / "run_info.json").read_text())
+    info = read_run_info(run_dir)
     return config_from_dict(info["config"]), info
 
 
-def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(gpt, tokenizer, step folder) from a run or step folder; needs an initialised world of one."""
-    from data.tokenizer import Tokenizer
+@dataclass
+class Loaded:
+    gpt: torch.nn.Module  # the bare GPT in eval mode
+    tokenizer: object  # data.tokenizer.Tokenizer
+    step_dir: Path  # the checkpoint it came from
+    cfg: object  # the run's KeelConfig
+
+
+def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model of a run or step folder with its tokenizer and config; needs an initialised world."""
+    from data.tokenizer import load_tokenizer
     from models.inference import build_for_decode
     from pretrain import checkpoint as ckpt
     from pretrain.run import model_signature
 
     step_dir = ckpt.resolve(checkpoint)
     cfg, info = saved_config(run_folder(step_dir))
-    tokenizer = Tokenizer(info["tokenizer"]["path"])
+    tokenizer = load_tokenizer(info["tokenizer"]["path"])
     gpt = build_for_decode(cfg.model, cfg.attention, tokenizer.vocab_size, cfg.seed)
     ckpt.load(step_dir, gpt, None, model_signature(cfg, tokenizer.vocab_size))
-    return gpt.to(device=device, dtype=dtype).eval(), tokenizer, step_dir
+    return Loaded(gpt.to(device=device, dtype=dtype).eval(), tokenizer, step_dir, cfg)
 
 
 def main(argv=None) -> int:
@@ -69,7 +80,8 @@ def main(argv=None) -> int:
     distributed.init(ParallelConfig(backend="gloo"))
     try:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        gpt, tok, step_dir = load_model(args.checkpoint, args.device, dtype)
+        loaded = load_model(args.checkpoint, args.device, dtype)
+        gpt, tok, step_dir = loaded.gpt, loaded.tokenizer, loaded.step_dir
         ids = tok.encode(args.prompt)
         if not ids:
             p.error("the prompt encodes to no tokens")

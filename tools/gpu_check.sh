@@ -4,6 +4,7 @@
 #   10  install and smoke: versions, then megatron-core's GPTModel with megatron DDP, the distributed
 #       optimizer and bf16 training the smoke model
 #   20  step speed: keel vs plain PyTorch (eager and compiled), and the monitors' cost
+#   21  checkpoints: synchronous against background (checkpoint.async_save) saves
 #   30  decoding: tokens/s per attention type against context
 #   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
 # Numbers group sections by area; later work adds its own (21, 31, 41, ...).
@@ -57,6 +58,11 @@ section_20() {
   step 150 "$PY" tools/bench_step.py --steps 10 "${MODEL_286M[@]}"
   step 50 "$PY" tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 trainer.micro_batch_size=64
   step 100 "$PY" tools/profile_monitor.py "${MODEL_286M[@]}"
+}
+
+section_21() {
+  say "21. checkpoints: how long a synchronous and a background save hold training up (286M)"
+  step 240 "$PY" tools/bench_checkpoint.py --saves 3 "${MODEL_286M[@]}"
 }
 
 section_30() {

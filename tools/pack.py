@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-import warnings
 
 from data.packing import METHODS, UNDERFULL
 from data.sources import TEXT_MODES, InputError, Source, check_settings
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 _TABLE_ROWS = [  # (stats key, label, format)
     ("documents", "documents", "{:,}"), ("empty_documents", "empty documents (skipped)", "{:,}"),
@@ -38,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, globs, or stdlib[:all|code|tests[:train|val]]")
-    p.add_argument("--tokenizer", help="sentencepiece model")
+    p.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json or a Hugging Face model folder")
     p.add_argument("--seq-len", type=int, help="row length L in tokens")
     p.add_argument("--method", choices=METHODS, default="sp")
     p.add_argument("--output", help="dataset prefix (with --compare: PREFIX.<method> for each method)")
@@ -47,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--underfull", choices=UNDERFULL, default="concat", help="sp: what to do with bins under L")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet/Arrow")
     p.add_argument("--text-mode", choices=TEXT_MODES, default="file", help="plain text: one document per file/line")
+    p.add_argument("--skip-missing-field", action="store_true",
+                   help="skip (and count) JSON/Parquet/Arrow rows without --text-field instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--seed", type=int, default=0, help="seeds the order rows are written in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -65,7 +66,7 @@ def _require(args: argparse.Namespace) -> None:
 
 def _load_tokenizer(path: str) -> Tokenizer:
     try:
-        tok = Tokenizer(path)
+        tok = load_tokenizer(path)
         from data.format import token_dtype
 
         token_dtype(tok.vocab_size)
@@ -95,7 +96,8 @@ def _pack(args: argparse.Namespace) -> None:
     for method in methods:
         check_settings(args.seq_len, method, workers=args.workers, **settings)
     tok = _load_tokenizer(args.tokenizer)
-    source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode)
+    source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode,
+                    skip_missing_field=args.skip_missing_field)
     from data import pipeline  # imports torch and megatron-core: only once the cheap checks passed
 
     outputs = pipeline.compare_outputs(args.output, methods) if args.compare else {args.method: args.output}
@@ -109,28 +111,33 @@ def _pack(args: argparse.Namespace) -> None:
     else:
         metas = {args.method: pipeline.pack_documents(source, tok, args.seq_len, args.method, args.output, **common)}
     _print_table(metas)
+    if source.skipped:
+        print(f"skipped {len(source.skipped):,} rows without the field {args.text_field!r} "
+              f"(--skip-missing-field; first: {source.skipped[0]})")
     for method, out in outputs.items():
         print(f"wrote {out}.{{bin,idx,bounds.bin,bounds.idx,json}} ({metas[method]['rows']:,} rows)")
 
 
 def _verify(prefixes: list[str]) -> int:
-    from data.pipeline import verify_dataset
+    from data.verify import verify_dataset
 
     failed = 0
     for prefix in prefixes:
         try:
             problems = verify_dataset(prefix)
-        except (OSError, ValueError) as e:
-            raise InputError(str(e)) from None
+        except OSError as e:  # unreadable files: reported like any other problem, never a traceback
+            problems = [f"cannot read {e.filename or prefix}: {e.strerror or e}"]
         for p in problems:
-            print(f"pack.py: verify {prefix}: {p}", file=sys.stderr)
+            print(f"pack.py: verify: {p}", file=sys.stderr)
         print(f"{prefix}: {'FAILED' if problems else 'OK'}")
         failed += bool(problems)
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's "Apex not installed" noise
+    from pretrain.cpu_compat import silence_import_warnings
+
+    silence_import_warnings()  # megatron-core's (and torch's CUDA build's) import-time notices, scoped to them
     args = build_parser().parse_args(argv)
     try:
         if args.verify:

@@ -32,7 +32,7 @@ def _sync() -> None:
 
 
 def _instrument(times: dict) -> None:
-    import pretrain.callbacks.stability
+    from pretrain.callbacks import stability
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -44,7 +44,7 @@ def _instrument(times: dict) -> None:
             return out
         return wrapper
 
-    for target, names in ((pretrain.callbacks.stability.StabilityMonitor, MONITOR_METHODS), (pretrain.monitors, MONITOR_FUNCTIONS)):
+    for target, names in ((stability.StabilityMonitor, MONITOR_METHODS), (stability, MONITOR_FUNCTIONS)):
         for name in names:
             setattr(target, name, timed(name, getattr(target, name)))
 
@@ -61,9 +61,10 @@ def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> No
                           "logging.plot=false", "logging.monitors.interval=0"])
     world = distributed.init(cfg.parallel)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, built, *_ = build_trainer(cfg, world, Path(tmp))
+        trainer = build_trainer(cfg, world, Path(tmp))
+        built = trainer.parts.model
         monitor = StabilityMonitor(built.gpt, MonitorConfig(interval=1))
-        trainer.callbacks = [monitor]
+        trainer.callbacks = {"stability": monitor}
         step_ms = []
         for i in range(steps):
             if i == warmup:

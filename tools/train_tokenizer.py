@@ -34,13 +34,13 @@ def main(argv=None) -> int:
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists; pass --overwrite or choose another --output")
         source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode)
-        from data.tokenizer import Tokenizer, train_tokenizer
+        from data.tokenizer import load_tokenizer, train_tokenizer
 
         train_tokenizer((d.text for d in source), out, args.vocab_size, max_lines=args.max_lines)
     except (InputError, RuntimeError) as e:
         print(f"train_tokenizer: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    tok = Tokenizer(out)
+    tok = load_tokenizer(out)
     print(f"wrote {out}: {tok.vocab_size} tokens (eod={tok.eod}, pad={tok.pad})")
     return 0
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 class Callback:
     """Override the hooks you need; every hook and the state methods have do-nothing defaults."""
 
+    # False when the state describes this rank's share of a split model (it then restarts when a
+    # checkpoint is resumed at another parallel layout)
+    layout_free = True
+
     def on_train_start(self, trainer) -> None:
         """Before the first step (after a resume has restored the trainer and every callback)."""
 

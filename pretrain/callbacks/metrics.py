@@ -22,13 +22,25 @@ class MetricsLogger(Callback):
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def on_train_start(self, trainer) -> None:
-        # after a crash and resume, drop the rows logged past the checkpoint: they are re-run
-        if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= trainer.step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            tmp.replace(self.path)
+        # after a crash and resume, drop the rows logged past the checkpoint (they are re-run), and a
+        # last line a kill cut short (with a note: nothing else is ever dropped silently)
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path} line {i + 1} is not JSON; repair or remove that line to resume")
+                print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
+                continue
+            if row["step"] <= trainer.step:
+                rows.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(self.path)
 
     def _write(self, metrics: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}

@@ -34,6 +34,8 @@ POWER_ITERS = 3  # per monitored step; the vectors are warm-started, so estimate
 
 
 class StabilityMonitor(Callback):
+    layout_free = False  # its power-iteration vectors are per tensor-parallel shard
+
     def __init__(self, gpt: torch.nn.Module, cfg: MonitorConfig):
         self.gpt, self.cfg = gpt, cfg
         self.layers = list(gpt.decoder.layers)

@@ -10,9 +10,10 @@ import pytest
 from data.corpus import Document, stdlib_files
 from data.format import PackedDataset, PackedWriter, dataset_files
 from data.packing import METHODS, build_plan
-from data.pipeline import pack_compare, pack_documents, verify_dataset
+from data.pipeline import pack_compare, pack_documents
+from data.verify import verify_dataset
 from data.sources import InputError, Source
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.tokenizer import SentencePieceTokenizer as Tokenizer, train_tokenizer
 
 L = 64
 

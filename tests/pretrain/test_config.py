@@ -103,14 +103,16 @@ def test_world_size_must_be_divisible():
         check_world(ParallelConfig(tensor=2), 3)
 
 
-@pytest.mark.parametrize("overrides, expected", [([], "runs/demo"), (["run_dir=/tmp/elsewhere"], "/tmp/elsewhere")])
-def test_hydra_output_folder_follows_run_dir(overrides, expected):
+def test_a_single_run_leaves_hydra_nothing_to_write():
+    """Hydra's run folder is the working directory and it keeps no files of its own there, so keel's
+    run_dir is the only place a run writes (and a bad run_dir is keel's one-line error)."""
     from omegaconf import OmegaConf
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=demo", *overrides], return_hydra_config=True)
-    assert OmegaConf.select(cfg, "hydra.run.dir") == expected
+        cfg = compose("config", overrides=["+experiment=demo"], return_hydra_config=True)
+    assert OmegaConf.select(cfg, "hydra.run.dir") == "."
+    assert "FileHandler" not in str(OmegaConf.to_container(cfg.hydra.job_logging))
 
 
 @pytest.mark.parametrize("attention,changed", [("gta", "attention.rope_dim=8"), ("gla", "attention.latent_dim=48"),

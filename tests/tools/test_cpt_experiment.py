@@ -117,3 +117,37 @@ def test_presets_compose_and_match_the_pretrained_model(method):
     cfg = compose_config(["+experiment=cpt_packing", f"data.pack_method={method}", "seed=2"])
     assert cfg.model == pre.model and pre.data.corpus == "stdlib:code" and cfg.init_from == pre.run_dir
     assert cfg.data.path.endswith(f".{method}")
+
+
+def test_the_replay_arm_is_cpt_packing_on_a_mixture_validated_on_both_domains(setup):
+    from pretrain.config import compose_config
+
+    packing = compose_config(["+experiment=cpt_packing", "data.pack_method=concat", "seed=2"])
+    replay = compose_config(["+experiment=cpt_replay", "seed=2"])
+    assert (replay.model, replay.trainer, replay.optim, replay.lr, replay.init_from) == \
+           (packing.model, packing.trainer, packing.optim, packing.lr, packing.init_from)
+    assert replay.data.path is None and [(s.name, s.weight) for s in replay.data.sources] == [("tests", 0.8), ("code", 0.2)]
+    assert replay.data.sources[0].path == packing.data.path  # the new domain as the concat arm packs it
+    assert replay.data.val_path == packing.data.val_path and replay.data.val_sets == packing.data.val_sets
+    assert str(setup.replay_train) == replay.data.sources[1].path and str(setup.original_val) == replay.data.val_sets[0].path
+    assert cpt.replay_argv(2)[-2:] == ["+experiment=cpt_replay", "seed=1,2,3"]
+    assert cpt.pack_replay_argv(setup, cpt.Path("t.model"))[2] == "stdlib:code:train"
+
+
+@pytest.mark.slow
+def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path):
+    from tests.helpers import run_keel
+
+    t, v = tiny_data["train"], tiny_data["val"]
+    run_keel(["+experiment=cpt_replay", f"run_dir={tmp_path / 'cpt' / 'replay' / 'seed1'}", "init_from=null",
+              f"data.tokenizer={tiny_data['tokenizer']}", "data.seq_len=64", "model.hidden_size=64", "model.head_dim=16",
+              "model.max_seq_len=64", f"data.sources=[{{path: {t}, weight: 0.8, name: tests}}, "
+              f"{{path: {t}, weight: 0.2, name: code}}]", f"data.val_path={v}", f"data.val_sets=[{{name: code, path: {v}}}]",
+              "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_batches=1", "trainer.global_batch_size=8",
+              "trainer.micro_batch_size=4", "lr.warmup_steps=0"])
+    s = dataclasses.replace(setup, cpt_dir=tmp_path / "cpt")
+    curves, _ = cpt.collect(s)
+    forgetting, _ = cpt.collect(s, cpt.FORGETTING)
+    assert list(curves) == list(forgetting) == ["replay"] and list(curves["replay"][1]) == [2]
+    report = cpt.stage_report(s, 2, tmp_path / "r.json", tmp_path / "r.png")
+    assert report["forgetting"]["methods"]["replay"]["final_val_loss"]["n"] == 1 and (tmp_path / "r.png").exists()

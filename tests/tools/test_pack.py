@@ -116,13 +116,13 @@ def test_vocabulary_too_large_for_dtype(tiny, tmp_path, monkeypatch, capsys):
     from data import tokenizer as tokmod
     from tools import pack
 
-    real = tokmod.Tokenizer.__init__
+    real = tokmod.SentencePieceTokenizer.__init__
 
     def huge(self, path):
         real(self, path)
         self.vocab_size = 2**31
 
-    monkeypatch.setattr(pack.Tokenizer, "__init__", huge)
+    monkeypatch.setattr(tokmod.SentencePieceTokenizer, "__init__", huge)
     assert pack.main(base(tiny, tmp_path / "v") + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit int32" in err[0]
@@ -139,3 +139,26 @@ def test_disk_full_mid_write(tiny, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_without_the_text_field_stop_at_their_line_or_are_counted(tiny, tmp_path, capsys):
+    mixed = tmp_path / "mixed.jsonl"
+    good = json.loads(Path(tiny["corpus"]).read_text().splitlines()[0])
+    mixed.write_text(json.dumps(good) + "\n\n" + json.dumps({"body": "no text here"}) + "\n" + json.dumps(good) + "\n")
+    code, _, err = run_main(base(tiny, tmp_path / "m", "--method", "concat") + ["--input", str(mixed)], capsys)
+    assert code == 2 and f"{mixed}:3 has no field 'text' (fields: body)" in err and "--skip-missing-field" in err
+    code, out, err = run_main(base(tiny, tmp_path / "m", "--method", "concat", "--skip-missing-field")
+                              + ["--input", str(mixed)], capsys)
+    assert code == 0 and f"skipped 1 rows without the field 'text' (--skip-missing-field; first: {mixed}:3)" in out
+    assert json.loads((tmp_path / "m.json").read_text())["source"]["rows_missing_text_field"] == 1
+
+
+def test_input_errors_name_the_real_line_and_byte(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3000)) + '{"text": "cut\n')
+    code, _, err = run_main(base(tiny, tmp_path / "b", "--method", "concat") + ["--input", str(broken)], capsys)
+    assert code == 2 and f"{broken}:3001 is not valid JSON" in err
+    latin = tmp_path / "late.txt"
+    latin.write_bytes(b"x" * 3_000_000 + b"caf\xe9\n")  # past the first chunk any reader uses
+    code, _, err = run_main(base(tiny, tmp_path / "l", "--method", "concat") + ["--input", str(latin)], capsys)
+    assert code == 2 and "at byte 3000003" in err

@@ -28,9 +28,9 @@ def test_train_tokenizer_cli(tmp_path):
            "--vocab-size", "400", "--max-lines", "20000", "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    from data.tokenizer import Tokenizer
+    from data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(out)
+    tok = load_tokenizer(out)
     assert tok.vocab_size == 400 and tok.decode(tok.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr

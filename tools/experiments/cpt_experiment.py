@@ -1,9 +1,11 @@
-"""The continual-pretraining packing experiment of keel issue 3 (docs/results/packing.md): CT vs BFD vs SP.
+"""The continual-pretraining packing experiment of keel issue 3 (docs/results/packing.md): CT vs BFD vs SP,
+and beside them a replay arm (issue 15): 80% new domain, 20% original data.
 
-Five stages; each training stage is one process of pretrain/main.py:
+Six stages; each training stage is one process of pretrain/main.py:
 1. pack: the standard library's test files (`stdlib:tests` train split) packed with every method by
-   `tools/pack.py --compare`, and the fixed validation set, the `stdlib:tests` val split packed one
-   document piece per row (data/validation.py), at the paths conf/experiment/cpt_packing.yaml names.
+   `tools/pack.py --compare`, the original domain (`stdlib:code` train split) packed concat for replay,
+   and the fixed validation sets, the val splits of both domains packed one document piece per row
+   (data/validation.py), at the paths conf/experiment/cpt_packing.yaml and cpt_replay.yaml name.
 2. pretrain: one small GPT on `stdlib:code`:
        python pretrain/main.py +experiment=cpt_pretrain
 3. init: the pretrained model measured on the validation set (one step at a negligible learning rate):
@@ -13,7 +15,10 @@ Five stages; each training stage is one process of pretrain/main.py:
    runs/cpt_packing (the preset's hydra.sweep.dir), --jobs runs at once:
        python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_packing \
            data.pack_method=concat,bfd,sp seed=1,2,3
-5. report: every run's metrics.jsonl aggregated into JSON and a PNG.
+5. replay: the replay arm from the same pretrained weights, every seed, one multirun into runs/cpt_packing/replay:
+       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_replay seed=1,2,3
+6. report: every run's metrics.jsonl aggregated into JSON and a PNG: the new domain's validation loss
+   (val_loss) and the original domain's (val_loss/code: forgetting) per arm.
 
     python tools/experiments/cpt_experiment.py                  # every stage
     python tools/experiments/cpt_experiment.py --dry-run        # print the commands only
@@ -47,10 +52,14 @@ from tools.experiments.common import ExperimentError, NoRuns, Run, by_arm, guard
 
 ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
 METHODS = ("concat", "bfd", "sp")
+REPLAY = "replay"  # the arm trained on data.sources: new domain and replay of the original
+ARMS = (*METHODS, REPLAY)
 SEEDS = (1, 2, 3)
 CORPUS = "stdlib:tests"  # the new domain: packed from its train split, validated on its val split
+ORIGINAL = "stdlib:code"  # the pretraining domain: replayed from its train split, validated on its val split
+FORGETTING = "val_loss/code"  # the original domain's validation loss (data.val_sets name "code")
 INIT_RUN = "init"  # the pretrained model's validation loss, before continual pretraining
-STAGES = ("pack", "pretrain", "init", "cpt", "report")
+STAGES = ("pack", "pretrain", "init", "cpt", REPLAY, "report")
 
 
 # --- The experiment's settings, from the presets ----------------------------------------------------
@@ -64,6 +73,8 @@ class Setup:
     val: Path  # the split-packed validation set (data.val_path)
     pretrain_dir: Path  # cpt_packing's init_from
     cpt_dir: Path  # the continual runs' folder: run_dir's parent, and the preset's hydra.sweep.dir
+    replay_train: Path  # the original domain's packed training set (cpt_replay's replay source)
+    original_val: Path  # the original domain's split-packed validation set (data.val_sets "code")
 
 
 def setup(methods: tuple[str, ...] = METHODS) -> Setup:
@@ -78,15 +89,22 @@ def setup(methods: tuple[str, ...] = METHODS) -> Setup:
                               f"the names tools/pack.py --compare writes; it gives {sorted(map(str, train.values()))}")
     cfg = cfgs[methods[0]]
     val_rows = cfg.trainer.eval_batches * cfg.trainer.global_batch_size
+    replay = {s.name: Path(s.path) for s in compose_config(["+experiment=cpt_replay"]).data.sources}
     return Setup(data=cfg.data, seq_len=cfg.data.seq_len, val_rows=val_rows, train=train,
                  pack_prefix=Path(prefixes.pop()), val=Path(cfg.data.val_path), pretrain_dir=Path(cfg.init_from),
-                 cpt_dir=Path(cfg.run_dir).parent)
+                 cpt_dir=Path(cfg.run_dir).parent, replay_train=replay["code"],
+                 original_val=Path(next(v.path for v in cfg.data.val_sets if f"val_loss/{v.name}" == FORGETTING)))
 
 
 # --- The commands -------------------------------------------------------------------------------------
 def pack_argv(s: Setup, tokenizer: Path) -> list[str]:
     return ["tools/pack.py", "--input", f"{CORPUS}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
             "--compare", "--output", str(s.pack_prefix), "--overwrite", "--no-progress"]
+
+
+def pack_replay_argv(s: Setup, tokenizer: Path) -> list[str]:
+    return ["tools/pack.py", "--input", f"{ORIGINAL}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
+            "--method", "concat", "--output", str(s.replay_train), "--overwrite", "--no-progress"]
 
 
 def pretrain_argv() -> list[str]:
@@ -104,6 +122,11 @@ def grid_argv(jobs: int, methods=METHODS, seeds=SEEDS) -> list[str]:
             "+experiment=cpt_packing", f"data.pack_method={','.join(methods)}", f"seed={','.join(map(str, seeds))}"]
 
 
+def replay_argv(jobs: int, seeds=SEEDS) -> list[str]:
+    return ["pretrain/main.py", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}",
+            "+experiment=cpt_replay", f"seed={','.join(map(str, seeds))}"]
+
+
 # --- Which runs exist ---------------------------------------------------------------------------------
 def completed(run_dir: Path) -> bool:
     result = run_dir / "result.json"
@@ -114,19 +137,29 @@ def continual_runs(s: Setup) -> tuple[dict[str, dict[int, Run]], Run | None]:
     """(method -> seed -> run, the init run or None) of the completed runs below cpt_dir."""
     runs = load_runs(s.cpt_dir)
     init = next((r for r in runs if r.name == INIT_RUN), None)
-    return by_arm((r for r in runs if r.name != INIT_RUN), lambda r: r.config["data"]["pack_method"]), init
+    return by_arm((r for r in runs if r.name != INIT_RUN), arm_of), init
+
+
+def arm_of(run: Run) -> str:
+    """The replay arm trains on a mixture (data.sources); the others are named by their packing method."""
+    data = run.config["data"]
+    return REPLAY if data.get("sources") else data["pack_method"]
+
+
+def arms_done(s: Setup, arms: tuple[str, ...]) -> bool:
+    try:
+        found, _ = continual_runs(s)
+    except NoRuns:
+        return False
+    return all(seed in found.get(a, {}) for a in arms for seed in SEEDS)
 
 
 def grid_done(s: Setup) -> bool:
-    try:
-        arms, _ = continual_runs(s)
-    except NoRuns:
-        return False
-    return all(seed in arms.get(m, {}) for m in METHODS for seed in SEEDS)
+    return arms_done(s, METHODS)
 
 
 def grid_folders(s: Setup) -> list[Path]:
-    return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name != INIT_RUN]
+    return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name not in (INIT_RUN, REPLAY)]
 
 
 @dataclass(frozen=True)
@@ -140,7 +173,8 @@ def training_stages(s: Setup, jobs: int) -> dict[str, TrainingStage]:
     return {"pretrain": TrainingStage(pretrain_argv(), lambda: completed(s.pretrain_dir), lambda: [s.pretrain_dir]),
             "init": TrainingStage(init_argv(s), lambda: completed(s.cpt_dir / INIT_RUN),
                                   lambda: [s.cpt_dir / INIT_RUN]),
-            "cpt": TrainingStage(grid_argv(jobs), lambda: grid_done(s), lambda: grid_folders(s))}
+            "cpt": TrainingStage(grid_argv(jobs), lambda: grid_done(s), lambda: grid_folders(s)),
+            REPLAY: TrainingStage(replay_argv(jobs), lambda: arms_done(s, (REPLAY,)), lambda: [s.cpt_dir / REPLAY])}
 
 
 # --- Aggregation --------------------------------------------------------------------------------------
@@ -166,18 +200,19 @@ def aggregate(curves: dict[str, dict[int, dict[int, float]]], init_loss: float |
     return {"methods": out, "ranking_by_mean_final_val_loss": ranking}
 
 
-def collect(s: Setup) -> tuple[dict, float | None]:
-    """(method -> seed -> step -> val_loss, the init run's validation loss) of the completed runs."""
+def collect(s: Setup, key: str = "val_loss") -> tuple[dict, float | None]:
+    """(arm -> seed -> step -> `key`, the init run's `key`) of the completed runs; `key` is val_loss (new
+    domain) or FORGETTING (original domain)."""
     arms, init = continual_runs(s)
-    curves = {m: {seed: run.series("val_loss") for seed, run in arms[m].items()} for m in METHODS if m in arms}
-    return curves, init.last("val_loss") if init else None
+    curves = {a: {seed: run.series(key) for seed, run in arms[a].items()} for a in ARMS if a in arms}
+    return {a: c for a, c in curves.items() if any(c.values())}, init.last(key) if init else None
 
 
 def packing_stats(s: Setup) -> dict:
     keys = ("rows", "corpus_tokens", "content_tokens", "padding_share", "duplicated_share", "truncated_share",
             "split_share", "pieces_per_row", "documents", "pieces_before_sampling")
     out = {}
-    for name, prefix in [*s.train.items(), ("val", s.val)]:
+    for name, prefix in [*s.train.items(), ("val", s.val), (REPLAY, s.replay_train), ("original_val", s.original_val)]:
         meta = Path(f"{prefix}.json")
         if meta.exists():
             stats = json.loads(meta.read_text())["stats"]
@@ -187,9 +222,10 @@ def packing_stats(s: Setup) -> dict:
 
 def plot(report: dict, path: Path) -> None:
     plt = pyplot()
-    colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green"}
-    labels = {"concat": "CT (concat)", "bfd": "BFD", "sp": "SP"}
-    fig, (ax, zoom, dots) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.1, 1.1, 0.8]})
+    colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green", REPLAY: "tab:red"}
+    labels = {"concat": "CT (concat)", "bfd": "BFD", "sp": "SP", REPLAY: "CT + 20% replay"}
+    fig, (ax, zoom, dots, forget) = plt.subplots(1, 4, figsize=(20, 4.2),
+                                                 gridspec_kw={"width_ratios": [1.1, 1.1, 0.8, 1.1]})
     for i, (method, m) in enumerate(report["methods"].items()):
         c, color = m.get("curve_with_init", m["curve"]), colors.get(method)
         f = m["final_val_loss"]
@@ -214,6 +250,14 @@ def plot(report: dict, path: Path) -> None:
     dots.set_xlim(-0.5, len(names) - 0.5)
     dots.set_title("final validation loss: seeds, mean ± std")
     dots.grid(alpha=0.3, axis="y")
+    for arm, m in report.get("forgetting", {}).get("methods", {}).items():
+        c = m.get("curve_with_init", m["curve"])
+        forget.plot(c["step"], c["mean"], marker="o", ms=3, color=colors.get(arm), label=labels.get(arm, arm))
+        forget.fill_between(c["step"], c["min"], c["max"], color=colors.get(arm), alpha=0.2)
+    forget.set_title("original-domain validation loss (stdlib:code val): forgetting")
+    forget.set_xlabel("continual-pretraining step")
+    forget.grid(alpha=0.3)
+    forget.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -235,8 +279,11 @@ def launch(argv: list[str]) -> None:
 def stage_pack(s: Setup, dry: bool) -> None:
     from data.prepare import ensure_tokenizer, tokenizer_path
 
-    print("python " + " ".join(pack_argv(s, tokenizer_path(s.data))))
-    print(f"(validation set) data.validation.pack_split_val({CORPUS}:val) -> {s.val}")
+    for argv in (pack_argv, pack_replay_argv):
+        print("python " + " ".join(argv(s, tokenizer_path(s.data))))
+    validation = {CORPUS: s.val, ORIGINAL: s.original_val}
+    for corpus, prefix in validation.items():
+        print(f"(validation set) data.validation.pack_split_val({corpus}:val) -> {prefix}")
     if dry:
         return
     from data.corpus import stdlib_documents
@@ -244,10 +291,12 @@ def stage_pack(s: Setup, dry: bool) -> None:
 
     tokenizer = ensure_tokenizer(s.data)
     launch(pack_argv(s, tokenizer.path))
-    documents = stdlib_documents(CORPUS.split(":")[1], "val")
-    meta = pack_split_val(documents, tokenizer, s.seq_len, s.val, s.val_rows, source=f"{CORPUS}:val")
-    print(f"wrote {s.val} ({meta['rows']} rows of {meta['stats']['pieces_before_sampling']} pieces)")
-    launch(["tools/pack.py", "--verify", *map(str, s.train.values()), str(s.val)])
+    launch(pack_replay_argv(s, tokenizer.path))
+    for corpus, prefix in validation.items():
+        documents = stdlib_documents(corpus.split(":")[1], "val")
+        meta = pack_split_val(documents, tokenizer, s.seq_len, prefix, s.val_rows, source=f"{corpus}:val")
+        print(f"wrote {prefix} ({meta['rows']} rows of {meta['stats']['pieces_before_sampling']} pieces)")
+    launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.replay_train, *validation.values()])])
 
 
 def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
@@ -268,14 +317,15 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
     curves, init = collect(s)
     report = aggregate(curves, init)
     report["init_val_loss"] = init
+    report["forgetting"] = aggregate(*collect(s, FORGETTING))  # the original domain, per arm
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": "python " + " ".join(pretrain_argv()),
-        "continual": ["python " + " ".join(init_argv(s)), "python " + " ".join(grid_argv(jobs))],
+        "continual": ["python " + " ".join(argv) for argv in (init_argv(s), grid_argv(jobs), replay_argv(jobs))],
         "seq_len": s.seq_len, "validation_rows": s.val_rows,
         "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
                         "(rows x L, padding and SP duplicates included)"}
-    for name in ("cpt_pretrain", "cpt_packing"):
+    for name in ("cpt_pretrain", "cpt_packing", "cpt_replay"):
         p = ROOT / "conf" / "experiment" / f"{name}.yaml"
         report["setup"][f"{name}.yaml"] = p.read_text() if p.exists() else None
     res = s.pretrain_dir / "result.json"
@@ -288,6 +338,9 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
         f = m["final_val_loss"]
         print(f"{method:>7}: val loss {mean_std(f['mean'], f['std'])} (min {f['min']:.4f}, max {f['max']:.4f}, "
               f"n={f['n']}), ppl {f['perplexity_of_mean']:.3f}")
+    for arm, m in report["forgetting"]["methods"].items():
+        f = m["final_val_loss"]
+        print(f"{arm:>7}: original-domain val loss {mean_std(f['mean'], f['std'])} (n={f['n']})")
     print(f"init: {init}; wrote {json_path} and {png_path}")
     return report
 
