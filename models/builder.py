@@ -23,11 +23,13 @@ class BuiltModel:
     gpt: torch.nn.Module  # the bare GPTModel (checkpoints and monitors use it)
     ddp: DistributedDataParallel  # what the schedule runs
     num_params: int  # over all tensor/pipeline ranks
+    active_params: int = 0  # what one token's forward multiplies by: MoE counts its top_k experts only
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus attention's 12*L*h*s (PaLM's appendix B)."""
+        """Training FLOPs per token: 6 per active parameter for the matmuls (2 forward, 4 backward) plus
+        attention's 12*L*h*s (PaLM's appendix B)."""
         c = self.gpt.config
-        return 6 * self.num_params + 12 * c.num_layers * c.hidden_size * seq_len
+        return 6 * (self.active_params or self.num_params) + 12 * c.num_layers * c.hidden_size * seq_len
 
 
 def layer_specs(model: ModelConfig, attention: AttentionConfig) -> list:
@@ -59,15 +61,30 @@ def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_
 
 def build_model(model: ModelConfig, attention: AttentionConfig, vocab_size: int, device: torch.device,
                 dtype: torch.dtype, seed: int, per_document_positions: bool = False,
-                distributed_optimizer: bool = False) -> BuiltModel:
-    """The GPT for training, wrapped in megatron's DDP (fp32 gradient reduction)."""
+                distributed_optimizer: bool = False, overlap_grad_reduce: bool | None = None) -> BuiltModel:
+    """The GPT for training, wrapped in megatron's DDP (fp32 gradient reduction). `overlap_grad_reduce`
+    reduces each gradient bucket while the backward goes on (None: with a GPU and more than one DP rank)."""
     gpt = build_initialised_gpt(model, attention, vocab_size, seed, dtype, per_document_positions)
     gpt = gpt.to(device=device, dtype=dtype)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    gpt.loss_chunk_tokens = model.loss_chunk_tokens(device)
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    overlap = overlap_grad_reduce if overlap_grad_reduce is not None else (device.type == "cuda" and dp > 1)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                               bucket_size=bucket_size(dp) if overlap else None,
                                                use_distributed_optimizer=distributed_optimizer)
     ddp = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt,
                                   full_param_layout=distributed_optimizer_layout(gpt, ddp_config))
-    return BuiltModel(gpt=gpt, ddp=ddp, num_params=count_params(gpt))
+    if overlap:
+        # the schedule holds every bucket's reduction back until the last micro-batch's backward;
+        # without this each micro-batch would reduce the accumulating buffer again
+        gpt.config.no_sync_func = ddp.no_sync
+    return BuiltModel(gpt=gpt, ddp=ddp, num_params=count_params(gpt), active_params=active_params(gpt, model.moe))
+
+
+def bucket_size(dp: int) -> int:
+    """Elements per gradient bucket when reductions overlap the backward: megatron-LM's default, large
+    enough that each rank's share of a ring all-reduce stays a big message."""
+    return max(40_000_000, 1_000_000 * dp)
 
 
 def distributed_optimizer_layout(gpt: torch.nn.Module, ddp_config: DistributedDataParallelConfig):
@@ -77,16 +94,27 @@ def distributed_optimizer_layout(gpt: torch.nn.Module, ddp_config: DistributedDa
         return None
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    assert not ddp_config.overlap_grad_reduce, "one bucket per buffer: DDP's bucket size is None"
     return DistributedOptimizer.compute_full_param_layout(
-        [p for p in gpt.parameters() if p.requires_grad], None,
+        [p for p in gpt.parameters() if p.requires_grad], ddp_config.bucket_size,
         parallel_state.get_data_parallel_world_size(with_context_parallel=True), ddp_config,
         expert_data_parallel_world_size=parallel_state.get_expert_data_parallel_world_size())
 
 
-def count_params(model: torch.nn.Module) -> int:
+def active_params(gpt: torch.nn.Module, moe) -> int:
+    """Parameters one token passes through: all but the experts, plus top_k of num_experts experts.
+    Each expert-parallel rank holds num_experts / ep of them, so the model-parallel sum is scaled by ep."""
+    if not moe.num_experts:
+        return count_params(gpt)
+    experts = count_params(gpt, lambda name: ".experts." in name)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return count_params(gpt) - experts + round(experts * ep * moe.top_k / moe.num_experts)
+
+
+def count_params(model: torch.nn.Module, keep=lambda name: True) -> int:
+    """Parameters of `model` whose name `keep` accepts, summed over the tensor/pipeline ranks."""
     device = next(model.parameters()).device  # nccl reduces only device tensors
-    local = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.float64, device=device)
+    local = torch.tensor([sum(p.numel() for n, p in model.named_parameters() if keep(n))], dtype=torch.float64,
+                         device=device)
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
     return int(local.item())

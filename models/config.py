@@ -25,6 +25,7 @@ Activation = choices("Activation", "swiglu", "gelu")
 AuxLoss = choices("AuxLoss", "switch", "seq", "none")  # switch: global load balancing; seq: per sequence
 DropPolicy = choices("DropPolicy", "probs", "position")
 RopeScaling = choices("RopeScaling", "none", "llama3")
+Recompute = choices("Recompute", "none", "selective", "full")  # activation recompute, megatron's granularities
 
 # attention types whose key/value heads are megatron's query groups (the others keep their own latents)
 GROUPED_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa, AttentionType.gta)
@@ -156,17 +157,25 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     normalization: str = choice(Normalization, "RMSNorm")
     norm_eps: float = 1e-5
-    final_norm: bool = False  # a norm after the last layer (Llama has one; keel's own models so far do not)
+    final_norm: bool = True  # a norm after the last layer; without it the output logits blow up early (docs/design.md)
     activation: str = choice(Activation, "swiglu")
     tie_embeddings: bool = True
     vocab_size: Optional[int] = None  # rows of the embedding and output; None: the tokenizer's vocabulary
     vocab_multiple: int = 1  # pad those rows to a multiple of this, so that tensor parallelism divides them
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # speed and memory, never the function computed:
+    # selective recomputes core attention in the backward, full every layer (megatron's uniform method)
+    recompute: str = choice(Recompute, "none")
+    # cross-entropy over chunks of this many tokens, so fp32 logits never exist for a whole micro-batch
+    # (models/loss.py); 0 computes them at once; None: 8192 on a GPU, 0 on CPU (one chunk is as fast there)
+    loss_chunk: Optional[int] = None
 
     def __post_init__(self):
         # validation only: derived sizes are properties, so a default instance never freezes them
         check_choices("model", self)
+        check(self.loss_chunk is None or self.loss_chunk >= 0,
+              f"model.loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
         check_positive("model", self, "num_layers", "hidden_size", "head_dim", "num_heads", "ffn_hidden_size",
                        "max_seq_len", "rotary_base", "norm_eps", "vocab_size", "vocab_multiple", "init_std")
         if self.num_heads is None:
@@ -175,6 +184,9 @@ class ModelConfig:
                   "choose a multiple of the head dimension")
         check(self.heads >= 1 and self.hidden_size % self.heads == 0,
               f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.heads}")
+
+    def loss_chunk_tokens(self, device) -> int:
+        return self.loss_chunk if self.loss_chunk is not None else (8192 if device.type == "cuda" else 0)
 
     @property
     def heads(self) -> int:

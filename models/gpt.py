@@ -5,6 +5,7 @@ Model code receives plain arguments; it never reads a global config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from models.attention import attention_spec
 from models.config import AttentionConfig, ModelConfig, MoEConfig, RopeScalingConfig, check
+from models.loss import chunked_loss
 
 
 def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
@@ -44,8 +46,18 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         cuda_graph_modules=[],  # megatron's default ("full") only warns that it is deprecated
-        **moe_fields(model.moe, model.ffn_size),
+        **moe_fields(model.moe, model.ffn_size), **recompute_fields(model.recompute),
     )
+
+
+def recompute_fields(recompute: str) -> dict:
+    """megatron's activation recompute: selective recomputes core attention (megatron's SelfAttention;
+    keel's own GTA/GLA/MLA modules keep theirs), full recomputes each whole layer from its input."""
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
 
 
 def moe_fields(moe: MoEConfig, ffn_size: int) -> dict:
@@ -114,12 +126,30 @@ class KeelGPT(GPTModel):
     """
 
     def __init__(self, *args, per_document_positions: bool = False, rope_scaling: RopeScalingConfig | None = None,
-                 unpadded_vocab_size: int | None = None, **kwargs):
+                 unpadded_vocab_size: int | None = None, loss_chunk_tokens: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.per_document_positions = per_document_positions
+        self.loss_chunk_tokens = loss_chunk_tokens  # 0: the whole micro-batch's logits at once (models/loss.py)
         self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
         if rope_scaling is not None and rope_scaling.type == "llama3" and hasattr(self, "rotary_pos_emb"):
             self.rotary_pos_emb.inv_freq = llama3_inv_freq(self.rotary_pos_emb, rope_scaling)
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args,
+                output_processor=None, **kwargs):
+        """GPTModel's forward; with labels and `loss_chunk_tokens`, the loss comes from chunked logits."""
+        if labels is not None and output_processor is None and self.loss_chunk_tokens:
+            output_processor = partial(chunked_loss, self.loss_chunk_tokens)
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args,
+                               output_processor=output_processor, **kwargs)
+
+    @contextlib.contextmanager
+    def plain_loss(self):
+        """The loss from whole-micro-batch logits inside this block (one output-layer call, as hooks expect)."""
+        chunk, self.loss_chunk_tokens = self.loss_chunk_tokens, 0
+        try:
+            yield
+        finally:
+            self.loss_chunk_tokens = chunk
 
     def _scale_logits(self, logits):
         """Padded vocabulary rows get -inf logits, so that neither the loss nor sampling sees them.

@@ -26,9 +26,12 @@ GROUPS = ("embedding", "hidden", "readout", "norm")
 def param_group(name: str, param: torch.Tensor) -> str:
     """The LR group of a parameter, from its megatron-core name.
 
-    With tied embeddings the one shared matrix is the embedding; `readout` exists only untied.
+    With tied embeddings the one shared matrix is the embedding; `readout` exists only untied. Under
+    pipeline parallelism the last stage holds its own copy of the tied matrix as `output_layer.weight`
+    (megatron marks both copies `shared_embedding` and keeps them equal by summing their gradients),
+    so that copy is the embedding too: the same LR and no spectral bound, like the first stage's.
     """
-    if "word_embeddings" in name or "position_embeddings" in name:
+    if "word_embeddings" in name or "position_embeddings" in name or getattr(param, "shared_embedding", False):
         return "embedding"
     if "output_layer" in name:
         return "readout"

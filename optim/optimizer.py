@@ -92,9 +92,12 @@ class KeelOptimizer:
             for group in opt.optimizer.param_groups:
                 if group.get("step") is None:
                     continue
+                # the fused kernel reads each step from the parameter's device
+                device = None if not group.get("fused") else group["params"][0].device
                 for p in group["params"]:
                     if p in opt.optimizer.state:
-                        opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                        opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                                      device=device)
 
     def _chained(self) -> list:
         return chained(self.megatron)
@@ -123,6 +126,7 @@ def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.
                                       config_overrides=_group_overrides(peaks, cfg.lr))
     for group in megatron.param_groups:
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
+    use_fused_adam(megatron)
     rule = None
     if cfg.spectral.enabled:
         from optim.bounded import SpectralBoundRule
@@ -133,6 +137,20 @@ def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.
 
         rule = QuackRule(megatron, gpt)
     return KeelOptimizer(megatron, peaks, cfg.lr, rule)
+
+
+def use_fused_adam(megatron) -> None:
+    """torch's fused AdamW (one kernel over all of a group's fp32 main parameters) for groups on a GPU.
+    Without apex/TransformerEngine megatron-core builds torch's AdamW with neither `fused` nor
+    `foreach`; torch reads both from each group at every step. CPU groups keep the per-parameter loop,
+    so CPU runs keep their exact numbers."""
+    for opt in chained(megatron):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # AdamW derives from Adam
+            continue
+        for group in inner.param_groups:
+            if group["params"] and all(p.is_cuda for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
 
 
 def megatron_optimizer_config(cfg: OptimConfig, dtype: torch.dtype) -> OptimizerConfig:

@@ -29,6 +29,8 @@ class ParallelConfig:
     pipeline: int = 1
     expert: int = 1
     backend: str = choice(Backend, "auto")
+    # reduce gradient buckets during the backward (megatron DDP); None: on with a GPU and DP > 1
+    overlap_grad_reduce: Optional[bool] = None
 
     def __post_init__(self):
         check_choices("parallel", self)
@@ -49,6 +51,12 @@ class TrainerConfig:
     precision: str = choice(Precision, "auto")
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
+    # torch.compile each transformer layer (models/compile.py). None: on with a GPU, off on CPU, where
+    # inductor's compile (about 35 s for the smoke model on 2 cores) outlasts a whole smoke run
+    compile: Optional[bool] = None
+
+    def compile_on(self, device) -> bool:
+        return self.compile if self.compile is not None else device.type == "cuda"
 
     def __post_init__(self):
         check_choices("trainer", self)

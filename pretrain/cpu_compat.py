@@ -12,6 +12,7 @@ CUDA it redirects exactly the call sites below, each one found by tracing keel's
 2. `CUDA_TYPE_NAME_CHECKS`: while these functions run, ``Tensor.type()`` gives CUDA-style names, so
    their ``param.type() == 'torch.cuda.FloatTensor'`` checks accept CPU tensors.
 3. `CUDA_MOVES`: while these functions run, ``Tensor.cuda()`` is the identity.
+4. `CUDA_RNG_STATE`: these functions, which save and restore the CUDA RNG state, do nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ CUDA_MOVES: tuple[tuple[str, str], ...] = (
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"),  # tied embeddings across pipeline stages
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
+)
+
+# (module, function) that read or write the CUDA RNG state: megatron's activation recompute
+# (model.recompute) saves and restores it around each recomputed region. Without CUDA every draw comes
+# from the CPU generator, which the same code saves and restores on its own, so there is nothing to keep.
+CUDA_RNG_STATE: tuple[tuple[str, str], ...] = (
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
 )
 
 _FACTORIES = ("zeros", "tensor")  # the only factories these modules call with device="cuda"
@@ -181,7 +190,17 @@ def apply() -> None:
         _patch_attr(module_name, qualname, _within(_cuda_type_names))
     for module_name, qualname in CUDA_MOVES:
         _patch_attr(module_name, qualname, _within(_cuda_is_identity))
+    for module_name, qualname in CUDA_RNG_STATE:
+        _patch_attr(module_name, qualname, _without_cuda_rng)
     _applied = True
+
+
+def _without_cuda_rng(fn):
+    @functools.wraps(fn)
+    def nothing(*args, **kwargs) -> None:
+        return None
+
+    return nothing
 
 
 silence_import_warnings()

@@ -14,13 +14,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from data.loader import PackedLoader, model_inputs
+from data.loader import PackedLoader, evaluation_batches, model_inputs
 from models.builder import BuiltModel
+from models.attention.flex import document_block_mask
+from models.compile import CompiledLayers, eager, is_compile_error
 from optim.optimizer import KeelOptimizer
 from optim.schedule import lr_factor
 from pretrain import checkpoint
 from pretrain.callbacks import Callback
 from pretrain.config import KeelConfig
+from pretrain.mfu import mfu
 
 
 class TrainingStopped(RuntimeError):
@@ -74,6 +77,9 @@ class Trainer:
         self.skipped_total = 0
         self.forward_backward = get_forward_backward_func()
         self.microbatches: list[dict] = []
+        # per-layer torch.compile (on by default on a GPU; trainer.compile); None runs eagerly
+        self.compiled = CompiledLayers(self.gpt.decoder.layers) if cfg.trainer.compile_on(self.world.device) else None
+        self._in_reference = False  # inside reference_forward
 
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -106,10 +112,16 @@ class Trainer:
 
     def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> float:
         """Global mean token loss over every micro-batch of every data-parallel rank."""
-        results = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.model],
-            num_microbatches=len(microbatches), seq_length=self.cfg.data.seq_len,
-            micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only)
+        try:
+            results = self._schedule(microbatches, forward_only)
+        except Exception as e:
+            # compilation runs inside the first forward and backward: on a compile error every layer goes
+            # back to eager (one warning) and the same micro-batches run again from clean gradients
+            if not (self.compiled and self.compiled.active and is_compile_error(e)):
+                raise
+            self.compiled.fall_back(e)
+            self.model.zero_grad_buffer()
+            results = self._schedule(microbatches, forward_only)
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         last_stage_tp0 = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         if last_stage_tp0:
@@ -118,10 +130,41 @@ class Trainer:
         dist.all_reduce(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
+    def _schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        return self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=len(microbatches), seq_length=self.cfg.data.seq_len,
+            micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only)
+
+    @property
+    def forward_is_plain(self) -> bool:
+        """Whether the training forward is the eager model's: no compiled layers, no chunked loss."""
+        return not (self.compiled and self.compiled.active) and not self.gpt.loss_chunk_tokens
+
+    def reference_forward(self, microbatch: dict) -> None:
+        """One forward-only pass over `microbatch` as the plain eager model computes it: compiled layers
+        run eagerly and the loss is not chunked. The stability monitors capture their inputs in it."""
+        self._in_reference = True
+        try:
+            with torch.no_grad(), eager(), self.gpt.plain_loss():
+                self._schedule([microbatch], forward_only=True)
+        finally:
+            self._in_reference = False
+
+    @property
+    def block_masks(self) -> bool:
+        """Whether document masks go to FlexAttention: it needs compiled layers and, for its backward, a
+        GPU; the reference pass keeps the dense mask, which the monitors' entropy reads."""
+        compiled = bool(self.compiled and self.compiled.active)
+        return compiled and self.world.device.type == "cuda" and not self._in_reference
+
     def _forward_step(self, data_iterator, model):
-        d = self.cfg.data
-        batch = model_inputs(next(data_iterator), d.reset_position_ids, d.document_mask)
+        d, rows = self.cfg.data, next(data_iterator)
+        blocks = d.document_mask and self.block_masks
+        batch = model_inputs(rows, d.reset_position_ids, d.document_mask and not blocks)
         batch = {k: (v.to(self.world.device) if v is not None else None) for k, v in batch.items()}
+        if blocks:  # documents as FlexAttention tiles, not a dense [b, 1, s, s] mask
+            batch["attention_mask"] = document_block_mask(rows["doc_ids"].to(self.world.device))
         output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
@@ -151,8 +194,9 @@ class Trainer:
         m = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
              "lr": next(iter(lrs.values())), **lrs, "tokens_per_s": tokens / dt, "step_time_s": dt,
              "skipped_total": self.skipped_total, **self.loader.tokens_seen()}
-        if self.flops_per_token and self.world.device.type == "cuda":
-            m["mfu"] = tokens * self.flops_per_token / dt / (peak_flops(self.world.device) * self.world.size)
+        utilisation = mfu(tokens / dt, self.flops_per_token, self.world.device, self.world.size)
+        if utilisation is not None:
+            m["mfu"] = utilisation
         return m
 
     # ---- evaluation, checkpoints, loop --------------------------------------------------------
@@ -163,10 +207,11 @@ class Trainer:
         val = val or self.parts.val
         val.consumed = 0  # the same validation rows every time
         total = 0.0
-        for _ in range(self.cfg.trainer.eval_batches):
+        batches = evaluation_batches(len(val.dataset), val.global_batch, self.cfg.trainer.eval_batches)
+        for _ in range(batches):
             total += self._run_schedule(val.next_global_batch(), forward_only=True)
         self.model.train()
-        return total / self.cfg.trainer.eval_batches
+        return total / batches
 
     def state_dict(self) -> dict:
         """Everything a resume needs besides the model and megatron's optimizer: counters, the data
@@ -262,14 +307,3 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of the GPU, from its name (used only for MFU)."""
-    name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16.items():
-        if key in name:
-            return value
-    return 312e12

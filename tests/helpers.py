@@ -22,6 +22,8 @@ BAD_VALUES = [
     (["optim.spectral.tau=-1"], "optim.spectral.tau must be positive"),
     (["optim.spectral.power_iters=0"], "optim.spectral.power_iters must be >= 1"),
     (["logging.monitors.batch_rows=0"], "logging.monitors.batch_rows must be positive"),
+    (["model.loss_chunk=-1"], "model.loss_chunk must be >= 0"),
+    (["model.recompute=some"], "model.recompute='some' is unknown; choose one of none, selective, full"),
 ]
 
 

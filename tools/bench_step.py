@@ -1,12 +1,13 @@
-"""Time keel's training step against an equivalent plain-PyTorch GPT, in one process.
+"""Time keel's training step against an equivalent plain-PyTorch GPT, eager and compiled, in one process.
 
-    python tools/bench_step.py [--steps N] [--device cpu|cuda] [hydra overrides ...]
+    python tools/bench_step.py [--preset cpu|demo|286M|755M|1.5B] [--steps N] [hydra overrides ...]
 
-Prints ms per step for keel (megatron GPTModel + DDP + schedule + megatron optimizer) and for a
-plain-PyTorch GPT of the same shapes (RMSNorm, RoPE, GQA on SDPA, SwiGLU, tied embeddings, AdamW,
-clipping), their ratio, the data loader's time per global batch against the step, the stability
-monitors' cost (a monitored step against a plain one, and amortised over their default interval),
-and on a GPU tokens/s and MFU.
+Prints, for keel (megatron GPTModel + DDP + schedule + megatron optimizer, with the speed options its
+config selects) and for a plain-PyTorch GPT of the same shapes (RMSNorm, RoPE, GQA on SDPA, SwiGLU, tied
+embeddings, fused AdamW, clipping) run eagerly and under torch.compile: ms per step, tokens/s, MFU (on a
+GPU the peak table of pretrain/mfu.py knows) and peak GPU memory. The headline is keel / compiled plain.
+Then the data loader's time per global batch against the step, and the stability monitors' cost (a
+monitored step against a plain one, and amortised over their default interval).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,18 +86,21 @@ def _median_ms(fn, steps: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
-def plain_step_fn(cfg, vocab: int, device, dtype):
+def plain_step_fn(cfg, vocab: int, device, dtype, compiled: bool):
+    """One training step of the plain GPT: fp32 parameters, autocast, fused AdamW on a GPU; `compiled`
+    compiles the whole model (what a plain-PyTorch user would do)."""
     m = cfg.model
     model = PlainGPT(vocab, m.hidden_size, m.num_layers, m.heads, cfg.attention.query_groups(cfg.model.heads), m.ffn_size,
                      cfg.data.seq_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
     g, mb = cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size
     tokens = torch.randint(0, vocab, (mb, cfg.data.seq_len), device=device)
 
     def step():
         for _ in range(g // mb):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(tokens, tokens) / (g // mb)
+                loss = forward(tokens, tokens) / (g // mb)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -103,44 +108,96 @@ def plain_step_fn(cfg, vocab: int, device, dtype):
     return step
 
 
+# named shapes (hydra overrides over the demo): the two of issue 13's measurements and one of about 1.5B
+# parameters that fits one 141 GB GPU with bf16 weights, fp32 main parameters and Adam state (~18 bytes
+# a parameter, 27 GB, leaving room for activations); "cpu" is small enough for CI
+PRESETS: dict[str, list[str]] = {
+    "cpu": ["+experiment=smoke", "trainer.global_batch_size=8", "trainer.micro_batch_size=4"],
+    "demo": ["+experiment=demo"],
+    "286M": ["+experiment=demo", "model.num_layers=24", "model.hidden_size=1024", "model.head_dim=64",
+             "model.max_seq_len=1024", "data.seq_len=1024", "trainer.global_batch_size=16", "trainer.micro_batch_size=8"],
+    "755M": ["+experiment=demo", "model.num_layers=16", "model.hidden_size=2048", "model.head_dim=128",
+             "model.max_seq_len=2048", "data.seq_len=2048", "trainer.global_batch_size=16", "trainer.micro_batch_size=4"],
+    "1.5B": ["+experiment=demo", "model.num_layers=32", "model.hidden_size=2048", "model.head_dim=128",
+             "model.max_seq_len=2048", "data.seq_len=2048", "trainer.global_batch_size=16", "trainer.micro_batch_size=4"],
+}
+
+
+@dataclass
+class Timing:
+    name: str
+    ms: float
+    peak_bytes: int | None  # peak GPU memory of its build and steps; None on CPU
+
+
+def _timed(name: str, build, steps: int, warmup: int, device) -> Timing:
+    """Median ms of the step `build()` returns, and the peak GPU memory above what was held before the
+    build (another model still held does not count)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    held = torch.cuda.memory_allocated(device) if cuda else 0
+    ms = _median_ms(build(), steps, warmup, torch.cuda.synchronize if cuda else (lambda: None))
+    return Timing(name, ms, torch.cuda.max_memory_allocated(device) - held if cuda else None)
+
+
+def _row(t: Timing, tokens: int, flops_per_token: float, device) -> str:
+    from pretrain.mfu import mfu
+
+    tps = tokens / t.ms * 1e3
+    utilisation = mfu(tps, flops_per_token, device)
+    mfu_text = f"{utilisation:6.1%}" if utilisation is not None else "     -"
+    mem = f"{t.peak_bytes / 2**30:7.1f} GiB" if t.peak_bytes is not None else "        -"
+    return f"{t.name:<20} {t.ms:9.1f} ms {tps:12,.0f} tokens/s   MFU {mfu_text}   peak {mem}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=list(PRESETS), help="named shapes (default: demo, unless overrides are given)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("overrides", nargs="*", help="hydra overrides (default: +experiment=demo)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides after the preset's")
     args = ap.parse_args(argv)
     from pretrain import distributed
     from pretrain.config import compose_config
     from pretrain.run import build_trainer, precision
 
-    overrides = args.overrides or ["+experiment=demo"]
-    cfg = compose_config(overrides + ["trainer.progress=false", "logging.tensorboard=false", "logging.plot=false",
-                                      "logging.monitors.interval=0"])
+    base = PRESETS[args.preset] if args.preset else ([] if args.overrides else PRESETS["demo"])
+    cfg = compose_config(base + args.overrides + [
+        "trainer.progress=false", "logging.tensorboard=false", "logging.plot=false", "logging.monitors.interval=0"])
     world = distributed.init(cfg.parallel)
-    sync = torch.cuda.synchronize if world.device.type == "cuda" else (lambda: None)
-    dtype = precision(cfg, world)
+    device, dtype = world.device, precision(cfg, world)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, world, Path(tmp))
+        trainers = []  # keel's, kept for the loader and monitor timings below
+
+        def build_keel():
+            trainers.append(build_trainer(cfg, world, Path(tmp)))
+            return trainers[0].train_step
+
+        keel = _timed("keel", build_keel, args.steps, args.warmup, device)
+        trainer = trainers[0]
         built = trainer.parts.model
-        keel_ms = _median_ms(trainer.train_step, args.steps, args.warmup, sync)
         vocab = built.gpt.vocab_size
-        plain_ms = _median_ms(plain_step_fn(cfg, vocab, world.device, dtype), args.steps, args.warmup, sync)
+        # each plain model is built in its own timing and freed after it
+        timings = [_timed(name, lambda c=compiled: plain_step_fn(cfg, vocab, device, dtype, c), args.steps, args.warmup,
+                          device) for name, compiled in (("plain eager", False), ("plain compiled", True))]
         loader_ms = _median_ms(trainer.loader.next_global_batch, args.steps, 1, lambda: None)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         interval, off_ms, on_ms = _monitor_cost(trainer, built.gpt, max(args.steps, 8), sync)
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
-    print(f"model: {built.num_params / 1e6:.1f}M params, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-          f"seq {cfg.data.seq_len}, global batch {cfg.trainer.global_batch_size}, {world.device}, {dtype}")
-    print(f"keel step          {keel_ms:9.1f} ms   ({tokens / keel_ms * 1e3:,.0f} tokens/s)")
-    print(f"plain PyTorch step {plain_ms:9.1f} ms   ({tokens / plain_ms * 1e3:,.0f} tokens/s)")
-    print(f"ratio keel/plain   {keel_ms / plain_ms:9.3f}")
-    print(f"data loader        {loader_ms:9.2f} ms per global batch = {loader_ms / keel_ms:.2%} of the step")
+    flops = built.flops_per_token(cfg.data.seq_len)
+    print(f"model: {built.num_params / 1e6:.1f}M params ({built.active_params / 1e6:.1f}M active), "
+          f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, seq {cfg.data.seq_len}, global batch "
+          f"{cfg.trainer.global_batch_size}, micro-batch {cfg.trainer.micro_batch_size}, {device}, {dtype}, "
+          f"keel layers {'compiled' if trainer.compiled else 'eager'}, torch {torch.__version__}")
+    for t in (keel, *timings):
+        print(_row(t, tokens, flops, device))
+    eager, compiled = timings
+    print(f"ratio keel/compiled {keel.ms / compiled.ms:9.3f}   (headline; keel/eager {keel.ms / eager.ms:.3f})")
+    print(f"data loader        {loader_ms:9.2f} ms per global batch = {loader_ms / keel.ms:.2%} of the step")
     print(f"monitored step     {on_ms:9.1f} ms vs {off_ms:.1f} ms = {(on_ms - off_ms) / off_ms:+.1%} on the steps it runs; "
           f"every {interval} steps (default): {(on_ms - off_ms) / (interval * off_ms):+.2%} of step time")
-    if world.device.type == "cuda":
-        from pretrain.trainer import peak_flops
-
-        mfu = tokens * built.flops_per_token(cfg.data.seq_len) / (keel_ms / 1e3) / peak_flops(world.device)
-        print(f"MFU (keel)         {mfu:9.2%}  of {peak_flops(world.device) / 1e12:.0f} TFLOP/s bf16 peak")
     distributed.shutdown()
 
 

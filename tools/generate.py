@@ -1,9 +1,12 @@
 """Generate text from a trained keel checkpoint with the KV cache (models/inference.py).
 
-    python tools/generate.py --checkpoint RUN_DIR_OR_STEP_DIR --prompt "def main(" --max-new-tokens 64 \
-        [--temperature 0.8 --top-k 50 --seed 0] [--device cuda] [--dtype bf16]
+    python tools/generate.py --checkpoint RUN_DIR_OR_STEP_DIR --prompt "def main(" [--prompt "import" ...] \
+        --max-new-tokens 64 [--temperature 0.8 --top-k 50 --seed 0] [--device cuda] [--dtype bf16] [--eager]
 
-Greedy when --temperature is 0 (the default). The model and tokenizer come from the run folder's
+Greedy when --temperature is 0 (the default). Several --prompt flags decode as one batch: the prompts
+are right-padded and each sequence keeps its own length, so each continues as if alone. On CUDA the
+one-token step is replayed from a CUDA graph and attends with the split-K Triton kernel (--eager:
+launched op by op). The model and tokenizer come from the run folder's
 run_info.json; the weights from the dist_checkpointing folder, loaded in a world of one.
 """
 
@@ -64,16 +67,17 @@ def load_model(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step_N folder")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graph for the one-token step")
     args = p.parse_args(argv)
 
-    from models.inference import generate
+    from models.inference import generate, right_pad
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
@@ -82,14 +86,17 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         loaded = load_model(args.checkpoint, args.device, dtype)
         gpt, tok, step_dir = loaded.gpt, loaded.tokenizer, loaded.step_dir
-        ids = tok.encode(args.prompt)
-        if not ids:
-            p.error("the prompt encodes to no tokens")
-        prompt = torch.tensor([ids], device=args.device)
+        ids = [tok.encode(text) for text in args.prompt]
+        if not all(ids):
+            p.error("a prompt encodes to no tokens")
+        prompt, lengths = right_pad(ids, device=args.device)
         out = generate(gpt, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                       torch.Generator().manual_seed(args.seed), eos=tok.eod)
+                       torch.Generator().manual_seed(args.seed), eos=tok.eod, lengths=lengths,
+                       graph=args.device.startswith("cuda") and not args.eager)
         print(f"# {step_dir}", file=sys.stderr)
-        print(tok.decode(out[0].tolist()))
+        new = out.shape[1] - prompt.shape[1]  # new tokens per row (all rows stop together)
+        for row, n in zip(out.tolist(), lengths.tolist()):
+            print(tok.decode(row[:n + new]))
     finally:
         distributed.shutdown()
     return 0

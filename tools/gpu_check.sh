@@ -3,9 +3,12 @@
 #
 #   10  install and smoke: versions, then megatron-core's GPTModel with megatron DDP, the distributed
 #       optimizer and bf16 training the smoke model
-#   20  step speed: keel vs plain PyTorch (eager and compiled), and the monitors' cost
+#   20  step speed: compiled against eager losses, then keel vs plain PyTorch (eager and compiled):
+#       ms, tokens/s, MFU and peak memory at 286M and 755M, and the monitors' cost
 #   21  checkpoints: synchronous against background (checkpoint.async_save) saves
-#   30  decoding: tokens/s per attention type against context
+#   22  step speed at about 1.5B parameters, and the monitors' parts at 286M
+#   30  decoding: the split-K Triton kernel and the CUDA-graph step against the PyTorch path, then
+#       tokens/s and HBM bandwidth per attention type (bench_decode.py --preset memory-bound)
 #   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
 # Numbers group sections by area; later work adds its own (21, 31, 41, ...).
 #
@@ -54,9 +57,15 @@ print('loss', rows[0]['loss'], '->', rows[-1]['loss'], 'val', [r['val_loss'] for
 }
 
 section_20() {
-  say "20. step speed: keel vs plain PyTorch, and the monitors' cost (286M, then the demo model)"
-  step 150 "$PY" tools/bench_step.py --steps 10 "${MODEL_286M[@]}"
-  step 50 "$PY" tools/bench_step.py --steps 10 +experiment=demo trainer.global_batch_size=64 trainer.micro_batch_size=64
+  say "20. step speed: compiled against eager losses (20 steps, bf16), then keel against plain PyTorch eager and compiled, with the monitors' cost (286M, 755M)"
+  step 80 "$PY" -m pytest -q -p no:cacheprovider tests/pretrain/test_compile.py
+  step 100 "$PY" tools/bench_step.py --preset 286M --steps 8 trainer.precision=$PRECISION
+  step 120 "$PY" tools/bench_step.py --preset 755M --steps 8 trainer.precision=$PRECISION
+}
+
+section_22() {
+  say "22. step speed at about 1.5B parameters (one GPU: bf16 weights, fp32 main parameters and Adam), and the monitors' parts (286M)"
+  step 200 "$PY" tools/bench_step.py --preset 1.5B --steps 6 trainer.precision=$PRECISION
   step 100 "$PY" tools/profile_monitor.py "${MODEL_286M[@]}"
 }
 
@@ -66,8 +75,13 @@ section_21() {
 }
 
 section_30() {
-  say "30. decode tokens/s against context, bf16"
-  step 300 "$PY" tools/bench_decode.py --device cuda --dtype bf16 --contexts 256 1024 4096 8192 --batch 8 --steps 16
+  say "30. decoding: kernel checks, then tokens/s and HBM bandwidth at 4 x 2048, batch 32 then 64, 4k-32k, bf16"
+  step 80 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_decode_kernels.py tests/models/test_decode.py
+  # rows print as measured (batch 32 first), so a cut-off run still logs the issue's batch-32 figures
+  step 170 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10
+  # torch's own SDPA for grouped heads, against the Triton kernel above, at the issue's point
+  step 50 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10 --types gqa mqa \
+    --batch 32 --contexts 16384 --kernel sdpa
 }
 
 section_40() {

@@ -1,13 +1,15 @@
 """KV-cache size per token per layer for every attention type, measured from the real cache tensors.
 
     python tools/kv_cache.py [--tp 1 2 4] [--dtype bf16] [--json] [HYDRA_OVERRIDES ...]
-    python tools/kv_cache.py --verify [--attention gla] [--tp 2] [--length 64] [--tol 1e-3] [HYDRA_OVERRIDES ...]
+    python tools/kv_cache.py --verify [--attention gla] [--tp 2] [--length 64] [--tol 1e-3] [--kernel triton]
+                             [HYDRA_OVERRIDES ...]
 
 The first form builds each type's model (one layer) in a gloo world of N processes per TP size, allocates
 the decode cache from this rank's real modules (models/inference.py) and reports rank 0's elements and
 bytes next to the formula. `--verify` decodes a random sequence token by token with the cache, at TP=N
 in a gloo world of N processes, and compares the gathered logits with one full forward at TP=1 (every
-type unless --attention is given); it exits 1 when the largest difference exceeds --tol.
+type unless --attention is given); it exits 1 when the largest difference exceeds --tol. `--kernel triton`
+(or sdpa) decodes the one-token steps with that decode kernel (on CPU: TRITON_INTERPRET=1 in the environment).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list
     return results
 
 
-def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
+def _logits(overrides: list[str], length: int, cached: bool, kernel="auto") -> torch.Tensor:
     """Logits [1, length, vocab] of a random sequence at this world's TP size, gathered over the TP
     group: token by token with the KV cache, or one full forward."""
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -119,19 +121,21 @@ def _logits(overrides: list[str], length: int, cached: bool) -> torch.Tensor:
     gpt = build_for_decode(cfg.model, cfg.attention, VOCAB, cfg.seed)
     tokens = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(cfg.seed))
     if cached:
-        cache = new_cache(gpt, 1, length)
+        cache = new_cache(gpt, 1, length, kernel=kernel)
         return torch.cat([forward_cached(gpt, tokens[:, i:i + 1], cache) for i in range(length)], dim=1)
     with torch.no_grad():
         return gather_from_tensor_model_parallel_region(gpt(tokens, torch.arange(length)[None], None)).float()
 
 
-def _cached_logits(tp: int, runs: dict, length: int) -> dict:
-    return {t: _logits([*o, f"parallel.tensor={tp}"], length, cached=True) for t, o in runs.items()}
+def _cached_logits(tp: int, runs: dict, length: int, kernel="auto") -> dict:
+    return {t: _logits([*o, f"parallel.tensor={tp}"], length, cached=True, kernel=kernel) for t, o in runs.items()}
 
 
-def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 1) -> dict[str, float]:
+def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 1, kernel="auto") -> dict[str, float]:
     """Per type, the largest |logit diff| between decoding with the cache at TP=tp and one full
-    forward at TP=1 (the same weights: keel's init is seeded by parameter name, not by shard)."""
+    forward at TP=1 (the same weights: keel's init is seeded by parameter name, not by shard).
+    kernel: the cache's decode attention (models.inference.KVCache); on CPU a Triton kernel needs
+    TRITON_INTERPRET=1 in the environment."""
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
@@ -139,11 +143,11 @@ def verify(types, overrides: list[str], length: int, init_std: float, tp: int = 
     distributed.init(ParallelConfig(backend="gloo"))
     try:
         full = {t: _logits(o, length, cached=False) for t, o in runs.items()}
-        cached = {t: _logits(o, length, cached=True) for t, o in runs.items()} if tp == 1 else None
+        cached = {t: _logits(o, length, cached=True, kernel=kernel) for t, o in runs.items()} if tp == 1 else None
     finally:
         distributed.shutdown()
     if tp > 1:
-        cached = in_tp_world(tp, _cached_logits, runs, length)
+        cached = in_tp_world(tp, _cached_logits, runs, length, kernel)
     return {t: float((cached[t] - full[t]).abs().max()) for t in types}
 
 
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--tol", type=float, default=1e-3, help="absolute, on logits of order 10 (fp32 noise is ~1e-4)")
     p.add_argument("--init-std", type=float, default=0.1, help="--verify: larger than training's, to stress it")
+    p.add_argument("--kernel", choices=["auto", "triton", "sdpa", "none"], default="auto",
+                   help="--verify: decode attention (auto: Triton on CUDA; on CPU triton/sdpa need TRITON_INTERPRET=1)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +experiment=attention_quality")
     args = p.parse_args(argv)
     args.tp = args.tp or ([1] if args.verify else [1, 2, 4])
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
         if len(args.tp) != 1:
             p.error("--verify takes one --tp size")
         diffs = verify([args.attention] if args.attention else TYPES, args.overrides, args.length, args.init_std,
-                       args.tp[0])
+                       args.tp[0], None if args.kernel == "none" else args.kernel)
         for t, diff in diffs.items():
             print(f"{t}: {args.length} tokens decoded with the KV cache at TP={args.tp[0]} vs a full forward at TP=1: "
                   f"max |logit diff| = {diff:.3e} ({'ok' if diff <= args.tol else 'FAIL'}, tolerance {args.tol:g})")

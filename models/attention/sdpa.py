@@ -9,6 +9,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from models.attention.flex import BlockMask, flex_attention
+
 
 class SDPACoreAttention(MegatronModule):
     """Drop-in for megatron's DotProductAttention (same constructor and forward signature).
@@ -32,16 +34,23 @@ class SDPACoreAttention(MegatronModule):
         assert packed_seq_params is None, "packed THD sequences need TransformerEngine; keel masks documents instead"
         # 1. [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if isinstance(attention_mask, BlockMask):  # documents, as FlexAttention tiles (models/attention/flex.py)
+            assert not (self.training and self.dropout_p), "FlexAttention applies no attention dropout"
+            out = flex_attention(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
+                                 enable_gqa=k.shape[1] != q.shape[1])
+            return _merge_heads(out)
         # 2. mask: megatron's True-is-masked becomes SDPA's True-attends
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None and q.shape[2] == k.shape[2]
         sdpa_mask = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, is_causal=causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
-        # 3. [b, h, s, d] -> [s, b, h * d]
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1])  # grouped K/V read in place, never copied per query head
+        return _merge_heads(out)
+
+
+def _merge_heads(out):
+    """[b, h, s, d] -> megatron's [s, b, h * d]."""
+    b, h, s, d = out.shape
+    return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -2,7 +2,8 @@
 
 Every `logging.monitors.interval` steps the monitor looks at the first micro-batch's first
 `batch_rows` rows as the training forward sees them (forward hooks, no extra forward pass, so it
-works on every pipeline stage) and logs under `stability/...`:
+works on every pipeline stage; with compiled layers or a chunked loss, which leave nothing to hook,
+an eager forward-only pass over that micro-batch before the update) and logs under `stability/...`:
 - attention entropy per layer and head (σReparam's definition, from the post-RoPE queries/keys);
 - σ1(W_qᵀW_k) per layer (max over heads) and the top-1 spectral energy share;
 - σ1 of every weight matrix and its update ratio σ1(ΔW)/σ1(W) over that step;
@@ -46,15 +47,24 @@ class StabilityMonitor(Callback):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.power_state: dict[str, dict] = {}
         self._hooks, self._captured, self._before = [], {}, {}
+        self._hooked_training = True  # whether this step's hooks watch the training forward
 
     def _due(self, step: int) -> bool:
         return self.cfg.interval > 0 and step % self.cfg.interval == 0
 
-    # 1. capture q/k of each layer and the logits during the training forward
+    # 1. capture q/k of each layer and the logits: during the training forward when it is the eager
+    #    model's; else (compiled layers, chunked loss: no module calls to hook) in an eager forward-only
+    #    pass over the first micro-batch before the update, with the same weights, so the same values
     def on_step_start(self, trainer) -> None:
         if not self._due(trainer.step + 1):
             return
         self._captured = {}
+        # decided once per step: a compile error may turn the layers eager during this step's forward
+        self._hooked_training = _training_forward_is_plain(trainer)
+        if self._hooked_training:
+            self._add_hooks()
+
+    def _add_hooks(self) -> None:
         for layer in self.layers:
             core = layer.self_attention.core_attention
             self._hooks.append(core.register_forward_pre_hook(self._capture_qk(layer.layer_number), with_kwargs=True))
@@ -82,6 +92,9 @@ class StabilityMonitor(Callback):
     # 2. snapshot matrices before the update, for the update ratio (stacking copies them)
     def on_before_update(self, trainer, loss: float):
         if self._due(trainer.step + 1):
+            if not self._hooked_training:
+                self._add_hooks()
+                trainer.reference_forward(trainer.microbatches[0])
             self._before = [torch.stack([p.detach() for _, p in batch]) for batch in self.batches]
         return None
 
@@ -178,6 +191,11 @@ class StabilityMonitor(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.power_state = state["power_state"]
+
+
+def _training_forward_is_plain(trainer) -> bool:
+    """Whether the training forward calls each module as the eager model does (so hooks see it all)."""
+    return getattr(trainer, "forward_is_plain", True)
 
 
 def _qk_weights(attn):

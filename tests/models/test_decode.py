@@ -1,9 +1,11 @@
-"""KV-cache decoding: incremental equals a full forward, cache sizes equal the formulas, GLA absorbed = naive."""
+"""KV-cache decoding: incremental and static-shape steps equal a full forward, batched prompts of different
+lengths decode as if alone, cache sizes equal the formulas, GLA absorbed = naive."""
 
 import pytest
 import torch
 
-from models.inference import forward_cached, generate, new_cache
+from models.inference import (CapturedStep, forward_cached, forward_static, generate, new_cache,
+                              right_pad)
 from tests.helpers import build_tiny_gpt
 
 TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
@@ -32,6 +34,30 @@ def test_incremental_decoding_equals_full_forward(megatron_world, attention):
     inc, cache = _decode(gpt, tokens, prefill=5)
     torch.testing.assert_close(inc, full, rtol=0, atol=1e-4)
     assert cache.length == tokens.shape[1]
+
+
+@pytest.mark.parametrize("attention", TYPES)
+def test_static_shape_steps_equal_the_full_forward(megatron_world, attention):
+    """One-token steps over whole buffers (what a CUDA graph captures), with garbage in the unfilled tail
+    and sequences of different lengths: the per-sequence length tensor alone decides what is read."""
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    tokens = _tokens()
+    with torch.no_grad():
+        full = gpt(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
+    cache = new_cache(gpt, 2, 20)
+    for layer in cache.layers:
+        for buf in layer.values():
+            buf.normal_()
+    first = forward_cached(gpt, tokens[:, :6], cache)
+    cache.lengths.copy_(torch.tensor([6, 5]))  # sequence 1 lags one token: its slot 5 is decoded again
+    rows = torch.arange(2)
+    while cache.lengths[0] < tokens.shape[1]:
+        pos = cache.lengths.clone()
+        with torch.no_grad():
+            logits = forward_static(gpt, tokens[rows, pos][:, None], cache)[:, 0]
+        torch.testing.assert_close(logits, full[rows, pos], rtol=0, atol=1e-4)
+    torch.testing.assert_close(first, full[:, :6], rtol=0, atol=1e-4)
+    assert cache.lengths.tolist() == [14, 13]
 
 
 @pytest.mark.parametrize("attention", ["gla", "mla"])
@@ -94,3 +120,38 @@ def test_cache_overflow_is_an_error(megatron_world):
     cache = new_cache(gpt, 1, 3)
     with pytest.raises(ValueError, match="holds 3 tokens"):
         forward_cached(gpt, _tokens(1, 4), cache)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "gta", "gla"])
+def test_batched_prompts_of_different_lengths_generate_as_if_alone(megatron_world, attention):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    prompts = [(_tokens(1, n)[0] + n) % 128 for n in (3, 7, 1)]
+    padded, lengths = right_pad(prompts)
+    assert padded.shape == (3, 7) and lengths.tolist() == [3, 7, 1]
+    out = generate(gpt, padded, max_new_tokens=6, lengths=lengths, pad=-1)
+    assert out.shape == (3, 13)
+    for i, p in enumerate(prompts):
+        alone = generate(gpt, p[None], max_new_tokens=6)[0]
+        assert torch.equal(out[i, :len(p) + 6], alone), (i, out[i], alone)
+        assert (out[i, len(p) + 6:] == -1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (tools/gpu_check.sh 30)")
+@pytest.mark.parametrize("attention", TYPES)
+def test_captured_step_equals_eager_steps(megatron_world, attention):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    gpt = gpt.cuda()
+    tokens = _tokens().cuda()
+    eager, graphed = new_cache(gpt, 2, 16), new_cache(gpt, 2, 16)
+    ref = [forward_cached(gpt, tokens[:, :5], eager)[:, -1]]
+    forward_cached(gpt, tokens[:, :5], graphed)
+    step = CapturedStep(gpt, graphed)
+    out = [ref[0]]
+    for i in range(5, tokens.shape[1]):
+        ref.append(forward_cached(gpt, tokens[:, i:i + 1], eager)[:, -1])
+        out.append(step(tokens[:, i:i + 1])[:, -1].clone())
+    torch.testing.assert_close(torch.stack(out), torch.stack(ref), rtol=0, atol=1e-4)
+    assert graphed.lengths.tolist() == [tokens.shape[1]] * 2
+    with pytest.raises(ValueError, match="holds 16 tokens"):
+        for _ in range(3):
+            step(tokens[:, :1])

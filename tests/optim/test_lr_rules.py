@@ -123,3 +123,14 @@ def test_effective_lr_per_group_follows_the_formula_across_widths(megatron_world
                 assert pg["lr"] == pytest.approx(logged[f"lr/{group_of[id(p)]}"])
                 seen.add(id(p))
         assert seen == set(group_of)  # every parameter is optimized, once
+
+
+def test_the_last_pipeline_stages_copy_of_tied_embeddings_is_the_embedding():
+    import torch
+
+    from optim.lr_rules import param_group
+
+    copy = torch.nn.Parameter(torch.zeros(8, 4))
+    assert param_group("output_layer.weight", copy) == "readout"  # untied: its own matrix
+    copy.shared_embedding = True  # megatron's mark on the last stage's copy of the tied matrix
+    assert param_group("output_layer.weight", copy) == "embedding"

@@ -37,7 +37,7 @@ def test_pinned_megatron_version():
 
 
 SITES = [(m, q) for m, qs in cpu_compat.CUDA_CALL_SITES.items() for q in qs]
-SITES += list(cpu_compat.CUDA_TYPE_NAME_CHECKS) + list(cpu_compat.CUDA_MOVES)
+SITES += list(cpu_compat.CUDA_TYPE_NAME_CHECKS) + list(cpu_compat.CUDA_MOVES) + list(cpu_compat.CUDA_RNG_STATE)
 
 
 @pytest.mark.parametrize("module_name, qualname", SITES, ids=[q for _, q in SITES])

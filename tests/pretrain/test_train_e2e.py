@@ -37,6 +37,16 @@ def test_smoke_trains_logs_and_checkpoints(straight):
     assert "done: step 6/6" in out.stdout
 
 
+def test_every_seed_scores_the_same_validation_rows(tiny_data, tmp_path, straight):
+    other = tmp_path / "seed2"
+    run_keel(tiny_overrides(tiny_data, other, steps=3) + ["seed=2"])
+    infos = [json.loads((run / "run_info.json").read_text()) for run in (straight[0], other)]
+    assert infos[0]["val_digest"] == infos[1]["val_digest"] and len(infos[0]["val_digest"]) == 64
+    assert infos[0]["validation"]["val_loss"]["tokens"] == 8 * 64  # eval_batches x global batch x seq_len
+    assert infos[0]["versions"]["megatron_core"] == "0.19.2" and infos[0]["dtype"] == "float32"
+    assert metrics(other)[0]["loss"] != metrics(straight[0])[0]["loss"]  # the seed did change the run
+
+
 def test_resume_is_exact(tiny_data, tmp_path, straight):
     straight, split = straight[0], tmp_path / "split"
     run_keel(tiny_overrides(tiny_data, split, steps=6) + ["trainer.stop_at=3"])
@@ -78,6 +88,10 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     (["parallel.tensor=2"], 1e-4),
     (["parallel.pipeline=2"], 1e-4),
     (["optim.distributed=true"], 1e-5),  # DP=2 with the distributed optimizer
+    # the chunked cross-entropy stays vocab-parallel at TP=2 (11 chunks of 6 positions × 4 rows)
+    (["parallel.tensor=2", "model.loss_chunk=24"], 1e-4),
+    # DP=2, 2 micro-batches a rank: each bucket reduced once, during the last backward
+    (["parallel.overlap_grad_reduce=true", "optim.distributed=true", "trainer.micro_batch_size=2"], 1e-5),
 ])
 def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
     # the first two steps of the same 6-step schedule (stop_at keeps the schedule)

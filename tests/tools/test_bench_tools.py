@@ -16,10 +16,24 @@ def _run(tool: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_bench_step_prints_keel_against_plain():
+def test_bench_step_prints_keel_against_plain_eager_and_compiled():
     out = _run("bench_step.py", "--steps", "2", "--warmup", "1", *TINY)
-    for line in ("keel step", "plain PyTorch step", "ratio keel/plain", "monitored step"):
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    for name in ("keel", "plain eager", "plain compiled"):
+        assert "tokens/s" in rows[name] and "MFU      -" in rows[name], out  # no MFU without a known GPU
+    for line in ("ratio keel/compiled", "monitored step"):
         assert line in out, out
+
+
+def test_bench_step_presets_name_the_issue_shapes():
+    import importlib
+
+    bench = importlib.import_module("tools.bench_step")
+    shape = {name: {o.split("=")[0]: o.split("=")[1] for o in preset if not o.startswith("+")}
+             for name, preset in bench.PRESETS.items()}
+    assert shape["286M"]["model.num_layers"] == "24" and shape["286M"]["model.hidden_size"] == "1024"
+    assert shape["755M"]["model.num_layers"] == "16" and shape["755M"]["data.seq_len"] == "2048"
+    assert int(shape["1.5B"]["model.num_layers"]) * int(shape["1.5B"]["model.hidden_size"]) ** 2 * 11 > 1.4e9
 
 
 def test_profile_monitor_times_each_part():

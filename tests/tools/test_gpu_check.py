@@ -32,4 +32,4 @@ def test_unknown_section_is_one_line_and_nothing_runs():
     proc = subprocess.run(["bash", str(SCRIPT), "99"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no section 99" in proc.stderr
     listing = subprocess.run(["bash", str(SCRIPT), "--list"], capture_output=True, text=True)
-    assert listing.returncode == 0 and "10 20 21 30 40" in listing.stdout
+    assert listing.returncode == 0 and "10 20 21 22 30 40" in listing.stdout
