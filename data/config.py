@@ -10,8 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
+from data.corpus import STDLIB, STDLIB_SUBSETS
+
 PackMethod = StrEnum("PackMethod", [(m, m) for m in ("sp", "bfd", "concat", "pad")])  # data/packing.py plans each one
-NAMED_CORPORA = ("stdlib", "stdlib:code", "stdlib:tests")  # the standard library of the running Python
+NAMED_CORPORA = (STDLIB, *(f"{STDLIB}:{s}" for s in STDLIB_SUBSETS if s != "all"))  # the running Python's standard library
 
 
 def _check(ok: bool, message: str) -> None:
@@ -48,7 +50,7 @@ class DataConfig:
     """Packed datasets. With neither `path` nor `sources` set, the named corpus is tokenized and packed
     into the cache."""
 
-    corpus: str = "stdlib"  # stdlib | stdlib:code | stdlib:tests
+    corpus: str = "stdlib"  # stdlib | stdlib:code | stdlib:tests | stdlib:code-defs | stdlib:tests-defs
     path: Optional[str] = None  # prefix of a packed training set (tools/pack.py --output)
     sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture of packed sets, instead of path
     val_path: Optional[str] = None  # prefix of a packed validation set: val_loss

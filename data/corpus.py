@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
 import sysconfig
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Iterator
 
 STDLIB = "stdlib"  # the named default corpus: one document per standard-library source file
+# code / tests: the two domains of the continual-pretraining experiment; "-defs": the same files cut at
+# their definitions (see `definitions`), documents mostly shorter than a 256-token row
+STDLIB_SUBSETS = ("all", "code", "tests", "code-defs", "tests-defs")
 
 
 def stdlib_root() -> Path:
@@ -22,8 +26,9 @@ def stdlib_files(subset: str = "all") -> list[Path]:
     ``subset``: ``all``; ``code`` (everything outside ``test/`` directories), or ``tests`` (only
     ``test/`` and ``tests/`` directories), the two domains of the continual-pretraining experiment.
     """
+    subset = subset.removesuffix("-defs")
     if subset not in ("all", "code", "tests"):
-        raise ValueError(f"unknown stdlib subset {subset!r}; choose all, code or tests")
+        raise ValueError(f"unknown stdlib subset {subset!r}; choose one of {', '.join(STDLIB_SUBSETS)}")
     root = stdlib_root()
     files = []
     for p in sorted(root.rglob("*.py")):
@@ -59,8 +64,36 @@ def stdlib_documents(subset: str = "all", split: str = "all", val_percent: float
     for p in stdlib_files(subset):
         name = str(p.relative_to(root))
         if split != "all" and is_validation(name, val_percent) != (split == "val"):
-            continue
-        yield Document(name, read_text_file(p))
+            continue  # split by file: a file's definitions all land on the same side
+        doc = Document(name, read_text_file(p))
+        yield from definitions(doc) if subset.endswith("-defs") else [doc]
+
+
+def definitions(doc: Document) -> list[Document]:
+    """A module cut before and after each top-level function and class method (decorators included);
+    what lies between them (imports, constants, a class's header and attributes) is a document too.
+    A file that does not parse stays whole. Named ``FILE#K``. Concatenated, the pieces are the file."""
+    try:
+        tree = ast.parse(doc.text)
+    except (SyntaxError, ValueError):
+        return [doc]
+    funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    members = [m for n in tree.body for m in ([n] if isinstance(n, funcs) else
+                                                n.body if isinstance(n, ast.ClassDef) else []) if isinstance(m, funcs)]
+    cuts = {line for m in members for line in (min([d.lineno for d in m.decorator_list] + [m.lineno]), m.end_lineno + 1)}
+    lines = doc.text.splitlines(keepends=True)
+    bounds = sorted({1, len(lines) + 1} | {c for c in cuts if 1 < c <= len(lines)})
+    pieces = ["".join(lines[a - 1:b - 1]) for a, b in zip(bounds, bounds[1:])]
+    # whitespace-only stretches join the next piece, so no text is dropped
+    out, carry = [], ""
+    for piece in pieces:
+        carry += piece
+        if carry.strip():
+            out.append(carry)
+            carry = ""
+    if carry and out:
+        out[-1] += carry
+    return [Document(f"{doc.name}#{k}", text) for k, text in enumerate(out)] or [doc]
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:

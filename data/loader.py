@@ -5,6 +5,10 @@ The loader's whole state is one integer, the number of rows consumed: row k of t
 from the seed. Every rank computes the same stream and takes its own slice of each global batch,
 so resuming only needs that integer.
 
+Validation loaders draw their order from `VALIDATION_SEED`, never from the run's seed, so every seed
+and every arm of an experiment scores the same rows; `scored_digest` fingerprints them (run_info.json's
+val_digest), so anyone can check that two runs scored the same text.
+
 `MixedLoader` blends several datasets by weight (data.sources). Which source row k comes from is
 megatron-core's blending rule (`helpers.build_blending_indices`: each row goes to the source
 furthest below its share so far), computed once for a block of `BLEND_BLOCK` rows and repeated, so
@@ -14,6 +18,7 @@ rows as above, with its own permutations.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +106,35 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
+
+
+VALIDATION_SEED = 0  # one fixed order for every validation set: paired comparisons score the same text
+
+
+def validation_loader(dataset: PackedDataset, global_batch: int, micro_batch: int, dp_rank: int,
+                      dp_size: int) -> PackedLoader:
+    """The loader evaluation reads from the start each time, in the order every run shares."""
+    return PackedLoader(dataset, global_batch, micro_batch, dp_rank, dp_size, VALIDATION_SEED)
+
+
+def evaluation_batches(set_rows: int, global_batch: int, requested: int) -> int:
+    """Global batches one evaluation scores: `requested` (trainer.eval_batches), fewer when the set is
+    smaller, so no row counts twice; at least one."""
+    return max(1, min(requested, set_rows // global_batch))
+
+
+def scored_rows(loader: PackedLoader, global_batches: int) -> list[tuple[PackedDataset, int]]:
+    """(dataset, row) of every row `global_batches` evaluations from the start score, over all ranks."""
+    return loader._rows(range(global_batches * loader.global_batch))
+
+
+def scored_digest(loader: PackedLoader, global_batches: int) -> str:
+    """sha256 of the token ids of the rows an evaluation scores, in order (as int64, whatever the
+    stored dtype): equal digests mean the same text was scored."""
+    h = hashlib.sha256()
+    for ds, i in scored_rows(loader, global_batches):
+        h.update(ds.tokens[i].astype(np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _batch(rows: list[tuple[PackedDataset, int]]) -> dict[str, torch.Tensor]:

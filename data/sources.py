@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.corpus import STDLIB, Document, expand_inputs, stdlib_documents
+from data.corpus import STDLIB, STDLIB_SUBSETS, Document, expand_inputs, stdlib_documents
 from data.packing import METHODS, UNDERFULL
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TEXT_MODES = ("file", "line")
-STDLIB_SUBSETS = ("all", "code", "tests")
 STDLIB_SPLITS = ("all", "train", "val")
 
 

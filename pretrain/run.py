@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.rundir import read_metrics, write_json
+from pretrain.rundir import git_revision, read_metrics, versions, write_json
 
 
 class ConfigError(ValueError):
@@ -26,16 +25,6 @@ def resolve_run_dir(cfg) -> Path:
     if in_multirun():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.run_dir or f"runs/{cfg.name}")
-
-
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +107,7 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
     """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
     from megatron.core import parallel_state
 
-    from data.loader import PackedLoader, build_loader
+    from data.loader import build_loader, validation_loader
     from models.builder import build_model
     from optim.optimizer import build_optimizer
     from pretrain.callbacks import build_callbacks
@@ -135,7 +124,7 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
     optimizer = build_optimizer(cfg.optim, cfg.model, model.ddp, model.gpt, dtype, tp_group)
     t = cfg.trainer
     loader = build_loader(data.train, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed)
-    val_loader, *val_sets = [PackedLoader(ds, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed + 1)
+    val_loader, *val_sets = [validation_loader(ds, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp)
                              for ds in (data.val, *data.val_sets.values())]
     callbacks = build_callbacks(cfg, world, run_dir, model.gpt, optimizer)
     return Trainer(cfg, Components(world=world, model=model, optimizer=optimizer, train=loader, val=val_loader,
@@ -191,6 +180,22 @@ def check_writable(run_dir: Path, rank: int) -> None:
             raise CheckpointError(storage_problem(e, folder)) from None
 
 
+def validation_record(cfg, data: RunData) -> dict:
+    """What each evaluation scores, per validation set: a digest of the token ids (the same for every
+    seed and arm, see data.loader.VALIDATION_SEED), rows and tokens scored, and the rows the set holds."""
+    from data.loader import evaluation_batches, scored_digest, validation_loader
+
+    t = cfg.trainer
+    record = {}
+    for name, ds in {"val_loss": data.val, **{f"val_loss/{n}": d for n, d in data.val_sets.items()}}.items():
+        loader = validation_loader(ds, t.global_batch_size, t.global_batch_size, 0, 1)  # the stream all ranks share
+        batches = evaluation_batches(len(ds), t.global_batch_size, t.eval_batches)
+        rows = batches * t.global_batch_size
+        record[name] = {"digest": scored_digest(loader, batches), "rows": rows, "tokens": rows * ds.seq_len,
+                        "set_rows": len(ds), "path": ds.prefix}
+    return record
+
+
 def write_run_info(run_dir: Path, info: dict) -> None:
     """`run_info.json` describes the latest start; earlier starts go to run_info_history.jsonl first."""
     current = run_dir / "run_info.json"
@@ -209,11 +214,16 @@ def _train(cfg, world) -> float | None:
     check_writable(run_dir, world.rank)
     data = prepare_data(cfg, world)
     start = starting_point(cfg, run_dir, model_signature(cfg, data.tokenizer.vocab_size))
+    validation = validation_record(cfg, data)
+    start.notes += [f"evaluation scores {v['rows']} rows of {v['path']}, which holds {v['set_rows']}: some rows count "
+                    f"more than once (pack a larger validation set)" for v in validation.values() if v["rows"] > v["set_rows"]]
     if world.is_main:
         write_run_info(run_dir, {
-            "config": asdict(cfg), "git_revision": git_revision(), "world_size": world.size, "tp": world.tp,
-            "pp": world.pp, "dp": world.dp, "device": str(world.device), "train_data": data.train_prefix,
-            "val_data": data.val_prefix, "tokenizer": data.tokenizer.describe(), "command": " ".join(sys.argv),
+            "config": asdict(cfg), "git_revision": git_revision(), "versions": versions(), "world_size": world.size,
+            "tp": world.tp, "pp": world.pp, "dp": world.dp, "device": str(world.device),
+            "dtype": str(precision(cfg, world)).removeprefix("torch."), "train_data": data.train_prefix,
+            "val_data": data.val_prefix, "val_digest": validation["val_loss"]["digest"], "validation": validation,
+            "tokenizer": data.tokenizer.describe(), "command": " ".join(sys.argv),
             "resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
     # 2. build, then resume exactly or start from pretrained weights (continual pretraining)
     trainer = build_trainer(cfg, world, run_dir, data)
@@ -240,7 +250,7 @@ def _train(cfg, world) -> float | None:
     if world.is_main:
         write_result(run_dir, cfg, status, trainer.step, rows, start)
         if status != "preempted":
-            _say(world, summary(run_dir, trainer, val))
+            _say(world, summary(run_dir, trainer, val, rows))
     if exit_code and not (status == "diverged" and in_multirun()):
         raise SystemExit(exit_code)
     return val[-1] if val and status == "completed" else float("nan")
@@ -276,12 +286,35 @@ def precision(cfg, world) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" or (p == "auto" and world.device.type == "cuda") else torch.float32
 
 
-def summary(run_dir: Path, trainer, val: list[float]) -> str:
+# what the summary reads from the stability monitors: (metric, label, the worst is the highest?)
+STABILITY_READING = (("stability/attn_entropy_min", "lowest attention entropy", False),
+                     ("stability/qk_sigma1_max", "highest σ1(W_qᵀW_k)", True),
+                     ("stability/logit_norm", "highest output-logit norm", True))
+
+
+def stability_reading(rows: list[dict]) -> str | None:
+    """The monitors' worst readings over the run (with their steps) and the loss spikes flagged."""
+    parts = []
+    for key, label, highest in STABILITY_READING:
+        seen = [(r[key], r["step"]) for r in rows if isinstance(r.get(key), float)]
+        if seen:
+            value, step = (max if highest else min)(seen)
+            parts.append(f"{label} {value:.2f} (step {step})")
+    if not parts:
+        return None
+    spikes = [r["step"] for r in rows if r.get("spike")]
+    flagged = f"loss spikes flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "no loss spike flagged"
+    return "; ".join([*parts, flagged])
+
+
+def summary(run_dir: Path, trainer, val: list[float], rows: list[dict]) -> str:
     from pretrain.checkpoint import latest
 
     lines = [f"done: step {trainer.step}/{trainer.cfg.trainer.max_steps}"]
     if val:
         lines.append(f"  validation loss  {val[0]:.4f} -> {val[-1]:.4f}")
+    if reading := stability_reading(rows):
+        lines.append(f"  stability        {reading}")
     lines += [f"  run folder       {run_dir}", f"  metrics          {run_dir / 'metrics.jsonl'}",
               f"  loss plot        {run_dir / 'loss.png'}", f"  tensorboard      {run_dir / 'tensorboard'}",
               f"  checkpoint       {latest(run_dir / 'checkpoints')}"]

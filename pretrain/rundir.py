@@ -5,7 +5,12 @@ set up for PNG files. Trainer callbacks and every tool use these."""
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its git revision is the code's
 
 
 def write_json(path: Path, obj, **dumps_kwargs) -> None:
@@ -14,6 +19,57 @@ def write_json(path: Path, obj, **dumps_kwargs) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
     tmp.replace(path)
+
+
+def git_revision() -> str:
+    """HEAD's commit, with "+dirty" when the tree has uncommitted changes; "unknown" outside git."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        out = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """What produced a number besides the code: the interpreter, torch, megatron-core and CUDA."""
+    import torch
+    from megatron.core import __version__ as megatron_core
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "megatron_core": megatron_core,
+            "cuda": torch.version.cuda or "none"}
+
+
+def device_name() -> str:
+    """The accelerator that ran the numbers, or the host CPU's architecture and core count."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def provenance(commands: list[str], dtype: str, device: str | None = None) -> dict:
+    """Where a results JSON came from: code revision, the command lines, device, dtype and versions."""
+    return {"git_revision": git_revision(), "commands": list(commands), "device": device or device_name(),
+            "dtype": dtype, "versions": versions(), "argv": " ".join(sys.argv)}
+
+
+def runs_provenance(infos: list[dict]) -> dict:
+    """A report's provenance: this code's revision and versions, with the distinct commands, devices,
+    dtypes, revisions and versions its runs' run_info.json recorded ("unrecorded" for runs from
+    before keel recorded them)."""
+    def distinct(key: str) -> list:
+        values = {json.dumps(i.get(key, "unrecorded"), sort_keys=True) for i in infos}
+        return [json.loads(v) for v in sorted(values)]
+
+    out = provenance(distinct("command"), dtype=", ".join(map(str, distinct("dtype"))),
+                     device=", ".join(map(str, distinct("device"))))
+    return {**out, "runs": len(infos), "run_git_revisions": distinct("git_revision"),
+            "run_versions": distinct("versions")}
 
 
 def find_run_folder(path: Path) -> Path | None:

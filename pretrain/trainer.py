@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from data.loader import PackedLoader, model_inputs
+from data.loader import PackedLoader, evaluation_batches, model_inputs
 from models.builder import BuiltModel
 from optim.optimizer import KeelOptimizer
 from optim.schedule import lr_factor
@@ -163,10 +163,11 @@ class Trainer:
         val = val or self.parts.val
         val.consumed = 0  # the same validation rows every time
         total = 0.0
-        for _ in range(self.cfg.trainer.eval_batches):
+        batches = evaluation_batches(len(val.dataset), val.global_batch, self.cfg.trainer.eval_batches)
+        for _ in range(batches):
             total += self._run_schedule(val.next_global_batch(), forward_only=True)
         self.model.train()
-        return total / self.cfg.trainer.eval_batches
+        return total / batches
 
     def state_dict(self) -> dict:
         """Everything a resume needs besides the model and megatron's optimizer: counters, the data

@@ -80,8 +80,8 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
 
     from models.builder import build_initialised_gpt
     from pretrain import checkpoint
-    from pretrain.rundir import write_json
-    from pretrain.run import git_revision, model_signature
+    from pretrain.run import model_signature
+    from pretrain.rundir import git_revision, write_json
 
     hf_dir, output = Path(hf_dir), Path(output).absolute()
     if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:

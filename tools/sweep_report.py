@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.rundir import pyplot, read_metrics, write_json
+from pretrain.rundir import pyplot, read_metrics, read_run_info, runs_provenance, write_json
 
 PAPER = {"adam_optimal": -0.42, "adam_max_stable": -0.60, "sgd_clipped_optimal": -0.38}
 LOGIT_KEYS = ("stability/logit_norm", "stability/logit_max")  # logged by the stability monitors
@@ -331,6 +331,7 @@ def report(sweep_dir: Path, out: Path | None = None, n_boot: int = 2000) -> dict
     if sum("opt_lr" in e for e in summary["widths"].values()) >= 2:
         plot_optimal_lr(summary, out / "optimal_lr_vs_width.png")
     summary["logit_plot"] = plot_logits(summary, out / "logit_norm_vs_width.png")
+    summary["provenance"] = runs_provenance([read_run_info(r.path) for r in runs if (Path(r.path) / "run_info.json").exists()])
     write_json(out / "sweep_report.json", summary, default=_json_default)
     return summary
 

@@ -67,3 +67,28 @@ def test_loader_reshuffles_each_epoch(tiny_data):
     second = [loader._row(k) for k in range(n, 2 * n)]
     assert sorted(first) == sorted(second) == list(range(n))
     assert first != second
+
+
+def test_validation_rows_are_fixed_and_fingerprinted(tiny_data):
+    from data.loader import scored_digest, scored_rows, validation_loader
+
+    val, train = PackedDataset(tiny_data["val"]), PackedDataset(tiny_data["train"])
+    one = validation_loader(val, 8, 4, 0, 1)
+    # 1. every data-parallel layout reads the same rows in the same order: the evaluation's text
+    ranks = [validation_loader(val, 8, 2, r, 2) for r in range(2)]
+    per_rank = [[mb["tokens"] for mb in loader.next_global_batch()] for loader in ranks]
+    assert torch.equal(torch.cat(per_rank[0] + per_rank[1]), torch.cat([mb["tokens"] for mb in one.next_global_batch()]))
+    # 2. the digest is of those rows' tokens: the same for any run, different for other rows or another set
+    assert scored_digest(validation_loader(val, 8, 8, 0, 1), 2) == scored_digest(validation_loader(val, 8, 4, 1, 2), 2)
+    assert scored_digest(validation_loader(val, 8, 8, 0, 1), 1) != scored_digest(validation_loader(val, 8, 8, 0, 1), 2)
+    assert scored_digest(validation_loader(train, 8, 8, 0, 1), 1) != scored_digest(validation_loader(val, 8, 8, 0, 1), 1)
+    # 3. while a training loader's order is the run's seed
+    rows = [[i for _, i in scored_rows(PackedLoader(train, 8, 8, 0, 1, seed), 1)] for seed in (1, 2)]
+    assert rows[0] != rows[1]
+
+
+def test_an_evaluation_never_scores_a_row_twice():
+    from data.loader import evaluation_batches
+
+    assert evaluation_batches(1000, 16, 96) == 62  # the set holds 62 whole global batches
+    assert evaluation_batches(1000, 16, 8) == 8 and evaluation_batches(5, 16, 8) == 1

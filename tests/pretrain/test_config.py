@@ -26,6 +26,13 @@ def test_every_preset_composes(name):
     assert cfg.name == name
 
 
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"smoke", "demo", "cpt_pretrain"}))
+def test_experiment_presets_score_at_least_128k_validation_tokens(name):
+    # the comparisons' noise floor: every seed and arm scores these same rows (data.loader.VALIDATION_SEED)
+    t = compose_config([f"+experiment={name}"]).trainer
+    assert t.eval_batches * t.global_batch_size * compose_config([f"+experiment={name}"]).data.seq_len >= 128 * 1024
+
+
 def test_the_preset_list_is_complete():
     assert len(PRESETS) >= 12 and {"smoke", "demo", "moe_dense_baseline", "warmup_free_adamw"} <= set(PRESETS)
 

@@ -45,3 +45,17 @@ def test_batched_statistics_equal_per_matrix_ones(megatron_world, attention):
                 float(alone[h]), rel=1e-5)
     total = torch.sqrt(sum(p.detach().double().square().sum() for p in gpt.parameters()))
     assert metrics["stability/param_norm"] == pytest.approx(float(total), rel=1e-6)
+
+
+def test_the_run_summary_reads_the_monitors_worst_values_and_the_spikes():
+    from pretrain.run import stability_reading
+
+    rows = [{"step": 1, "loss": 9.0},
+            {"step": 5, "loss": 8.0, "stability/attn_entropy_min": 3.5, "stability/qk_sigma1_max": 1.5,
+             "stability/logit_norm": 40.0},
+            {"step": 6, "loss": 12.0, "spike": 1},
+            {"step": 10, "loss": 7.0, "stability/attn_entropy_min": 0.5, "stability/qk_sigma1_max": 2.5,
+             "stability/logit_norm": 20.0}]
+    assert stability_reading(rows) == ("lowest attention entropy 0.50 (step 10); highest σ1(W_qᵀW_k) 2.50 (step 10); "
+                                       "highest output-logit norm 40.00 (step 5); loss spikes flagged at steps 6")
+    assert stability_reading([{"step": 1, "loss": 9.0}]) is None  # monitors off: no line

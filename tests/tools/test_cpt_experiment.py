@@ -41,12 +41,53 @@ def test_a_preset_without_method_suffixed_paths_is_one_clear_error(monkeypatch):
 def test_the_grid_is_one_multirun_of_every_method_and_seed_from_one_init(setup):
     grid = cpt.grid_argv(jobs=3)
     assert grid[:4] == ["pretrain/main.py", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=3"]
-    assert "data.pack_method=concat,bfd,sp" in grid and "seed=1,2,3" in grid and "+experiment=cpt_packing" in grid
+    assert "data.pack_method=concat,bfd,sp" in grid and "seed=1,2,3,4,5" in grid and "+experiment=cpt_packing" in grid
     assert not any(a.startswith(("init_from=", "trainer.max_steps=", "run_dir=")) for a in grid)  # same init, budget
     init = cpt.init_argv(setup)
     assert "-m" not in init and f"run_dir={setup.cpt_dir / cpt.INIT_RUN}" in init and "trainer.max_steps=1" in init
     pack = cpt.pack_argv(setup, cpt.Path("t.model"))
     assert "--compare" in pack and pack[pack.index("--output") + 1] == str(setup.pack_prefix)
+
+
+def test_the_ablation_and_distinct_arms_change_one_thing_each(setup, tmp_path):
+    ablation = cpt.ablation_argv(setup, jobs=2)
+    assert f"data.path={setup.sp_r0}" in ablation and "data.pack_method=sp" in ablation
+    pack = cpt.pack_sp_r0_argv(setup, cpt.Path("t.model"))
+    assert pack[pack.index("--method"):pack.index("--method") + 4] == ["--method", "sp", "--overlap-ratio", "0"]
+    # BFD pads 10% of its rows' tokens, SP duplicates 5% of the corpus: each runs longer, to CT's distinct tokens
+    stats = {"concat": (100, 25_600, 25_600, 0.0), "bfd": (100, 23_040, 23_040, 0.0), "sp": (100, 25_600, 24_000, 0.05)}
+    train = {}
+    for m, (rows, content, corpus, dup) in stats.items():
+        train[m] = tmp_path / f"x.{m}"
+        (tmp_path / f"x.{m}.json").write_text(json.dumps({"stats": {"rows": rows, "content_tokens": content,
+                                                                    "corpus_tokens": corpus, "duplicated_share": dup}}))
+    s = dataclasses.replace(setup, train=train, steps=80)
+    assert cpt.distinct_steps(s, "bfd") == math.ceil(80 * 256 / 230.4) == 89
+    assert cpt.distinct_steps(s, "sp") == math.ceil(80 * 256 / 244) == 84
+    assert [a[a.index("trainer.max_steps=89")] for a in cpt.distinct_argvs(s, 2)[:1]] == ["trainer.max_steps=89"]
+
+
+def test_arms_are_named_by_packed_set_and_budget():
+    def run(data, steps=80):
+        return cpt.Run("r", cpt.Path("r"), {"seed": 1, "data": data, "trainer": {"max_steps": steps}}, "completed", [])
+
+    assert cpt.arm_of(run({"pack_method": "sp", "path": "runs/d/t-L256.sp"}), 80) == "sp"
+    assert cpt.arm_of(run({"pack_method": "sp", "path": "runs/d/t-L256.sp-r0"}), 80) == "sp-r0"
+    assert cpt.arm_of(run({"pack_method": "bfd", "path": "runs/d/t-L256.bfd"}, 89), 80) == "bfd-distinct"
+    assert cpt.arm_of(run({"pack_method": "concat", "path": None, "sources": [{"path": "a"}]}), 80) == "replay"
+
+
+def test_every_arm_is_paired_with_concat_seed_by_seed(setup, tmp_path):
+    s = dataclasses.replace(setup, cpt_dir=tmp_path)
+    for seed, (ct, sp) in enumerate([(2.50, 2.40), (2.60, 2.52), (2.55, 2.44)], start=1):
+        _run(tmp_path / f"concat-{seed}", "concat", seed, "completed", {80: ct})
+        _run(tmp_path / f"sp-{seed}", "sp", seed, "completed", {80: sp})
+    _run(tmp_path / "bfd-1", "bfd", 1, "completed", {80: 2.5})
+    pairs = cpt.paired_with_baseline(s, "val_loss")
+    assert pairs["sp"]["diffs"] == pytest.approx([-0.10, -0.08, -0.11]) and pairs["sp"]["verdict"] == "lower"
+    lo, hi = pairs["sp"]["interval95"]
+    assert lo < pairs["sp"]["mean"] < hi < 0
+    assert pairs["bfd"]["seeds"] == [1] and pairs["bfd"]["verdict"] == "one seed: no interval"
 
 
 def test_aggregate_mean_spread_and_band():
@@ -89,7 +130,7 @@ def test_collect_reads_completed_runs_by_config_and_the_init_run_apart(setup, tm
     curves, init = cpt.collect(s)
     assert curves == {"concat": {1: {10: 2.6, 20: 2.5}}} and init == 4.2
     assert not cpt.grid_done(s)
-    for method, seed in [(m, seed) for m in ("bfd", "sp") for seed in cpt.SEEDS] + [("concat", 3)]:
+    for method, seed in [(m, seed) for m in ("bfd", "sp") for seed in cpt.SEEDS] + [("concat", s) for s in cpt.SEEDS[2:]]:
         _run(tmp_path / f"{method}-{seed}", method, seed, "completed", {20: 2.0})
     assert not cpt.grid_done(s)  # concat seed 2 diverged
     (tmp_path / "data.pack_method=concat,seed=2" / "result.json").write_text(json.dumps({"status": "completed"}))
@@ -130,7 +171,7 @@ def test_the_replay_arm_is_cpt_packing_on_a_mixture_validated_on_both_domains(se
     assert replay.data.sources[0].path == packing.data.path  # the new domain as the concat arm packs it
     assert replay.data.val_path == packing.data.val_path and replay.data.val_sets == packing.data.val_sets
     assert str(setup.replay_train) == replay.data.sources[1].path and str(setup.original_val) == replay.data.val_sets[0].path
-    assert cpt.replay_argv(2)[-2:] == ["+experiment=cpt_replay", "seed=1,2,3"]
+    assert cpt.replay_argv(2)[-2:] == ["+experiment=cpt_replay", "seed=1,2,3,4,5"]
     assert cpt.pack_replay_argv(setup, cpt.Path("t.model"))[2] == "stdlib:code:train"
 
 
@@ -151,3 +192,8 @@ def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path)
     assert list(curves) == list(forgetting) == ["replay"] and list(curves["replay"][1]) == [2]
     report = cpt.stage_report(s, 2, tmp_path / "r.json", tmp_path / "r.png")
     assert report["forgetting"]["methods"]["replay"]["final_val_loss"]["n"] == 1 and (tmp_path / "r.png").exists()
+    prov = report["provenance"]
+    assert prov["runs"] == 1 and prov["run_versions"][0]["megatron_core"] == "0.19.2" and prov["dtype"] == "float32"
+    assert prov["git_revision"] and any("cpt_replay" in c for c in prov["experiment_commands"])
+    assert list(report["val_digests"]) == ["val_loss", "val_loss/code"]
+    assert all(len(d) == 1 for d in report["val_digests"].values())

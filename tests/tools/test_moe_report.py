@@ -26,7 +26,7 @@ def test_report_groups_arms_and_averages_the_tail(tmp_path, capsys):
         _fake_run(runs / f"spec_s{seed}", seed, 8, 0.1, 0.1, val + 0.1, [0.9] * 8 + [0.0, 0.1])
         _fake_run(runs / f"dense_s{seed}", seed, 0, 0.0, 0.0, val - 0.1, [0.0] * 10)
     assert moe_report.main([str(runs), "--out", str(tmp_path / "out"), "--tail", "0.2"]) == 0
-    summary = json.loads((tmp_path / "out" / "moe_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "moe_summary.json").read_text())["arms"]
     assert list(summary) == ["aux only", "dense", "aux + ortho (beta=0.1) + var (gamma=0.1)"]
     mean, std, n = summary["aux only"]["val_loss"]
     assert (mean, std, n) == (pytest.approx(5.1), pytest.approx(0.1414, abs=1e-4), 2)

@@ -20,7 +20,7 @@ per layer, bf16) into --out.
 from __future__ import annotations
 
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
-from pretrain.rundir import pyplot, write_json
+from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (Run, by_arm, guarded, load_runs, markdown_table, mean_std, per_seed,
                                       report_parser, summarize)
 
@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = report_parser(__doc__, name="attention_quality").parse_args(argv)
 
     def report() -> None:
-        rows = summarize_arms(load_runs(*args.roots))
+        runs = load_runs(*args.roots)
+        rows = summarize_arms(runs)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {"roots": [str(r) for r in args.roots], "rows": rows})
+        write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
+                                                    "roots": [str(r) for r in args.roots], "rows": rows})
         plot(rows, args.out / f"{args.name}.png", f"attention quality: {args.name}")
         print(table(rows))
 

@@ -18,7 +18,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
@@ -45,6 +45,7 @@ class Run:
     config: dict  # the resolved config (run_info.json)
     status: str  # completed | diverged (result.json)
     rows: list[dict]  # metrics.jsonl
+    info: dict = field(default_factory=dict, compare=False)  # the whole run_info.json: command, device, versions
 
     @property
     def seed(self) -> int:
@@ -78,7 +79,8 @@ def load_runs(*roots: Path, statuses: tuple[str, ...] = ("completed",)) -> list[
         status = json.loads(result.read_text())["status"] if result.exists() else None
         if status in statuses:
             name = str(folder.relative_to(root)) if folder != root else folder.name
-            runs.append(Run(name, folder, json.loads(info.read_text())["config"], status, read_metrics(folder)))
+            run_info = json.loads(info.read_text())
+            runs.append(Run(name, folder, run_info["config"], status, read_metrics(folder), run_info))
     if not runs:
         raise NoRuns(f"no {' or '.join(statuses)} runs (run_info.json beside a result.json) below "
                               f"{', '.join(map(str, roots))}; run the experiment first")

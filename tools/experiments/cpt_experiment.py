@@ -1,11 +1,14 @@
-"""The continual-pretraining packing experiment of keel issue 3 (docs/results/packing.md): CT vs BFD vs SP,
-and beside them a replay arm (issue 15): 80% new domain, 20% original data.
+"""The continual-pretraining packing experiment of keel issues 3 and 16 (docs/results/packing.md): CT vs BFD
+vs SP on documents mostly shorter than a row, SP without its sliding window (r = 0), BFD and SP at equal
+distinct tokens, and a replay arm (issue 15): 80% new domain, 20% original data. Five seeds; every
+comparison is paired by seed against CT, with a 95% interval (tools/experiments/common.py).
 
-Six stages; each training stage is one process of pretrain/main.py:
-1. pack: the standard library's test files (`stdlib:tests` train split) packed with every method by
-   `tools/pack.py --compare`, the original domain (`stdlib:code` train split) packed concat for replay,
-   and the fixed validation sets, the val splits of both domains packed one document piece per row
-   (data/validation.py), at the paths conf/experiment/cpt_packing.yaml and cpt_replay.yaml name.
+Eight stages; each training stage is one multirun of pretrain/main.py per arm:
+1. pack: the standard library's test files cut at their functions and methods (`stdlib:tests-defs`
+   train split) packed with every method by `tools/pack.py --compare`, and SP again at r = 0; the
+   original domain (`stdlib:code` train split) packed concat for replay; and the fixed validation
+   sets, the val splits of both domains packed one document piece per row (data/validation.py), at the
+   paths conf/experiment/cpt_packing.yaml and cpt_replay.yaml name.
 2. pretrain: one small GPT on `stdlib:code`:
        python pretrain/main.py +experiment=cpt_pretrain
 3. init: the pretrained model measured on the validation set (one step at a negligible learning rate):
@@ -14,11 +17,14 @@ Six stages; each training stage is one process of pretrain/main.py:
 4. cpt: every method and seed continued from the same pretrained weights, one Hydra multirun into
    runs/cpt_packing (the preset's hydra.sweep.dir), --jobs runs at once:
        python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_packing \
-           data.pack_method=concat,bfd,sp seed=1,2,3
-5. replay: the replay arm from the same pretrained weights, every seed, one multirun into runs/cpt_packing/replay:
-       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_replay seed=1,2,3
-6. report: every run's metrics.jsonl aggregated into JSON and a PNG: the new domain's validation loss
-   (val_loss) and the original domain's (val_loss/code: forgetting) per arm.
+           data.pack_method=concat,bfd,sp seed=1,2,3,4,5
+5. ablation: SP with r = 0 (data.path=PREFIX.sp-r0), every seed.
+6. distinct: BFD and SP for as many steps as give them CT's distinct corpus tokens (their padding and
+   SP's duplicates cost rows), from the packed sets' statistics.
+7. replay: the replay arm from the same pretrained weights, every seed, one multirun into runs/cpt_packing/replay:
+       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_replay seed=1,2,3,4,5
+8. report: every run's metrics.jsonl aggregated into JSON and a PNG: the new domain's validation loss
+   (val_loss) and the original domain's (val_loss/code: forgetting) per arm, paired against CT.
 
     python tools/experiments/cpt_experiment.py                  # every stage
     python tools/experiments/cpt_experiment.py --dry-run        # print the commands only
@@ -27,8 +33,9 @@ Six stages; each training stage is one process of pretrain/main.py:
 A training stage whose runs have all completed is skipped (--force reruns it from scratch); otherwise it
 runs whole: keel resumes a killed run from its last checkpoint, and a completed run ends at once.
 Sequence length, validation rows and data paths come from the presets (pretrain.config.compose_config).
-Equal training tokens: every continual run takes max_steps x global_batch_size rows of seq_len tokens,
-whatever the method (rows x L, padding and SP's duplicated tokens included).
+Equal training tokens: every continual run but the "-distinct" arms takes max_steps x global_batch_size rows
+of seq_len tokens, whatever the method (rows x L, padding and SP's duplicated tokens included).
+The learning rate and schedule are cpt_packing.yaml's, set before these seeds ran; nothing was tuned on them.
 """
 
 from __future__ import annotations
@@ -47,19 +54,23 @@ from typing import Callable
 import numpy as np
 
 from data.config import DataConfig
-from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import ExperimentError, NoRuns, Run, by_arm, guarded, load_runs, mean_std, summarize
+from pretrain.rundir import pyplot, runs_provenance, write_json
+from tools.experiments.common import (ExperimentError, NoRuns, Run, by_arm, guarded, load_runs, mean_std, paired,
+                                      per_seed, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
 METHODS = ("concat", "bfd", "sp")
+BASELINE = "concat"  # every arm is compared with CT, seed by seed
+SP_R0 = "sp-r0"  # SP without its sliding window: tools/pack.py --method sp --overlap-ratio 0
+DISTINCT = ("bfd", "sp")  # methods also run at CT's distinct corpus tokens: arm "<method>-distinct"
 REPLAY = "replay"  # the arm trained on data.sources: new domain and replay of the original
-ARMS = (*METHODS, REPLAY)
-SEEDS = (1, 2, 3)
-CORPUS = "stdlib:tests"  # the new domain: packed from its train split, validated on its val split
+ARMS = (*METHODS, SP_R0, *(f"{m}-distinct" for m in DISTINCT), REPLAY)
+SEEDS = (1, 2, 3, 4, 5)
+CORPUS = "stdlib:tests-defs"  # the new domain: packed from its train split, validated on its val split
 ORIGINAL = "stdlib:code"  # the pretraining domain: replayed from its train split, validated on its val split
 FORGETTING = "val_loss/code"  # the original domain's validation loss (data.val_sets name "code")
 INIT_RUN = "init"  # the pretrained model's validation loss, before continual pretraining
-STAGES = ("pack", "pretrain", "init", "cpt", REPLAY, "report")
+STAGES = ("pack", "pretrain", "init", "cpt", "ablation", "distinct", REPLAY, "report")
 
 
 # --- The experiment's settings, from the presets ----------------------------------------------------
@@ -75,6 +86,11 @@ class Setup:
     cpt_dir: Path  # the continual runs' folder: run_dir's parent, and the preset's hydra.sweep.dir
     replay_train: Path  # the original domain's packed training set (cpt_replay's replay source)
     original_val: Path  # the original domain's split-packed validation set (data.val_sets "code")
+    steps: int  # trainer.max_steps of every arm at equal rows
+
+    @property
+    def sp_r0(self) -> Path:
+        return self.pack_prefix.with_name(f"{self.pack_prefix.name}.{SP_R0}")
 
 
 def setup(methods: tuple[str, ...] = METHODS) -> Setup:
@@ -93,7 +109,8 @@ def setup(methods: tuple[str, ...] = METHODS) -> Setup:
     return Setup(data=cfg.data, seq_len=cfg.data.seq_len, val_rows=val_rows, train=train,
                  pack_prefix=Path(prefixes.pop()), val=Path(cfg.data.val_path), pretrain_dir=Path(cfg.init_from),
                  cpt_dir=Path(cfg.run_dir).parent, replay_train=replay["code"],
-                 original_val=Path(next(v.path for v in cfg.data.val_sets if f"val_loss/{v.name}" == FORGETTING)))
+                 original_val=Path(next(v.path for v in cfg.data.val_sets if f"val_loss/{v.name}" == FORGETTING)),
+                 steps=cfg.trainer.max_steps)
 
 
 # --- The commands -------------------------------------------------------------------------------------
@@ -105,6 +122,11 @@ def pack_argv(s: Setup, tokenizer: Path) -> list[str]:
 def pack_replay_argv(s: Setup, tokenizer: Path) -> list[str]:
     return ["tools/pack.py", "--input", f"{ORIGINAL}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
             "--method", "concat", "--output", str(s.replay_train), "--overwrite", "--no-progress"]
+
+
+def pack_sp_r0_argv(s: Setup, tokenizer: Path) -> list[str]:
+    return ["tools/pack.py", "--input", f"{CORPUS}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
+            "--method", "sp", "--overlap-ratio", "0", "--output", str(s.sp_r0), "--overwrite", "--no-progress"]
 
 
 def pretrain_argv() -> list[str]:
@@ -122,6 +144,33 @@ def grid_argv(jobs: int, methods=METHODS, seeds=SEEDS) -> list[str]:
             "+experiment=cpt_packing", f"data.pack_method={','.join(methods)}", f"seed={','.join(map(str, seeds))}"]
 
 
+def ablation_argv(s: Setup, jobs: int, seeds=SEEDS) -> list[str]:
+    return [*grid_argv(jobs, ("sp",), seeds), f"data.path={s.sp_r0}", f"hydra.sweep.dir={s.cpt_dir / SP_R0}"]
+
+
+def distinct_steps(s: Setup, method: str) -> int:
+    """Steps at which `method` sees as many distinct corpus tokens as CT does in s.steps (packing stats)."""
+    per_row = {m: distinct_tokens_per_row(Path(f"{s.train[m]}.json")) for m in (BASELINE, method)}
+    return math.ceil(s.steps * per_row[BASELINE] / per_row[method])
+
+
+def distinct_tokens_per_row(meta: Path) -> float:
+    """Corpus tokens per row, counting SP's duplicated tokens once and padding not at all."""
+    if not meta.exists():
+        raise ExperimentError(f"{meta} not found; run the pack stage first (--stage pack)")
+    stats = json.loads(meta.read_text())["stats"]
+    return (stats["content_tokens"] - stats["duplicated_share"] * stats["corpus_tokens"]) / stats["rows"]
+
+
+def distinct_argvs(s: Setup, jobs: int, seeds=SEEDS) -> list[list[str]]:
+    out = []
+    for m in DISTINCT:
+        n = distinct_steps(s, m)
+        out.append([*grid_argv(jobs, (m,), seeds), f"trainer.max_steps={n}", f"checkpoint.interval={n}",
+                    f"hydra.sweep.dir={s.cpt_dir / f'{m}-distinct'}"])
+    return out
+
+
 def replay_argv(jobs: int, seeds=SEEDS) -> list[str]:
     return ["pretrain/main.py", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}",
             "+experiment=cpt_replay", f"seed={','.join(map(str, seeds))}"]
@@ -134,16 +183,20 @@ def completed(run_dir: Path) -> bool:
 
 
 def continual_runs(s: Setup) -> tuple[dict[str, dict[int, Run]], Run | None]:
-    """(method -> seed -> run, the init run or None) of the completed runs below cpt_dir."""
+    """(arm -> seed -> run, the init run or None) of the completed runs below cpt_dir."""
     runs = load_runs(s.cpt_dir)
     init = next((r for r in runs if r.name == INIT_RUN), None)
-    return by_arm((r for r in runs if r.name != INIT_RUN), arm_of), init
+    return by_arm((r for r in runs if r.name != INIT_RUN), lambda r: arm_of(r, s.steps)), init
 
 
-def arm_of(run: Run) -> str:
-    """The replay arm trains on a mixture (data.sources); the others are named by their packing method."""
+def arm_of(run: Run, steps: int) -> str:
+    """The replay arm trains on a mixture (data.sources); the others are named by their packed set's
+    suffix (concat, bfd, sp, sp-r0), plus "-distinct" when they ran longer than the `steps` of equal rows."""
     data = run.config["data"]
-    return REPLAY if data.get("sources") else data["pack_method"]
+    if data.get("sources"):
+        return REPLAY
+    arm = str(data.get("path") or data["pack_method"]).rsplit(".", 1)[-1]
+    return f"{arm}-distinct" if run.config.get("trainer", {}).get("max_steps", steps) > steps else arm
 
 
 def arms_done(s: Setup, arms: tuple[str, ...]) -> bool:
@@ -159,22 +212,30 @@ def grid_done(s: Setup) -> bool:
 
 
 def grid_folders(s: Setup) -> list[Path]:
-    return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name not in (INIT_RUN, REPLAY)]
+    own = {INIT_RUN, *ARMS[len(METHODS):]}  # the other stages' folders
+    return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name not in own]
 
 
 @dataclass(frozen=True)
 class TrainingStage:
-    argv: list[str]  # its one process
+    argvs: Callable[[], list[list[str]]]  # its processes, one after another
     done: Callable[[], bool]  # have all its runs completed?
     folders: Callable[[], list[Path]]  # what --force removes
 
 
 def training_stages(s: Setup, jobs: int) -> dict[str, TrainingStage]:
-    return {"pretrain": TrainingStage(pretrain_argv(), lambda: completed(s.pretrain_dir), lambda: [s.pretrain_dir]),
-            "init": TrainingStage(init_argv(s), lambda: completed(s.cpt_dir / INIT_RUN),
+    distinct = tuple(f"{m}-distinct" for m in DISTINCT)
+    return {"pretrain": TrainingStage(lambda: [pretrain_argv()], lambda: completed(s.pretrain_dir),
+                                      lambda: [s.pretrain_dir]),
+            "init": TrainingStage(lambda: [init_argv(s)], lambda: completed(s.cpt_dir / INIT_RUN),
                                   lambda: [s.cpt_dir / INIT_RUN]),
-            "cpt": TrainingStage(grid_argv(jobs), lambda: grid_done(s), lambda: grid_folders(s)),
-            REPLAY: TrainingStage(replay_argv(jobs), lambda: arms_done(s, (REPLAY,)), lambda: [s.cpt_dir / REPLAY])}
+            "cpt": TrainingStage(lambda: [grid_argv(jobs)], lambda: grid_done(s), lambda: grid_folders(s)),
+            "ablation": TrainingStage(lambda: [ablation_argv(s, jobs)], lambda: arms_done(s, (SP_R0,)),
+                                      lambda: [s.cpt_dir / SP_R0]),
+            "distinct": TrainingStage(lambda: distinct_argvs(s, jobs), lambda: arms_done(s, distinct),
+                                      lambda: [s.cpt_dir / a for a in distinct]),
+            REPLAY: TrainingStage(lambda: [replay_argv(jobs)], lambda: arms_done(s, (REPLAY,)),
+                                  lambda: [s.cpt_dir / REPLAY])}
 
 
 # --- Aggregation --------------------------------------------------------------------------------------
@@ -212,7 +273,8 @@ def packing_stats(s: Setup) -> dict:
     keys = ("rows", "corpus_tokens", "content_tokens", "padding_share", "duplicated_share", "truncated_share",
             "split_share", "pieces_per_row", "documents", "pieces_before_sampling")
     out = {}
-    for name, prefix in [*s.train.items(), ("val", s.val), (REPLAY, s.replay_train), ("original_val", s.original_val)]:
+    sets = [*s.train.items(), (SP_R0, s.sp_r0), ("val", s.val), (REPLAY, s.replay_train), ("original_val", s.original_val)]
+    for name, prefix in sets:
         meta = Path(f"{prefix}.json")
         if meta.exists():
             stats = json.loads(meta.read_text())["stats"]
@@ -220,10 +282,23 @@ def packing_stats(s: Setup) -> dict:
     return out
 
 
+def val_digests(s: Setup) -> dict[str, list[str]]:
+    """Validation set -> the distinct val digests the runs recorded: one each when every run scored the same text."""
+    arms, init = continual_runs(s)
+    runs = [r for a in arms.values() for r in a.values()] + ([init] if init else [])
+    found: dict[str, set[str]] = {}
+    for run in runs:
+        for name, v in run.info.get("validation", {}).items():
+            found.setdefault(name, set()).add(v["digest"])
+    return {name: sorted(d) for name, d in found.items()}
+
+
 def plot(report: dict, path: Path) -> None:
     plt = pyplot()
-    colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green", REPLAY: "tab:red"}
-    labels = {"concat": "CT (concat)", "bfd": "BFD", "sp": "SP", REPLAY: "CT + 20% replay"}
+    colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green", SP_R0: "tab:olive",
+              "bfd-distinct": "tab:brown", "sp-distinct": "tab:cyan", REPLAY: "tab:red"}
+    labels = {"concat": "CT", "bfd": "BFD", "sp": "SP", SP_R0: "SP r=0", "bfd-distinct": "BFD =distinct",
+              "sp-distinct": "SP =distinct", REPLAY: "CT+20% replay"}
     fig, (ax, zoom, dots, forget) = plt.subplots(1, 4, figsize=(20, 4.2),
                                                  gridspec_kw={"width_ratios": [1.1, 1.1, 0.8, 1.1]})
     for i, (method, m) in enumerate(report["methods"].items()):
@@ -279,7 +354,8 @@ def launch(argv: list[str]) -> None:
 def stage_pack(s: Setup, dry: bool) -> None:
     from data.prepare import ensure_tokenizer, tokenizer_path
 
-    for argv in (pack_argv, pack_replay_argv):
+    packs = (pack_argv, pack_sp_r0_argv, pack_replay_argv)
+    for argv in packs:
         print("python " + " ".join(argv(s, tokenizer_path(s.data))))
     validation = {CORPUS: s.val, ORIGINAL: s.original_val}
     for corpus, prefix in validation.items():
@@ -290,19 +366,23 @@ def stage_pack(s: Setup, dry: bool) -> None:
     from data.validation import pack_split_val
 
     tokenizer = ensure_tokenizer(s.data)
-    launch(pack_argv(s, tokenizer.path))
-    launch(pack_replay_argv(s, tokenizer.path))
+    for argv in packs:
+        launch(argv(s, tokenizer.path))
     for corpus, prefix in validation.items():
         documents = stdlib_documents(corpus.split(":")[1], "val")
         meta = pack_split_val(documents, tokenizer, s.seq_len, prefix, s.val_rows, source=f"{corpus}:val")
         print(f"wrote {prefix} ({meta['rows']} rows of {meta['stats']['pieces_before_sampling']} pieces)")
-    launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.replay_train, *validation.values()])])
+    launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.sp_r0, s.replay_train, *validation.values()])])
 
 
 def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
     stage = training_stages(s, jobs)[name]
-    print("python " + " ".join(stage.argv))
     if dry:
+        try:
+            for argv in stage.argvs():
+                print("python " + " ".join(argv))
+        except ExperimentError as e:  # the distinct arms' steps come from the packed sets
+            print(f"{name}: {e}")
         return
     if force:
         for folder in stage.folders():
@@ -310,18 +390,50 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> No
     elif stage.done():
         print(f"{name}: every run has completed; skipped (--force reruns it)")
         return
-    launch(stage.argv)
+    for argv in stage.argvs():
+        print("python " + " ".join(argv))
+        launch(argv)
+
+
+def paired_with_baseline(s: Setup, key: str) -> dict:
+    """arm -> its per-seed final `key` minus CT's, the mean and its 95% interval, and a verdict."""
+    arms, _ = continual_runs(s)
+    if BASELINE not in arms:
+        return {}
+    final = {a: per_seed(runs, lambda r: r.last(key)) for a, runs in arms.items()}
+    out = {}
+    for arm in (a for a in ARMS if a in final and a != BASELINE):
+        p = paired(final[BASELINE], final[arm])
+        out[arm] = {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean,
+                    "interval95": list(p.interval) if p.interval else None, "verdict": p.verdict()}
+    return out
+
+
+def commands(s: Setup, jobs: int) -> list[str]:
+    try:
+        distinct = distinct_argvs(s, jobs)
+    except ExperimentError as e:  # no packed sets here: the distinct arms' steps are unknown
+        distinct = [[f"(distinct arms: {e})"]]
+    argvs = [init_argv(s), grid_argv(jobs), ablation_argv(s, jobs), *distinct, replay_argv(jobs)]
+    return ["python " + " ".join(a) for a in argvs]
 
 
 def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
     curves, init = collect(s)
-    report = aggregate(curves, init)
+    arms, _ = continual_runs(s)
+    infos = [r.info for runs in arms.values() for r in runs.values()]
+    experiment = ["python " + " ".join(pretrain_argv()), *commands(s, jobs)]
+    report = {"provenance": {**runs_provenance(infos), "experiment_commands": experiment}}
+    report.update(aggregate(curves, init))
     report["init_val_loss"] = init
+    report["paired_vs_concat"] = paired_with_baseline(s, "val_loss")  # the new domain: lower is better
     report["forgetting"] = aggregate(*collect(s, FORGETTING))  # the original domain, per arm
+    report["forgetting"]["paired_vs_concat"] = paired_with_baseline(s, FORGETTING)
+    report["val_digests"] = val_digests(s)
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": "python " + " ".join(pretrain_argv()),
-        "continual": ["python " + " ".join(argv) for argv in (init_argv(s), grid_argv(jobs), replay_argv(jobs))],
+        "continual": commands(s, jobs),
         "seq_len": s.seq_len, "validation_rows": s.val_rows,
         "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
                         "(rows x L, padding and SP duplicates included)"}
@@ -341,6 +453,10 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
     for arm, m in report["forgetting"]["methods"].items():
         f = m["final_val_loss"]
         print(f"{arm:>7}: original-domain val loss {mean_std(f['mean'], f['std'])} (n={f['n']})")
+    for key, pairs in (("val_loss", report["paired_vs_concat"]), (FORGETTING, report["forgetting"]["paired_vs_concat"])):
+        for arm, p in pairs.items():
+            ci = f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else "no interval"
+            print(f"{arm:>12} - concat: {key} {p['mean']:+.4f} {ci} over seeds {p['seeds']}: {p['verdict']}")
     print(f"init: {init}; wrote {json_path} and {png_path}")
     return report
 

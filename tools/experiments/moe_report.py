@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 
-from pretrain.rundir import pyplot, write_json
+from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std, per_seed,
                                       report_parser, summarize)
 
@@ -88,22 +88,28 @@ def plot_curves(arms: dict[str, dict[int, Run]], keys: tuple[str, ...], out) -> 
 
 
 def plot_load_heatmaps(arms: dict[str, dict[int, Run]], tail: float, out) -> None:
-    """Per MoE arm: layers x experts, the share of routed tokens over the last `tail` of training."""
+    """Per MoE arm: layers x experts ranked by load, the share of routed tokens over the last `tail` of
+    training. Expert indices mean nothing across seeds (which expert learns what is arbitrary), so each
+    seed's experts are sorted by load within each layer first, and seeds are averaged rank by rank."""
     plt = pyplot()
     grids = {}
     for arm, by_seed in arms.items():
         runs = list(by_seed.values())
         experts = runs[0].config["model"]["moe"]["num_experts"]
         layers = sorted({int(k.split("/")[1][5:]) for k in runs[0].rows[-1] if k.startswith("moe/layer")})
-        grids[arm] = (layers, experts, [[statistics.mean(tail_mean(run, f"moe/layer{l}/load/{e}", tail)
-                                                         for run in runs) for e in range(experts)] for l in layers])
+
+        def ranked(run: Run, layer: int) -> list[float]:
+            return sorted((tail_mean(run, f"moe/layer{layer}/load/{e}", tail) for e in range(experts)), reverse=True)
+
+        grids[arm] = (layers, experts, [[statistics.mean(col) for col in zip(*(ranked(run, l) for run in runs))]
+                                        for l in layers])
     vmax = max(max(max(row) for row in g[2]) for g in grids.values())  # one colour scale for all arms
     fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 2.8), squeeze=False)
     for ax, (arm, (layers, experts, grid)) in zip(axes[0], grids.items()):
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_yticks(range(len(layers)), [f"layer {l}" for l in layers])
         ax.set_xticks(range(experts))
-        ax.set_xlabel("expert")
+        ax.set_xlabel("expert, ranked by load within each seed (busiest first)")
         ax.set_title(arm, fontsize=8)
         fig.colorbar(im, ax=ax, label="share of routed tokens")
     fig.tight_layout()
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def report() -> None:
-        arms = by_arm(load_runs(*args.roots), arm_of)
+        runs = load_runs(*args.roots)
+        arms = by_arm(runs, arm_of)
         summary = summarize_arms(arms, args.tail)
         args.out.mkdir(parents=True, exist_ok=True)
         moe_arms = {a: r for a, r in arms.items() if a != DENSE}
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.out / "moe_specialization_curves.png")
             plot_load_heatmaps(moe_arms, args.tail, args.out / "moe_load_heatmap.png")
         print(table(summary))
-        write_json(args.out / "moe_summary.json", summary)
+        write_json(args.out / "moe_summary.json", {"provenance": runs_provenance([r.info for r in runs]), "arms": summary})
 
     return guarded(report)
 

@@ -27,7 +27,7 @@ tools/plot.py.
 
 from __future__ import annotations
 
-from pretrain.rundir import write_json
+from pretrain.rundir import runs_provenance, write_json
 from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, per_seed, report_parser,
                                       summarize)
 
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         per_run = [summarize_run(run) for run in runs]
         rows = summarize_arms(runs)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {"roots": [str(r) for r in args.roots], "summary": rows,
+        write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
+                                                    "roots": [str(r) for r in args.roots], "summary": rows,
                                                     "runs": per_run})
         print(tables(per_run, rows))
 
