@@ -156,7 +156,7 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     normalization: str = choice(Normalization, "RMSNorm")
     norm_eps: float = 1e-5
-    final_norm: bool = False  # a norm after the last layer (Llama has one; keel's own models so far do not)
+    final_norm: bool = True  # a norm after the last layer; without it the output logits blow up early (docs/design.md)
     activation: str = choice(Activation, "swiglu")
     tie_embeddings: bool = True
     vocab_size: Optional[int] = None  # rows of the embedding and output; None: the tokenizer's vocabulary
