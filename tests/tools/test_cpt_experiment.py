@@ -64,7 +64,8 @@ def test_the_ablation_and_distinct_arms_change_one_thing_each(setup, tmp_path):
     s = dataclasses.replace(setup, train=train, steps=80)
     assert cpt.distinct_steps(s, "bfd") == math.ceil(80 * 256 / 230.4) == 89
     assert cpt.distinct_steps(s, "sp") == math.ceil(80 * 256 / 244) == 84
-    assert [a[a.index("trainer.max_steps=89")] for a in cpt.distinct_argvs(s, 2)[:1]] == ["trainer.max_steps=89"]
+    (argv,) = cpt.distinct_argvs(s, 2)  # SP only: BFD's padding is too small on the real corpus to matter
+    assert "trainer.max_steps=84" in argv and "checkpoint.interval=84" in argv and "data.pack_method=sp" in argv
 
 
 def test_arms_are_named_by_packed_set_and_budget():
