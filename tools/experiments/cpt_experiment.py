@@ -300,7 +300,7 @@ def plot(report: dict, path: Path) -> None:
               "bfd-distinct": "tab:brown", "sp-distinct": "tab:cyan", REPLAY: "tab:red"}
     labels = {"concat": "CT", "bfd": "BFD", "sp": "SP", SP_R0: "SP r=0", "bfd-distinct": "BFD =distinct",
               "sp-distinct": "SP =distinct", REPLAY: "CT+20% replay"}
-    fig, (ax, zoom, dots, forget) = plt.subplots(1, 4, figsize=(20, 4.2),
+    fig, (ax, diffs, dots, forget) = plt.subplots(1, 4, figsize=(20, 4.2),
                                                  gridspec_kw={"width_ratios": [1.1, 1.1, 0.8, 1.1]})
     for i, (method, m) in enumerate(report["methods"].items()):
         c, color = m.get("curve_with_init", m["curve"]), colors.get(method)
@@ -308,21 +308,25 @@ def plot(report: dict, path: Path) -> None:
         label = f"{labels.get(method, method)}: {mean_std(f['mean'], f['std'])} (n={f['n']})"
         ax.plot(c["step"], c["mean"], marker="o", ms=3, color=color, label=label)
         ax.fill_between(c["step"], c["min"], c["max"], color=color, alpha=0.2)
-        late = range(min(1, len(m["curve"]["step"]) - 1), len(m["curve"]["step"]))  # from the 2nd evaluation
-        z = {k: [m["curve"][k][j] for j in late] for k in ("step", "mean", "min", "max")}
-        zoom.plot(z["step"], z["mean"], marker="o", ms=3, color=color, label=label)
-        zoom.fill_between(z["step"], z["min"], z["max"], color=color, alpha=0.2)
+        if p := report.get("paired_vs_concat", {}).get(method):  # seed by seed against CT, with the 95% interval
+            diffs.scatter([i] * len(p["diffs"]), p["diffs"], color=color, s=18, zorder=3)
+            if p["interval95"]:
+                lo, hi = p["interval95"]
+                diffs.errorbar([i + 0.15], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="s",
+                               color=color, capsize=4)
         dots.scatter([i] * f["n"], f["values"], color=color, s=18, zorder=3)
         dots.errorbar([i + 0.15], [f["mean"]], yerr=[f["std"]], fmt="s", color=color, capsize=4)
     ax.set_title("new-domain validation loss (stdlib:tests val)")
-    zoom.set_title("zoom from the 2nd evaluation; band = min..max over seeds")
-    for a in (ax, zoom):
-        a.set_xlabel("continual-pretraining step (step 0: pretrained model)")
-        a.set_ylabel("validation loss (nats/token)")
-        a.grid(alpha=0.3)
-    zoom.legend(fontsize=8)
+    ax.set_xlabel("continual-pretraining step (step 0: pretrained model)")
+    ax.set_ylabel("validation loss (nats/token); band = min..max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     names = list(report["methods"])
-    dots.set_xticks(range(len(names)), [labels.get(n, n) for n in names])
+    diffs.axhline(0.0, color="tab:blue", lw=1)
+    diffs.set_xticks(range(len(names)), [labels.get(n, n) for n in names], fontsize=8)
+    diffs.set_title("final validation loss minus CT's, per seed; mean and 95% interval")
+    diffs.grid(alpha=0.3, axis="y")
+    dots.set_xticks(range(len(names)), [labels.get(n, n) for n in names], fontsize=8)
     dots.set_xlim(-0.5, len(names) - 0.5)
     dots.set_title("final validation loss: seeds, mean ± std")
     dots.grid(alpha=0.3, axis="y")
