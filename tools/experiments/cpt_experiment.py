@@ -434,6 +434,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
     report["paired_vs_concat"] = paired_with_baseline(s, "val_loss")  # the new domain: lower is better
     # the paper's own claim is SP ahead of BFD, not only of CT
     report["paired_vs_bfd"] = paired_with_baseline(s, "val_loss", "bfd", ("sp", SP_R0, "sp-distinct"))
+    report["paired_vs_sp_r0"] = paired_with_baseline(s, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
     report["forgetting"] = aggregate(*collect(s, FORGETTING))  # the original domain, per arm
     report["forgetting"]["paired_vs_concat"] = paired_with_baseline(s, FORGETTING)
     report["val_digests"] = val_digests(s)
@@ -461,6 +462,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
         f = m["final_val_loss"]
         print(f"{arm:>7}: original-domain val loss {mean_std(f['mean'], f['std'])} (n={f['n']})")
     comparisons = (("concat", "val_loss", report["paired_vs_concat"]), ("bfd", "val_loss", report["paired_vs_bfd"]),
+                   (SP_R0, "val_loss", report["paired_vs_sp_r0"]),
                    ("concat", FORGETTING, report["forgetting"]["paired_vs_concat"]))
     for baseline, key, pairs in comparisons:
         for arm, p in pairs.items():
