@@ -337,7 +337,10 @@ def check_compatible(meta: dict, model_signature: dict, path: Path) -> None:
     saved = meta.get("model", {})
     diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in model_signature.items() if saved.get(k) != v]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} is from an incompatible model ({'; '.join(diffs)}); "
+        # checkpoints from before the final norm became the default say nothing of it
+        hint = (" (it predates model.final_norm=true as the default: add model.final_norm=false)"
+                if model_signature.get("final_norm") and "final_norm" not in saved else "")
+        raise CheckpointError(f"checkpoint {path} is from an incompatible model ({'; '.join(diffs)}){hint}; "
                               "use a matching model config or a different run_dir")
 
 

@@ -122,6 +122,18 @@ def test_a_single_run_leaves_hydra_nothing_to_write():
     assert "FileHandler" not in str(OmegaConf.to_container(cfg.hydra.job_logging))
 
 
+def test_a_checkpoint_from_before_the_default_final_norm_names_the_override(tmp_path):
+    from pretrain.checkpoint import check_compatible
+    from pretrain.run import model_signature
+
+    old = {k: v for k, v in model_signature(compose_config(["model.final_norm=false"]), 256).items()}
+    assert "final_norm" not in old  # signatures without a final norm never named it
+    with pytest.raises(ValueError, match=r"incompatible model \(final_norm None vs True\) .*add model.final_norm=false"):
+        check_compatible({"model": old, "megatron_core": "0.19.2"}, model_signature(compose_config([]), 256), tmp_path)
+    check_compatible({"model": old, "megatron_core": "0.19.2"},
+                     model_signature(compose_config(["model.final_norm=false"]), 256), tmp_path)
+
+
 @pytest.mark.parametrize("attention,changed", [("gta", "attention.rope_dim=8"), ("gla", "attention.latent_dim=48"),
                                                ("gla", "attention.num_latent_heads=4"), ("mla", "attention.kv_lora_rank=96")])
 def test_checkpoint_signature_holds_the_attention_shape(tmp_path, attention, changed):
