@@ -100,3 +100,19 @@ def test_guarded_turns_a_problem_with_the_runs_into_one_line_and_exit_2(capsys):
     assert common.guarded(broken) == 2 and common.guarded(lambda: None) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.endswith("error: no completed runs below x; run the experiment first\n")
+
+
+def test_choices_are_made_on_tuning_seeds_and_comparisons_on_reported_seeds(tmp_path):
+    for name, seed, arm, val in [("a100", 100, "a", 4.0), ("a101", 101, "a", 4.4), ("b100", 100, "b", 4.1),
+                                 ("b101", 101, "b", 4.1), ("b1", 1, "b", 3.0)]:
+        _run(tmp_path / name, seed, "completed", [{"step": 1, "val_loss": val}], arm)
+    runs = load_runs(tmp_path)
+    assert [r.name for r in common.tuning_runs(runs)] == ["a100", "a101", "b100", "b101"]
+    assert [r.name for r in common.reported_runs(runs)] == ["b1"]
+    arm = lambda r: r.config["arm"]  # noqa: E731
+    # means: a 4.2, b 4.1 -> b, although a holds the single best run
+    assert common.select(by_arm(common.tuning_runs(runs), arm), lambda r: r.last("val_loss")) == "b"
+    with pytest.raises(ExperimentError, match=r"candidate 'b' ran seeds \[1\], outside the tuning seeds 100-199"):
+        common.select(by_arm(runs, arm), lambda r: r.last("val_loss"))
+    with pytest.raises(ExperimentError, match=r"seeds \[100\] are tuning seeds: .* pair on seeds 1-99"):
+        paired({1: 1.0, 100: 2.0}, {1: 1.5, 100: 2.5})

@@ -1,4 +1,5 @@
-"""tools/experiments/warmup_free_report.py on synthetic run folders: methods from configs, extremes, comparison."""
+"""tools/experiments/warmup_free_report.py on synthetic run folders: choices on tuning seeds, the reported
+grid paired against warmup, each method's best and highest stable rate."""
 
 import dataclasses
 import json
@@ -10,41 +11,74 @@ import pytest
 from tests.helpers import ROOT, child_env
 
 REPORT = ROOT / "tools" / "experiments" / "warmup_free_report.py"
+FLAT, SPIKE = [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.8], [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 30.0, 6.0]
 
 
-def _fake_run(folder, preset: str, seed: int, losses: list[float], val: float, entropy: float, status="completed"):
+def _fake_run(folder, preset: str, seed: int, lr: float, losses: list[float], val: float, status="completed",
+              overrides=()):
     from pretrain.config import compose_config
 
-    cfg = compose_config([f"+experiment={preset}", f"seed={seed}"])
+    cfg = compose_config([f"+experiment={preset}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
     (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
     rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
-    rows[-1] |= {"val_loss": val, "stability/attn_entropy_min": entropy, "stability/qk_sigma1_max": 2.0 * seed}
+    rows[-1] |= {"val_loss": val, "stability/attn_entropy_min": 0.5, "stability/qk_sigma1_max": 2.0}
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def test_report_names_methods_and_compares_with_warmup(tmp_path):
+def _report(runs, out):
+    return subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(out), "--name", "wf"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(tmp_path):
     runs = tmp_path / "runs"
-    _fake_run(runs / "w1", "warmup_free_adamw_warmup", 1, [9.0] * 6, 4.0, 1.0)
-    _fake_run(runs / "w2", "warmup_free_adamw_warmup", 2, [9.0] * 6, 4.2, 1.1)
-    _fake_run(runs / "q1", "warmup_free_quack", 1, [9.0] * 5 + [30.0, 8.0], 4.4, 0.3)
-    _fake_run(runs / "s1", "warmup_free_spectral", 1, [9.0] * 6, 3.9, 0.7)
-    _fake_run(runs / "a2", "warmup_free_adamw", 2, [9.0] * 6 + [40.0], 9.5, 0.1, status="diverged")  # listed too
+    # tuning seed 100 at 1e-2: warmup 60 beats 30, τ 0.1 beats 0.05; spectral τ 0.05 would win on seed 1
+    _fake_run(runs / "t-w30", "warmup_free_adamw_warmup", 100, 1e-2, FLAT, 4.5, overrides=["lr.warmup_steps=30"])
+    _fake_run(runs / "t-w60", "warmup_free_adamw_warmup", 100, 1e-2, FLAT, 4.3)
+    _fake_run(runs / "t-s05", "warmup_free_spectral", 100, 1e-2, FLAT, 4.4, overrides=["optim.spectral.tau=0.05"])
+    _fake_run(runs / "t-s10", "warmup_free_spectral", 100, 1e-2, FLAT, 4.2, overrides=["optim.spectral.tau=0.1"])
+    _fake_run(runs / "r-s05", "warmup_free_spectral", 1, 1e-2, FLAT, 3.0, overrides=["optim.spectral.tau=0.05"])
+    # reported seeds 1-3: warmup 60 and spectral τ=0.1 at two rates, AdamW without warmup spikes at 3e-2
+    for seed, shift in ((1, 0.0), (2, 0.1), (3, 0.05)):
+        for lr, base in ((1e-2, 4.0), (3e-2, 4.2)):
+            _fake_run(runs / f"w-{lr}-{seed}", "warmup_free_adamw_warmup", seed, lr, FLAT, base + shift)
+            _fake_run(runs / f"s-{lr}-{seed}", "warmup_free_spectral", seed, lr, FLAT, base - 0.1 + shift,
+                      overrides=["optim.spectral.tau=0.1"])
+        _fake_run(runs / f"a-1e-2-{seed}", "warmup_free_adamw", seed, 1e-2, FLAT, 4.1 + shift + 0.01 * seed)
+        _fake_run(runs / f"a-3e-2-{seed}", "warmup_free_adamw", seed, 3e-2, SPIKE, 5.0 + shift,
+                  status="diverged" if seed == 3 else "completed")
     (runs / "going").mkdir()
     (runs / "going" / "run_info.json").write_text("{}")  # no result.json yet: left out
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(out), "--name", "wf"], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = _report(runs, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "wf.json").read_text())
-    summary = {r["method"]: r for r in result["summary"]}
-    assert set(summary) == {"adamw", "adamw + warmup", "quack", "spectral τ=0.05"}
-    assert summary["adamw + warmup"]["mean"] == pytest.approx(4.1)
-    assert summary["quack"]["vs_warmup"] == pytest.approx(4.4 / 4.1 - 1)
-    quack = next(r for r in result["runs"] if r["run"] == "q1")
-    assert quack["max_train_loss_after_step5"] == 30.0 and quack["min_attention_entropy"] == 0.3
-    assert "| 0.01 | quack | 4.400 | 4.400 | +7.3% |" in proc.stdout
-    diverged = next(r for r in result["runs"] if r["run"] == "a2")
-    assert diverged["status"] == "diverged" and diverged["max_train_loss_after_step5"] == 40.0
-    assert summary["adamw"]["val_loss"] == [9.5] and "| a2 | diverged | 9.500 | 40.00 | 0.10 |" in proc.stdout
+    result = json.loads((tmp_path / "out" / "wf.json").read_text())
+    assert result["chosen"] == {"lr": 0.01, "seeds": [100], "warmup": "adamw + warmup 60",
+                                "spectral": "spectral τ=0.1"}
+    grid = {(r["lr"], r["method"]): r for r in result["grid"]}
+    assert grid[0.01, "spectral τ=0.05"]["seeds"] == [1]  # reported beside the others, but it chose nothing
+    spectral = grid[0.01, "spectral τ=0.1"]
+    assert spectral["seeds"] == [1, 2, 3] and spectral["vs_warmup"]["diffs"] == pytest.approx([-0.1] * 3)
+    assert grid[0.03, "adamw"]["stable_seeds"] == 0 and grid[0.01, "adamw"]["stable_seeds"] == 3
+    adamw_diffs = grid[0.01, "adamw"]["vs_warmup"]
+    assert adamw_diffs["diffs"] == pytest.approx([0.11, 0.12, 0.13]) and adamw_diffs["verdict"] == "higher"
+    methods = result["methods"]
+    assert methods["adamw"].pop("best_vs_warmup_best")["diffs"] == pytest.approx([0.11, 0.12, 0.13])  # both at 1e-2
+    assert methods["adamw"] == {"best_lr": 0.01, "best_mean": pytest.approx(4.17), "highest_stable_lr": 0.01,
+                                "best_val_loss": pytest.approx([4.11, 4.22, 4.18]), "lrs": [0.01, 0.03]}
+    assert methods["adamw + warmup 60"]["highest_stable_lr"] == 0.03
+    assert methods["spectral τ=0.1"]["best_vs_warmup_best"]["mean"] == pytest.approx(-0.1)
+    assert (tmp_path / "out" / "wf.png").stat().st_size > 0
+    assert "| 0.03 | adamw | 5.000, 5.100, 5.050 | 5.050 | 0/3 |" in proc.stdout
+    assert "chosen on tuning seeds [100] at lr 0.01: adamw + warmup 60, spectral τ=0.1" in proc.stdout
+
+
+def test_reported_seeds_never_make_a_choice(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs / "w60", "warmup_free_adamw_warmup", 100, 1e-2, FLAT, 4.3)
+    _fake_run(runs / "w60-1", "warmup_free_adamw_warmup", 1, 1e-2, FLAT, 4.3)
+    _fake_run(runs / "s1", "warmup_free_spectral", 1, 1e-2, FLAT, 4.0)  # only on a reported seed: nothing to choose
+    proc = _report(runs, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "wf.json").read_text())["chosen"]["spectral"] is None

@@ -6,6 +6,9 @@
 - Paired seeds: `paired` compares two arms seed by seed (the same seed means the same initialisation
   and data order, so the per-seed difference cancels most of the seed noise): the mean difference and
   its 95% Student-t interval. `Paired.within_noise` holds only when that interval covers 0.
+- Tuning apart from reporting: hyperparameters are chosen on TUNING_SEEDS (`select`, which refuses any
+  other seed) and arms are compared on REPORTED_SEEDS (`paired`, which refuses a tuning seed), so no
+  reported difference comes from the seeds a choice was made on.
 - Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
@@ -106,6 +109,36 @@ def per_seed(arm: dict[int, Run], value: Callable[[Run], float | None]) -> dict[
     return {seed: v for seed, run in arm.items() if (v := value(run)) is not None}
 
 
+# --- Tuning and reported seeds --------------------------------------------------------------------
+TUNING_SEEDS = range(100, 200)  # τ, β/γ, learning rates, warmup lengths are chosen on these
+REPORTED_SEEDS = range(1, 100)  # arms are compared on these
+
+
+def tuning_runs(runs: Iterable[Run]) -> list[Run]:
+    return [run for run in runs if run.seed in TUNING_SEEDS]
+
+
+def reported_runs(runs: Iterable[Run]) -> list[Run]:
+    return [run for run in runs if run.seed in REPORTED_SEEDS]
+
+
+def select(candidates: dict[Hashable, dict[int, Run]], value: Callable[[Run], float | None]) -> Hashable:
+    """The candidate (arm -> seed -> run) with the lowest mean `value` over its runs. Only tuning seeds may
+    decide: a run on any other seed is an error, since its arm would then be chosen on the seeds it is
+    reported on."""
+    means = {}
+    for name, by_seed in candidates.items():
+        if stray := sorted(set(by_seed) - set(TUNING_SEEDS)):
+            raise ExperimentError(f"candidate {name!r} ran seeds {stray}, outside the tuning seeds "
+                                  f"{TUNING_SEEDS.start}-{TUNING_SEEDS.stop - 1}; choose hyperparameters on tuning "
+                                  "seeds only")
+        if values := list(per_seed(by_seed, value).values()):
+            means[name] = statistics.fmean(values)
+    if not means:
+        raise ExperimentError(f"no candidate among {list(candidates)} has a value to choose by")
+    return min(means, key=means.get)
+
+
 # --- Paired seeds ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Paired:
@@ -130,6 +163,10 @@ class Paired:
 def paired(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE) -> Paired:
     """The per-seed differences b - a over the seeds both arms ran, their mean and its interval."""
     seeds = tuple(sorted(a.keys() & b.keys()))
+    if tuning := [s for s in seeds if s in TUNING_SEEDS]:
+        raise ExperimentError(f"seeds {tuning} are tuning seeds: hyperparameters were chosen on them, so they "
+                              f"cannot report a comparison; pair on seeds {REPORTED_SEEDS.start}-"
+                              f"{REPORTED_SEEDS.stop - 1}")
     if not seeds:
         raise ExperimentError(f"the arms share no seed (seeds {sorted(a)} and {sorted(b)}); "
                               "run both arms with the same seeds")

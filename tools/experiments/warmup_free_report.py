@@ -1,100 +1,212 @@
-"""Summarise warmup-free runs: final validation loss and the stability extremes per method, lr and seed.
+"""Summarise warmup-free runs: is warmup needed, and does the spectral bound replace it?
 
     python tools/experiments/warmup_free_report.py runs/warmup_free [MORE_ROOTS ...] --out docs/results \
-        --name warmup_free
+        --name warmup_free [--tune-at 1e-2]
 
-The runs (docs/results/warmup_free.md): three Hydra multiruns into runs/warmup_free (the presets set
-hydra.sweep.dir and name each folder by preset and overrides; the first names the folder too, since it
-sweeps the preset itself). hydra/launcher=local runs hydra.launcher.n_jobs points at once:
+The runs (docs/results/warmup_free.md) are Hydra multiruns of the warmup_free presets. Seeds split the
+work (tools/experiments/common.py): on TUNING_SEEDS the warmup length of AdamW and the τ of the bound
+are chosen at lr --tune-at, and higher rates are probed; on REPORTED_SEEDS every method runs on one
+learning-rate grid with the chosen values, and only those runs are compared.
 
-    python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=4 hydra.sweep.dir=runs/warmup_free \
-        +experiment=warmup_free_adamw,warmup_free_adamw_warmup,warmup_free_spectral,warmup_free_quack \
-        optim.lr=3e-3,1e-2 seed=1,2 trainer.progress=false logging.tensorboard=false
-    python pretrain/main.py -m +experiment=warmup_free_adamw optim.lr=3e-2 seed=1 \
-        trainer.progress=false logging.tensorboard=false                        # where AdamW breaks
-    python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=4 +experiment=warmup_free_spectral \
-        optim.lr=1e-2 optim.spectral.tau=0.01,0.02,0.1,0.2 seed=1 \
-        trainer.progress=false logging.tensorboard=false                        # the tau ablation
-
-A run's method comes from its config: AdamW, AdamW with warmup, the spectral bound (with its τ) or
-QuacK. Per run: status, final validation loss, the largest training loss after step 5, the smallest
-attention entropy and the largest σ1(W_qᵀW_k) the monitors saw. Per method and learning rate: the
-mean final validation loss and its change against AdamW with warmup at the same rate. Runs that
-diverged are listed (their loss is the last one logged); runs without a result.json are still going
-and left out. Prints markdown tables and writes NAME.json into --out; the curves come from
-tools/plot.py.
+A run's method comes from its config: "adamw" (no warmup), "adamw + warmup N", "spectral τ=T" (no
+warmup) or "quack". A run is stable when it completed and its training loss never rose above its
+first step's loss after step 5 (AdamW without warmup at a high rate jumps far above ln V). Per
+(lr, method) on reported seeds: the final validation loss per seed, its mean, how many seeds stayed
+stable, and the per-seed paired difference against AdamW with warmup at the same rate (mean and 95%
+interval). Per method: its best rate (lowest mean), the loss there, the highest rate at which every
+seed stayed stable, and the paired difference of its best against warmup's best. Writes NAME.json and
+NAME.png into --out and prints markdown tables; runs without a result.json are still going and left out.
 """
 
 from __future__ import annotations
 
-from pretrain.rundir import runs_provenance, write_json
-from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, per_seed, report_parser,
-                                      summarize)
+from pretrain.rundir import pyplot, runs_provenance, write_json
+from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, paired, per_seed,
+                                      report_parser, reported_runs, select, summarize, tuning_runs)
 
-WARMUP = "adamw + warmup"
 FINISHED = ("completed", "diverged")
+SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
 
 
 def method(config: dict) -> str:
-    optim = config["optim"]
+    optim, warmup = config["optim"], config["lr"]["warmup_steps"]
     if optim.get("quack"):
         return "quack"
     if optim["spectral"]["enabled"]:
         return f"spectral τ={optim['spectral']['tau']:g}"
-    return WARMUP if config["lr"]["warmup_steps"] > 0 else "adamw"
+    return f"adamw + warmup {warmup}" if warmup > 0 else "adamw"
+
+
+def is_warmup(name: str) -> bool:
+    return name.startswith("adamw + warmup")
 
 
 def arm_of(run: Run) -> tuple[float, str]:
     return run.config["optim"]["lr"], method(run.config)
 
 
+def final_val(run: Run) -> float | None:
+    return run.last("val_loss")
+
+
+def stable(run: Run) -> bool:
+    """Completed, and no training loss after step SPIKE_AFTER above the first step's loss."""
+    losses = run.values("loss")
+    return run.status == "completed" and bool(losses) and max(run.values("loss", after=SPIKE_AFTER),
+                                                               default=losses[0]) <= losses[0]
+
+
 def summarize_run(run: Run) -> dict:
     return {"run": run.name, "method": method(run.config), "lr": run.config["optim"]["lr"], "seed": run.seed,
-            "status": run.status, "steps": max((r["step"] for r in run.rows), default=0),
-            "final_val_loss": run.last("val_loss"),
-            "max_train_loss_after_step5": max(run.values("loss", after=5), default=None),
+            "status": run.status, "stable": stable(run), "steps": max((r["step"] for r in run.rows), default=0),
+            "final_val_loss": final_val(run), "first_loss": next(iter(run.values("loss")), None),
+            "max_train_loss_after_step5": max(run.values("loss", after=SPIKE_AFTER), default=None),
             "min_attention_entropy": min(run.values("stability/attn_entropy_min"), default=None),
             "max_qk_sigma1": max(run.values("stability/qk_sigma1_max"), default=None)}
 
 
-def summarize_arms(runs: list[Run]) -> list[dict]:
-    """One row per (lr, method), highest lr first: the seeds' final validation losses, their mean,
-    and the relative change against AdamW with warmup at the same lr."""
+# 1. Tuning seeds: the warmup length and τ, each chosen by its mean final validation loss at one rate
+def choose(runs: list[Run], tune_at: float) -> dict:
+    at = [r for r in tuning_runs(runs) if r.config["optim"]["lr"] == tune_at]
+    chosen = {"lr": tune_at, "seeds": sorted({r.seed for r in at})}
+    for key, kind in (("warmup", is_warmup), ("spectral", lambda m: m.startswith("spectral"))):
+        candidates = by_arm((r for r in at if kind(method(r.config))), lambda r: method(r.config))
+        chosen[key] = select(candidates, final_val) if candidates else None
+    return chosen
+
+
+# 2. Reported seeds: every (lr, method), paired against warmup at the same rate
+def pair(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    if not a.keys() & b.keys():
+        return None
+    p = paired(a, b)
+    return {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean,
+            "interval95": list(p.interval) if p.interval else None, "verdict": p.verdict()}
+
+
+def grid(runs: list[Run]) -> list[dict]:
+    """One row per (lr, method), highest lr first."""
+    arms = by_arm(reported_runs(runs), arm_of)
+    losses = {arm: per_seed(by_seed, final_val) for arm, by_seed in arms.items()}
     rows = []
-    for (lr, name), by_seed in sorted(by_arm(runs, arm_of).items(), key=lambda kv: (-kv[0][0], kv[0][1])):
-        if losses := per_seed(by_seed, lambda run: run.last("val_loss")):
-            rows.append({"lr": lr, "method": name, "val_loss": list(losses.values()),
-                         "mean": summarize(losses.values())["mean"]})
-    base = {r["lr"]: r["mean"] for r in rows if r["method"] == WARMUP}
-    for r in rows:
-        r["vs_warmup"] = r["mean"] / base[r["lr"]] - 1 if r["lr"] in base else None
+    for (lr, name), by_seed in sorted(arms.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        if not losses[lr, name]:
+            continue
+        warmup = next((losses[a] for a in losses if a[0] == lr and is_warmup(a[1]) and a[1] != name), None)
+        rows.append({"lr": lr, "method": name, "seeds": list(losses[lr, name]),
+                     "val_loss": list(losses[lr, name].values()), "mean": summarize(losses[lr, name].values())["mean"],
+                     "stable_seeds": sum(stable(r) for r in by_seed.values()), "n": len(by_seed),
+                     "vs_warmup": pair(warmup, losses[lr, name]) if warmup else None})
     return rows
 
 
-def tables(runs: list[dict], rows: list[dict]) -> str:
-    summary = markdown_table(["lr", "method", "final val loss per seed", "mean", "vs warmup"],
-                             [[f"{r['lr']:g}", r["method"], ", ".join(f"{v:.3f}" for v in r["val_loss"]),
-                               f"{r['mean']:.3f}", fmt(r["vs_warmup"], "+.1%")] for r in rows], align="lllrr")
+def per_method(runs: list[Run], rows: list[dict]) -> dict:
+    """method -> best rate, its loss, the highest rate at which every seed stayed stable, and its best
+    against warmup's best, seed by seed."""
+    arms = by_arm(reported_runs(runs), arm_of)
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        best = min(mine, key=lambda r: r["mean"])
+        stable_lrs = [r["lr"] for r in mine if r["stable_seeds"] == r["n"]]
+        out[name] = {"best_lr": best["lr"], "best_mean": best["mean"], "best_val_loss": best["val_loss"],
+                     "highest_stable_lr": max(stable_lrs, default=None), "lrs": sorted(r["lr"] for r in mine)}
+    warmup = next((m for m in out if is_warmup(m)), None)
+    for name, m in out.items():
+        if warmup and name != warmup:
+            a, b = arms[out[warmup]["best_lr"], warmup], arms[m["best_lr"], name]
+            m["best_vs_warmup_best"] = pair(per_seed(a, final_val), per_seed(b, final_val))
+    return out
+
+
+# 3. Tables and the plot
+def interval(p: dict | None) -> str:
+    if not p:
+        return "—"
+    ci = f" [{p['interval95'][0]:+.3f}, {p['interval95'][1]:+.3f}]" if p["interval95"] else ""
+    return f"{p['mean']:+.3f}{ci}"
+
+
+def tables(runs: list[dict], rows: list[dict], methods: dict, chosen: dict) -> str:
+    tuning = markdown_table(
+        ["lr", "method", "seed", "final val", "stable", "max train loss after step 5"],
+        [[f"{r['lr']:g}", r["method"], r["seed"], fmt(r["final_val_loss"]), "yes" if r["stable"] else "no",
+          fmt(r["max_train_loss_after_step5"], ".2f")]
+         for r in sorted(runs, key=lambda r: (-r["lr"], r["method"])) if r["seed"] >= 100], align="lllrlr")
+    summary = markdown_table(
+        ["lr", "method", "final val loss per seed", "mean", "stable seeds", "minus warmup (95% CI)"],
+        [[f"{r['lr']:g}", r["method"], ", ".join(f"{v:.3f}" for v in r["val_loss"]), f"{r['mean']:.3f}",
+          f"{r['stable_seeds']}/{r['n']}", interval(r["vs_warmup"])] for r in rows], align="lllrrr")
+    best = markdown_table(
+        ["method", "best lr", "best mean val loss", "highest stable lr", "best minus warmup's best (95% CI)"],
+        [[name, f"{m['best_lr']:g}", f"{m['best_mean']:.3f}", fmt(m["highest_stable_lr"], "g"),
+          interval(m.get("best_vs_warmup_best"))] for name, m in methods.items()], align="lrrrr")
     per_run = markdown_table(
-        ["run", "status", "final val", "max train loss after step 5", "min attention entropy", "max σ1(W_qᵀW_k)"],
-        [[r["run"], r["status"], fmt(r["final_val_loss"]), fmt(r["max_train_loss_after_step5"], ".2f"),
-          fmt(r["min_attention_entropy"], ".2f"), fmt(r["max_qk_sigma1"], ".2f")]
-         for r in sorted(runs, key=lambda r: (-r["lr"], r["method"], r["seed"]))], align="llrrrr")
-    return f"{summary}\n\n{per_run}"
+        ["run", "status", "stable", "final val", "max train loss after step 5", "min attention entropy",
+         "max σ1(W_qᵀW_k)"],
+        [[r["run"], r["status"], "yes" if r["stable"] else "no", fmt(r["final_val_loss"]),
+          fmt(r["max_train_loss_after_step5"], ".2f"), fmt(r["min_attention_entropy"], ".2f"),
+          fmt(r["max_qk_sigma1"], ".2f")]
+         for r in sorted(runs, key=lambda r: (-r["lr"], r["method"], r["seed"]))], align="lllrrrr")
+    return (f"chosen on tuning seeds {chosen['seeds']} at lr {chosen['lr']:g}: {chosen['warmup']}, "
+            f"{chosen['spectral']}\n\n{tuning}\n\n{summary}\n\n{best}\n\n{per_run}")
+
+
+def plot(runs: list[Run], rows: list[dict], path, curves_at: float) -> None:
+    plt = pyplot()
+    fig, (by_lr, curves) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for name in names:
+        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["lr"])
+        lrs = [r["lr"] for r in mine]
+        by_lr.plot(lrs, [r["mean"] for r in mine], marker="o", color=colors[name], label=name)
+        by_lr.fill_between(lrs, [min(r["val_loss"]) for r in mine], [max(r["val_loss"]) for r in mine],
+                           color=colors[name], alpha=0.2)
+    by_lr.set_xscale("log")
+    by_lr.set_xlabel("peak learning rate")
+    by_lr.set_ylabel("final validation loss (band: min..max over seeds)")
+    by_lr.set_title("reported seeds: final validation loss against rate")
+    by_lr.grid(alpha=0.3)
+    by_lr.legend(fontsize=8)
+    for (lr, name), by_seed in by_arm(reported_runs(runs), arm_of).items():
+        if lr != curves_at:
+            continue
+        series = [run.series("loss") for run in by_seed.values()]
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        values = [[s[t] for s in series] for t in steps]
+        curves.plot(steps, [sum(v) / len(v) for v in values], color=colors.get(name), lw=1, label=name)
+        curves.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colors.get(name),
+                            alpha=0.2)
+    curves.set_yscale("log")
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss (mean; band: min..max over seeds)")
+    curves.set_title(f"training loss at lr {curves_at:g}")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = report_parser(__doc__, name="warmup_free").parse_args(argv)
+    parser = report_parser(__doc__, name="warmup_free")
+    parser.add_argument("--tune-at", type=float, default=1e-2, help="the rate at which warmup length and τ are chosen")
+    args = parser.parse_args(argv)
 
     def report() -> None:
         runs = load_runs(*args.roots, statuses=FINISHED)
         per_run = [summarize_run(run) for run in runs]
-        rows = summarize_arms(runs)
+        chosen = choose(runs, args.tune_at)
+        rows = grid(runs)
+        methods = per_method(runs, rows)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
-                                                    "roots": [str(r) for r in args.roots], "summary": rows,
-                                                    "runs": per_run})
-        print(tables(per_run, rows))
+                                                    "roots": [str(r) for r in args.roots], "chosen": chosen,
+                                                    "grid": rows, "methods": methods, "runs": per_run})
+        if rows:
+            plot(runs, rows, args.out / f"{args.name}.png", args.tune_at)
+        print(tables(per_run, rows, methods, chosen))
 
     return guarded(report)
 
