@@ -29,8 +29,8 @@ def test_every_preset_composes(name):
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - {"smoke", "demo", "cpt_pretrain"}))
 def test_experiment_presets_score_at_least_128k_validation_tokens(name):
     # the comparisons' noise floor: every seed and arm scores these same rows (data.loader.VALIDATION_SEED)
-    t = compose_config([f"+experiment={name}"]).trainer
-    assert t.eval_batches * t.global_batch_size * compose_config([f"+experiment={name}"]).data.seq_len >= 128 * 1024
+    cfg = compose_config([f"+experiment={name}"])
+    assert cfg.trainer.eval_batches * cfg.trainer.global_batch_size * cfg.data.seq_len >= 128 * 1024
 
 
 def test_the_preset_list_is_complete():

@@ -84,7 +84,7 @@ def test_every_arm_is_paired_with_concat_seed_by_seed(setup, tmp_path):
         _run(tmp_path / f"concat-{seed}", "concat", seed, "completed", {80: ct})
         _run(tmp_path / f"sp-{seed}", "sp", seed, "completed", {80: sp})
     _run(tmp_path / "bfd-1", "bfd", 1, "completed", {80: 2.5})
-    pairs = cpt.paired_with_baseline(s, "val_loss")
+    pairs = cpt.paired_with_baseline(cpt.continual_runs(s)[0], "val_loss")
     assert pairs["sp"]["diffs"] == pytest.approx([-0.10, -0.08, -0.11]) and pairs["sp"]["verdict"] == "lower"
     lo, hi = pairs["sp"]["interval95"]
     assert lo < pairs["sp"]["mean"] < hi < 0
@@ -128,7 +128,7 @@ def test_collect_reads_completed_runs_by_config_and_the_init_run_apart(setup, tm
     _run(tmp_path / "data.pack_method=concat,seed=1", "concat", 1, "completed", {10: 2.6, 20: 2.5})
     _run(tmp_path / "data.pack_method=concat,seed=2", "concat", 2, "diverged", {10: 9.0})
     _run(tmp_path / cpt.INIT_RUN, "concat", 1, "completed", {1: 4.2})  # concat, seed 1 too: kept apart
-    curves, init = cpt.collect(s)
+    curves, init = cpt.collect(*cpt.continual_runs(s))
     assert curves == {"concat": {1: {10: 2.6, 20: 2.5}}} and init == 4.2
     assert not cpt.grid_done(s)
     for method, seed in [(m, seed) for m in ("bfd", "sp") for seed in cpt.SEEDS] + [("concat", s) for s in cpt.SEEDS[2:]]:
@@ -188,8 +188,8 @@ def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path)
               "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_batches=1", "trainer.global_batch_size=8",
               "trainer.micro_batch_size=4", "lr.warmup_steps=0"])
     s = dataclasses.replace(setup, cpt_dir=tmp_path / "cpt")
-    curves, _ = cpt.collect(s)
-    forgetting, _ = cpt.collect(s, cpt.FORGETTING)
+    curves, _ = cpt.collect(*cpt.continual_runs(s))
+    forgetting, _ = cpt.collect(*cpt.continual_runs(s), cpt.FORGETTING)
     assert list(curves) == list(forgetting) == ["replay"] and list(curves["replay"][1]) == [2]
     report = cpt.stage_report(s, 2, tmp_path / "r.json", tmp_path / "r.png")
     assert report["forgetting"]["methods"]["replay"]["final_val_loss"]["n"] == 1 and (tmp_path / "r.png").exists()

@@ -262,10 +262,9 @@ def aggregate(curves: dict[str, dict[int, dict[int, float]]], init_loss: float |
     return {"methods": out, "ranking_by_mean_final_val_loss": ranking}
 
 
-def collect(s: Setup, key: str = "val_loss") -> tuple[dict, float | None]:
-    """(arm -> seed -> step -> `key`, the init run's `key`) of the completed runs; `key` is val_loss (new
-    domain) or FORGETTING (original domain)."""
-    arms, init = continual_runs(s)
+def collect(arms: dict[str, dict[int, Run]], init: Run | None, key: str = "val_loss") -> tuple[dict, float | None]:
+    """(arm -> seed -> step -> `key`, the init run's `key`) of the runs of `continual_runs`; `key` is
+    val_loss (new domain) or FORGETTING (original domain)."""
     curves = {a: {seed: run.series(key) for seed, run in arms[a].items()} for a in ARMS if a in arms}
     return {a: c for a, c in curves.items() if any(c.values())}, init.last(key) if init else None
 
@@ -283,9 +282,8 @@ def packing_stats(s: Setup) -> dict:
     return out
 
 
-def val_digests(s: Setup) -> dict[str, list[str]]:
+def val_digests(arms: dict[str, dict[int, Run]], init: Run | None) -> dict[str, list[str]]:
     """Validation set -> the distinct val digests the runs recorded: one each when every run scored the same text."""
-    arms, init = continual_runs(s)
     runs = [r for a in arms.values() for r in a.values()] + ([init] if init else [])
     found: dict[str, set[str]] = {}
     for run in runs:
@@ -400,9 +398,9 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> No
         launch(argv)
 
 
-def paired_with_baseline(s: Setup, key: str, baseline: str = BASELINE, arms: tuple[str, ...] = ARMS) -> dict:
+def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
+                         arms: tuple[str, ...] = ARMS) -> dict:
     """arm -> its per-seed final `key` minus `baseline`'s, the mean and its 95% interval, and a verdict."""
-    runs_by_arm, _ = continual_runs(s)
     if baseline not in runs_by_arm:
         return {}
     final = {a: per_seed(runs, lambda r: r.last(key)) for a, runs in runs_by_arm.items()}
@@ -424,20 +422,20 @@ def commands(s: Setup, jobs: int) -> list[str]:
 
 
 def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
-    curves, init = collect(s)
-    arms, _ = continual_runs(s)
+    arms, init_run = continual_runs(s)  # read once: every number below comes from these runs
+    curves, init = collect(arms, init_run)
     infos = [r.info for runs in arms.values() for r in runs.values()]
     experiment = ["python " + " ".join(pretrain_argv()), *commands(s, jobs)]
     report = {"provenance": {**runs_provenance(infos), "experiment_commands": experiment}}
     report.update(aggregate(curves, init))
     report["init_val_loss"] = init
-    report["paired_vs_concat"] = paired_with_baseline(s, "val_loss")  # the new domain: lower is better
+    report["paired_vs_concat"] = paired_with_baseline(arms, "val_loss")  # the new domain: lower is better
     # the paper's own claim is SP ahead of BFD, not only of CT
-    report["paired_vs_bfd"] = paired_with_baseline(s, "val_loss", "bfd", ("sp", SP_R0, "sp-distinct"))
-    report["paired_vs_sp_r0"] = paired_with_baseline(s, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
-    report["forgetting"] = aggregate(*collect(s, FORGETTING))  # the original domain, per arm
-    report["forgetting"]["paired_vs_concat"] = paired_with_baseline(s, FORGETTING)
-    report["val_digests"] = val_digests(s)
+    report["paired_vs_bfd"] = paired_with_baseline(arms, "val_loss", "bfd", ("sp", SP_R0, "sp-distinct"))
+    report["paired_vs_sp_r0"] = paired_with_baseline(arms, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
+    report["forgetting"] = aggregate(*collect(arms, init_run, FORGETTING))  # the original domain, per arm
+    report["forgetting"]["paired_vs_concat"] = paired_with_baseline(arms, FORGETTING)
+    report["val_digests"] = val_digests(arms, init_run)
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": "python " + " ".join(pretrain_argv()),
