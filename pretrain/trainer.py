@@ -213,6 +213,16 @@ class Trainer:
         self.model.train()
         return total / batches
 
+    def validate(self) -> dict[str, float]:
+        """val_loss, then val_loss/NAME for each named set; each callback's `on_eval_set` runs right after
+        each set is scored (the MoE statistics take what the routers counted on that set alone)."""
+        sets = {"val_loss": self.parts.val, **{f"val_loss/{n}": v for n, v in self.parts.val_sets.items()}}
+        out = {}
+        for key, val in sets.items():
+            out[key] = self.evaluate(val)
+            self._call("on_eval_set", key)
+        return out
+
     def state_dict(self) -> dict:
         """Everything a resume needs besides the model and megatron's optimizer: counters, the data
         position, the optimizer's update rule, and each callback's state under its name."""
@@ -287,8 +297,7 @@ class Trainer:
             while self.step < stop:
                 metrics = self.train_step()
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    metrics["val_loss"] = self.evaluate()
-                    metrics.update({f"val_loss/{name}": self.evaluate(v) for name, v in self.parts.val_sets.items()})
+                    metrics.update(self.validate())
                 for c in self.callbacks.values():
                     c.on_step_end(self, metrics)
                     if "val_loss" in metrics:

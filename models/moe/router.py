@@ -1,7 +1,8 @@
 """keel's router: megatron-core's TopKRouter plus the variance loss and routing statistics.
 
 Routing itself (z-loss, top-k, capacity dropping, the load-balancing loss) is megatron's; this
-subclass only (1) keeps the gate on the input's device, (2) adds L_v and (3) records statistics.
+subclass only (1) keeps the gate on the input's device, (2) adds L_v and (3) records statistics: of
+training forwards, and the routed assignments per expert of evaluation forwards (routing by source).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class KeelRouter(TopKRouter):
         train = self.training and torch.is_grad_enabled()
         if train:
             self.stats.add_routing(full.detach(), routing_map)
+        elif not self.training:  # an evaluation forward (not the monitors' no-grad pass in train mode)
+            self.stats.add_eval_routing(routing_map)
         # 2. L_v, attached to the top-k probs like megatron's aux loss (identity forward)
         if train and self.var_coeff > 0:
             loss = variance_loss(full)

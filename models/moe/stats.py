@@ -3,9 +3,18 @@
 Each router owns a `MoEStats` that sums cheap detached quantities over the step's micro-batches
 (training forwards only); `collect` reduces them over data-parallel ranks and turns them into the
 `moe/...` metrics that the trainer logs. The pure functions are what the metrics mean.
+
+Routing by source: in evaluation forwards (eval mode) each router also counts its routed top-k
+assignments per expert; `take_eval_loads` reads and restarts those counts, so the trainer's caller can
+take them once per validation set. `source_routing_metrics` turns the counts of several sources (one
+validation set each) into routing purity and the normalised mutual information I(source; expert) /
+H(source): measures of expert specialisation that no loss optimises (the aux loss, L_o and L_v never
+see which source a token came from).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -47,6 +56,62 @@ def expert_weight_similarity(experts: torch.nn.Module) -> float:
     return float(total / count)
 
 
+def balanced_routing(counts: torch.Tensor) -> torch.Tensor:
+    """[sources, experts] routed assignments -> each source's shares of its assignments (rows sum to 1),
+    so every source weighs the same whatever its token count."""
+    counts = counts.double()
+    return counts / counts.sum(1, keepdim=True)
+
+
+def routing_purity(counts: torch.Tensor) -> tuple[float, list[float]]:
+    """(purity, purity per source) of [sources >= 2, experts] routed-assignment counts, sources balanced.
+
+    Each expert belongs to its majority source (the largest balanced share; an exact tie splits it). A
+    source's purity is the share of its assignments that go to its own experts; the purity is their mean,
+    = sum_e max_s P[s, e] / S: 1/S when every source routes alike, 1 when no expert serves two sources.
+    """
+    shares = balanced_routing(counts)
+    top = shares == shares.max(0, keepdim=True).values  # [S, E]: which sources hold each expert's majority
+    owned = top.double() / top.sum(0, keepdim=True)  # a tie splits the expert between its majority sources
+    per_source = (shares * owned).sum(1)
+    return float(per_source.mean()), per_source.tolist()
+
+
+def source_expert_nmi(counts: torch.Tensor) -> float:
+    """I(source; expert) / H(source) of [sources >= 2, experts] routed-assignment counts, sources balanced
+    (each source 1/S of the joint distribution, so H(source) = log S): 0 when every source routes alike,
+    1 when an assignment's expert tells its source."""
+    joint = balanced_routing(counts) / counts.shape[0]
+    p_source = joint.sum(1, keepdim=True)
+    p_expert = joint.sum(0, keepdim=True)
+    terms = joint * (joint / (p_source * p_expert)).log()
+    return float(torch.where(joint > 0, terms, torch.zeros_like(terms)).sum() / math.log(counts.shape[0]))
+
+
+def source_routing_metrics(loads: dict[str, dict[int, torch.Tensor]]) -> dict[str, float]:
+    """`loads[source][layer]`: routed assignments per expert of one source's tokens (`take_eval_loads`)
+    -> `moe/layer<n>/purity`, `.../purity/<source>`, `.../source_nmi` and each source's balanced shares
+    `.../routed/<source>/<e>`, plus the means over layers `moe/purity`, `moe/purity/<source>` and
+    `moe/source_nmi`. Empty with fewer than two sources or a source that routed nothing."""
+    sources = list(loads)
+    layers = sorted(set.intersection(*(set(by_layer) for by_layer in loads.values()))) if loads else []
+    if len(sources) < 2 or not layers or any(float(loads[s][l].sum()) <= 0 for s in sources for l in layers):
+        return {}
+    out, means = {}, {}
+    for layer in layers:
+        counts = torch.stack([loads[s][layer].double().cpu() for s in sources])
+        purity, per_source = routing_purity(counts)
+        m = {"purity": purity, "source_nmi": source_expert_nmi(counts)}
+        m |= {f"purity/{s}": p for s, p in zip(sources, per_source)}
+        for name, value in m.items():
+            means.setdefault(name, []).append(value)
+        shares = balanced_routing(counts)
+        m |= {f"routed/{s}/{e}": float(x) for s, row in zip(sources, shares) for e, x in enumerate(row)}
+        out.update({f"moe/layer{layer}/{k}": v for k, v in m.items()})
+    out.update({f"moe/{k}": sum(v) / len(v) for k, v in means.items()})
+    return out
+
+
 # ---- accumulation over a step ------------------------------------------------------------------
 class MoEStats:
     """Sums over the micro-batches of one step; one float64 vector so one all-reduce covers it."""
@@ -56,6 +121,9 @@ class MoEStats:
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
         self.values = torch.zeros(len(self.FIELDS) + num_experts, dtype=torch.float64)
+        # routed assignments per expert in evaluation forwards, until `take_eval_loads` reads them: kept
+        # apart from `values`, which describe training steps only
+        self.eval_load = torch.zeros(num_experts, dtype=torch.float64)
 
     def _add(self, name: str, value) -> None:
         self.values[self.FIELDS.index(name)] += value
@@ -75,6 +143,14 @@ class MoEStats:
         self._add("variance", routing_variance(probs).sum().double())
 
     @torch.no_grad()
+    def add_eval_routing(self, routing_map: torch.Tensor) -> None:
+        """`routing_map`: bool [T, E] of an evaluation forward (after any capacity dropping); every
+        position of the rows counts, padding included (keel's validation sets are concat-packed)."""
+        if self.eval_load.device != routing_map.device:
+            self.eval_load = self.eval_load.to(routing_map.device)
+        self.eval_load += routing_map.sum(0).to(torch.float64)
+
+    @torch.no_grad()
     def add_overlap(self, grouped: torch.Tensor, valid: torch.Tensor) -> None:
         """`grouped` [T, k, H]: each token's selected experts' outputs; `valid` [T, k] real slots."""
         total, count = pairwise_abs_cosine(grouped, valid)
@@ -83,6 +159,7 @@ class MoEStats:
 
     def reset(self) -> None:
         self.values.zero_()
+        self.eval_load.zero_()
 
     def summary(self, values: torch.Tensor) -> dict[str, float]:
         v = dict(zip(self.FIELDS, values[:len(self.FIELDS)].tolist()))
@@ -140,8 +217,24 @@ def collect(model: torch.nn.Module, group=None, weight_similarity: bool = True) 
     return out
 
 
+def take_eval_loads(model: torch.nn.Module, group=None) -> dict[int, torch.Tensor]:
+    """Layer number -> routed assignments per expert that the layer counted in evaluation forwards since
+    the last call, summed over `group` (a collective: every rank in it calls this together); the counts
+    restart from zero."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    device = next(model.parameters()).device  # a layer that never evaluated still holds its CPU zeros
+    flat = torch.stack([layer.router.stats.eval_load.to(device) for layer in layers])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    for layer in layers:
+        layer.router.stats.eval_load.zero_()
+    return {layer.layer_number: row.cpu() for layer, row in zip(layers, flat)}
+
+
 def reset(model: torch.nn.Module) -> None:
-    """Start a new step: zero every layer's sums and megatron's MoE loss tracker."""
+    """Start a new step: zero every layer's sums (its evaluation counts too) and megatron's MoE loss tracker."""
     for layer in moe_layers(model):
         layer.router.stats.reset()
     clear_aux_losses_tracker()

@@ -26,6 +26,10 @@ class Callback:
     def on_step_end(self, trainer, metrics: dict) -> None:
         """After the step; add to `metrics` to have it logged (callbacks run in order)."""
 
+    def on_eval_set(self, trainer, key: str) -> None:
+        """Right after one validation set was scored, before the next; `key` is its metric (val_loss or
+        val_loss/NAME). Runs on every rank."""
+
     def on_eval(self, trainer, metrics: dict) -> None:
         """After a validation pass; `metrics` holds `val_loss`."""
 

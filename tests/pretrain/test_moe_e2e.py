@@ -1,5 +1,5 @@
-"""MoE end to end through `pretrain/main.py`: training with statistics, DP=2 and EP=2 equal one
-process, exact resume, and the losses' restrictions."""
+"""MoE end to end through `pretrain/main.py`: training with statistics, routing by source at each
+evaluation, DP=2 and EP=2 equal one process, exact resume, and the losses' restrictions."""
 
 import pytest
 
@@ -28,13 +28,36 @@ def test_moe_trains_and_logs_router_statistics(tiny_data, tmp_path):
     assert val[-1] < val[0]
 
 
+def _sources(**paths: str) -> list[str]:
+    """data.val_sets naming each packed set: one source each for the routing-by-source metrics."""
+    return ["data.val_sets=[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in paths.items()) + "]"]
+
+
+def test_moe_logs_routing_by_source_at_each_evaluation(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    # two names for the same text: whatever the router does, the two sources route alike
+    run_keel(tiny_overrides(tiny_data, run, steps=6) + MOE + _sources(a=tiny_data["val"], b=tiny_data["val"]))
+    rows = metrics(run)
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all("moe/purity" not in r for r in rows if "val_loss" not in r)
+    for r in evals:
+        assert r["val_loss/a"] == r["val_loss/b"]
+        assert r["moe/purity"] == pytest.approx(0.5) and r["moe/source_nmi"] == pytest.approx(0.0, abs=1e-9)
+        for layer in (1, 2):
+            a = [r[f"moe/layer{layer}/routed/a/{e}"] for e in range(4)]
+            assert a == [r[f"moe/layer{layer}/routed/b/{e}"] for e in range(4)] and sum(a) == pytest.approx(1.0)
+            assert r[f"moe/layer{layer}/purity/a"] == pytest.approx(0.5)
+    assert not any(k.startswith("moe/purity/val") for k in evals[-1])  # the main set is not a source
+
+
 def test_moe_data_parallel_matches_one_process(tiny_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = MOE + SPECIALIZE + ["trainer.max_steps=1"]
+    extra = MOE + SPECIALIZE + ["trainer.max_steps=1"] + _sources(val=tiny_data["val"], train=tiny_data["train"])
     run_keel(tiny_overrides(tiny_data, one, steps=1) + extra)
     run_keel(tiny_overrides(tiny_data, two, steps=1) + extra, nproc=2)
     a, b = _step1(one), _step1(two)
-    for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/ortho_loss", "moe/var_loss", "moe/maxvio"):
+    for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/ortho_loss", "moe/var_loss", "moe/maxvio",
+                "moe/purity", "moe/source_nmi", "moe/layer1/routed/train/0"):  # each rank counts its share of rows
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
