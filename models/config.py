@@ -29,6 +29,8 @@ Recompute = choices("Recompute", "none", "selective", "full")  # activation reco
 
 # attention types whose key/value heads are megatron's query groups (the others keep their own latents)
 GROUPED_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa, AttentionType.gta)
+# attention types built as megatron's own SelfAttention (the others are keel's modules in models/attention/)
+SELF_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa)
 
 
 def check(ok: bool, message: str) -> None:
@@ -96,6 +98,9 @@ class AttentionConfig:
     q_lora_rank: Optional[int] = None  # mla
     kv_lora_rank: Optional[int] = None  # mla, None: 4 * head_dim
     qk_pos_emb_head_dim: Optional[int] = None  # mla/gla decoupled RoPE width, None: head_dim // 2
+    # RMSNorm per head of queries and keys before their dot product (and before RoPE), which bounds the
+    # attention logits; every type (models/attention/common.py: QKNorm and HeadRMSNorm say how)
+    qk_norm: bool = False
 
     def __post_init__(self):
         check_choices("attention", self)

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
 
 from models.attention import attention_spec
-from models.config import AttentionConfig, ModelConfig, MoEConfig, RopeScalingConfig, check
+from models.config import SELF_ATTENTION, AttentionConfig, ModelConfig, MoEConfig, RopeScalingConfig, check
 from models.loss import chunked_loss
 
 
@@ -46,6 +46,9 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         cuda_graph_modules=[],  # megatron's default ("full") only warns that it is deprecated
+        # QK-norm in megatron's SelfAttention (its spec holds the norm; megatron also sums the gains'
+        # gradients over TP ranks by this flag); keel's own modules take theirs from their spec
+        qk_layernorm=attention.qk_norm and attention.type in SELF_ATTENTION,
         **moe_fields(model.moe, model.ffn_size), **recompute_fields(model.recompute),
     )
 

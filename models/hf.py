@@ -89,11 +89,12 @@ def check_exportable(model: ModelConfig, attention: AttentionConfig) -> None:
                 (model.position_embedding != "rope", f"position_embedding={model.position_embedding}"),
                 (model.normalization != "RMSNorm", f"normalization={model.normalization}"),
                 (model.activation != "swiglu", f"activation={model.activation}"),
-                (not model.final_norm, "no final norm (model.final_norm=false)")]
+                (not model.final_norm, "no final norm (model.final_norm=false)"),
+                (attention.qk_norm, "QK-norm (attention.qk_norm=true)")]
     found = [what for bad, what in problems if bad]
     if found:
         raise UnsupportedModel(f"cannot export a model with {', '.join(found)}: Hugging Face Llama has RoPE, "
-                               "RMSNorm, SwiGLU, a final norm and no MoE")
+                               "RMSNorm, SwiGLU, a final norm, no MoE and no QK-norm")
 
 
 def hf_config(model: ModelConfig, attention: AttentionConfig, vocab: int, special: dict) -> dict:

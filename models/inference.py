@@ -9,6 +9,15 @@ attention runs over the cached latents + RoPE key with the training-time scale, 
 the output projection. `absorbed=False` re-expands the latents into per-head keys/values (the naive
 form, for tests).
 
+QK-norm (`attention.qk_norm`) keeps every cache layout. megatron's SelfAttention normalises q and k
+inside `get_query_key_value_tensors`, before RoPE, as in training. GTA's key is then the normalised
+view of the cached value's first d - d_R dims, recomputed from the cache at each step (separate K and V
+for the kernel). GLA/MLA decode re-expanded, never absorbed: the key norm divides each head's score by
+rms(W_UK,i c_j), a per-head, per-token factor that no query-side matrix can carry, so absorption would no
+longer equal the trained model. The price is compute (every cached latent projected up per step), not
+cache bytes; caching the h per-token factors (h more elements per token, and a kernel that scales each
+head's content score by them) would restore absorption.
+
 Two ways to run a step: `forward_cached` (eager, any number of tokens, reads only the filled part) and
 `forward_static` (whole buffers, per-sequence lengths on the device, no host sync), which
 `CapturedStep` records in a CUDA graph for one-token decoding. On CUDA one-token steps attend with the
@@ -171,8 +180,9 @@ def _gta_step(attn: GroupedTiedAttention, x, table, cache: KVCache, layer: int, 
     cache.write(layer, {"kv": kv, "k_rope": k_rope})
     c = cache.read(layer, upto)
     n = attn.head_dim - attn.rope_dim  # key = [KV[:n] | shared RoPE key], value = KV
-    out = _attend(cache, q[..., :n], c["kv"][..., :n], c["kv"], attn.head_dim ** -0.5, q[..., n:], c["k_rope"],
-                  tied=True)
+    tied = attn.qk_norm is None  # with QK-norm the key is the normalised KV[:n], no longer the value's own dims
+    out = _attend(cache, q[..., :n], attn.key_nope(c["kv"]), c["kv"], attn.head_dim ** -0.5, q[..., n:], c["k_rope"],
+                  tied=tied)
     return attn.linear_proj(out.flatten(2))[0]
 
 
@@ -182,10 +192,10 @@ def _latent_step(attn: LatentAttention, x, table, cache: KVCache, layer: int, up
     cache.write(layer, {"latent": new_c, "k_rope": new_rope})
     c = cache.read(layer, upto)
     latent, k_rope = c["latent"], c["k_rope"]
-    if not absorbed:  # naive: re-expand every cached latent into per-head keys and values
-        k_nope, v = attn.expand(latent.permute(2, 0, 1, 3))
+    if not absorbed or attn.qk_norm is not None:  # re-expand every cached latent into per-head keys and values
+        k_nope, v = attn.expand(latent.permute(2, 0, 1, 3))  # (normalised keys with qk_norm)
         k_nope, v = k_nope.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
-        out = attend(q_nope, k_nope, v, cache.lengths, attn.softmax_scale, q_rope, k_rope)
+        out = _attend(cache, q_nope, k_nope, v, attn.softmax_scale, q_rope, k_rope)
         return attn.linear_proj(out.flatten(2))[0]
     # 1. queries into latent space: q~_i = W_UK,iᵀ q_nope,i for head i of latent j
     w_uk, w_o_abs = _absorbed_weights(attn)

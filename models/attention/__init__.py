@@ -14,6 +14,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from models.attention.common import HeadRMSNorm
 from models.attention.gla import latent_spec
 from models.attention.gta import gta_spec
 from models.attention.mla import mla_spec
@@ -21,14 +22,17 @@ from models.attention.sdpa import SDPACoreAttention
 from models.config import AttentionConfig, ModelConfig
 
 
-def standard_attention_spec(attention: AttentionConfig, model: Optional[ModelConfig]) -> ModuleSpec:
-    """MHA, GQA and MQA: megatron's SelfAttention; they differ only in `num_query_groups`."""
+def standard_attention_spec(attention: Optional[AttentionConfig], model: Optional[ModelConfig]) -> ModuleSpec:
+    """MHA, GQA and MQA: megatron's SelfAttention; they differ only in `num_query_groups`. QK-norm is
+    megatron's own q_layernorm/k_layernorm slot (applied per head before RoPE), holding keel's RMSNorm;
+    `models.gpt.transformer_config` sets the matching `qk_layernorm`, which megatron checks against the spec."""
+    norm = HeadRMSNorm if attention is not None and attention.qk_norm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-            linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+            linear_proj=RowParallelLinear, q_layernorm=norm, k_layernorm=norm))
 
 
 # type -> builder(attention config, model config) of the self-attention ModuleSpec.

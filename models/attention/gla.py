@@ -6,6 +6,11 @@ one head shared by all. Queries: W_dQ -> RMSNorm -> W_uQ gives [q_nope (d) | q_r
 head (a direct projection when q_lora_rank is unset). Scale 1/sqrt(d + d_R), kept at decode.
 The KV cache holds the normalised latents and the rotated RoPE key: h_c*d_c + d_R per token per layer.
 
+With `qk_norm` (common.QKNorm) q_nope, q_rope, each head's k_nope and the shared RoPE key are also
+RMS-normalised per head, before RoPE. (The latent norms above are DeepSeek's and always on; they
+bound the latents, not the per-head keys W_UK c that the logits see.) The cache is unchanged, but
+decoding re-expands the latents instead of absorbing W_UK into the queries (models/inference.py).
+
 Tensor parallelism: with h_c divisible by TP the latents (and their query heads) are sharded, so each
 rank caches (h_c/N)*d_c + d_R. With h_c < N (MLA's single latent, or GLA-2 at TP=4) each rank keeps
 the one latent its heads read (d_c + d_R, duplicated across ranks), projected up for its own heads
@@ -22,15 +27,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import (apply_rope, divide, own_attention_spec, replicated, replicated_linear,
-                                     rms_norm, rope_angles, rope_table, tp_rank, tp_size)
+from models.attention.common import (QKNorm, apply_rope, divide, own_attention_spec, replicated,
+                                     replicated_linear, rms_norm, rope_angles, rope_table, tp_rank, tp_size)
 
 
 class LatentAttention(MegatronModule):
     """SelfAttention's contract: forward(hidden [s, b, D], attention_mask, rotary_pos_emb, ...) -> (out, bias)."""
 
     def __init__(self, config, submodules: dict, layer_number: int, num_latents: int, latent_dim: int,
-                 rope_dim: int, q_lora_rank: Optional[int] = None,
+                 rope_dim: int, q_lora_rank: Optional[int] = None, qk_norm: bool = False,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, **_unused):
         super().__init__(config=config)
         d, n, h = config.kv_channels, tp_size(), config.num_attention_heads
@@ -63,6 +68,7 @@ class LatentAttention(MegatronModule):
         self.kv_norm_weight = torch.nn.Parameter(torch.ones(latent_dim, dtype=config.params_dtype))
         self.linear_k_rope = replicated_linear(config.hidden_size, rope_dim, config)
         self.linear_kv_up_proj = build_module(col, latent_dim, h * 2 * d, **lin)
+        self.qk_norm = QKNorm(d, rope_dim, self.eps, config.params_dtype) if qk_norm else None
         self.core_attention = build_module(submodules["core_attention"], config=config, layer_number=layer_number,
                                            attn_mask_type=attn_mask_type, softmax_scale=self.softmax_scale)
         self.linear_proj = build_module(
@@ -83,6 +89,8 @@ class LatentAttention(MegatronModule):
         else:
             q = self.linear_q_proj(x)[0]
         q_nope, q_rope = q.view(s, b, self.heads, -1).split([self.head_dim, self.rope_dim], dim=-1)
+        if self.qk_norm is not None:
+            q_nope, q_rope = self.qk_norm.query(q_nope, q_rope)
         return q_nope, apply_rope(q_rope, rope_table(table, self.rope_dim))
 
     def latent_kv(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +103,10 @@ class LatentAttention(MegatronModule):
             c = self.linear_kv_down_proj(x).view(s, b, self.num_latents, self.latent_dim)
             c = replicated(rms_norm(c, self.kv_norm_weight, self.eps))
             c = c[:, :, self.latent_index:self.latent_index + 1]
-        k_rope = apply_rope(replicated(self.linear_k_rope(x)).unsqueeze(2), rope_table(table, self.rope_dim))
+        k_rope = self.linear_k_rope(x)
+        if self.qk_norm is not None:
+            k_rope = self.qk_norm.rope_key(k_rope)
+        k_rope = apply_rope(replicated(k_rope).unsqueeze(2), rope_table(table, self.rope_dim))
         return c, k_rope
 
     def up_weight(self) -> torch.Tensor:
@@ -104,14 +115,16 @@ class LatentAttention(MegatronModule):
         return w.view(self.latents, self.heads // self.latents, 2 * self.head_dim, self.latent_dim)
 
     def expand(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents -> per-head k_nope and v [s, b, h, d]; latent j only feeds its own query heads."""
+        """Latents -> per-head k_nope (RMS-normalised with qk_norm) and v [s, b, h, d]; latent j only feeds
+        its own query heads."""
         kv = torch.einsum("sbcn,cgkn->sbcgk", c, self.up_weight()).flatten(2, 3)
-        return kv.split(self.head_dim, dim=-1)
+        k_nope, v = kv.split(self.head_dim, dim=-1)
+        return (k_nope if self.qk_norm is None else self.qk_norm.key(k_nope)), v
 
     def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """Effective per-head query/key projections of the hidden state, for the stability monitor (pretrain/callbacks/stability.py).
 
-        Products of the down- and up-projections; the RMSNorms and the RoPE rotation are left out.
+        Products of the down- and up-projections; the RMSNorms (QK-norm too) and the RoPE rotation are left out.
         """
         d, r, c = self.head_dim, self.rope_dim, self.latent_dim
         if hasattr(self, "linear_q_up_proj"):

@@ -6,6 +6,11 @@ Queries are [q_nope (d - d_R) | RoPE(q_rope) (d_R)], scale 1/sqrt(d). Under TP t
 sharded with their query heads and the RoPE key projection is replicated. The KV cache holds
 h_kv*d + d_R elements per token per layer.
 
+With `qk_norm` (common.QKNorm) the query's two parts, the key's no-RoPE part and the RoPE key are
+RMS-normalised per head before RoPE; the value stays the raw KV, so the key's first d - d_R dims are
+then the normalised view of the value's, and decoding normalises the cached KV's first dims at each step
+(the cache layout is unchanged).
+
 `tied=False` removes the tie (separate per-head K with its own last d_R dims rotated, and V): with
 d_R = d this is exactly GQA, which tests/models/test_attention.py uses to check the wiring.
 """
@@ -19,15 +24,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from models.attention.common import (apply_rope, divide, own_attention_spec, replicated, replicated_linear,
-                                     rope_angles, rope_table, tp_size)
+from models.attention.common import (QKNorm, apply_rope, divide, own_attention_spec, replicated,
+                                     replicated_linear, rope_angles, rope_table, tp_size)
 
 
 class GroupedTiedAttention(MegatronModule):
     """SelfAttention's contract: forward(hidden [s, b, D], attention_mask, rotary_pos_emb, ...) -> (out, bias)."""
 
     def __init__(self, config, submodules: dict, layer_number: int, rope_dim: int, tied: bool = True,
-                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **_unused):
+                 qk_norm: bool = False, attn_mask_type: AttnMaskType = AttnMaskType.causal, **_unused):
         super().__init__(config=config)
         d, n = config.kv_channels, tp_size()
         self.head_dim, self.rope_dim, self.tied = d, rope_dim, tied
@@ -44,6 +49,10 @@ class GroupedTiedAttention(MegatronModule):
         self.linear_kv = build_module(col, config.hidden_size, kv_width, gather_output=False, **linear)
         # one RoPE key for all heads: replicated on every tensor-parallel rank
         self.linear_k_rope = replicated_linear(config.hidden_size, rope_dim, config) if tied else None
+        eps = config.layernorm_epsilon
+        self.qk_norm = QKNorm(d - rope_dim, rope_dim, eps, config.params_dtype) if qk_norm else None
+        if qk_norm and not tied:
+            raise ValueError("GTA's qk_norm needs the tie (tied=False exists only to check the wiring)")
         self.core_attention = build_module(submodules["core_attention"], config=config, layer_number=layer_number,
                                            attn_mask_type=attn_mask_type, softmax_scale=d ** -0.5)
         self.linear_proj = build_module(
@@ -56,22 +65,33 @@ class GroupedTiedAttention(MegatronModule):
         s, b, _ = x.shape
         d, r = self.head_dim, self.rope_dim
         table = rope_table(table, r)
-        q = self.linear_q(x)[0].view(s, b, self.heads, d)
-        q = torch.cat([q[..., : d - r], apply_rope(q[..., d - r:], table)], dim=-1)
+        q_nope, q_rope = self.linear_q(x)[0].view(s, b, self.heads, d).split([d - r, r], dim=-1)
+        if self.qk_norm is not None:
+            q_nope, q_rope = self.qk_norm.query(q_nope, q_rope)
+        q = torch.cat([q_nope, apply_rope(q_rope, table)], dim=-1)
         if not self.tied:
             k, v = self.linear_kv(x)[0].view(s, b, self.kv_heads, 2 * d).split(d, dim=-1)
             return q, torch.cat([k[..., : d - r], apply_rope(k[..., d - r:], table)], dim=-1), v
         kv = self.linear_kv(x)[0].view(s, b, self.kv_heads, d)
-        k_rope = apply_rope(replicated(self.linear_k_rope(x)).unsqueeze(2), table)
+        k_rope = self.linear_k_rope(x)
+        if self.qk_norm is not None:
+            k_rope = self.qk_norm.rope_key(k_rope)
+        k_rope = apply_rope(replicated(k_rope).unsqueeze(2), table)
         return q, kv, k_rope
 
+    def key_nope(self, kv: torch.Tensor) -> torch.Tensor:
+        """The key's no-RoPE part of tied KV [..., h_kv, d]: its first d - d_R dims, RMS-normalised with qk_norm."""
+        k = kv[..., : self.head_dim - self.rope_dim]
+        return k if self.qk_norm is None else self.qk_norm.key(k)
+
     def tied_key(self, kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
-        """K = [KV[..., :d - d_R] | K_rope broadcast over the KV heads]."""
+        """K = [KV[..., :d - d_R] (normalised with qk_norm) | K_rope broadcast over the KV heads]."""
         shared = k_rope.expand(*kv.shape[:-1], self.rope_dim)
-        return torch.cat([kv[..., : self.head_dim - self.rope_dim], shared], dim=-1)
+        return torch.cat([self.key_nope(kv), shared], dim=-1)
 
     def qk_weights(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        """Query/key projections per head, for the stability monitor (pretrain/callbacks/stability.py) (RoPE rotation left out)."""
+        """Query/key projections per head, for the stability monitor (pretrain/callbacks/stability.py) (RoPE
+        rotation and QK-norm left out)."""
         d, r = self.head_dim, self.rope_dim
         w_q = self.linear_q.weight.detach()
         if not self.tied:

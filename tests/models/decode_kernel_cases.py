@@ -32,6 +32,7 @@ SHAPES = {  # id: (lengths, buffer length, splits); blocks of 16 keys
 BF16 = ("gqa", "gta", "gla")
 GROUPED = ("mha", "gqa", "mqa")  # the layouts torch's SDPA fits
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
+QK_NORM = ("gta", "mla")  # with QK-norm these read separate keys: GTA's normalised KV[:d - d_R], MLA's expanded heads
 
 
 def _inputs(layout: str, lengths: list[int], max_len: int, device, dtype=torch.float32, seed: int = 0):
@@ -76,13 +77,14 @@ def sdpa_case(layout: str, shape: str, device) -> tuple[torch.Tensor, torch.Tens
     return sdpa_decode(q, k, v, lens, scale).cpu(), _reference(q, k, v, q_rope, k_rope, lens, scale).cpu()
 
 
-def model_case(attention: str, device, kernel: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+def model_case(attention: str, device, kernel: str = "triton",
+               overrides: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached decoding with kernel steps (prefill 4 with the PyTorch path, then 7 one-token steps) and
     one full forward of the same tokens; needs a megatron world."""
     from models.inference import forward_cached, new_cache
     from tests.helpers import build_tiny_gpt
 
-    _, gpt = build_tiny_gpt([f"attention={attention}", "model.init_std=0.2"])
+    _, gpt = build_tiny_gpt([f"attention={attention}", "model.init_std=0.2", *overrides])
     gpt = gpt.to(device)
     tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
@@ -100,6 +102,7 @@ def run_all(device) -> dict:
     out |= {f"sdpa-{layout}-{shape}": sdpa_case(layout, shape, device) for layout in GROUPED for shape in SHAPES}
     out |= {f"model-{t}": model_case(t, device) for t in TYPES}
     out |= {f"model-sdpa-{t}": model_case(t, device, "sdpa") for t in ("gqa", "gta")}  # GTA falls to Triton
+    out |= {f"model-qk-norm-{t}": model_case(t, device, overrides=("attention.qk_norm=true",)) for t in QK_NORM}
     return out
 
 

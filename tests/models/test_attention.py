@@ -1,4 +1,4 @@
-"""GTA/GLA/MLA modules: shapes, wiring against megatron's GQA, RoPE helper, configuration errors."""
+"""GTA/GLA/MLA modules: shapes, wiring against megatron's GQA, RoPE helper, QK-norm, configuration errors."""
 
 import pytest
 import torch
@@ -95,3 +95,107 @@ def test_bad_options_fail_clearly(megatron_world, extra, message):
     with pytest.raises(ValueError, match=message):
         _, gpt = build_tiny_gpt(extra)
         gpt(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], None)
+
+
+def _query_weight(attn) -> torch.Tensor:
+    """The rows of `attn`'s weights that produce its queries (and nothing else)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    if isinstance(attn, SelfAttention):  # fused per KV group: [its query heads | k | v]
+        groups, d = attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head
+        per_group = attn.num_attention_heads_per_partition // groups
+        return attn.linear_qkv.weight.view(groups, (per_group + 2) * d, -1)[:, :per_group * d]
+    for name in ("linear_q_up_proj", "linear_q_proj", "linear_q"):
+        if hasattr(attn, name):
+            return getattr(attn, name).weight
+    raise TypeError(type(attn).__name__)
+
+
+@pytest.mark.parametrize("attention", TYPES)
+def test_qk_norm_normalises_queries_and_keys_and_trains_its_gains(megatron_world, attention):
+    """attention.qk_norm: a different forward from the same weights; the attention output no longer sees
+    the scale of the query projection (queries are RMS-normalised per head before the dot product); every
+    QK-norm gain gets a gradient."""
+    _, plain = build_tiny_gpt([f"attention={attention}", "model.init_std=0.2"])
+    _, normed = build_tiny_gpt([f"attention={attention}", "model.init_std=0.2", "attention.qk_norm=true"])
+    gains = {n: p for n, p in normed.named_parameters() if n not in dict(plain.named_parameters())}
+    assert len(gains) == 2 * (2 if attention in ("mha", "gqa", "mqa") else 4)  # per layer: q, k (and RoPE parts)
+    assert all(p.ndim == 1 and bool((p == 1).all()) for p in gains.values())  # norm gains start at 1
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16)[None].expand(2, -1)
+    with torch.no_grad():
+        assert (plain(tokens, positions, None) - normed(tokens, positions, None)).abs().max() > 1e-2
+    x = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(1))
+    table = normed.rotary_pos_emb(16)
+    for gpt, blind in ((normed, True), (plain, False)):
+        attn = gpt.decoder.layers[0].self_attention
+        with torch.no_grad():
+            before = attn(x, None, rotary_pos_emb=table)[0]
+            _query_weight(attn).mul_(10.0)
+            after = attn(x, None, rotary_pos_emb=table)[0]
+        assert torch.allclose(before, after, rtol=1e-4, atol=1e-5) == blind
+    normed.train()(tokens, positions, None).float().pow(2).mean().backward()
+    for name, p in gains.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+def test_a_qk_norm_model_is_not_exported_to_llama():
+    from models.hf import UnsupportedModel, check_exportable
+    from pretrain.config import compose_config
+
+    cfg = compose_config(["attention=gqa", "attention.qk_norm=true"])
+    with pytest.raises(UnsupportedModel, match=r"QK-norm \(attention.qk_norm=true\)"):
+        check_exportable(cfg.model, cfg.attention)
+
+
+def _qk_norm_gradients(tp: int, types: list[str]) -> list[dict]:
+    """Per type, one forward-backward of a tiny QK-norm model through megatron's DDP and finalize_model_grads
+    at this world's TP size (tools/kv_cache.py's in_tp_world): the loss and every rank's gradients of the
+    QK-norm gains."""
+    import torch.distributed as dist
+    from megatron.core.distributed import finalize_model_grads
+
+    from models.builder import build_model
+    from pretrain.config import compose_config
+
+    out = {}
+    for attention in types:
+        cfg = compose_config([f"attention={attention}", "attention.qk_norm=true", "model.num_layers=2", "model.head_dim=16",
+                              "model.hidden_size=64", "model.init_std=0.2", f"parallel.tensor={tp}"])
+        built = build_model(cfg.model, cfg.attention, 128, torch.device("cpu"), torch.float32, cfg.seed)
+        tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+        loss = built.ddp(tokens[:, :-1], torch.arange(16)[None].expand(2, -1), None, labels=tokens[:, 1:]).sum()
+        loss.backward()
+        finalize_model_grads([built.ddp])
+        out[attention] = {"loss": loss.item(), "grads": {
+            name: p.main_grad.clone() for name, p in built.gpt.named_parameters()
+            if any(k in name for k in ("qk_norm.", "q_layernorm.", "k_layernorm."))}}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
+    return every
+
+
+@pytest.fixture(scope="module")
+def qk_norm_gradients() -> tuple[dict, list[dict]]:
+    """(TP=1 result, every TP=2 rank's result) of `_qk_norm_gradients`: one world of each size for all types."""
+    from tools.kv_cache import in_tp_world
+
+    (one,) = in_tp_world(1, _qk_norm_gradients, TYPES)
+    return one, in_tp_world(2, _qk_norm_gradients, TYPES)
+
+
+@pytest.mark.slow  # two gloo worlds (1 and 2 processes) for all types
+@pytest.mark.parametrize("attention", TYPES)
+def test_qk_norm_under_tensor_parallelism_equals_one_process(qk_norm_gradients, attention):
+    """Each TP rank normalises its own heads with gains replicated on every rank: after megatron's gradient
+    finalisation every rank must hold the one-process gradient (megatron sums SelfAttention's q/k_layernorm
+    over ranks; keel's modules mark their gains replicated). Compared directly, since Adam's sign-like first
+    steps hide a partial gradient from the losses of a short run."""
+    one, two = qk_norm_gradients[0][attention], [rank[attention] for rank in qk_norm_gradients[1]]
+    assert one["grads"] and all(g.abs().max() > 0 for g in one["grads"].values())
+    for rank in two:
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():  # fp32 sums in another order: 1e-4 of the largest element
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
+                                       msg=name)

@@ -1,5 +1,5 @@
-"""KV-cache decoding: incremental and static-shape steps equal a full forward, batched prompts of different
-lengths decode as if alone, cache sizes equal the formulas, GLA absorbed = naive."""
+"""KV-cache decoding: incremental and static-shape steps equal a full forward (with and without QK-norm),
+batched prompts of different lengths decode as if alone, cache sizes equal the formulas, GLA absorbed = naive."""
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from tests.helpers import build_tiny_gpt
 TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
 # larger weights than the training init, so attention is far from uniform and errors would show
 BASE = ["model.init_std=0.2"]
+QK_NORM = {False: [], True: ["attention.qk_norm=true"]}  # with QK-norm GTA's key and GLA/MLA's decoding change
 
 
 def _tokens(b=2, t=14):
@@ -24,9 +25,10 @@ def _decode(gpt, tokens, prefill, absorbed=True):
     return torch.cat(parts, dim=1), cache
 
 
+@pytest.mark.parametrize("qk_norm", list(QK_NORM))
 @pytest.mark.parametrize("attention", TYPES)
-def test_incremental_decoding_equals_full_forward(megatron_world, attention):
-    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+def test_incremental_decoding_equals_full_forward(megatron_world, attention, qk_norm):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE + QK_NORM[qk_norm])
     tokens = _tokens()
     with torch.no_grad():
         full = gpt(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
@@ -36,11 +38,12 @@ def test_incremental_decoding_equals_full_forward(megatron_world, attention):
     assert cache.length == tokens.shape[1]
 
 
+@pytest.mark.parametrize("qk_norm", list(QK_NORM))
 @pytest.mark.parametrize("attention", TYPES)
-def test_static_shape_steps_equal_the_full_forward(megatron_world, attention):
+def test_static_shape_steps_equal_the_full_forward(megatron_world, attention, qk_norm):
     """One-token steps over whole buffers (what a CUDA graph captures), with garbage in the unfilled tail
     and sequences of different lengths: the per-sequence length tensor alone decides what is read."""
-    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE + QK_NORM[qk_norm])
     tokens = _tokens()
     with torch.no_grad():
         full = gpt(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
@@ -137,9 +140,10 @@ def test_batched_prompts_of_different_lengths_generate_as_if_alone(megatron_worl
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (tools/gpu_check.sh 30)")
+@pytest.mark.parametrize("qk_norm", list(QK_NORM))
 @pytest.mark.parametrize("attention", TYPES)
-def test_captured_step_equals_eager_steps(megatron_world, attention):
-    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE)
+def test_captured_step_equals_eager_steps(megatron_world, attention, qk_norm):
+    _, gpt = build_tiny_gpt([f"attention={attention}"] + BASE + QK_NORM[qk_norm])
     gpt = gpt.cuda()
     tokens = _tokens().cuda()
     eager, graphed = new_cache(gpt, 2, 16), new_cache(gpt, 2, 16)

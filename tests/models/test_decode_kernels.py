@@ -53,6 +53,14 @@ def test_model_decoding_with_the_kernel_equals_the_full_forward(results, attenti
     torch.testing.assert_close(inc, full, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", cases.QK_NORM)
+def test_model_decoding_with_qk_norm_and_the_kernel_equals_the_full_forward(results, attention):
+    """QK-norm: GTA's key is the normalised KV[:d - d_R] (no longer the value's dims), MLA decodes expanded."""
+    inc, full = results[f"model-qk-norm-{attention}"]
+    assert full.std() > 0.5
+    torch.testing.assert_close(inc, full, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", list(cases.SHAPES))
 @pytest.mark.parametrize("layout", cases.GROUPED)
 def test_sdpa_option_equals_the_pytorch_path(results, layout, shape):

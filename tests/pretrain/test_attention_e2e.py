@@ -69,6 +69,16 @@ def test_kv_cache_tool_verifies_decoding(attention):
     assert "max |logit diff|" in proc.stdout and "ok" in proc.stdout
 
 
+def test_qk_norm_decoding_under_tensor_parallelism():
+    """MLA with QK-norm (decoded expanded, its normalised RoPE key cached) at TP=2 against a TP=1 forward."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "kv_cache.py"), "--verify", "--tp", "2", "--attention",
+                           "mla", "--length", "12", "model.hidden_size=64", "model.head_dim=16", "model.num_layers=2",
+                           "attention.qk_norm=true"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "mla: 12 tokens decoded" in proc.stdout and "(ok, tolerance 0.001)" in proc.stdout
+
+
 def test_kv_cache_decoding_under_tensor_parallelism():
     """Every type decoded with the cache at TP=2 (two gloo processes) gives the TP=1 full forward's logits."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "kv_cache.py"), "--verify", "--tp", "2", "--length", "12",

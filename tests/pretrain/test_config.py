@@ -148,3 +148,14 @@ def test_checkpoint_signature_holds_the_attention_shape(tmp_path, attention, cha
     other = model_signature(compose_config([f"attention={attention}", changed]), 256)
     with pytest.raises(ValueError, match="incompatible model.*attention_shape"):
         check_compatible({"model": saved, "megatron_core": "0.19.2"}, other, tmp_path)
+
+
+def test_checkpoint_signature_holds_qk_norm(tmp_path):
+    from pretrain.checkpoint import check_compatible
+    from pretrain.run import model_signature
+
+    plain = model_signature(compose_config(["attention=mla"]), 256)
+    assert "qk_norm" not in plain  # signatures from before the option still match
+    with pytest.raises(ValueError, match=r"incompatible model \(qk_norm None vs True\)"):
+        check_compatible({"model": plain, "megatron_core": "0.19.2"},
+                         model_signature(compose_config(["attention=mla", "attention.qk_norm=true"]), 256), tmp_path)

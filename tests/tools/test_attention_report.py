@@ -1,4 +1,5 @@
-"""tools/experiments/attention_report.py on synthetic run folders: grouping, statistics, model facts, outputs."""
+"""tools/experiments/attention_report.py on synthetic run folders: grouping, statistics, model facts, the rate
+chosen per type on tuning seeds, paired differences on reported seeds, outputs."""
 
 import dataclasses
 import json
@@ -13,14 +14,17 @@ REPORT = ROOT / "tools" / "experiments" / "attention_report.py"
 TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim=16", "data.vocab_size=256"]
 
 
-def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = "completed") -> None:
+def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = "completed", lr: float = 1e-3,
+              grad_norm: float = 3.0, overrides=()) -> None:
     from pretrain.config import compose_config
 
-    cfg = compose_config([*TINY, f"attention={attention}", f"seed={seed}"])
+    cfg = compose_config([*TINY, f"attention={attention}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
-    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
+                                                      "command": "pretrain/main.py -m", "device": "cpu",
+                                                      "dtype": "float32"}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
-    rows = [{"step": 1, "loss": 9.0, "grad_norm": 3.0}, {"step": 2, "loss": 8.0, "grad_norm": 1.0, "val_loss": val_loss}]
+    rows = [{"step": 1, "loss": 9.0, "grad_norm": grad_norm}, {"step": 2, "loss": 8.0, "grad_norm": 1.0, "val_loss": val_loss}]
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
@@ -46,4 +50,68 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
 def test_report_without_completed_runs_says_so(tmp_path):
     proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path), "--out", str(tmp_path / "out")], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no completed runs" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no completed or diverged runs" in proc.stderr
+
+
+def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_path):
+    runs = tmp_path / "runs"
+    qk = ["attention.qk_norm=true"]
+    # tuning seed 100: GQA best in the middle of the grid, GTA at its top (flagged), GLA's 2e-3 diverged after
+    # logging the lowest loss of all (it must not win), MLA with QK-norm best at 1e-3
+    tuning = {"gqa": (5.0, 4.8, 4.9), "gta": (5.1, 5.0, 4.95), "gla": (4.85, 4.9, 1.0), "mla": (5.0, 4.7, 4.75)}
+    for t, losses in tuning.items():
+        for lr, loss in zip((5e-4, 1e-3, 2e-3), losses):
+            status = "diverged" if (t, lr) == ("gla", 2e-3) else "completed"
+            _fake_run(runs / "tune" / f"{t}-{lr}", t, 100, loss, status, lr, 10 * loss, qk if t == "mla" else ())
+    # reported seeds 1-3 at the chosen rates; GQA also at 2e-3, where it would look better: not the comparison
+    chosen = {"gqa": 1e-3, "gta": 2e-3, "gla": 5e-4, "mla": 1e-3}
+    finals = {"gqa": (4.50, 4.60, 4.55), "gta": (4.52, 4.65, 4.56), "gla": (4.70, 4.72, 4.80), "mla": (4.60, 4.70, 4.62)}
+    for t, losses in finals.items():
+        for seed, loss in enumerate(losses, start=1):
+            _fake_run(runs / "compare" / f"{t}-{seed}", t, seed, loss, lr=chosen[t], grad_norm=seed,
+                      overrides=qk if t == "mla" else ())
+    for seed in (1, 2, 3):
+        _fake_run(runs / "compare" / f"gqa-2e-3-{seed}", "gqa", seed, 4.0, lr=2e-3)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPORT), str(runs / "tune"), str(runs / "compare"), "--out", str(out),
+                           "--name", "d"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out / "d.json").read_text())
+    # 1. the choice: tuning seeds only, diverged runs never win, the grid's edge flagged
+    tune = rep["tuning"]
+    assert list(tune) == ["gqa", "gta", "gla", "mla+qk-norm"]
+    assert {arm: c["chosen_lr"] for arm, c in tune.items()} == {"gqa": 1e-3, "gta": 2e-3, "gla": 5e-4, "mla+qk-norm": 1e-3}
+    assert {arm: c["at_edge"] for arm, c in tune.items()} == {"gqa": False, "gta": True, "gla": True, "mla+qk-norm": False}
+    assert tune["gla"]["val_loss"]["0.002"] == {"100": None} and tune["gta"]["max_grad_norm"]["0.002"] == {"100": 49.5}
+    assert rep["diverged"] == ["gla-0.002"] and rep["not_compared"] == []
+    # 2. each type at its chosen rate, seed by seed, with its facts and gradient norms
+    compared = rep["compared"]
+    assert {arm: r["lr"] for arm, r in compared.items()} == {"gqa": 1e-3, "gta": 2e-3, "gla": 5e-4, "mla+qk-norm": 1e-3}
+    assert compared["gqa"]["val_loss"] == [4.50, 4.60, 4.55] and compared["gqa"]["max_grad_norm"] == [1.0, 2.0, 3.0]
+    assert compared["mla+qk-norm"]["qk_norm"] and compared["mla+qk-norm"]["kv_elements"] == 4 * 16 + 8
+    lo, hi = compared["gqa"]["interval95"]
+    assert lo < 4.55 < hi
+    assert len(rep["rows"]) == 5  # every reported (arm, rate), GQA at 2e-3 included
+    # 3. paired: every type against GQA at their chosen rates, and GLA against MLA (here with QK-norm)
+    pairs = {(p["b"], p["a"]): p for p in rep["paired"]}
+    assert list(pairs) == [("gta", "gqa"), ("gla", "gqa"), ("mla+qk-norm", "gqa"), ("gla", "mla+qk-norm")]
+    assert pairs["gta", "gqa"]["diffs"] == pytest.approx([0.02, 0.05, 0.01])
+    assert pairs["gla", "mla+qk-norm"]["diffs"] == pytest.approx([0.10, 0.02, 0.18])
+    assert pairs["gla", "gqa"]["verdict"] == "higher" and pairs["gla", "gqa"]["lr_a"] == 1e-3
+    lo, hi = pairs["gta", "gqa"]["interval95"]
+    assert lo < pairs["gta", "gqa"]["mean"] < hi and pairs["gta", "gqa"]["seeds"] == [1, 2, 3]
+    # 4. provenance, the plot and the printed tables
+    assert rep["provenance"]["runs"] == 27 and rep["provenance"]["git_revision"]
+    assert (out / "d.png").stat().st_size > 1000
+    assert "**chosen**" in proc.stdout and "| gla − mla+qk-norm | 1, 2, 3 |" in proc.stdout
+
+
+def test_a_reported_seed_among_the_tuning_runs_is_never_used_to_choose(tmp_path):
+    """Seed 1 at 2e-3 would make 2e-3 the best rate; only tuning seeds choose, so 1e-3 stays chosen."""
+    from tools.experiments import attention_report
+    from tools.experiments.common import load_runs
+
+    for lr, seed, loss in [(1e-3, 100, 4.5), (2e-3, 100, 4.6), (2e-3, 1, 1.0)]:
+        _fake_run(tmp_path / f"gqa-{lr}-{seed}", "gqa", seed, loss, lr=lr)
+    choice = attention_report.choose_lrs(load_runs(tmp_path))
+    assert choice["gqa"]["chosen_lr"] == 1e-3 and choice["gqa"]["seeds"] == [100]

@@ -10,7 +10,8 @@ from tools.experiments.common import by_arm, load_runs
 REPORT_ROOTS = {"warmup_free_adamw": "runs/warmup_free", "warmup_free_adamw_warmup": "runs/warmup_free",
                 "warmup_free_spectral": "runs/warmup_free", "warmup_free_quack": "runs/warmup_free",
                 "moe_specialization": "runs/moe_spec", "moe_dense_baseline": "runs/moe_spec",
-                "attention_quality": "runs/attention_quality", "cpt_packing": "runs/cpt_packing"}
+                "attention_quality": "runs/attention_quality", "attention_d128": "runs/attention_d128",
+                "cpt_packing": "runs/cpt_packing"}
 
 
 def _sweep_folder(preset: str, overrides: list[str]) -> tuple[str, str]:

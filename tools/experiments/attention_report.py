@@ -1,35 +1,62 @@
 """Aggregate attention-quality runs: validation loss against KV-cache bytes per token, per type.
 
-    python tools/experiments/attention_report.py runs/attention_quality [MORE_ROOTS ...] --out docs/results \
-        --name attention_quality
+    python tools/experiments/attention_report.py runs/attention_d128 [MORE_ROOTS ...] --out docs/results \
+        --name attention_d128
 
-The runs (docs/results/attention.md), one Hydra multirun per attention type, with F the type's FFN
-width from the table there, so that every type has the same parameter count; the preset sets
-hydra.sweep.dir=runs/attention_quality (add hydra/launcher=local hydra.launcher.n_jobs=N for N at once):
+The runs (docs/results/attention.md): tools/experiments/attention_experiment.py's multiruns of
+conf/experiment/attention_d128.yaml (head dimension 128: three learning rates per type on a tuning seed,
+then each type at its chosen rate on seeds 1, 2, 3), or the earlier one multirun per type of
+conf/experiment/attention_quality.yaml. Every type has the same parameter count (its FFN is widened).
 
-    python pretrain/main.py -m +experiment=attention_quality attention=TYPE model.ffn_hidden_size=F seed=1,2
-
-Every completed run folder below the ROOTs is grouped by attention type and learning rate. For each
-group the report gives the final validation loss per seed, its mean and standard deviation, the
-parameter count (the model is rebuilt from the run's config) and the KV cache per token per layer at
-TP=1 (the formula of tools/kv_cache.py, which its tests check against the real cache tensors). It
-prints a markdown table and writes NAME.json and NAME.png (validation loss against KV bytes per token
-per layer, bf16) into --out.
+An arm is a type, marked "+qk-norm" when it ran with attention.qk_norm. Seeds split the work
+(tools/experiments/common.py): on TUNING_SEEDS each arm's learning rate is chosen (`choose_lrs`:
+common.select, the lowest final validation loss; a diverged run never wins) and flagged when it sits
+on the edge of the grid; on REPORTED_SEEDS every (arm, rate) gets its final validation loss per seed,
+mean and standard deviation, largest gradient norm per seed, the parameter count (the model is rebuilt
+from the run's config) and the KV cache per token per layer at TP=1 (the formula of tools/kv_cache.py,
+which its tests check against the real cache tensors). Each arm at its chosen rate (its only rate
+when nothing was tuned) is then paired seed by seed with GQA, and GLA with MLA (the paper's two claims:
+GTA matches GQA with less cache, GLA matches MLA): per-seed differences, their mean and 95% interval.
+Writes NAME.json (with the runs' provenance) and NAME.png (tuning curves; per-seed losses with 95%
+intervals against KV bytes; paired differences) into --out and prints markdown tables.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (Run, by_arm, guarded, load_runs, markdown_table, mean_std, per_seed,
-                                      report_parser, summarize)
+from tools.experiments.common import (MISSING, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std, paired,
+                                      per_seed, report_parser, reported_runs, select, summarize, t_quantile,
+                                      tuning_runs)
 
 TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 BF16_BYTES = 2
+FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that failed, not a missing one
+QK_NORM = "+qk-norm"
+BASELINE = "gqa"  # every arm is paired with GQA; GLA also with MLA
+PAIRS_BESIDE_BASELINE = (("mla", "gla"),)  # (a, b): b - a, a and b the types, whatever their qk-norm
+
+
+def attention_arm(config: dict) -> str:
+    """The type, marked when it ran with QK-norm (runs from before the option have no qk_norm key)."""
+    attention = config["attention"]
+    return attention["type"] + (QK_NORM if attention.get("qk_norm") else "")
+
+
+def arm_type(arm: str) -> str:
+    return arm.removesuffix(QK_NORM)
 
 
 def arm_of(run: Run) -> tuple[str, float]:
-    return run.config["attention"]["type"], run.config["optim"]["lr"]
+    return attention_arm(run.config), run.config["optim"]["lr"]
+
+
+def final_val(run: Run) -> float | None:
+    """The last evaluation's validation loss; none for a diverged run."""
+    return run.last("val_loss") if run.status == "completed" else None
 
 
 def max_grad_norm(run: Run) -> float | None:
@@ -49,68 +76,205 @@ def model_facts(config: dict) -> dict:
             "kv_elements": elements, "kv_bytes_bf16": elements * BF16_BYTES}
 
 
+def _arm_order(arm: str) -> tuple[int, str]:
+    return TYPES.index(arm_type(arm)), arm
+
+
+# 1. Tuning seeds: each arm's learning rate
+def choose_lrs(runs: list[Run]) -> dict[str, dict]:
+    """arm -> the rate with the lowest mean final validation loss on tuning seeds (common.select), the grid
+    (rate -> seed -> final loss, None when diverged), each run's largest gradient norm, and whether the
+    choice is the grid's lowest or highest rate (then a wider grid could do better)."""
+    tuned = tuning_runs(runs)
+    out = {}
+    for arm in sorted({attention_arm(r.config) for r in tuned}, key=_arm_order):
+        candidates = by_arm((r for r in tuned if attention_arm(r.config) == arm), lambda r: r.config["optim"]["lr"])
+        grid = sorted(candidates)
+        chosen = select(candidates, final_val) if any(per_seed(c, final_val) for c in candidates.values()) else None
+        out[arm] = {"chosen_lr": chosen, "lrs": grid, "seeds": sorted({s for c in candidates.values() for s in c}),
+                    "val_loss": {lr: {s: final_val(r) for s, r in candidates[lr].items()} for lr in grid},
+                    "max_grad_norm": {lr: {s: max_grad_norm(r) for s, r in candidates[lr].items()} for lr in grid},
+                    "at_edge": chosen is not None and len(grid) > 1 and chosen in (grid[0], grid[-1])}
+    return out
+
+
+# 2. Reported seeds: every (arm, rate); the comparison at each arm's chosen rate
 def summarize_arms(runs: list[Run]) -> list[dict]:
-    """One row per (type, lr), in TYPES order: seeds, final losses, mean, std and the model's facts."""
+    """One row per (arm, lr) of the completed runs on reported seeds, in TYPES order: seeds, final losses,
+    mean, std, largest gradient norm per seed and the model's facts."""
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
-    arms = by_arm(runs, arm_of)
+    arms = by_arm((r for r in reported_runs(runs) if r.status == "completed"), arm_of)
     distributed.init(ParallelConfig(backend="gloo"))  # the model is rebuilt for its parameter count
     try:
-        rows = []
-        for (t, lr), by_seed in sorted(arms.items(), key=lambda kv: (TYPES.index(kv[0][0]), kv[0][1])):
-            losses = per_seed(by_seed, lambda run: run.last("val_loss"))
+        rows, facts = [], {}
+        for (arm, lr), by_seed in sorted(arms.items(), key=lambda kv: (_arm_order(kv[0][0]), kv[0][1])):
+            losses = per_seed(by_seed, final_val)
+            if not losses:
+                continue
+            if arm not in facts:  # every rate of an arm has the same model
+                facts[arm] = model_facts(next(iter(by_seed.values())).config)
             s = summarize(losses.values())
-            rows.append({"attention": t, "lr": lr, "seeds": list(losses), "val_loss": s["values"],
-                         "mean": s["mean"], "std": s["std"],
-                         "max_grad_norm": [max_grad_norm(by_seed[seed]) for seed in losses],
-                         **model_facts(next(iter(by_seed.values())).config)})
+            rows.append({"arm": arm, "attention": arm_type(arm), "qk_norm": arm.endswith(QK_NORM), "lr": lr,
+                         "seeds": list(losses), "val_loss": s["values"], "mean": s["mean"], "std": s["std"],
+                         "interval95": interval95(s["values"]),
+                         "max_grad_norm": [max_grad_norm(by_seed[seed]) for seed in losses], **facts[arm]})
         return rows
     finally:
         distributed.shutdown()
 
 
+def interval95(values: list[float]) -> list[float] | None:
+    """The 95% Student-t interval of the mean of `values`; None from one value."""
+    if len(values) < 2:
+        return None
+    mean, half = statistics.fmean(values), t_quantile(0.95, len(values) - 1) * statistics.stdev(values)
+    return [mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))]
+
+
+def compared(rows: list[dict], chosen: dict[str, dict]) -> dict[str, dict]:
+    """arm -> its row at the chosen rate, or at its only rate when it was not tuned."""
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = {r["lr"]: r for r in rows if r["arm"] == arm}
+        lr = (chosen.get(arm) or {}).get("chosen_lr")
+        if lr is None and len(mine) == 1:
+            lr = next(iter(mine))
+        if lr in mine:
+            out[arm] = mine[lr]
+    return out
+
+
+def comparisons(arms: dict[str, dict]) -> list[dict]:
+    """Every arm minus GQA, and GLA minus MLA, seed by seed: (b - a) per seed, mean, 95% interval, verdict."""
+    by_type = {}
+    for arm in arms:  # a type's arm: its only one, else the one with QK-norm (the issue 16 setting)
+        if arm_type(arm) not in by_type or arm.endswith(QK_NORM):
+            by_type[arm_type(arm)] = arm
+    pairs = [(by_type[BASELINE], b) for b in arms if BASELINE in by_type and b != by_type[BASELINE]]
+    pairs += [(by_type[a], by_type[b]) for a, b in PAIRS_BESIDE_BASELINE if a in by_type and b in by_type]
+    out = []
+    for a, b in pairs:
+        losses = [dict(zip(arms[x]["seeds"], arms[x]["val_loss"])) for x in (a, b)]
+        if not losses[0].keys() & losses[1].keys():
+            continue
+        p = paired(*losses)
+        out.append({"a": a, "b": b, "lr_a": arms[a]["lr"], "lr_b": arms[b]["lr"], "seeds": list(p.seeds),
+                    "diffs": list(p.diffs), "mean": p.mean, "interval95": list(p.interval) if p.interval else None,
+                    "verdict": p.verdict()})
+    return out
+
+
+# 3. Tables and the plot
 def table(rows: list[dict]) -> str:
     header = ["attention", "lr", "FFN", "params", "KV elements/token/layer", "KV bytes (bf16)", "val loss per seed",
-              "mean ± std"]
-    return markdown_table(header, [[r["attention"], f"{r['lr']:g}", r["ffn"], f"{r['params']:,}", r["kv_elements"],
+              "mean ± std", "max grad norm per seed"]
+    return markdown_table(header, [[r["arm"], f"{r['lr']:g}", r["ffn"], f"{r['params']:,}", r["kv_elements"],
                                     r["kv_bytes_bf16"], ", ".join(f"{v:.4f}" for v in r["val_loss"]),
-                                    mean_std(r["mean"], r["std"])] for r in rows], align="llrrrrll")
+                                    mean_std(r["mean"], r["std"]), ", ".join(fmt(g, ".1f") for g in r["max_grad_norm"])]
+                                   for r in rows], align="llrrrrlll")
 
 
-def plot(rows: list[dict], out, title: str) -> None:
+def tuning_table(chosen: dict[str, dict]) -> str:
+    lrs = sorted({lr for c in chosen.values() for lr in c["lrs"]})
+
+    def cell(c: dict, lr: float) -> str:
+        if lr not in c["val_loss"]:
+            return MISSING
+        losses = [fmt(v, ".4f") if v is not None else "diverged" for v in c["val_loss"][lr].values()]
+        grads = [fmt(g, ".1f") for g in c["max_grad_norm"][lr].values()]
+        mark = " **chosen**" if lr == c["chosen_lr"] else ""
+        return f"{', '.join(losses)} (max grad norm {', '.join(grads)}){mark}"
+
+    return markdown_table(["attention", *(f"lr {lr:g}" for lr in lrs), "chosen on the grid's edge"],
+                          [[arm, *(cell(c, lr) for lr in lrs), "yes" if c["at_edge"] else "no"]
+                           for arm, c in chosen.items()])
+
+
+def paired_table(pairs: list[dict]) -> str:
+    def ci(p: dict) -> str:
+        return f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else "no interval"
+
+    return markdown_table(["comparison (b − a)", "seeds", "per-seed differences", "mean", "95% interval", "verdict"],
+                          [[f"{p['b']} − {p['a']}", ", ".join(map(str, p["seeds"])),
+                            ", ".join(f"{d:+.4f}" for d in p["diffs"]), f"{p['mean']:+.4f}", ci(p), p["verdict"]]
+                           for p in pairs], align="llllll")
+
+
+def plot(chosen: dict[str, dict], arms: dict[str, dict], pairs: list[dict], out, title: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lrs = sorted({r["lr"] for r in rows})
-    for r in rows:
-        x = r["kv_bytes_bf16"] * (1 + 0.04 * lrs.index(r["lr"]))  # nudge LRs apart on the log axis
-        ax.scatter([x] * len(r["val_loss"]), r["val_loss"], s=12, alpha=0.45, color="gray")
-        marker = "os^D"[lrs.index(r["lr"]) % 4]
-        ax.errorbar(x, r["mean"], yerr=r["std"], fmt=marker, capsize=3,
-                    label=f"{r['attention']} (lr {r['lr']:g})" if len(lrs) > 1 else r["attention"])
-        ax.annotate(r["attention"], (x, r["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set(xscale="log", xlabel="KV cache bytes per token per layer (bf16, TP=1)",
-           ylabel="final validation loss (mean ± std over seeds)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig, (tune, loss, diff) = plt.subplots(1, 3, figsize=(17, 4.4))
+    colors = dict(zip(sorted({*chosen, *arms}, key=_arm_order), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for arm, c in chosen.items():  # tuning seeds: loss against rate, the choice starred
+        values = {lr: [v for v in c["val_loss"][lr].values() if v is not None] for lr in c["lrs"]}
+        means = {lr: statistics.fmean(v) for lr, v in values.items() if v}  # a diverged rate has no point
+        if means:
+            tune.plot(list(means), list(means.values()), marker="o", color=colors[arm], label=arm)
+        if c["chosen_lr"] is not None:
+            best = statistics.fmean(v for v in c["val_loss"][c["chosen_lr"]].values() if v is not None)
+            tune.scatter([c["chosen_lr"]], [best], marker="*", s=160, color=colors[arm], zorder=3)
+    tune.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss (tuning seeds)",
+             title="tuning: the chosen rate starred")
+    shared: dict[int, list[str]] = {}  # arms of one cache size (GLA-2 and MLA) are drawn side by side
+    for arm, r in arms.items():
+        shared.setdefault(r["kv_bytes_bf16"], []).append(arm)
+    for arm, r in arms.items():  # reported seeds: every seed, the mean and its 95% interval, against cache size
+        x = r["kv_bytes_bf16"] * 1.05 ** shared[r["kv_bytes_bf16"]].index(arm)
+        loss.scatter([x] * len(r["val_loss"]), r["val_loss"], s=14, alpha=0.5, color=colors[arm])
+        ci = r["interval95"]
+        yerr = [[r["mean"] - ci[0]], [ci[1] - r["mean"]]] if ci else None
+        loss.errorbar([x], [r["mean"]], yerr=yerr, fmt="s", capsize=4, color=colors[arm],
+                      label=f"{arm} (lr {r['lr']:g})")
+    loss.set(xscale="log", xlabel="KV cache bytes per token per layer (bf16, TP=1)",
+             ylabel="final validation loss: seeds, mean, 95% interval", title="reported seeds at the chosen rates")
+    for i, p in enumerate(pairs):  # seed by seed, with the mean's 95% interval
+        diff.scatter([i] * len(p["diffs"]), p["diffs"], s=18, color=colors.get(p["b"]), zorder=3)
+        if p["interval95"]:
+            lo, hi = p["interval95"]
+            diff.errorbar([i + 0.15], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="s", capsize=4,
+                          color=colors.get(p["b"]))
+    diff.axhline(0.0, color="gray", lw=1)
+    diff.set_xticks(range(len(pairs)), [f"{p['b']}\n− {p['a']}" for p in pairs], fontsize=8)
+    diff.set(ylabel="final validation loss difference", title="paired by seed; mean and 95% interval")
+    for ax in (tune, loss, diff):
+        ax.grid(alpha=0.3)
+    for ax in (tune, loss):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
+def report(roots, out, name: str) -> dict:
+    """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables; the report's dict."""
+    runs = load_runs(*roots, statuses=FINISHED)
+    chosen = choose_lrs(runs)
+    rows = summarize_arms(runs)
+    arms = compared(rows, chosen)
+    pairs = comparisons(arms)
+    missing = [arm for arm in chosen if arm not in arms]  # tuned, but no reported run at the chosen rate yet
+    result = {"provenance": runs_provenance([r.info for r in runs]), "roots": [str(r) for r in roots],
+              "tuning": chosen, "rows": rows, "compared": arms, "paired": pairs, "not_compared": missing,
+              "diverged": sorted(r.name for r in runs if r.status == "diverged")}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    plot(chosen, arms, pairs, out / f"{name}.png", f"attention quality: {name}")
+    if chosen:
+        print(f"learning rate per arm, chosen on tuning seeds:\n\n{tuning_table(chosen)}\n")
+    print(table(rows))
+    if pairs:
+        print(f"\npaired by seed, each arm at its chosen rate:\n\n{paired_table(pairs)}")
+    if missing:
+        print(f"\nno completed run on reported seeds at the chosen rate of: {', '.join(missing)}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = report_parser(__doc__, name="attention_quality").parse_args(argv)
-
-    def report() -> None:
-        runs = load_runs(*args.roots)
-        rows = summarize_arms(runs)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
-                                                    "roots": [str(r) for r in args.roots], "rows": rows})
-        plot(rows, args.out / f"{args.name}.png", f"attention quality: {args.name}")
-        print(table(rows))
-
-    return guarded(report)
+    return guarded(lambda: report(args.roots, args.out, args.name))
 
 
 if __name__ == "__main__":

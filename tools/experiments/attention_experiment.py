@@ -1,0 +1,190 @@
+"""The GTA/GLA attention-quality experiment of keel issues 7 and 16 at head dimension 128
+(docs/results/attention.md): every type at MLA's parameter count, MLA with QK-norm, the learning rate
+chosen per type on a tuning seed, then every type at its rate on three reported seeds, paired with GQA
+(and GLA with MLA) seed by seed (tools/experiments/common.py).
+
+Four stages, each training stage Hydra multiruns of conf/experiment/attention_d128.yaml with one arm
+file per type (conf/attention_d128/TYPE.yaml: the attention, its FFN width, MLA's QK-norm), so that one
+multirun sweeps the types with their own widths:
+1. tune: every type at each of LRS on the tuning seed, one multirun into runs/attention_d128/tune:
+       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=attention_d128 \\
+           +attention_d128=mha,gqa,mqa,gta,gla,mla optim.lr=5e-4,1e-3,2e-3 seed=100 \\
+           hydra.sweep.dir=runs/attention_d128/tune
+2. report-choice: per type the rate with the lowest final validation loss on the tuning seed
+   (attention_report.choose_lrs, i.e. common.select; a diverged run never wins), printed and written to
+   runs/attention_d128/choice.json; a choice on the grid's edge is flagged.
+3. compare: every type at its chosen rate on seeds 1, 2, 3, one multirun per chosen rate (types that
+   chose the same rate share it) into runs/attention_d128/compare.
+4. report: tools/experiments/attention_report.py over both stages' runs: the tuning grid and choice,
+   final validation loss and largest gradient norm per seed, KV bytes per token, paired differences,
+   provenance; docs/results/attention_d128.json and .png.
+
+    python tools/experiments/attention_experiment.py                  # every stage
+    python tools/experiments/attention_experiment.py --dry-run        # print the commands only
+    python tools/experiments/attention_experiment.py --stage report   # re-aggregate existing runs
+
+The compare stage always takes its rates from the tune stage's runs (not from choice.json, which is the
+record). A training stage whose runs have all finished is skipped (--force reruns it from scratch);
+otherwise it runs whole: a completed run ends at once, a killed one starts again (the only checkpoint is
+the last step's). The reported seeds never enter a choice: common.select refuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.rundir import write_json
+from tools.experiments import attention_report
+from tools.experiments.common import ExperimentError, NoRuns, Run, guarded, load_runs
+
+ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
+PRESET = "attention_d128"  # conf/experiment/attention_d128.yaml, arms in conf/attention_d128/TYPE.yaml
+TYPES = attention_report.TYPES
+LRS = (5e-4, 1e-3, 2e-3)  # the tuning grid, x2 apart around the rate of the earlier runs (1e-3)
+TUNING_SEED = 100  # in common.TUNING_SEEDS
+SEEDS = (1, 2, 3)  # in common.REPORTED_SEEDS
+RUNS = Path("runs") / PRESET  # relative to ROOT, where main() runs
+STAGES = ("tune", "report-choice", "compare", "report")
+
+
+def _lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def multirun_argv(jobs: int, types, lrs, seeds, folder: Path) -> list[str]:
+    return ["pretrain/main.py", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}", f"+experiment={PRESET}",
+            f"+{PRESET}={','.join(types)}", f"optim.lr={','.join(map(_lr, lrs))}",
+            f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={folder}"]
+
+
+def tune_argvs(jobs: int, types=TYPES) -> list[list[str]]:
+    return [multirun_argv(jobs, types, LRS, (TUNING_SEED,), RUNS / "tune")]
+
+
+def compare_argvs(jobs: int, chosen: dict[str, float]) -> list[list[str]]:
+    """One multirun per chosen rate, over the types that chose it (type -> rate)."""
+    by_lr: dict[float, list[str]] = {}
+    for t in TYPES:
+        if t in chosen:
+            by_lr.setdefault(chosen[t], []).append(t)
+    return [multirun_argv(jobs, types, (lr,), SEEDS, RUNS / "compare") for lr, types in sorted(by_lr.items())]
+
+
+# --- Which runs exist ---------------------------------------------------------------------------------
+def finished(folder: Path) -> list[Run]:
+    try:
+        return load_runs(folder, statuses=attention_report.FINISHED)
+    except NoRuns:
+        return []
+
+
+def done(folder: Path, wanted: set[tuple[str, float, int]]) -> bool:
+    """Every (type, lr, seed) in `wanted` has a finished run below `folder`."""
+    have = {(attention_report.arm_type(attention_report.attention_arm(r.config)), r.config["optim"]["lr"], r.seed)
+            for r in finished(folder)}
+    return wanted <= have
+
+
+def chosen_lrs(types=TYPES) -> dict[str, float]:
+    """type -> the rate chosen on the tune stage's runs; every type needs one."""
+    runs = finished(RUNS / "tune")
+    if not runs:
+        raise ExperimentError(f"no tuning runs below {RUNS / 'tune'}; run the tune stage first (--stage tune)")
+    choice = attention_report.choose_lrs(runs)
+    out = {attention_report.arm_type(arm): c["chosen_lr"] for arm, c in choice.items() if c["chosen_lr"] is not None}
+    if missing := [t for t in types if t not in out]:
+        raise ExperimentError(f"no rate chosen for {', '.join(missing)}: every tuning run of theirs diverged or is "
+                              f"missing below {RUNS / 'tune'}")
+    return out
+
+
+# --- The stages ---------------------------------------------------------------------------------------
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(argv: list[str]) -> None:
+    """One multirun, its output on this terminal (each run also logs to its folder's main.log)."""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env())
+    if proc.returncode:
+        raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
+
+
+def stage_training(name: str, jobs: int, dry: bool, force: bool) -> None:
+    folder = RUNS / name
+    if name == "tune":
+        argvs, wanted = tune_argvs(jobs), {(t, lr, TUNING_SEED) for t in TYPES for lr in LRS}
+    else:
+        try:
+            chosen = chosen_lrs()
+        except ExperimentError as e:
+            if not dry:
+                raise
+            print(f"compare: {e} (the rates are chosen there)")
+            return
+        argvs, wanted = compare_argvs(jobs, chosen), {(t, chosen[t], s) for t in TYPES for s in SEEDS}
+    if dry:
+        for argv in argvs:
+            print("python " + " ".join(argv))
+        return
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif done(folder, wanted):
+        print(f"{name}: every run has finished; skipped (--force reruns it)")
+        return
+    for argv in argvs:
+        print("python " + " ".join(argv))
+        launch(argv)
+
+
+def stage_choice(dry: bool) -> None:
+    if dry:
+        print(f"(report-choice) attention_report.choose_lrs over {RUNS / 'tune'} -> {RUNS / 'choice.json'}")
+        return
+    runs = finished(RUNS / "tune")
+    if not runs:
+        raise ExperimentError(f"no tuning runs below {RUNS / 'tune'}; run the tune stage first (--stage tune)")
+    choice = attention_report.choose_lrs(runs)
+    write_json(RUNS / "choice.json", {"tuning_seed": TUNING_SEED, "lrs": list(LRS), "choice": choice})
+    print(attention_report.tuning_table(choice))
+    print(f"wrote {RUNS / 'choice.json'}")
+
+
+def stage_report(dry: bool, out: Path, name: str) -> None:
+    roots = [RUNS / "tune", RUNS / "compare"]
+    argv = ["tools/experiments/attention_report.py", *map(str, roots), "--out", str(out), "--name", name]
+    print("python " + " ".join(argv))
+    if not dry:
+        attention_report.report([r for r in roots if r.exists()], out, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("all", *STAGES), default="all")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--force", action="store_true", help="rerun training stages whose runs finished (folder removed)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of the report's JSON and PNG")
+    p.add_argument("--name", default=PRESET, help="stem of the report's files")
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        os.chdir(ROOT)
+        for stage in STAGES if args.stage == "all" else (args.stage,):
+            if stage == "report-choice":
+                stage_choice(args.dry_run)
+            elif stage == "report":
+                stage_report(args.dry_run, args.out, args.name)
+            else:
+                stage_training(stage, args.jobs, args.dry_run, args.force)
+
+    return guarded(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
