@@ -144,7 +144,7 @@ def test_a_stage_whose_runs_completed_is_skipped(setup, tmp_path, monkeypatch, c
     (tmp_path / "pre" / "result.json").write_text(json.dumps({"status": "completed"}))
     monkeypatch.setattr(cpt, "launch", lambda argv: pytest.fail(f"launched {argv}"))
     cpt.stage_training("pretrain", s, jobs=2, dry=False, force=False)
-    assert "pretrain: every run has completed; skipped" in capsys.readouterr().out
+    assert "pretrain: every run has finished; skipped" in capsys.readouterr().out
     launched = []
     monkeypatch.setattr(cpt, "launch", launched.append)
     cpt.stage_training("pretrain", s, jobs=2, dry=False, force=True)  # --force: folder removed, run again

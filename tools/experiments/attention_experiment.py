@@ -31,18 +31,14 @@ the last step's). The reported seeds never enter a choice: common.select refuses
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from pretrain.rundir import write_json
 from tools.experiments import attention_report
-from tools.experiments.common import ExperimentError, NoRuns, Run, guarded, load_runs
+from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, driver_parser, guarded,
+                                      launch, load_runs, run_stage)
 
-ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
 PRESET = "attention_d128"  # conf/experiment/attention_d128.yaml, arms in conf/attention_d128/TYPE.yaml
 TYPES = attention_report.TYPES
 LRS = (5e-4, 1e-3, 2e-3)  # the tuning grid, x2 apart around the rate of the earlier runs (1e-3)
@@ -104,17 +100,6 @@ def chosen_lrs(types=TYPES) -> dict[str, float]:
 
 
 # --- The stages ---------------------------------------------------------------------------------------
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def launch(argv: list[str]) -> None:
-    """One multirun, its output on this terminal (each run also logs to its folder's main.log)."""
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env())
-    if proc.returncode:
-        raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
-
-
 def stage_training(name: str, jobs: int, dry: bool, force: bool) -> None:
     folder = RUNS / name
     if name == "tune":
@@ -132,14 +117,7 @@ def stage_training(name: str, jobs: int, dry: bool, force: bool) -> None:
         for argv in argvs:
             print("python " + " ".join(argv))
         return
-    if force:
-        shutil.rmtree(folder, ignore_errors=True)
-    elif done(folder, wanted):
-        print(f"{name}: every run has finished; skipped (--force reruns it)")
-        return
-    for argv in argvs:
-        print("python " + " ".join(argv))
-        launch(argv)
+    run_stage(name, TrainingStage(lambda: argvs, lambda: done(folder, wanted), lambda: [folder]), force, launch)
 
 
 def stage_choice(dry: bool) -> None:
@@ -164,11 +142,7 @@ def stage_report(dry: bool, out: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("all", *STAGES), default="all")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--force", action="store_true", help="rerun training stages whose runs finished (folder removed)")
+    p = driver_parser(__doc__, STAGES)
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of the report's JSON and PNG")
     p.add_argument("--name", default=PRESET, help="stem of the report's files")
     args = p.parse_args(argv)

@@ -12,6 +12,9 @@
 - Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
+- The drivers' stages: `TrainingStage` (its commands, whether its runs are done, what --force removes),
+  `run_stage` (skip when done, else launch), `launch` (one process from the repository root, one thread
+  per BLAS pool) and `completed`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ from typing import Callable, Hashable, Iterable
 
 from pretrain.rundir import read_metrics
 
+ROOT = Path(__file__).resolve().parents[2]  # the drivers' commands run from the repository root
 CONFIDENCE = 0.95
 MISSING = "—"  # a table cell without a value
 
@@ -220,6 +227,16 @@ def report_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def driver_parser(doc: str, stages: tuple[str, ...]) -> argparse.ArgumentParser:
+    """--stage, --jobs, --dry-run, --force: the arguments every experiment driver takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("all", *stages), default="all", help="one stage (default: all, in order)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--force", action="store_true", help="redo stages that are done (their folders removed)")
+    return p
+
+
 def guarded(report: Callable[[], None]) -> int:
     """Run a report; a problem with its runs is one line on stderr and exit code 2."""
     try:
@@ -228,3 +245,39 @@ def guarded(report: Callable[[], None]) -> int:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# --- The drivers' stages --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingStage:
+    argvs: Callable[[], list[list[str]]]  # its processes, one after another
+    done: Callable[[], bool]  # have all its runs finished?
+    folders: Callable[[], list[Path]]  # what --force removes
+
+
+def completed(run_dir: Path) -> bool:
+    result = run_dir / "result.json"
+    return result.exists() and json.loads(result.read_text()).get("status") == "completed"
+
+
+def launch(argv: list[str]) -> None:
+    """One process of a stage, its output on this terminal (each run also logs to its folder's main.log).
+    One thread per BLAS pool: the multiruns put one run on each core."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env)
+    if proc.returncode:
+        raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
+
+
+def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[list[str]], None] = launch) -> None:
+    """Launch a stage's processes in order, or skip it when its runs are done; --force removes its
+    folders and runs it again. (`launch` is the driver's, so tests can replace it.)"""
+    if force:
+        for folder in stage.folders():
+            shutil.rmtree(folder, ignore_errors=True)
+    elif stage.done():
+        print(f"{name}: every run has finished; skipped (--force reruns it)")
+        return
+    for argv in stage.argvs():
+        print("python " + " ".join(argv))
+        launch(argv)

@@ -40,25 +40,20 @@ The learning rate and schedule are cpt_packing.yaml's, set before these seeds ra
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from data.config import DataConfig
 from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (ExperimentError, NoRuns, Run, by_arm, guarded, load_runs, mean_std, paired,
-                                      per_seed, summarize)
+from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
+                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed, run_stage,
+                                      summarize)
 
-ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
 SP_R0 = "sp-r0"  # SP without its sliding window: tools/pack.py --method sp --overlap-ratio 0
@@ -178,11 +173,6 @@ def replay_argv(jobs: int, seeds=SEEDS) -> list[str]:
 
 
 # --- Which runs exist ---------------------------------------------------------------------------------
-def completed(run_dir: Path) -> bool:
-    result = run_dir / "result.json"
-    return result.exists() and json.loads(result.read_text()).get("status") == "completed"
-
-
 def continual_runs(s: Setup) -> tuple[dict[str, dict[int, Run]], Run | None]:
     """(arm -> seed -> run, the init run or None) of the completed runs below cpt_dir."""
     runs = load_runs(s.cpt_dir)
@@ -215,13 +205,6 @@ def grid_done(s: Setup) -> bool:
 def grid_folders(s: Setup) -> list[Path]:
     own = {INIT_RUN, *ARMS[len(METHODS):]}  # the other stages' folders
     return [p for p in s.cpt_dir.glob("*") if p.is_dir() and p.name not in own]
-
-
-@dataclass(frozen=True)
-class TrainingStage:
-    argvs: Callable[[], list[list[str]]]  # its processes, one after another
-    done: Callable[[], bool]  # have all its runs completed?
-    folders: Callable[[], list[Path]]  # what --force removes
 
 
 def training_stages(s: Setup, jobs: int) -> dict[str, TrainingStage]:
@@ -343,17 +326,6 @@ def plot(report: dict, path: Path) -> None:
 
 
 # --- The stages ---------------------------------------------------------------------------------------
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def launch(argv: list[str]) -> None:
-    """One stage's process, its output on this terminal (each run also logs to its folder's main.log)."""
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env())
-    if proc.returncode:
-        raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
-
-
 def stage_pack(s: Setup, dry: bool) -> None:
     from data.prepare import ensure_tokenizer, tokenizer_path
 
@@ -387,15 +359,7 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> No
         except ExperimentError as e:  # the distinct arms' steps come from the packed sets
             print(f"{name}: {e}")
         return
-    if force:
-        for folder in stage.folders():
-            shutil.rmtree(folder, ignore_errors=True)
-    elif stage.done():
-        print(f"{name}: every run has completed; skipped (--force reruns it)")
-        return
-    for argv in stage.argvs():
-        print("python " + " ".join(argv))
-        launch(argv)
+    run_stage(name, stage, force, launch)
 
 
 def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
@@ -471,11 +435,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("all", *STAGES), default="all")
-    p.add_argument("--jobs", type=int, default=2, help="continual runs at once (hydra.launcher.n_jobs)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--force", action="store_true", help="rerun training stages whose runs completed (folders removed)")
+    p = driver_parser(__doc__, STAGES)
     p.add_argument("--json", type=Path, default=Path("docs/results/cpt_packing.json"))
     p.add_argument("--png", type=Path, default=Path("docs/results/cpt_packing.png"))
     args = p.parse_args(argv)

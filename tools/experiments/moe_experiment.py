@@ -40,9 +40,8 @@ runs that is about 76 CPU-minutes, about 50 minutes on 2 cores (--jobs 2; pretra
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,10 +49,9 @@ from typing import Callable
 from data.config import DataConfig
 from data.corpus import STDLIB_SUBSETS
 from tools.experiments import moe_report
-from tools.experiments.common import ExperimentError, NoRuns, Run, guarded, load_runs
-from tools.experiments.cpt_experiment import TrainingStage, completed, launch
+from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, completed, driver_parser,
+                                      guarded, launch, load_runs, run_stage)
 
-ROOT = Path(__file__).resolve().parents[2]  # the experiment's paths are relative to the repository root
 BETAS = (0.01, 0.1, 1.0)  # β = γ candidates, continued on the tuning seeds
 TUNING_SEEDS = (100, 101)  # within common.TUNING_SEEDS
 SEEDS = (1, 2, 3)  # reported, within common.REPORTED_SEEDS
@@ -212,8 +210,6 @@ def stage_pack(s: Setup, dry: bool, force: bool) -> None:
 
 def check_validation_rows(s: Setup) -> None:
     """Every validation set holds the rows one evaluation scores, so none is scored twice."""
-    import json
-
     for prefix, (_, split) in packed_sets(s).items():
         rows = json.loads(Path(f"{prefix}.json").read_text())["stats"]["rows"]
         if split == "val" and rows < s.val_rows:
@@ -234,15 +230,7 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> No
         return
     if name != "pretrain":
         require_pretrained(s)
-    if force:
-        for folder in stage.folders():
-            shutil.rmtree(folder, ignore_errors=True)
-    elif stage.done():
-        print(f"{name}: every run has finished; skipped (--force reruns it)")
-        return
-    for argv in stage.argvs():
-        print("python " + " ".join(argv))
-        launch(argv)
+    run_stage(name, stage, force, launch)
 
 
 def commands(s: Setup, jobs: int) -> list[str]:
@@ -274,11 +262,7 @@ def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("all", *STAGES), default="all")
-    p.add_argument("--jobs", type=int, default=2, help="continued runs at once (hydra.launcher.n_jobs)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--force", action="store_true", help="redo stages that are done (packed sets, run folders removed)")
+    p = driver_parser(__doc__, STAGES)
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for the report's JSON and plots")
     p.add_argument("--name", default="moe", help="stem of the report's files")
     p.add_argument("--tail", type=float, default=0.2, help="fraction of logged steps averaged for router statistics")
