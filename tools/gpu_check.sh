@@ -10,6 +10,8 @@
 #   30  decoding: the split-K Triton kernel and the CUDA-graph step against the PyTorch path, then
 #       tokens/s and HBM bandwidth per attention type (bench_decode.py --preset memory-bound)
 #   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
+#   41  warmup-free claim (docs/results/warmup_free.md) in bf16: AdamW, AdamW + warmup 120 and the spectral
+#       bound at lr 1e-2 and 3e-2 on the reported seeds 1-3, all at once on the GPU, then the paired report
 # Numbers group sections by area; later work adds its own (21, 31, 41, ...).
 #
 # A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
@@ -93,6 +95,27 @@ section_40() {
   step 120 "$PY" pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false
   cp /tmp/runs/moe/metrics.jsonl "$OUT/moe_metrics.jsonl" 2>/dev/null
   cp /tmp/runs/demo/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
+}
+
+section_41() {
+  say "41. warmup-free in bf16: AdamW, AdamW + warmup 120, the spectral bound (τ 0.05) at lr 1e-2 and 3e-2, seeds 1-3"
+  # 18 small runs side by side (the GPU is far from full), each time-boxed itself (a timeout stops only its
+  # own child); WF_LRS, WF_SEEDS and WF_STEPS shrink the grid to try the section on a CPU first
+  step 230 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" WF_STEPS="${WF_STEPS:-300}" WF_LRS="${WF_LRS:-1e-2 3e-2}" \
+      WF_SEEDS="${WF_SEEDS:-1 2 3}" bash -c '
+    common="trainer.precision=$PRECISION trainer.progress=false logging.tensorboard=false trainer.eval_interval=100"
+    for lr in $WF_LRS; do for seed in $WF_SEEDS; do
+      for arm in "adamw +experiment=warmup_free_adamw_warmup lr.warmup_steps=0" \
+                 "warmup +experiment=warmup_free_adamw_warmup lr.warmup_steps=120" \
+                 "spectral +experiment=warmup_free_spectral optim.spectral.tau=0.05"; do
+        set -- $arm; name=$1; shift
+        timeout -k 5 220 "$PY" pretrain/main.py "$@" optim.lr=$lr seed=$seed trainer.max_steps=$WF_STEPS $common \
+          run_dir=/tmp/runs/warmup_free/$name-$lr-$seed > "$OUT/wf-$name-$lr-$seed.log" 2>&1 &
+      done
+    done; done
+    wait'
+  step 60 "$PY" tools/experiments/warmup_free_report.py /tmp/runs/warmup_free --out "$OUT" --name warmup_free_gpu
+  tar -C /tmp/runs -czf "$OUT/warmup_free_runs.tgz" --exclude=checkpoints warmup_free 2>/dev/null
 }
 
 sections=$(declare -F | sed -n 's/^declare -f section_//p' | tr '\n' ' ')
