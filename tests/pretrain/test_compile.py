@@ -35,8 +35,9 @@ def _train(tiny_data, run_dir, world, extra: list[str]):
 
 @pytest.fixture(scope="module")
 def eager_rows(tiny_data, megatron_world, tmp_path_factory):
-    trainer, rows = _train(tiny_data, tmp_path_factory.mktemp("eager"), megatron_world, ["trainer.compile=false"])
-    assert trainer.compiled is None and trainer.forward_is_plain
+    trainer, rows = _train(tiny_data, tmp_path_factory.mktemp("eager"), megatron_world, ["trainer.compile=false",
+                                                                                       "model.loss_chunk=0"])
+    assert trainer.compiled is None and trainer.forward_is_plain  # on a GPU the loss is chunked unless told not to
     return rows
 
 
@@ -79,7 +80,7 @@ def test_a_compile_error_falls_back_to_eager_with_one_warning(tiny_data, megatro
 
     torch._dynamo.reset()
     monkeypatch.setattr(compile_module, "BACKEND", broken)
-    trainer, rows = _train(tiny_data, tmp_path, megatron_world, ["trainer.compile=true"])
+    trainer, rows = _train(tiny_data, tmp_path, megatron_world, ["trainer.compile=true", "model.loss_chunk=0"])
     assert not trainer.compiled.active and trainer.forward_is_plain
     err = [line for line in capfd.readouterr().err.splitlines() if "torch.compile failed" in line]
     assert len(err) == 1 and "no compiler here" in err[0]
