@@ -64,9 +64,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
 
 
-def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128):
-    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides, in eval mode; needs the
-    megatron_world fixture."""
+def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128, device: str = "cpu"):
+    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides, in eval mode, on `device`;
+    needs the megatron_world fixture. On a machine with a GPU pass the world's device: megatron's RoPE
+    then puts its frequencies on the GPU, so a CPU model there cannot run a forward."""
     from models.builder import build_initialised_gpt
     from pretrain.config import compose_config
 
@@ -74,4 +75,4 @@ def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128):
     cfg = compose_config(base + (overrides or []))
     gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab_size, cfg.seed,
                                 per_document_positions=cfg.data.reset_position_ids)
-    return cfg, gpt.eval()
+    return cfg, gpt.to(device).eval()

@@ -1,5 +1,6 @@
 """The GPT model: document masking and per-document positions against running documents alone."""
 
+import pytest
 import torch
 
 from data.loader import model_inputs
@@ -16,16 +17,17 @@ def _two_documents():
 
 @torch.no_grad()
 def _logits(gpt, inputs):
-    return gpt(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"])
-
-
-import pytest
+    """The logits on the CPU, whichever device the model is on (the inputs follow the model)."""
+    device = next(gpt.parameters()).device
+    tokens, positions, mask = (None if x is None else x.to(device)
+                               for x in (inputs["tokens"], inputs["position_ids"], inputs["attention_mask"]))
+    return gpt(tokens, positions, mask).cpu()
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned_absolute"])
 def test_masked_second_document_sees_nothing_of_the_first(megatron_world, positions):
     _, gpt = build_tiny_gpt(["data.reset_position_ids=true", "data.document_mask=true",
-                             f"model.position_embedding={positions}"])
+                             f"model.position_embedding={positions}"], device=megatron_world.device)
     a, b, batch = _two_documents()
     packed = _logits(gpt, model_inputs(batch, reset_position_ids=True, document_mask=True))
     alone = {"tokens": b[None], "position_ids": torch.arange(6)[None], "attention_mask": None}
@@ -35,7 +37,7 @@ def test_masked_second_document_sees_nothing_of_the_first(megatron_world, positi
 
 
 def test_without_the_options_documents_interact(megatron_world):
-    _, gpt = build_tiny_gpt()
+    _, gpt = build_tiny_gpt(device=megatron_world.device)
     _, b, batch = _two_documents()
     packed = _logits(gpt, model_inputs(batch, reset_position_ids=False, document_mask=False))
     alone = {"tokens": b[None], "position_ids": torch.arange(6)[None], "attention_mask": None}
@@ -44,7 +46,7 @@ def test_without_the_options_documents_interact(megatron_world):
 
 def test_with_rope_the_mask_alone_isolates_documents(megatron_world):
     # without the reset, document b is rotated as if it started at 10, but RoPE is relative
-    _, gpt = build_tiny_gpt()
+    _, gpt = build_tiny_gpt(device=megatron_world.device)
     _, b, batch = _two_documents()
     packed = _logits(gpt, model_inputs(batch, reset_position_ids=False, document_mask=True))
     alone = {"tokens": b[None], "position_ids": torch.arange(6)[None], "attention_mask": None}
