@@ -13,8 +13,8 @@
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
 - The drivers' stages: `TrainingStage` (its commands, whether its runs are done, what --force removes),
-  `run_stage` (skip when done, else launch), `launch` (one process from the repository root, one thread
-  per BLAS pool) and `completed`.
+  `print_commands` (--dry-run), `run_stage` (skip when done, else launch), `launch` (one process from
+  the repository root, one thread per BLAS pool) and `completed`.
 """
 
 from __future__ import annotations
@@ -267,6 +267,17 @@ def launch(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env)
     if proc.returncode:
         raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
+
+
+def print_commands(name: str, stage: TrainingStage,
+                   pending: Callable[[ExperimentError], list[str]] | None = None) -> None:
+    """--dry-run: the stage's commands; when they depend on runs not made yet (a rate or β = γ chosen by
+    an earlier stage, steps from packed sets), the lines `pending` makes of the reason instead."""
+    try:
+        lines = ["python " + " ".join(argv) for argv in stage.argvs()]
+    except ExperimentError as e:
+        lines = pending(e) if pending else [f"{name}: {e}"]
+    print("\n".join(lines))
 
 
 def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[list[str]], None] = launch) -> None:

@@ -51,8 +51,8 @@ import numpy as np
 from data.config import DataConfig
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
-                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed, run_stage,
-                                      summarize)
+                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
+                                      print_commands, run_stage, summarize)
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -352,12 +352,8 @@ def stage_pack(s: Setup, dry: bool) -> None:
 
 def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
     stage = training_stages(s, jobs)[name]
-    if dry:
-        try:
-            for argv in stage.argvs():
-                print("python " + " ".join(argv))
-        except ExperimentError as e:  # the distinct arms' steps come from the packed sets
-            print(f"{name}: {e}")
+    if dry:  # the distinct arms' steps come from the packed sets, which may not exist yet
+        print_commands(name, stage)
         return
     run_stage(name, stage, force, launch)
 

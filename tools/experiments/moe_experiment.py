@@ -50,7 +50,7 @@ from data.config import DataConfig
 from data.corpus import STDLIB_SUBSETS
 from tools.experiments import moe_report
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, completed, driver_parser,
-                                      guarded, launch, load_runs, run_stage)
+                                      guarded, launch, load_runs, print_commands, run_stage)
 
 BETAS = (0.01, 0.1, 1.0)  # β = γ candidates, continued on the tuning seeds
 TUNING_SEEDS = (100, 101)  # within common.TUNING_SEEDS
@@ -220,13 +220,10 @@ def check_validation_rows(s: Setup) -> None:
 
 def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
     stage = training_stages(s, jobs)[name]
-    if dry:
-        try:
-            for argv in stage.argvs():
-                print("python " + " ".join(argv))
-        except ExperimentError as e:  # the continue stage's β = γ comes from the tuning runs
-            print("python " + " ".join(continue_argv(BASELINE, SEEDS, s.arms_dir, jobs)))
-            print(f"{name}: and the chosen β = γ on seeds {','.join(map(str, SEEDS))}, once chosen: {e}")
+    if dry:  # the continue stage's β = γ comes from the tuning runs
+        print_commands(name, stage, lambda e: [
+            "python " + " ".join(continue_argv(BASELINE, SEEDS, s.arms_dir, jobs)),
+            f"{name}: and the chosen β = γ on seeds {','.join(map(str, SEEDS))}, once chosen: {e}"])
         return
     if name != "pretrain":
         require_pretrained(s)
