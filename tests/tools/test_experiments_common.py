@@ -116,3 +116,18 @@ def test_choices_are_made_on_tuning_seeds_and_comparisons_on_reported_seeds(tmp_
         common.select(by_arm(runs, arm), lambda r: r.last("val_loss"))
     with pytest.raises(ExperimentError, match=r"seeds \[100\] are tuning seeds: .* pair on seeds 1-99"):
         paired({1: 1.0, 100: 2.0}, {1: 1.5, 100: 2.5})
+
+
+def test_set_overrides_reach_every_training_run_and_only_those(tmp_path, capsys):
+    """--set (e.g. trainer.precision=bf16 on a GPU) goes last on each pretrain/main.py command, where it wins,
+    in what a stage launches and in what --dry-run prints; a pack or report command is left as it is."""
+    args = common.driver_parser("doc", ("train",)).parse_args(["--set", "trainer.precision=bf16", "trainer.eval_batches=4"])
+    argvs = [["tools/pack.py", "--verify", "x"], ["pretrain/main.py", "-m", "seed=1,2"]]
+    stage = common.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
+    launched = []
+    common.run_stage("train", stage, False, launched.append, args.overrides)
+    assert launched == [argvs[0], [*argvs[1], "trainer.precision=bf16", "trainer.eval_batches=4"]]
+    capsys.readouterr()
+    common.print_commands("train", stage, args.overrides)
+    assert capsys.readouterr().out.splitlines()[1].endswith("seed=1,2 trainer.precision=bf16 trainer.eval_batches=4")
+    assert common.driver_parser("doc", ("train",)).parse_args([]).overrides == []

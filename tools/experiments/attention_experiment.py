@@ -37,7 +37,7 @@ from pathlib import Path
 from pretrain.rundir import write_json
 from tools.experiments import attention_report
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, driver_parser, guarded,
-                                      launch, load_runs, run_stage)
+                                      launch, load_runs, print_commands, run_stage)
 
 PRESET = "attention_d128"  # conf/experiment/attention_d128.yaml, arms in conf/attention_d128/TYPE.yaml
 TYPES = attention_report.TYPES
@@ -100,7 +100,7 @@ def chosen_lrs(types=TYPES) -> dict[str, float]:
 
 
 # --- The stages ---------------------------------------------------------------------------------------
-def stage_training(name: str, jobs: int, dry: bool, force: bool) -> None:
+def stage_training(name: str, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
     folder = RUNS / name
     if name == "tune":
         argvs, wanted = tune_argvs(jobs), {(t, lr, TUNING_SEED) for t in TYPES for lr in LRS}
@@ -113,11 +113,11 @@ def stage_training(name: str, jobs: int, dry: bool, force: bool) -> None:
             print(f"compare: {e} (the rates are chosen there)")
             return
         argvs, wanted = compare_argvs(jobs, chosen), {(t, chosen[t], s) for t in TYPES for s in SEEDS}
+    stage = TrainingStage(lambda: argvs, lambda: done(folder, wanted), lambda: [folder])
     if dry:
-        for argv in argvs:
-            print("python " + " ".join(argv))
+        print_commands(name, stage, overrides)
         return
-    run_stage(name, TrainingStage(lambda: argvs, lambda: done(folder, wanted), lambda: [folder]), force, launch)
+    run_stage(name, stage, force, launch, overrides)
 
 
 def stage_choice(dry: bool) -> None:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "report":
                 stage_report(args.dry_run, args.out, args.name)
             else:
-                stage_training(stage, args.jobs, args.dry_run, args.force)
+                stage_training(stage, args.jobs, args.dry_run, args.force, args.overrides)
 
     return guarded(run)
 

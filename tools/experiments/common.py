@@ -228,12 +228,15 @@ def report_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
 
 
 def driver_parser(doc: str, stages: tuple[str, ...]) -> argparse.ArgumentParser:
-    """--stage, --jobs, --dry-run, --force: the arguments every experiment driver takes."""
+    """--stage, --jobs, --dry-run, --force, --set: the arguments every experiment driver takes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("all", *stages), default="all", help="one stage (default: all, in order)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="redo stages that are done (their folders removed)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="Hydra overrides added to every training run, e.g. trainer.precision=bf16 on a GPU "
+                        "(tools/gpu_check.sh)")
     return p
 
 
@@ -269,20 +272,27 @@ def launch(argv: list[str]) -> None:
         raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
 
 
-def print_commands(name: str, stage: TrainingStage,
+def with_overrides(argv: list[str], overrides: Iterable[str]) -> list[str]:
+    """A training run's command with the driver's --set overrides last (they win); other commands as they are."""
+    return [*argv, *overrides] if argv[:1] == ["pretrain/main.py"] else argv
+
+
+def print_commands(name: str, stage: TrainingStage, overrides: Iterable[str] = (),
                    pending: Callable[[ExperimentError], list[str]] | None = None) -> None:
     """--dry-run: the stage's commands; when they depend on runs not made yet (a rate or β = γ chosen by
     an earlier stage, steps from packed sets), the lines `pending` makes of the reason instead."""
     try:
-        lines = ["python " + " ".join(argv) for argv in stage.argvs()]
+        lines = ["python " + " ".join(with_overrides(argv, overrides)) for argv in stage.argvs()]
     except ExperimentError as e:
         lines = pending(e) if pending else [f"{name}: {e}"]
     print("\n".join(lines))
 
 
-def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[list[str]], None] = launch) -> None:
+def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[list[str]], None] = launch,
+              overrides: Iterable[str] = ()) -> None:
     """Launch a stage's processes in order, or skip it when its runs are done; --force removes its
-    folders and runs it again. (`launch` is the driver's, so tests can replace it.)"""
+    folders and runs it again; `overrides` (--set) go to every training run. (`launch` is the driver's,
+    so tests can replace it.)"""
     if force:
         for folder in stage.folders():
             shutil.rmtree(folder, ignore_errors=True)
@@ -290,5 +300,6 @@ def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[li
         print(f"{name}: every run has finished; skipped (--force reruns it)")
         return
     for argv in stage.argvs():
+        argv = with_overrides(argv, overrides)
         print("python " + " ".join(argv))
         launch(argv)

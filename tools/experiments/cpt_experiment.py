@@ -52,7 +52,7 @@ from data.config import DataConfig
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
                                       driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
-                                      print_commands, run_stage, summarize)
+                                      print_commands, run_stage, summarize, with_overrides)
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -350,12 +350,12 @@ def stage_pack(s: Setup, dry: bool) -> None:
     launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.sp_r0, s.replay_train, *validation.values()])])
 
 
-def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
+def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
     stage = training_stages(s, jobs)[name]
     if dry:  # the distinct arms' steps come from the packed sets, which may not exist yet
-        print_commands(name, stage)
+        print_commands(name, stage, overrides)
         return
-    run_stage(name, stage, force, launch)
+    run_stage(name, stage, force, launch, overrides)
 
 
 def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
@@ -372,20 +372,20 @@ def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, basel
     return out
 
 
-def commands(s: Setup, jobs: int) -> list[str]:
+def commands(s: Setup, jobs: int, overrides: tuple[str, ...] = ()) -> list[str]:
     try:
         distinct = distinct_argvs(s, jobs)
     except ExperimentError as e:  # no packed sets here: the distinct arms' steps are unknown
         distinct = [[f"(distinct arms: {e})"]]
     argvs = [init_argv(s), grid_argv(jobs), ablation_argv(s, jobs), *distinct, replay_argv(jobs)]
-    return ["python " + " ".join(a) for a in argvs]
+    return ["python " + " ".join(with_overrides(a, overrides)) for a in argvs]
 
 
-def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
+def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides: tuple[str, ...] = ()) -> dict:
     arms, init_run = continual_runs(s)  # read once: every number below comes from these runs
     curves, init = collect(arms, init_run)
     infos = [r.info for runs in arms.values() for r in runs.values()]
-    experiment = ["python " + " ".join(pretrain_argv()), *commands(s, jobs)]
+    experiment = ["python " + " ".join(with_overrides(pretrain_argv(), overrides)), *commands(s, jobs, overrides)]
     report = {"provenance": {**runs_provenance(infos), "experiment_commands": experiment}}
     report.update(aggregate(curves, init))
     report["init_val_loss"] = init
@@ -398,8 +398,8 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path) -> dict:
     report["val_digests"] = val_digests(arms, init_run)
     report["packing"] = packing_stats(s)
     report["setup"] = {
-        "pretrain": "python " + " ".join(pretrain_argv()),
-        "continual": commands(s, jobs),
+        "pretrain": "python " + " ".join(with_overrides(pretrain_argv(), overrides)),
+        "continual": commands(s, jobs, overrides),
         "seq_len": s.seq_len, "validation_rows": s.val_rows,
         "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
                         "(rows x L, padding and SP duplicates included)"}
@@ -444,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                 stage_pack(s, args.dry_run)
             elif stage == "report":
                 if not args.dry_run:
-                    stage_report(s, args.jobs, args.json, args.png)
+                    stage_report(s, args.jobs, args.json, args.png, args.overrides)
             else:
-                stage_training(stage, s, args.jobs, args.dry_run, args.force)
+                stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides)
 
     return guarded(run)
 

@@ -50,7 +50,7 @@ from data.config import DataConfig
 from data.corpus import STDLIB_SUBSETS
 from tools.experiments import moe_report
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, completed, driver_parser,
-                                      guarded, launch, load_runs, print_commands, run_stage)
+                                      guarded, launch, load_runs, print_commands, run_stage, with_overrides)
 
 BETAS = (0.01, 0.1, 1.0)  # β = γ candidates, continued on the tuning seeds
 TUNING_SEEDS = (100, 101)  # within common.TUNING_SEEDS
@@ -218,19 +218,19 @@ def check_validation_rows(s: Setup) -> None:
                                   "--force")
 
 
-def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool) -> None:
+def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
     stage = training_stages(s, jobs)[name]
     if dry:  # the continue stage's β = γ comes from the tuning runs
-        print_commands(name, stage, lambda e: [
+        print_commands(name, stage, overrides, lambda e: [
             "python " + " ".join(continue_argv(BASELINE, SEEDS, s.arms_dir, jobs)),
             f"{name}: and the chosen β = γ on seeds {','.join(map(str, SEEDS))}, once chosen: {e}"])
         return
     if name != "pretrain":
         require_pretrained(s)
-    run_stage(name, stage, force, launch)
+    run_stage(name, stage, force, launch, overrides)
 
 
-def commands(s: Setup, jobs: int) -> list[str]:
+def commands(s: Setup, jobs: int, overrides: tuple[str, ...] = ()) -> list[str]:
     """Every training command of the experiment, for the report's provenance."""
     try:
         arms = [BASELINE, chosen(s)]
@@ -238,15 +238,16 @@ def commands(s: Setup, jobs: int) -> list[str]:
         arms = [BASELINE]
     argvs = [pretrain_argv(), *(continue_argv(c, TUNING_SEEDS, s.tune_dir, jobs) for c in tuning_grid()),
              *(continue_argv(c, SEEDS, s.arms_dir, jobs) for c in arms)]
-    return ["python " + " ".join(a) for a in argvs]
+    return ["python " + " ".join(with_overrides(a, overrides)) for a in argvs]
 
 
-def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bool) -> dict | None:
+def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bool,
+                 overrides: tuple[str, ...] = ()) -> dict | None:
     print("python " + " ".join(report_argv(s, out, name)))
     if dry:
         return None
     report = moe_report.build([s.continue_dir], tail, s.pretrain_dir if completed(s.pretrain_dir) else None)
-    report["provenance"]["experiment_commands"] = commands(s, jobs)
+    report["provenance"]["experiment_commands"] = commands(s, jobs, overrides)
     presets = {f"{p}.yaml": (ROOT / "conf" / "experiment" / f"{p}.yaml").read_text()
                for p in ("moe_specialization", "moe_pretrain", "moe_continue")}
     setup_ = {"betas": list(BETAS), "tuning_seeds": list(TUNING_SEEDS), "reported_seeds": list(SEEDS),
@@ -270,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         s = setup()
         stages: dict[str, Callable[[], object]] = {
             "pack": lambda: stage_pack(s, args.dry_run, args.force),
-            "report": lambda: stage_report(s, args.jobs, args.out, args.name, args.tail, args.dry_run)}
+            "report": lambda: stage_report(s, args.jobs, args.out, args.name, args.tail, args.dry_run,
+                                           args.overrides)}
         for stage in STAGES if args.stage == "all" else (args.stage,):
-            stages.get(stage, lambda: stage_training(stage, s, args.jobs, args.dry_run, args.force))()
+            stages.get(stage, lambda: stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides))()
 
     return guarded(run)
 
