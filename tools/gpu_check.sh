@@ -12,6 +12,8 @@
 #   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
 #   41  warmup-free claim (docs/results/warmup_free.md) in bf16: AdamW, AdamW + warmup 120 and the spectral
 #       bound at lr 1e-2 and 3e-2 on the reported seeds 1-3, all at once on the GPU, then the paired report
+#   44  MoE claim (docs/results/moe.md) in bf16: pretrain with the auxiliary loss only, continue it with aux
+#       only and with L_o + L_v at the β = γ the CPU's tuning seeds chose, seeds 1-3 at once, paired report
 # Numbers group sections by area; later work adds its own (21, 31, 41, ...).
 #
 # A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
@@ -116,6 +118,28 @@ section_41() {
     wait'
   step 60 "$PY" tools/experiments/warmup_free_report.py /tmp/runs/warmup_free --out "$OUT" --name warmup_free_gpu
   tar -C /tmp/runs -czf "$OUT/warmup_free_runs.tgz" --exclude=checkpoints warmup_free 2>/dev/null
+}
+
+section_44() {
+  say "44. MoE in bf16: pretrain (aux loss only), then aux only and L_o + L_v (β = γ from docs/results/moe.json) on seeds 1-3"
+  # β = γ is the one the CPU run chose on its tuning seeds (not chosen again here); MOE_PRETRAIN_STEPS and
+  # MOE_STEPS shrink the runs to try the section on a CPU first
+  local beta
+  beta=$("$PY" -c "import json; t = json.load(open('docs/results/moe.json'))['tuning']; \
+assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! no β = γ in docs/results/moe.json"; return; }
+  step 50 "$PY" tools/experiments/moe_experiment.py --stage pack
+  step 90 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION \
+    trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}" checkpoint.interval="${MOE_PRETRAIN_STEPS:-1200}"
+  step 120 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" bash -c '
+    for coeff in 0 $BETA; do for seed in 1 2 3; do
+      timeout -k 5 110 "$PY" pretrain/main.py +experiment=moe_continue model.moe.ortho_loss=$coeff \
+        model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.max_steps=$MOE_STEPS \
+        > "$OUT/moe-$coeff-$seed.log" 2>&1 &
+    done; done
+    wait'
+  step 40 "$PY" tools/experiments/moe_report.py runs/moe_continue --pretrained runs/moe_pretrain --out "$OUT" \
+    --name moe_gpu
+  tar -czf "$OUT/moe_runs.tgz" --exclude=checkpoints runs/moe_pretrain runs/moe_continue 2>/dev/null
 }
 
 sections=$(declare -F | sed -n 's/^declare -f section_//p' | tr '\n' ' ')
