@@ -39,7 +39,9 @@ def _write(folder, width: int, lr: float, seed: int, val: float | None, optim: d
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     config = {"seed": seed, "model": {"hidden_size": width, "head_dim": 16},
               "optim": {"name": "adamw", "lr": lr, "lr_rule": "global", **(optim or {})}}
-    (folder / "run_info.json").write_text(json.dumps({"config": config, "command": "synthetic"}))
+    validation = {"val_loss": {"digest": "one-set"}}  # every run scored the same rows
+    info = {"config": config, "command": "synthetic", "validation": validation}
+    (folder / "run_info.json").write_text(json.dumps(info))
 
 
 def _overrides(argv: list[str]) -> dict[str, list[str]]:
@@ -228,6 +230,7 @@ def test_transfer_runs_the_fitted_rule_the_papers_and_a_search_around_it(runs_in
     assert d["seeds"] == [4, 5, 6] and d["diffs"] == pytest.approx([fitted_arm["val_loss"][str(s)] - best[str(s)]
                                                                    for s in (4, 5, 6)])
     assert report["provenance"]["experiment_commands"] and report["fit"]["edges"] == []
+    assert report["val_digests"] == {"val_loss": ["one-set"]}
     for png in ("loss_vs_lr", "optimal_lr", "transfer"):
         assert (out / f"width_scaling_{png}.png").stat().st_size > 0
 
@@ -293,3 +296,10 @@ def test_the_transfer_refuses_the_fits_seeds_and_tuning_seeds():
         width_report.transfer(_transfer_runs((104, 105), rule), FIT)
     with pytest.raises(ExperimentError, match="no sp_width run with the fitted alpha"):
         width_report.transfer(_transfer_runs((4, 5), {0.42: rule[0.7]}), FIT)
+
+
+def test_runs_on_different_validation_sets_are_not_compared():
+    infos = [{"validation": {"val_loss": {"digest": d}}} for d in ("a", "a", "b")]
+    with pytest.raises(ExperimentError, match="different validation sets"):
+        width_report.one_validation_set(infos)
+    assert width_report.one_validation_set(infos[:2]) == {"val_loss": ["a"]}

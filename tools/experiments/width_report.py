@@ -33,8 +33,8 @@ from pathlib import Path
 
 from pretrain.rundir import pyplot, read_run_info, runs_provenance, write_json
 from tools import sweep_report
-from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, guarded, markdown_table, paired,
-                                      report_parser, fmt)
+from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, markdown_table,
+                                      paired, report_parser, val_digests)
 
 FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
 PAPER_ALPHA = 0.42  # optim/lr_rules.py PAPER_ALPHA["adamw"]: Adam with trainable LayerNorm (GPT)
@@ -236,6 +236,15 @@ def plot_transfer(t: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def one_validation_set(infos: list[dict]) -> dict[str, list[str]]:
+    """The runs' validation digests (common.val_digests); an error when they scored different text, since
+    every loss here is compared with every other."""
+    digests = val_digests(infos)
+    if mixed := {name: d for name, d in digests.items() if len(d) > 1}:
+        raise ExperimentError(f"the runs scored different validation sets ({mixed}); rerun them on one")
+    return digests
+
+
 def report(grid: Path, transfer_root: Path | None, out: Path, name: str, n_boot: int = 2000,
            commands: list[str] | None = None) -> dict:
     """The fit (and the transfer, when its runs exist): NAME.json and the plots into `out`."""
@@ -250,8 +259,9 @@ def report(grid: Path, transfer_root: Path | None, out: Path, name: str, n_boot:
     if t:
         plot_transfer(t, out / f"{name}_transfer.png")
     infos = [read_run_info(r.path) for r in grid_runs + transfer_runs if (Path(r.path) / "run_info.json").exists()]
+    digests = one_validation_set(infos)
     result = {"provenance": {**runs_provenance(infos), "experiment_commands": commands or []},
-              "fit": f, "transfer": t}
+              "val_digests": digests, "fit": f, "transfer": t}
     write_json(out / f"{name}.json", result, default=sweep_report._json_default)
     print(fit_table(f))
     if t:
