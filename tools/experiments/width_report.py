@@ -21,7 +21,7 @@ on a sqrt(2)-spaced LR grid (seeds 1, 2, 3), and at the transfer width on other 
    picked on the seeds it is compared on, which favours the search: a rule within noise of it is a
    conservative result. The fit's seeds and the transfer's are disjoint, so alpha and the anchor were not
    chosen on the seeds the transfer is reported on.
-Writes NAME.json (fit, transfer, provenance) and NAME_loss_vs_lr.png, NAME_optimal_lr.png,
+Writes NAME.json (provenance, the runs' validation digests, which must agree, fit, transfer) and NAME_loss_vs_lr.png, NAME_optimal_lr.png,
 NAME_transfer.png, NAME_logits.png (when the monitors logged logits) into --out; prints markdown tables.
 """
 
@@ -31,13 +31,14 @@ import math
 import statistics
 from pathlib import Path
 
+from optim import lr_rules
 from pretrain.rundir import pyplot, read_run_info, runs_provenance, write_json
 from tools import sweep_report
 from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, markdown_table,
                                       paired, report_parser, val_digests)
 
 FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
-PAPER_ALPHA = 0.42  # optim/lr_rules.py PAPER_ALPHA["adamw"]: Adam with trainable LayerNorm (GPT)
+PAPER_ALPHA = lr_rules.PAPER_ALPHA["adamw"]  # 0.42: Adam with trainable LayerNorm (GPT)
 SIG_DIGITS = 4  # learning rates, exponents and init stds on command lines (and so in folder names)
 
 
@@ -90,9 +91,7 @@ def fit(runs: list[sweep_report.Run], n_boot: int = 2000) -> dict:
 
 def predicted_lr(anchor: dict, width: int, alpha: float) -> float:
     """The sp_width rule's peak LR at `width` from the fit's anchor (optim/lr_rules.py's formula)."""
-    from optim.lr_rules import transfer_lr
-
-    return transfer_lr(anchor["base_lr"], anchor["base_width"], width, alpha)
+    return lr_rules.transfer_lr(anchor["base_lr"], anchor["base_width"], width, alpha)
 
 
 # --- 2. The transfer ----------------------------------------------------------------------------------
