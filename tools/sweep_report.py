@@ -36,6 +36,8 @@ class Run:
     logits: dict | None = None  # last logged LOGIT_KEYS, when the monitors ran
     path: str = ""
     optimizer: str = "adamw"
+    lr_rule: str = "global"  # optim.lr_rule: a transfer run under sp_width is told apart from a searched one
+    width_exponent: float | None = None  # optim.width_exponent (None: the rule's default)
 
     @property
     def stable(self) -> bool:
@@ -81,12 +83,13 @@ def load_run(result_path: Path) -> Run:
     val = r.get("final_val_loss")
     info = result_path.parent / "run_info.json"
     config = json.loads(info.read_text())["config"] if info.exists() else {}
-    optimizer = config.get("optim", {}).get("name", "adamw")
+    optim = config.get("optim", {})
     return Run(width=int(r["hidden_size"]), lr=peak_lr(config, r), seed=int(r.get("seed", 0)), status=r["status"],
                val_loss=float(val) if isinstance(val, (int, float)) else None,
                first_loss=losses[0] if losses else None,
                logits={k: v[-1] for k, v in logits.items() if v} or None, path=str(result_path.parent),
-               optimizer=optimizer)
+               optimizer=optim.get("name", "adamw"), lr_rule=optim.get("lr_rule", "global"),
+               width_exponent=optim.get("width_exponent"))
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
@@ -130,6 +133,17 @@ def optimal_lr(curve: dict[float, float]) -> tuple[float, bool]:
 def fit_exponent(widths, lrs) -> float:
     """Slope of log(lr) against log(width): the exponent in lr ~ width^slope."""
     return float(np.polyfit(np.log(widths), np.log(lrs), 1)[0])
+
+
+def fitted_lr(summary: dict, width, exponent: float | None = None):
+    """The fitted line's LR at `width` (a number or an array). A least-squares line in log-log passes
+    through the geometric means of the widths and their optima, so those and the slope fix it; another
+    `exponent` draws a reference line through the same point."""
+    optima = [(int(w), e["opt_lr"]) for w, e in summary["widths"].items() if "opt_lr" in e]
+    anchor_n = np.exp(np.mean(np.log([w for w, _ in optima])))
+    anchor_lr = np.exp(np.mean(np.log([lr for _, lr in optima])))
+    slope = summary["exponent"] if exponent is None else exponent
+    return anchor_lr * (np.asarray(width, dtype=float) / anchor_n) ** slope
 
 
 def seed_curves(runs: list[Run]) -> dict[int, dict[int, dict[float, float]]]:
@@ -195,8 +209,10 @@ def analyze(runs: list[Run], n_boot: int = 2000) -> dict:
         if width in curves:
             opt, at_edge = width_optimum(curves[width])
             grid_best = min(curve, key=curve.get)
+            seed_fits = {s: optimal_lr(c) for s, c in curves[width].items()}
             entry.update(opt_lr=opt, grid_opt_lr=grid_best, best_val_loss=curve[grid_best], at_edge=at_edge,
-                         seed_opt_lrs={s: optimal_lr(c)[0] for s, c in curves[width].items()},
+                         seed_opt_lrs={s: lr for s, (lr, _) in seed_fits.items()},
+                         seed_at_edge={s: edge for s, (_, edge) in seed_fits.items()},
                          logits=_logits_at(runs, width, grid_best))
         per_width[str(width)] = entry
     optima = {int(w): e["opt_lr"] for w, e in per_width.items() if "opt_lr" in e}
@@ -232,15 +248,20 @@ def _save(fig, ax, out: Path) -> None:
 
 
 def plot_loss_vs_lr(runs: list[Run], summary: dict, out: Path) -> None:
-    """Validation loss against LR, one line per width; unstable runs as crosses on the top edge."""
+    """Validation loss against LR, one line per width (the seed mean, shaded from the lowest to the highest
+    seed where more than one ran); unstable runs as crosses on the top edge."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     finite = [r.val_loss for r in runs if r.stable]
     top = max(finite) if finite else 1.0
+    cells = cell_losses(runs)
     for width, entry in sorted(summary["widths"].items(), key=lambda kv: int(kv[0])):
         pts = sorted((float(lr), v) for lr, v in entry["losses"].items() if v is not None)
         if pts:
             line, = ax.plot(*zip(*pts), "o-", label=f"n={width}")
+            band = sorted((lr, min(v), max(v)) for lr, v in cells[int(width)].items() if len(v) > 1)
+            if band:
+                ax.fill_between(*zip(*band), color=line.get_color(), alpha=0.2, lw=0)
             if "opt_lr" in entry:
                 ax.axvline(entry["opt_lr"], color=line.get_color(), ls=":", lw=1)
             bad = [r.lr for r in runs if r.width == int(width) and not r.stable]
@@ -258,13 +279,15 @@ def plot_optimal_lr(summary: dict, out: Path) -> None:
     n = np.array([w for w, _ in ws], dtype=float)
     opt = np.array([e["opt_lr"] for _, e in ws])
     ax.plot(n, opt, "o", color="C0", label="optimal LR (parabola in log-LR)")
-    anchor_n, anchor_lr = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(opt)))
+    seeds = [(w, lr) for w, e in ws for lr in e.get("seed_opt_lrs", {}).values()]
+    if len(seeds) > len(ws):  # more than one seed somewhere: each seed's own optimum, the spread behind the mean
+        ax.plot(*zip(*seeds), ".", color="C0", alpha=0.4, label="one seed's optimum")
     grid = np.geomspace(n.min(), n.max(), 50)
     lo, hi = summary["exponent_ci"]
-    ax.plot(grid, anchor_lr * (grid / anchor_n) ** summary["exponent"], "-", color="C0",
+    ax.plot(grid, fitted_lr(summary, grid), "-", color="C0",
             label=f"fit: n^{summary['exponent']:.2f} (95% CI {lo:.2f}..{hi:.2f})")
     for slope, style in ((-1.0, "--"), (-0.5, "-.")):
-        ax.plot(grid, anchor_lr * (grid / anchor_n) ** slope, style, color="gray", label=f"reference n^{slope:g}")
+        ax.plot(grid, fitted_lr(summary, grid, slope), style, color="gray", label=f"reference n^{slope:g}")
     stable = sorted((int(w), e["max_stable_lr"]) for w, e in summary["widths"].items() if "max_stable_lr" in e)
     if stable:
         ax.plot(*zip(*stable), "^", color="C3", label="max stable LR on the grid")

@@ -9,6 +9,8 @@
 - Tuning apart from reporting: hyperparameters are chosen on TUNING_SEEDS (`select`, which refuses any
   other seed) and arms are compared on REPORTED_SEEDS (`paired`, which refuses a tuning seed), so no
   reported difference comes from the seeds a choice was made on.
+- One validation set: `val_digests`, the digests of the text each validation set scored, from the runs'
+  run_info.json (one per set when every run scored the same rows).
 - Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
@@ -190,6 +192,17 @@ def t_quantile(confidence: float, df: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+# --- One validation set --------------------------------------------------------------------------
+def val_digests(infos: Iterable[dict]) -> dict[str, list[str]]:
+    """Validation set -> the distinct digests the runs' run_info.json recorded: one each when every run
+    scored the same text, so that arms compared on it were compared on one set."""
+    found: dict[str, set[str]] = {}
+    for info in infos:
+        for name, v in info.get("validation", {}).items():
+            found.setdefault(name, set()).add(v["digest"])
+    return {name: sorted(d) for name, d in found.items()}
 
 
 # --- Summaries and tables -------------------------------------------------------------------------

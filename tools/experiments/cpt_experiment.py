@@ -52,7 +52,7 @@ from data.config import DataConfig
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
                                       driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
-                                      print_commands, run_stage, summarize, with_overrides)
+                                      print_commands, run_stage, summarize, val_digests, with_overrides)
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -265,16 +265,6 @@ def packing_stats(s: Setup) -> dict:
     return out
 
 
-def val_digests(arms: dict[str, dict[int, Run]], init: Run | None) -> dict[str, list[str]]:
-    """Validation set -> the distinct val digests the runs recorded: one each when every run scored the same text."""
-    runs = [r for a in arms.values() for r in a.values()] + ([init] if init else [])
-    found: dict[str, set[str]] = {}
-    for run in runs:
-        for name, v in run.info.get("validation", {}).items():
-            found.setdefault(name, set()).add(v["digest"])
-    return {name: sorted(d) for name, d in found.items()}
-
-
 def plot(report: dict, path: Path) -> None:
     plt = pyplot()
     colors = {"concat": "tab:blue", "bfd": "tab:orange", "sp": "tab:green", SP_R0: "tab:olive",
@@ -395,7 +385,8 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     report["paired_vs_sp_r0"] = paired_with_baseline(arms, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
     report["forgetting"] = aggregate(*collect(arms, init_run, FORGETTING))  # the original domain, per arm
     report["forgetting"]["paired_vs_concat"] = paired_with_baseline(arms, FORGETTING)
-    report["val_digests"] = val_digests(arms, init_run)
+    report["val_digests"] = val_digests([r.info for a in arms.values() for r in a.values()]
+                                        + ([init_run.info] if init_run else []))
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": "python " + " ".join(with_overrides(pretrain_argv(), overrides)),

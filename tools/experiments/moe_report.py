@@ -33,7 +33,7 @@ from typing import Iterable
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ExperimentError, Run, by_arm, fmt, guarded, load_runs, markdown_table,
                                       mean_std, paired, per_seed, report_parser, reported_runs, select, summarize,
-                                      tuning_runs)
+                                      tuning_runs, val_digests)
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")  # training steps, tail means
 ROUTING = ("purity", "source_nmi")  # routing by source, at each evaluation
@@ -153,15 +153,6 @@ def paired_with_baseline(metrics: dict[str, dict[int, dict]], baseline: str = BA
     return out
 
 
-def val_digests(runs: Iterable[Run]) -> dict[str, list[str]]:
-    """Validation set -> the distinct digests the runs recorded: one each when every run scored the same text."""
-    found: dict[str, set[str]] = {}
-    for run in runs:
-        for name, v in run.info.get("validation", {}).items():
-            found.setdefault(name, set()).add(v["digest"])
-    return {name: sorted(d) for name, d in found.items()}
-
-
 def pretrained_metrics(folder: Path, sources: list[str], tail: float) -> dict:
     """The pretrained run's final numbers: the continued runs' step 0 (the same weights and validation rows)."""
     run = next((r for r in load_runs(folder) if r.folder == Path(folder)), None)
@@ -188,7 +179,7 @@ def build(roots: list[Path], tail: float, pretrained: Path | None = None) -> dic
             "tuning": choose(runs), "arms": summarize_arms(metrics), "per_seed": metrics,
             "paired_vs_aux_only": paired_with_baseline(metrics),
             "pretrained": {k: v for k, v in pre.items() if k != "run"} if pre else None,
-            "val_digests": val_digests(everything), "tail": tail,
+            "val_digests": val_digests(r.info for r in everything), "tail": tail,
             "_runs": {"arms": arms, "pretrained": pre["run"] if pre else None}}
 
 
