@@ -45,7 +45,8 @@ from typing import Callable
 from pretrain.rundir import write_json
 from tools import sweep_report
 from tools.experiments import width_report
-from tools.experiments.common import ROOT, ExperimentError, TrainingStage, driver_parser, guarded, launch, run_stage
+from tools.experiments.common import (ROOT, ExperimentError, TrainingStage, driver_parser, guarded, launch,
+                                      print_commands, run_stage)
 
 PRESET = "width_sweep"
 WIDTHS = (32, 64, 128, 256, 512)  # head_dim 16: 2 to 32 heads
@@ -201,8 +202,10 @@ def transfer_argvs(jobs: int) -> list[list[str]]:
     return argvs
 
 
-def stage_training(name: str, next_argvs: Callable[[], list[list[str]]], dry: bool, force: bool) -> None:
-    """Run `next_argvs()` until it asks for nothing more: each round's runs decide the next round's."""
+def stage_training(name: str, next_argvs: Callable[[], list[list[str]]], dry: bool, force: bool,
+                   overrides: tuple[str, ...] = ()) -> None:
+    """Run `next_argvs()` until it asks for nothing more: each round's runs decide the next round's;
+    `overrides` (--set) go to every run."""
     folder = RUNS / name
     if force and not dry:
         shutil.rmtree(folder, ignore_errors=True)
@@ -210,15 +213,14 @@ def stage_training(name: str, next_argvs: Callable[[], list[list[str]]], dry: bo
     if not argvs:
         print(f"{name}: every run has finished and nothing needs widening; skipped (--force reruns it)")
     if dry:
-        for argv in argvs:
-            print("python " + " ".join(argv))
+        print_commands(name, TrainingStage(lambda: argvs, lambda: False, lambda: [folder]), overrides)
         if argvs:
             print(f"({name}: later rounds follow from these runs' results)")
         return
     while argvs:
         if argvs == last:  # the same runs again: they ended without a result (neither completed nor diverged)
             raise ExperimentError(f"{name}: the last round left runs unfinished; see their main.log below {folder}")
-        run_stage(name, TrainingStage(lambda: argvs, lambda: False, lambda: [folder]), False, launch)
+        run_stage(name, TrainingStage(lambda: argvs, lambda: False, lambda: [folder]), False, launch, overrides)
         argvs, last = next_argvs(), argvs
 
 
@@ -233,23 +235,24 @@ def stage_fit(dry: bool, n_boot: int) -> None:
     print(f"wrote {RUNS / 'fit.json'}")
 
 
-def stage_transfer(jobs: int, dry: bool, force: bool) -> None:
+def stage_transfer(jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
     if dry:
         try:
             fitted()
         except ExperimentError as e:
             print(f"transfer: {e} (alpha and the anchor come from its fit)")
             return
-    stage_training("transfer", lambda: transfer_argvs(jobs), dry, force)
+    stage_training("transfer", lambda: transfer_argvs(jobs), dry, force, overrides)
 
 
-def stage_report(dry: bool, out: Path, name: str, jobs: int, n_boot: int) -> None:
+def stage_report(dry: bool, out: Path, name: str, jobs: int, n_boot: int, overrides: tuple[str, ...] = ()) -> None:
     roots = [RUNS / "grid", RUNS / "transfer"]
     argv = ["tools/experiments/width_report.py", *map(str, roots), "--out", str(out), "--name", name]
     print("python " + " ".join(argv))
     if not dry:
         # every multirun is in the runs' own provenance (their command lines); this is what launched them
-        driver = f"python tools/experiments/width_experiment.py --jobs {jobs}"
+        driver = f"python tools/experiments/width_experiment.py --jobs {jobs}" + \
+            (f" --set {' '.join(overrides)}" if overrides else "")
         width_report.report(roots[0], roots[1] if roots[1].exists() else None, out, name, n_boot, [driver])
 
 
@@ -264,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ROOT)
         for stage in STAGES if args.stage == "all" else (args.stage,):
             if stage == "grid":
-                stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force)
+                stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force, args.overrides)
             elif stage == "fit":
                 stage_fit(args.dry_run, args.bootstrap)
             elif stage == "transfer":
-                stage_transfer(args.jobs, args.dry_run, args.force)
+                stage_transfer(args.jobs, args.dry_run, args.force, args.overrides)
             else:
-                stage_report(args.dry_run, args.out, args.name, args.jobs, args.bootstrap)
+                stage_report(args.dry_run, args.out, args.name, args.jobs, args.bootstrap, args.overrides)
 
     return guarded(run)
 
