@@ -122,18 +122,19 @@ section_41() {
 
 section_44() {
   say "44. MoE in bf16: pretrain (aux loss only), then aux only and L_o + L_v (β = γ from docs/results/moe.json) on seeds 1-3"
-  # β = γ is the one the CPU run chose on its tuning seeds (not chosen again here); MOE_PRETRAIN_STEPS and
-  # MOE_STEPS shrink the runs to try the section on a CPU first
+  # β = γ is the one the CPU run chose on its tuning seeds (not chosen again here). MOE_PRETRAIN_STEPS,
+  # MOE_STEPS and MOE_SET (overrides for every run) shrink the section to try it on a CPU first.
   local beta
   beta=$("$PY" -c "import json; t = json.load(open('docs/results/moe.json'))['tuning']; \
 assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! no β = γ in docs/results/moe.json"; return; }
-  step 50 "$PY" tools/experiments/moe_experiment.py --stage pack
-  step 90 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION \
+  step 70 "$PY" tools/experiments/moe_experiment.py --stage pack
+  step 80 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION ${MOE_SET:-} \
     trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}" checkpoint.interval="${MOE_PRETRAIN_STEPS:-1200}"
-  step 120 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" bash -c '
+  step 110 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" \
+      MOE_SET="${MOE_SET:-}" bash -c '
     for coeff in 0 $BETA; do for seed in 1 2 3; do
-      timeout -k 5 110 "$PY" pretrain/main.py +experiment=moe_continue model.moe.ortho_loss=$coeff \
-        model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.max_steps=$MOE_STEPS \
+      timeout -k 5 100 "$PY" pretrain/main.py +experiment=moe_continue model.moe.ortho_loss=$coeff \
+        model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.max_steps=$MOE_STEPS $MOE_SET \
         > "$OUT/moe-$coeff-$seed.log" 2>&1 &
     done; done
     wait'
