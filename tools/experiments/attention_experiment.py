@@ -142,9 +142,7 @@ def stage_report(dry: bool, out: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = driver_parser(__doc__, STAGES)
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of the report's JSON and PNG")
-    p.add_argument("--name", default=PRESET, help="stem of the report's files")
+    p = driver_parser(__doc__, STAGES, report=PRESET)
     args = p.parse_args(argv)
 
     def run() -> None:

@@ -240,9 +240,13 @@ def report_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def driver_parser(doc: str, stages: tuple[str, ...]) -> argparse.ArgumentParser:
-    """--stage, --jobs, --dry-run, --force, --set: the arguments every experiment driver takes."""
+def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) -> argparse.ArgumentParser:
+    """--stage, --jobs, --dry-run, --force, --set: the arguments every experiment driver takes; with
+    `report` (the stem of its report's files) also --out and --name."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if report:
+        p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for the report's JSON and plots")
+        p.add_argument("--name", default=report, help="stem of the report's files")
     p.add_argument("--stage", choices=("all", *stages), default="all", help="one stage (default: all, in order)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

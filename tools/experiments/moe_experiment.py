@@ -260,9 +260,7 @@ def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = driver_parser(__doc__, STAGES)
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for the report's JSON and plots")
-    p.add_argument("--name", default="moe", help="stem of the report's files")
+    p = driver_parser(__doc__, STAGES, report="moe")
     p.add_argument("--tail", type=float, default=0.2, help="fraction of logged steps averaged for router statistics")
     args = p.parse_args(argv)
 

@@ -257,9 +257,7 @@ def stage_report(dry: bool, out: Path, name: str, jobs: int, n_boot: int, overri
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = driver_parser(__doc__, STAGES)
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of the report's JSON and PNGs")
-    p.add_argument("--name", default="width_scaling", help="stem of the report's files")
+    p = driver_parser(__doc__, STAGES, report="width_scaling")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the exponent's interval")
     args = p.parse_args(argv)
 
