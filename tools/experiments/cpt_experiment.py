@@ -375,8 +375,9 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     arms, init_run = continual_runs(s)  # read once: every number below comes from these runs
     curves, init = collect(arms, init_run)
     infos = [r.info for runs in arms.values() for r in runs.values()]
-    experiment = ["python " + " ".join(with_overrides(pretrain_argv(), overrides)), *commands(s, jobs, overrides)]
-    report = {"provenance": {**runs_provenance(infos), "experiment_commands": experiment}}
+    pretrain = "python " + " ".join(with_overrides(pretrain_argv(), overrides))
+    continual = commands(s, jobs, overrides)  # reads the packed sets: once
+    report = {"provenance": {**runs_provenance(infos), "experiment_commands": [pretrain, *continual]}}
     report.update(aggregate(curves, init))
     report["init_val_loss"] = init
     report["paired_vs_concat"] = paired_with_baseline(arms, "val_loss")  # the new domain: lower is better
@@ -385,12 +386,11 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     report["paired_vs_sp_r0"] = paired_with_baseline(arms, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
     report["forgetting"] = aggregate(*collect(arms, init_run, FORGETTING))  # the original domain, per arm
     report["forgetting"]["paired_vs_concat"] = paired_with_baseline(arms, FORGETTING)
-    report["val_digests"] = val_digests([r.info for a in arms.values() for r in a.values()]
-                                        + ([init_run.info] if init_run else []))
+    report["val_digests"] = val_digests(infos + ([init_run.info] if init_run else []))
     report["packing"] = packing_stats(s)
     report["setup"] = {
-        "pretrain": "python " + " ".join(with_overrides(pretrain_argv(), overrides)),
-        "continual": commands(s, jobs, overrides),
+        "pretrain": pretrain,
+        "continual": continual,
         "seq_len": s.seq_len, "validation_rows": s.val_rows,
         "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
                         "(rows x L, padding and SP duplicates included)"}
