@@ -251,14 +251,14 @@ def report(grid: Path, transfer_root: Path | None, out: Path, name: str, n_boot:
     f = fit(grid_runs, n_boot)
     transfer_runs = load(transfer_root) if transfer_root else []
     t = transfer(transfer_runs, f) if transfer_runs else None
+    infos = [read_run_info(r.path) for r in grid_runs + transfer_runs if (Path(r.path) / "run_info.json").exists()]
+    digests = one_validation_set(infos)  # refused before any file is written
     out.mkdir(parents=True, exist_ok=True)
     sweep_report.plot_loss_vs_lr(grid_runs, f, out / f"{name}_loss_vs_lr.png")
     sweep_report.plot_optimal_lr(f, out / f"{name}_optimal_lr.png")
     f["logit_plot"] = sweep_report.plot_logits(f, out / f"{name}_logits.png")
     if t:
         plot_transfer(t, out / f"{name}_transfer.png")
-    infos = [read_run_info(r.path) for r in grid_runs + transfer_runs if (Path(r.path) / "run_info.json").exists()]
-    digests = one_validation_set(infos)
     result = {"provenance": {**runs_provenance(infos), "experiment_commands": commands or []},
               "val_digests": digests, "fit": f, "transfer": t}
     write_json(out / f"{name}.json", result, default=sweep_report._json_default)
