@@ -30,7 +30,8 @@ def _python_tag() -> str:
 def tokenizer_path(cfg: DataConfig) -> Path:
     if cfg.tokenizer:
         return Path(cfg.tokenizer)
-    return cache_dir(cfg) / "tokenizers" / f"stdlib-{_python_tag()}-bpe{cfg.vocab_size}.model"
+    # named for its training text too: the training side of a data.val_percent split
+    return cache_dir(cfg) / "tokenizers" / f"stdlib-{_python_tag()}-bpe{cfg.vocab_size}-v{cfg.val_percent:g}.model"
 
 
 def ensure_tokenizer(cfg: DataConfig) -> Tokenizer:

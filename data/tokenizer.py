@@ -87,7 +87,15 @@ class SentencePieceTokenizer:
         return self.sp.decode(ids)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        """The model less the trainer's own file names (its input and its temporary output prefix, which
+        holds a process id): two trainings that learnt the same model agree, wherever the file lives."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        for bookkeeping in ("input", "model_prefix"):
+            proto.trainer_spec.ClearField(bookkeeping)
+        return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()[:16]
 
     def describe(self) -> dict:
         return _describe(self, "sentencepiece")
