@@ -55,10 +55,17 @@ def remove_dataset(prefix: str | Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def temporary_name(path: str | Path) -> str:
+    """Where this process writes `path` before renaming it into place. The name is its own, so that
+    processes building the same file at once (a multirun's workers on an empty cache) never write into
+    one another's file; each rename then puts a whole file in place."""
+    return f"{path}.tmp{os.getpid()}"
+
+
 class PackedWriter:
     """Streams rows to disk under temporary names; `finalize` renames them into place.
 
-    A crash (or a full disk) before `finalize` leaves only ``*.tmp`` files, never a dataset that
+    A crash (or a full disk) before `finalize` leaves only ``*.tmpPID`` files, never a dataset that
     loads as if complete.
     """
 
@@ -71,12 +78,13 @@ class PackedWriter:
         self.seq_len = seq_len
         self.dtype = token_dtype(vocab_size)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_names = {suffix: temporary_name(f"{self.prefix}{suffix}") for suffix in _SUFFIXES}
         self._tokens = IndexedDatasetBuilder(self._tmp(".bin"), dtype=self.dtype)
         self._bounds = IndexedDatasetBuilder(self._tmp(".bounds.bin"), dtype=np.int32)
         self.rows = 0
 
     def _tmp(self, suffix: str) -> str:
-        return f"{self.prefix}{suffix}.tmp"
+        return self._tmp_names[suffix]
 
     def add_row(self, tokens: np.ndarray, doc_starts: np.ndarray | list[int], content_end: int | None = None) -> None:
         """Append one row; ``doc_starts`` are offsets where documents begin within the row."""

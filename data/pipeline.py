@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data.corpus import Document
-from data.format import PackedWriter, dataset_exists, remove_dataset, token_dtype
+from data.format import PackedWriter, dataset_exists, remove_dataset, temporary_name, token_dtype
 from data.packing import METHODS, Plan, build_plan, plan_stats
 from data.sources import InputError, check_settings
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -138,7 +138,7 @@ def tokenize_corpus(documents: Iterable[Document], tokenizer: Tokenizer, path: s
 def tokenized(documents: Iterable[Document], tokenizer: Tokenizer, output: str | Path, *,
               workers: int = 1, progress: bool = True) -> Iterator[TokenizedCorpus]:
     """Tokenize next to the output (same disk), and always remove the temporary file."""
-    path = Path(f"{output}.tokens.tmp")
+    path = Path(temporary_name(f"{output}.tokens"))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tokenize_corpus(documents, tokenizer, path, workers=workers, progress=progress)

@@ -102,7 +102,26 @@ def test_compare_tokenizes_once_and_writes_all(tmp_path, tokenizer, documents):
     assert set(metas) == set(METHODS)
     for m in METHODS:
         assert verify_dataset(f"{tmp_path}/cmp.{m}") == []
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_two_processes_writing_one_dataset_at_once_leave_a_whole_one(tmp_path, monkeypatch):
+    # a multirun's workers on an empty cache build the same packed set at the same time
+    import data.format
+
+    prefix, rows = tmp_path / "shared", np.arange(20 * L).reshape(20, L) % 400
+    writers = []
+    for pid in (101, 102):
+        monkeypatch.setattr(data.format.os, "getpid", lambda pid=pid: pid)
+        writers.append(PackedWriter(prefix, L, vocab_size=400))
+    for row in rows:
+        for writer in writers:
+            writer.add_row(row, [0])
+    for writer in writers:
+        writer.finalize({"tokenizer": {"vocab_size": 400}})
+    ds = PackedDataset(prefix)
+    assert [ds.row(i).tokens.tolist() for i in range(len(ds))] == rows.tolist()
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_failures_leave_nothing_that_looks_complete(tmp_path, tokenizer, documents, monkeypatch):
