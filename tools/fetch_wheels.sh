@@ -5,7 +5,8 @@
 #   pip install --no-index --find-links .whl -e '.[gpu]'            # into its environment, or
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl   # beside a read-only one
 #
-#   bash tools/fetch_wheels.sh          # what a CUDA PyTorch image usually lacks: megatron-core and Hydra
+#   bash tools/fetch_wheels.sh          # what a CUDA PyTorch image usually lacks: megatron-core, Hydra and its
+#                                       # joblib launcher (the experiment drivers' multiruns)
 #   bash tools/fetch_wheels.sh --all    # every dependency except torch and its CUDA libraries
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ pinned() {  # the constraints line of each named package (name==version)
 }
 
 case "$mode" in
-  --image) specs=$(pinned megatron-core hydra-core omegaconf antlr4-python3-runtime) ;;
+  --image) specs=$(pinned megatron-core hydra-core omegaconf antlr4-python3-runtime hydra-joblib-launcher joblib) ;;
   --all) specs=$(grep -v -E '^(#|torch==|triton==|nvidia-|cuda-)' tools/constraints.txt) ;;
   *) echo "usage: bash tools/fetch_wheels.sh [--image|--all]" >&2; exit 2 ;;
 esac

@@ -12,8 +12,16 @@
 #   40  experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)
 #   41  warmup-free claim (docs/results/warmup_free.md) in bf16: AdamW, AdamW + warmup 120 and the spectral
 #       bound at lr 1e-2 and 3e-2 on the reported seeds 1-3, all at once on the GPU, then the paired report
+#   42  packing claim (docs/results/packing.md) in bf16: the CPU's driver and presets, every arm and seed
+#       (CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens, replay; seeds 1-5), then the paired report
+#   43  width claim (docs/results/width_scaling.md) in bf16, part 1 of 2 (run `43 46` in one call): the LR
+#       grid at widths 32-512 on seeds 1-3, widened until every optimum is bracketed, then the fit
 #   44  MoE claim (docs/results/moe.md) in bf16: pretrain with the auxiliary loss only, continue it with aux
 #       only and with L_o + L_v at the β = γ the CPU's tuning seeds chose, seeds 1-3 at once, paired report
+#   45  GTA/GLA claim (docs/results/attention.md) in bf16: six types at head dim 128, the LR tuned per type
+#       on seed 100, every type at its rate on seeds 1-3, then the paired report
+#   46  width claim, part 2 of 2: the grid finished if 43 ran out of time, the fit, the transfer to width
+#       768 on seeds 4-6 (the fitted rule and 0.42 against an LR search), then the paired report
 # Numbers group sections by area; later work adds its own (21, 31, 41, ...).
 #
 # A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
@@ -29,13 +37,17 @@ INSTALL_BUDGET=45
 OUT=${OUT:-/tmp/keel-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore KEEL_DEBUG=1 HYDRA_FULL_ERROR=1
 PY=${PY:-python3}
-PRECISION=${PRECISION:-bf16}  # PRECISION=fp32 PY=.venv/bin/python tries the sections on a CPU first
+PRECISION=${PRECISION:-bf16}  # PRECISION=fp32 PY=.venv/bin/python TIME_SCALE=8 tries a section on a CPU first
 MODEL_286M=(+experiment=demo model.num_layers=24 model.hidden_size=1024 model.head_dim=64 model.max_seq_len=1024
             data.seq_len=1024 trainer.global_batch_size=16 trainer.micro_batch_size=8)
 
+# the tokenizer and packed sets a preset's runs share, built once before a multirun's workers start
+PREPARE='import sys; from pretrain.config import compose_config; from data.prepare import ensure_packed, \
+ensure_tokenizer; data = compose_config(sys.argv[1:]).data; print(ensure_packed(data, ensure_tokenizer(data)))'
+
 say() { echo "== $*  ($(date -u +%H:%M:%S))"; }
 step() {  # step SECONDS COMMAND...: one time-boxed step; its output is in the log
-  local seconds=$1; shift
+  local seconds=$(( $1 * ${TIME_SCALE:-1} )); shift  # TIME_SCALE > 1 gives a CPU trial the time it needs
   timeout "$seconds" "$@" 2>&1 | grep -v -e Warning -e warnings.warn
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "!! exit $rc after at most ${seconds}s: $*"
@@ -120,6 +132,41 @@ section_41() {
   tar -C /tmp/runs -czf "$OUT/warmup_free_runs.tgz" --exclude=checkpoints warmup_free 2>/dev/null
 }
 
+section_42() {
+  say "42. packing in bf16: CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens and replay, seeds 1-5, one pretrained model"
+  # The CPU's driver and presets; every training run in bf16, PACK_JOBS of them at once on the GPU.
+  # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first.
+  local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
+                ${PACK_SET:-})
+  step 80 "$PY" "${driver[@]}" --stage pack
+  step 190 env PY="$PY" bash -c 'for stage in pretrain init cpt replay ablation distinct; do
+    "$PY" "$@" --stage $stage || exit; done' _ "${driver[@]}"
+  step 30 "$PY" "${driver[@]}" --stage report --json "$OUT/packing_gpu.json" --png "$OUT/packing_gpu.png"
+  tar -czf "$OUT/packing_runs.tgz" --exclude=checkpoints runs/cpt_pretrain runs/cpt_packing 2>/dev/null
+}
+
+section_43() {
+  say "43. width in bf16 (1 of 2): the LR grid at widths 32-512, seeds 1-3, widened until every optimum is bracketed"
+  # One multirun per width, all at once (--concurrent), WIDTH_JOBS runs each. The driver resumes from the
+  # runs on disk, so section 46 finishes what this one's time box cut off. WIDTH_SET and WIDTH_JOBS shrink
+  # the section to try it on a CPU first.
+  step 50 "$PY" -c "$PREPARE" +experiment=width_sweep
+  step 220 "$PY" tools/experiments/width_experiment.py --stage grid --concurrent --jobs "${WIDTH_JOBS:-4}" \
+    --set trainer.precision=$PRECISION ${WIDTH_SET:-}
+  step 30 "$PY" tools/experiments/width_experiment.py --stage fit
+}
+
+section_46() {
+  say "46. width in bf16 (2 of 2): the grid's rest, the fit, the transfer to width 768 on seeds 4-6, the report"
+  local driver=(tools/experiments/width_experiment.py --concurrent --jobs "${WIDTH_JOBS:-4}"
+                --set trainer.precision=$PRECISION ${WIDTH_SET:-})
+  step 70 "$PY" "${driver[@]}" --stage grid
+  step 30 "$PY" "${driver[@]}" --stage fit
+  step 150 "$PY" "${driver[@]}" --stage transfer
+  step 50 "$PY" "${driver[@]}" --stage report --out "$OUT" --name width_gpu
+  tar -czf "$OUT/width_runs.tgz" --exclude=checkpoints runs/width 2>/dev/null
+}
+
 section_44() {
   say "44. MoE in bf16: pretrain (aux loss only), then aux only and L_o + L_v (β = γ from docs/results/moe.json) on seeds 1-3"
   # β = γ is the one the CPU run chose on its tuning seeds (not chosen again here). MOE_PRETRAIN_STEPS,
@@ -141,6 +188,20 @@ assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! 
   step 40 "$PY" tools/experiments/moe_report.py runs/moe_continue --pretrained runs/moe_pretrain --out "$OUT" \
     --name moe_gpu
   tar -czf "$OUT/moe_runs.tgz" --exclude=checkpoints runs/moe_pretrain runs/moe_continue 2>/dev/null
+}
+
+section_45() {
+  say "45. GTA/GLA in bf16: six types at head dim 128, LR tuned per type on seed 100, then seeds 1-3 at each type's rate"
+  # The CPU's driver and preset; every run in bf16, ATTN_JOBS of them at once on the GPU (the compare stage
+  # is one multirun per chosen rate). ATTN_SET and ATTN_JOBS shrink the section to try it on a CPU first.
+  local driver=(tools/experiments/attention_experiment.py --jobs "${ATTN_JOBS:-18}" --set trainer.precision=$PRECISION
+                ${ATTN_SET:-})
+  step 60 "$PY" -c "$PREPARE" +experiment=attention_d128
+  step 110 "$PY" "${driver[@]}" --stage tune
+  step 15 "$PY" "${driver[@]}" --stage report-choice
+  step 90 "$PY" "${driver[@]}" --stage compare
+  step 25 "$PY" "${driver[@]}" --stage report --out "$OUT" --name attention_gpu
+  tar -czf "$OUT/attention_runs.tgz" --exclude=checkpoints runs/attention_d128 2>/dev/null
 }
 
 sections=$(declare -F | sed -n 's/^declare -f section_//p' | tr '\n' ' ')

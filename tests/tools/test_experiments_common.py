@@ -3,6 +3,7 @@ tables, and runs read from folders and grouped into arms."""
 
 import json
 import math
+import threading
 
 import pytest
 
@@ -131,3 +132,23 @@ def test_set_overrides_reach_every_training_run_and_only_those(tmp_path, capsys)
     common.print_commands("train", stage, args.overrides)
     assert capsys.readouterr().out.splitlines()[1].endswith("seed=1,2 trainer.precision=bf16 trainer.eval_batches=4")
     assert common.driver_parser("doc", ("train",)).parse_args([]).overrides == []
+
+
+def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end(tmp_path):
+    """--concurrent: a stage's processes all run at once (each launch here waits until all three have
+    started, so one after another would break the barrier), and a failure is raised once every one ended."""
+    all_started, ended = threading.Barrier(3, timeout=60), []
+
+    def launch(argv):
+        all_started.wait()
+        ended.append(argv[2])
+        if argv[2] == "seed=2":
+            raise ExperimentError("seed 2 failed")
+
+    argvs = [["pretrain/main.py", "-m", f"seed={seed}"] for seed in (1, 2, 3)]
+    stage = common.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
+    args = common.driver_parser("doc", ("train",)).parse_args(["--concurrent", "--set", "trainer.precision=bf16"])
+    with pytest.raises(ExperimentError, match="seed 2 failed"):
+        common.run_stage("train", stage, False, launch, args.overrides, args.concurrent)
+    assert sorted(ended) == ["seed=1", "seed=2", "seed=3"]
+    assert not common.driver_parser("doc", ("train",)).parse_args([]).concurrent

@@ -100,7 +100,8 @@ def chosen_lrs(types=TYPES) -> dict[str, float]:
 
 
 # --- The stages ---------------------------------------------------------------------------------------
-def stage_training(name: str, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
+def stage_training(name: str, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
+                   concurrent: bool = False) -> None:
     folder = RUNS / name
     if name == "tune":
         argvs, wanted = tune_argvs(jobs), {(t, lr, TUNING_SEED) for t in TYPES for lr in LRS}
@@ -117,7 +118,7 @@ def stage_training(name: str, jobs: int, dry: bool, force: bool, overrides: tupl
     if dry:
         print_commands(name, stage, overrides)
         return
-    run_stage(name, stage, force, launch, overrides)
+    run_stage(name, stage, force, launch, overrides, concurrent)
 
 
 def stage_choice(dry: bool) -> None:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "report":
                 stage_report(args.dry_run, args.out, args.name)
             else:
-                stage_training(stage, args.jobs, args.dry_run, args.force, args.overrides)
+                stage_training(stage, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent)
 
     return guarded(run)
 

@@ -15,8 +15,8 @@
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
 - The drivers' stages: `TrainingStage` (its commands, whether its runs are done, what --force removes),
-  `print_commands` (--dry-run), `run_stage` (skip when done, else launch), `launch` (one process from
-  the repository root, one thread per BLAS pool) and `completed`.
+  `print_commands` (--dry-run), `run_stage` (skip when done, else launch, in order or --concurrent),
+  `launch` (one process from the repository root, one thread per BLAS pool) and `completed`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
@@ -241,7 +242,7 @@ def report_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
 
 
 def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) -> argparse.ArgumentParser:
-    """--stage, --jobs, --dry-run, --force, --set: the arguments every experiment driver takes; with
+    """--stage, --jobs, --concurrent, --dry-run, --force, --set: the arguments every experiment driver takes; with
     `report` (the stem of its report's files) also --out and --name."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if report:
@@ -251,6 +252,9 @@ def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) 
     p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="redo stages that are done (their folders removed)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="launch a stage's multiruns all at once rather than one after another (a machine with "
+                        "cores and a GPU to spare: --jobs runs each, so jobs x multiruns in all)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="Hydra overrides added to every training run, e.g. trainer.precision=bf16 on a GPU "
                         "(tools/gpu_check.sh)")
@@ -306,17 +310,27 @@ def print_commands(name: str, stage: TrainingStage, overrides: Iterable[str] = (
 
 
 def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[list[str]], None] = launch,
-              overrides: Iterable[str] = ()) -> None:
-    """Launch a stage's processes in order, or skip it when its runs are done; --force removes its
-    folders and runs it again; `overrides` (--set) go to every training run. (`launch` is the driver's,
-    so tests can replace it.)"""
+              overrides: Iterable[str] = (), concurrent: bool = False) -> None:
+    """Launch a stage's processes in order, or all at once when `concurrent` (--concurrent), or skip the
+    stage when its runs are done; --force removes its folders and runs it again; `overrides` (--set) go to
+    every training run. (`launch` is the driver's, so tests can replace it.)"""
     if force:
         for folder in stage.folders():
             shutil.rmtree(folder, ignore_errors=True)
     elif stage.done():
         print(f"{name}: every run has finished; skipped (--force reruns it)")
         return
-    for argv in stage.argvs():
-        argv = with_overrides(argv, overrides)
-        print("python " + " ".join(argv))
-        launch(argv)
+    argvs = [with_overrides(argv, overrides) for argv in stage.argvs()]
+    if not concurrent:
+        for argv in argvs:
+            print("python " + " ".join(argv))
+            launch(argv)
+        return
+    # A stage's processes are independent multiruns (one per width, per chosen rate, ...), each into
+    # its own run folders; every one runs to its end before the first failure is raised.
+    print("\n".join(f"python {' '.join(argv)} &" for argv in argvs))
+    with ThreadPoolExecutor(max_workers=len(argvs) or 1) as pool:
+        futures = [pool.submit(launch, argv) for argv in argvs]
+    for future in futures:
+        if future.exception():
+            raise future.exception()

@@ -340,12 +340,13 @@ def stage_pack(s: Setup, dry: bool) -> None:
     launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.sp_r0, s.replay_train, *validation.values()])])
 
 
-def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
+def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
+                   concurrent: bool = False) -> None:
     stage = training_stages(s, jobs)[name]
     if dry:  # the distinct arms' steps come from the packed sets, which may not exist yet
         print_commands(name, stage, overrides)
         return
-    run_stage(name, stage, force, launch, overrides)
+    run_stage(name, stage, force, launch, overrides, concurrent)
 
 
 def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.dry_run:
                     stage_report(s, args.jobs, args.json, args.png, args.overrides)
             else:
-                stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides)
+                stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent)
 
     return guarded(run)
 

@@ -218,7 +218,8 @@ def check_validation_rows(s: Setup) -> None:
                                   "--force")
 
 
-def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
+def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
+                   concurrent: bool = False) -> None:
     stage = training_stages(s, jobs)[name]
     if dry:  # the continue stage's β = γ comes from the tuning runs
         print_commands(name, stage, overrides, lambda e: [
@@ -227,7 +228,7 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overr
         return
     if name != "pretrain":
         require_pretrained(s)
-    run_stage(name, stage, force, launch, overrides)
+    run_stage(name, stage, force, launch, overrides, concurrent)
 
 
 def commands(s: Setup, jobs: int, overrides: tuple[str, ...] = ()) -> list[str]:
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "report": lambda: stage_report(s, args.jobs, args.out, args.name, args.tail, args.dry_run,
                                            args.overrides)}
         for stage in STAGES if args.stage == "all" else (args.stage,):
-            stages.get(stage, lambda: stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides))()
+            stages.get(stage, lambda: stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent))()
 
     return guarded(run)
 

@@ -203,7 +203,7 @@ def transfer_argvs(jobs: int) -> list[list[str]]:
 
 
 def stage_training(name: str, next_argvs: Callable[[], list[list[str]]], dry: bool, force: bool,
-                   overrides: tuple[str, ...] = ()) -> None:
+                   overrides: tuple[str, ...] = (), concurrent: bool = False) -> None:
     """Run `next_argvs()` until it asks for nothing more: each round's runs decide the next round's;
     `overrides` (--set) go to every run."""
     folder = RUNS / name
@@ -220,7 +220,8 @@ def stage_training(name: str, next_argvs: Callable[[], list[list[str]]], dry: bo
     while argvs:
         if argvs == last:  # the same runs again: they ended without a result (neither completed nor diverged)
             raise ExperimentError(f"{name}: the last round left runs unfinished; see their main.log below {folder}")
-        run_stage(name, TrainingStage(lambda: argvs, lambda: False, lambda: [folder]), False, launch, overrides)
+        run_stage(name, TrainingStage(lambda: argvs, lambda: False, lambda: [folder]), False, launch, overrides,
+                  concurrent)
         argvs, last = next_argvs(), argvs
 
 
@@ -235,14 +236,14 @@ def stage_fit(dry: bool, n_boot: int) -> None:
     print(f"wrote {RUNS / 'fit.json'}")
 
 
-def stage_transfer(jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = ()) -> None:
+def stage_transfer(jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (), concurrent: bool = False) -> None:
     if dry:
         try:
             fitted()
         except ExperimentError as e:
             print(f"transfer: {e} (alpha and the anchor come from its fit)")
             return
-    stage_training("transfer", lambda: transfer_argvs(jobs), dry, force, overrides)
+    stage_training("transfer", lambda: transfer_argvs(jobs), dry, force, overrides, concurrent)
 
 
 def stage_report(dry: bool, out: Path, name: str, jobs: int, n_boot: int, overrides: tuple[str, ...] = ()) -> None:
@@ -265,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ROOT)
         for stage in STAGES if args.stage == "all" else (args.stage,):
             if stage == "grid":
-                stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force, args.overrides)
+                stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force, args.overrides,
+                               args.concurrent)
             elif stage == "fit":
                 stage_fit(args.dry_run, args.bootstrap)
             elif stage == "transfer":
-                stage_transfer(args.jobs, args.dry_run, args.force, args.overrides)
+                stage_transfer(args.jobs, args.dry_run, args.force, args.overrides, args.concurrent)
             else:
                 stage_report(args.dry_run, args.out, args.name, args.jobs, args.bootstrap, args.overrides)
 
