@@ -138,8 +138,8 @@ section_42() {
   # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first.
   local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
                 ${PACK_SET:-})
-  step 80 "$PY" "${driver[@]}" --stage pack
-  step 190 env PY="$PY" bash -c 'for stage in pretrain init cpt replay ablation distinct; do
+  step 100 "$PY" "${driver[@]}" --stage pack
+  step 170 env PY="$PY" bash -c 'for stage in pretrain init cpt replay ablation distinct; do
     "$PY" "$@" --stage $stage || exit; done' _ "${driver[@]}"
   step 30 "$PY" "${driver[@]}" --stage report --json "$OUT/packing_gpu.json" --png "$OUT/packing_gpu.png"
   tar -czf "$OUT/packing_runs.tgz" --exclude=checkpoints runs/cpt_pretrain runs/cpt_packing 2>/dev/null

@@ -316,12 +316,17 @@ def plot(report: dict, path: Path) -> None:
 
 
 # --- The stages ---------------------------------------------------------------------------------------
-def stage_pack(s: Setup, dry: bool) -> None:
+def stage_pack(s: Setup, dry: bool, workers: int = 1) -> None:
+    """The packed sets; `workers` (the driver's --jobs: the cores it may use) tokenize each corpus, which
+    changes only the speed (tools/pack.py writes the same rows for any number)."""
     from data.prepare import ensure_tokenizer, tokenizer_path
 
-    packs = (pack_argv, pack_sp_r0_argv, pack_replay_argv)
-    for argv in packs:
-        print("python " + " ".join(argv(s, tokenizer_path(s.data))))
+    def packs(tokenizer: Path) -> list[list[str]]:
+        return [[*argv(s, tokenizer), "--workers", str(workers)]
+                for argv in (pack_argv, pack_sp_r0_argv, pack_replay_argv)]
+
+    for argv in packs(tokenizer_path(s.data)):
+        print("python " + " ".join(argv))
     validation = {CORPUS: s.val, ORIGINAL: s.original_val}
     for corpus, prefix in validation.items():
         print(f"(validation set) data.validation.pack_split_val({corpus}:val) -> {prefix}")
@@ -331,8 +336,8 @@ def stage_pack(s: Setup, dry: bool) -> None:
     from data.validation import pack_split_val
 
     tokenizer = ensure_tokenizer(s.data)
-    for argv in packs:
-        launch(argv(s, tokenizer.path))
+    for argv in packs(tokenizer.path):
+        launch(argv)
     for corpus, prefix in validation.items():
         documents = stdlib_documents(corpus.split(":")[1], "val")
         meta = pack_split_val(documents, tokenizer, s.seq_len, prefix, s.val_rows, source=f"{corpus}:val")
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         s = setup()
         for stage in STAGES if args.stage == "all" else (args.stage,):
             if stage == "pack":
-                stage_pack(s, args.dry_run)
+                stage_pack(s, args.dry_run, args.jobs)
             elif stage == "report":
                 if not args.dry_run:
                     stage_report(s, args.jobs, args.json, args.png, args.overrides)
