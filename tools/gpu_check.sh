@@ -135,7 +135,8 @@ section_41() {
 section_42() {
   say "42. packing in bf16: CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens and replay, seeds 1-5, one pretrained model"
   # The CPU's driver and presets; every training run in bf16, PACK_JOBS of them at once on the GPU.
-  # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first.
+  # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first; a
+  # trainer.max_steps there also shortens the distinct arm, which the report then takes for SP.
   local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
                 ${PACK_SET:-})
   step 100 "$PY" "${driver[@]}" --stage pack
