@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from filelock import FileLock
+
 from data.corpus import stdlib_documents
 from data.format import PackedDataset, dataset_exists
 from data.loader import Source
@@ -37,9 +39,19 @@ def tokenizer_path(cfg: DataConfig) -> Path:
 def ensure_tokenizer(cfg: DataConfig) -> Tokenizer:
     path = tokenizer_path(cfg)
     if not cfg.tokenizer and not path.exists():
-        # trained on the training side of the split only, so validation text stays unseen
-        train_tokenizer((d.text for d in stdlib_documents("all", "train", cfg.val_percent)), path, cfg.vocab_size)
+        with _building(path):
+            if not path.exists():  # another process may have trained it while this one waited
+                # trained on the training side of the split only, so validation text stays unseen
+                train_tokenizer((d.text for d in stdlib_documents("all", "train", cfg.val_percent)), path,
+                                cfg.vocab_size)
     return load_tokenizer(path)
+
+
+def _building(path: str | Path) -> FileLock:
+    """One builder per cache entry: a multirun's workers on an empty cache wait for the first to finish
+    it, then use what it wrote, rather than each building (and racing to rename) the same files."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.lock")
 
 
 def packed_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str | None, str]:
@@ -59,12 +71,15 @@ def ensure_packed(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
         return train, val
     subset = cfg.corpus.split(":")[1] if ":" in cfg.corpus else "all"
     for split, prefix in (("train", train), ("val", val)):
-        if not Path(f"{prefix}.json").exists():
-            from data.pipeline import pack_documents
+        if Path(f"{prefix}.json").exists():  # complete: the JSON is renamed into place last
+            continue
+        with _building(prefix):
+            if not Path(f"{prefix}.json").exists():
+                from data.pipeline import pack_documents
 
-            docs = stdlib_documents(subset, split, cfg.val_percent)
-            pack_documents(docs, tokenizer, cfg.seq_len, cfg.pack_method, prefix, overwrite=dataset_exists(prefix),
-                           progress=False)
+                docs = stdlib_documents(subset, split, cfg.val_percent)
+                pack_documents(docs, tokenizer, cfg.seq_len, cfg.pack_method, prefix,
+                               overwrite=dataset_exists(prefix), progress=False)
     return train, val
 
 

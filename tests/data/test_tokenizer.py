@@ -1,11 +1,8 @@
-"""keel's sentencepiece tokenizers: the fingerprint that keeps packed data with its tokenizer, and the
-cached tokenizer's name."""
+"""keel's sentencepiece tokenizers: the fingerprint that keeps packed data with its tokenizer."""
 
 from __future__ import annotations
 
-from data.config import DataConfig
 from data.corpus import stdlib_files
-from data.prepare import tokenizer_path
 from data.tokenizer import SentencePieceTokenizer, train_tokenizer
 
 
@@ -19,11 +16,3 @@ def test_two_trainings_of_one_model_share_a_fingerprint_and_another_model_does_n
     assert a.fingerprint() == b.fingerprint()
     other = SentencePieceTokenizer(train_tokenizer(texts, tmp_path / "c" / "tok.model", 420))
     assert other.fingerprint() != a.fingerprint()
-
-
-def test_the_cached_tokenizer_is_named_for_the_split_it_was_trained_on(tmp_path):
-    # ensure_tokenizer trains on the training side of data.val_percent's split, so each split has its own
-    five, ten = DataConfig(cache_dir=str(tmp_path)), DataConfig(cache_dir=str(tmp_path), val_percent=10)
-    assert tokenizer_path(five) != tokenizer_path(ten)
-    assert tokenizer_path(five).parent == tokenizer_path(ten).parent == tmp_path / "tokenizers"
-    assert tokenizer_path(DataConfig(tokenizer=str(tmp_path / "mine.model"))) == tmp_path / "mine.model"
