@@ -140,8 +140,9 @@ section_42() {
   local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
                 ${PACK_SET:-})
   step 100 "$PY" "${driver[@]}" --stage pack
-  step 170 env PY="$PY" bash -c 'for stage in pretrain init cpt replay ablation distinct; do
-    "$PY" "$@" --stage $stage || exit; done' _ "${driver[@]}"
+  # every stage after pretrain needs only the pretrained model: they run side by side
+  step 170 env PY="$PY" bash -c '"$PY" "$@" --stage pretrain || exit
+    for stage in init cpt replay ablation distinct; do "$PY" "$@" --stage $stage & done; wait' _ "${driver[@]}"
   step 30 "$PY" "${driver[@]}" --stage report --json "$OUT/packing_gpu.json" --png "$OUT/packing_gpu.png"
   tar -czf "$OUT/packing_runs.tgz" --exclude=checkpoints runs/cpt_pretrain runs/cpt_packing 2>/dev/null
 }
@@ -193,10 +194,11 @@ assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! 
 
 section_45() {
   say "45. GTA/GLA in bf16: six types at head dim 128, LR tuned per type on seed 100, then seeds 1-3 at each type's rate"
-  # The CPU's driver and preset; every run in bf16, ATTN_JOBS of them at once on the GPU (the compare stage
-  # is one multirun per chosen rate). ATTN_SET and ATTN_JOBS shrink the section to try it on a CPU first.
-  local driver=(tools/experiments/attention_experiment.py --jobs "${ATTN_JOBS:-18}" --set trainer.precision=$PRECISION
-                ${ATTN_SET:-})
+  # The CPU's driver and preset; every run in bf16, ATTN_JOBS of them at once per multirun on the GPU (the
+  # compare stage's multiruns, one per chosen rate, all at once). ATTN_SET and ATTN_JOBS shrink the section
+  # to try it on a CPU first.
+  local driver=(tools/experiments/attention_experiment.py --concurrent --jobs "${ATTN_JOBS:-18}"
+                --set trainer.precision=$PRECISION ${ATTN_SET:-})
   step 60 "$PY" -c "$PREPARE" +experiment=attention_d128
   step 110 "$PY" "${driver[@]}" --stage tune
   step 15 "$PY" "${driver[@]}" --stage report-choice
