@@ -137,6 +137,12 @@ def scored_digest(loader: PackedLoader, global_batches: int) -> str:
     return h.hexdigest()
 
 
+def scored_tokens(loader: PackedLoader, global_batches: int) -> int:
+    """Tokens those rows hold before their padding: what an evaluation scores (a split-packed set's rows
+    are partly padding, a concat-packed set's are full)."""
+    return sum(ds.row(i).content_end for ds, i in scored_rows(loader, global_batches))
+
+
 def _batch(rows: list[tuple[PackedDataset, int]]) -> dict[str, torch.Tensor]:
     """One micro-batch of rows, each from its own dataset."""
     datasets = {id(ds) for ds, _ in rows}

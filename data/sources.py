@@ -196,6 +196,7 @@ class Source:
     text_field: str = "text"
     text_mode: str = "file"
     skip_missing_field: bool = False  # skip (and count) rows lacking the text field instead of failing
+    val_percent: float = 5.0  # stdlib:...:train / :val: the share of files held out (data.val_percent)
     skipped: list = field(default_factory=list, init=False, repr=False)  # where each skipped row was
     _items: list = field(default_factory=list, init=False, repr=False)
     _description: dict = field(default_factory=dict, init=False, repr=False)
@@ -205,6 +206,8 @@ class Source:
             raise InputError("no input given; pass --input PATH [PATH ...] or --input stdlib")
         if self.text_mode not in TEXT_MODES:
             raise InputError(f"unknown text mode {self.text_mode!r}; choose one of {', '.join(TEXT_MODES)}")
+        if not 0 < self.val_percent < 50:
+            raise InputError(f"the held-out share must be in (0, 50) percent, got {self.val_percent}; e.g. --val-percent 5")
         # 1. Resolve every input: a stdlib corpus name, or paths/globs that must match files.
         for spec in self.inputs:
             stdlib = parse_stdlib(spec)
@@ -222,7 +225,7 @@ class Source:
     def __iter__(self) -> Iterator[Document]:
         for kind, value in self._items:
             if kind == "stdlib":
-                yield from stdlib_documents(*value)
+                yield from stdlib_documents(*value, self.val_percent)
             else:
                 yield from _file_documents(value, self.text_field, self.text_mode,
                                            self.skipped if self.skip_missing_field else None)
@@ -232,7 +235,8 @@ class Source:
         """The inputs, for the packed data's metadata. The same dict object is returned each time, and
         its count of skipped rows is filled in as the documents are read (the packer writes the
         metadata once they all have been)."""
+        held_out = {"val_percent": self.val_percent} if any(kind == "stdlib" for kind, _ in self._items) else {}
         self._description.update({"inputs": list(self.inputs), "files": sum(kind == "file" for kind, _ in self._items),
                                   "text_field": self.text_field, "text_mode": self.text_mode,
-                                  "rows_missing_text_field": len(self.skipped)})
+                                  "rows_missing_text_field": len(self.skipped), **held_out})
         return self._description

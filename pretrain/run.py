@@ -184,8 +184,9 @@ def check_writable(run_dir: Path, rank: int) -> None:
 
 def validation_record(cfg, data: RunData) -> dict:
     """What each evaluation scores, per validation set: a digest of the token ids (the same for every
-    seed and arm, see data.loader.VALIDATION_SEED), rows and tokens scored, and the rows the set holds."""
-    from data.loader import evaluation_batches, scored_digest, validation_loader
+    seed and arm, see data.loader.VALIDATION_SEED), the rows and their tokens before padding, and the rows
+    the set holds."""
+    from data.loader import evaluation_batches, scored_digest, scored_tokens, validation_loader
 
     t = cfg.trainer
     record = {}
@@ -193,7 +194,7 @@ def validation_record(cfg, data: RunData) -> dict:
         loader = validation_loader(ds, t.global_batch_size, t.global_batch_size, 0, 1)  # the stream all ranks share
         batches = evaluation_batches(len(ds), t.global_batch_size, t.eval_batches)
         rows = batches * t.global_batch_size
-        record[name] = {"digest": scored_digest(loader, batches), "rows": rows, "tokens": rows * ds.seq_len,
+        record[name] = {"digest": scored_digest(loader, batches), "rows": rows, "tokens": scored_tokens(loader, batches),
                         "set_rows": len(ds), "path": ds.prefix}
     return record
 

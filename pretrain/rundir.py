@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its git revision is the code's
 
@@ -69,7 +70,19 @@ def runs_provenance(infos: list[dict]) -> dict:
     out = provenance(distinct("command"), dtype=", ".join(map(str, distinct("dtype"))),
                      device=", ".join(map(str, distinct("device"))))
     return {**out, "runs": len(infos), "run_git_revisions": distinct("git_revision"),
-            "run_versions": distinct("versions")}
+            "run_versions": distinct("versions"), "validation": scored_validation(infos)}
+
+
+def scored_validation(infos: Iterable[dict]) -> dict[str, dict[str, list]]:
+    """Validation set -> the distinct digests of the text the runs scored and the distinct token counts,
+    from their run_info.json: one digest a set when every run scored the same text."""
+    found: dict[str, dict[str, set]] = {}
+    for info in infos:
+        for name, v in info.get("validation", {}).items():
+            seen = found.setdefault(name, {"digests": set(), "tokens": set()})
+            seen["digests"].add(v["digest"])
+            seen["tokens"].add(v["tokens"])
+    return {name: {key: sorted(values) for key, values in seen.items()} for name, seen in found.items()}
 
 
 def find_run_folder(path: Path) -> Path | None:

@@ -22,7 +22,8 @@
 #       on seed 100, every type at its rate on seeds 1-3, then the paired report
 #   46  width claim, part 2 of 2: the grid finished if 43 ran out of time, the fit, the transfer to width
 #       768 on seeds 4-6 (the fitted rule and 0.42 against an LR search), then the paired report
-# Numbers group sections by area; later work adds its own (21, 31, 41, ...).
+# Numbers group sections by area; later work adds its own (21, 31, 41, ...). The claim sections (41-46)
+# score at least 1M validation tokens per set (VAL_TOKENS), holding out more of the files than the CPU runs.
 #
 # A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
 # time-boxed: the timeouts of its steps add up to its budget (SECTION_BUDGET, checked by
@@ -44,6 +45,20 @@ MODEL_286M=(+experiment=demo model.num_layers=24 model.hidden_size=1024 model.he
 # the tokenizer and packed sets a preset's runs share, built once before a multirun's workers start
 PREPARE='import sys; from pretrain.config import compose_config; from data.prepare import ensure_packed, \
 ensure_tokenizer; data = compose_config(sys.argv[1:]).data; print(ensure_packed(data, ensure_tokenizer(data)))'
+
+# The claim sections' validation (issue 16): at least VAL_TOKENS tokens per set on a GPU, the same rows for
+# every seed and arm. The CPU's 5% split of the default corpus holds 379k tokens, so a section holds out
+# more of the files. Scored once, after the last step: the reports read final losses, and thousands of
+# small evaluation batches would cost a run more than its training.
+VAL_TOKENS=1048576
+VALIDATION='import math, sys; from pretrain.config import compose_config; tokens, percent, fill = sys.argv[1:4]; \
+c = compose_config([*sys.argv[4:], f"data.val_percent={percent}"]); row = c.trainer.global_batch_size * c.data.seq_len; \
+print(f"data.val_percent={percent} trainer.eval_batches={math.ceil(int(tokens) / (row * float(fill)))}", \
+f"trainer.eval_interval={c.trainer.max_steps}")'
+validation() {  # validation PERCENT FILL OVERRIDES...: the overrides that give a preset's runs this validation;
+                # FILL: the share of a validation row that is text (1 for concat-packed sets)
+  timeout 60 "$PY" -c "$VALIDATION" "$VAL_TOKENS" "$@" || { echo "!! no validation overrides for $*" >&2; return 1; }
+}
 
 say() { echo "== $*  ($(date -u +%H:%M:%S))"; }
 step() {  # step SECONDS COMMAND...: one time-boxed step; its output is in the log
@@ -115,9 +130,11 @@ section_41() {
   say "41. warmup-free in bf16: AdamW, AdamW + warmup 120, the spectral bound (τ 0.05) at lr 1e-2 and 3e-2, seeds 1-3"
   # 18 small runs side by side (the GPU is far from full), each time-boxed itself (a timeout stops only its
   # own child); WF_LRS, WF_SEEDS and WF_STEPS shrink the grid to try the section on a CPU first
+  local val
+  val=$(validation 15 1 +experiment=warmup_free_adamw_warmup trainer.max_steps="${WF_STEPS:-300}") || return
   step 230 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" WF_STEPS="${WF_STEPS:-300}" WF_LRS="${WF_LRS:-1e-2 3e-2}" \
-      WF_SEEDS="${WF_SEEDS:-1 2 3}" bash -c '
-    common="trainer.precision=$PRECISION trainer.progress=false logging.tensorboard=false trainer.eval_interval=100"
+      WF_SEEDS="${WF_SEEDS:-1 2 3}" VAL="$val" bash -c '
+    common="trainer.precision=$PRECISION trainer.progress=false logging.tensorboard=false $VAL"
     for lr in $WF_LRS; do for seed in $WF_SEEDS; do
       for arm in "adamw +experiment=warmup_free_adamw_warmup lr.warmup_steps=0" \
                  "warmup +experiment=warmup_free_adamw_warmup lr.warmup_steps=120" \
@@ -137,7 +154,11 @@ section_42() {
   # The CPU's driver and presets; every training run in bf16, PACK_JOBS of them at once on the GPU.
   # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first; a
   # trainer.max_steps there also shortens the distinct arm, which the report then takes for SP.
-  local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
+  # 30% of the files held out: each domain's split then holds 1M tokens of text (5% holds 275k and 106k); a
+  # validation row is one document piece, on the CPU about half text and half padding
+  local val
+  val=$(validation 30 0.45 +experiment=cpt_packing) || return
+  local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION $val
                 ${PACK_SET:-})
   step 100 "$PY" "${driver[@]}" --stage pack
   # every stage after pretrain needs only the pretrained model: they run side by side
@@ -152,16 +173,20 @@ section_43() {
   # One multirun per width, all at once (--concurrent), WIDTH_JOBS runs each. The driver resumes from the
   # runs on disk, so section 46 finishes what this one's time box cut off. WIDTH_SET and WIDTH_JOBS shrink
   # the section to try it on a CPU first.
-  step 50 "$PY" -c "$PREPARE" +experiment=width_sweep
+  local val
+  val=$(validation 15 1 +experiment=width_sweep) || return
+  step 50 "$PY" -c "$PREPARE" +experiment=width_sweep $val
   step 220 "$PY" tools/experiments/width_experiment.py --stage grid --concurrent --jobs "${WIDTH_JOBS:-4}" \
-    --set trainer.precision=$PRECISION ${WIDTH_SET:-}
+    --set trainer.precision=$PRECISION $val ${WIDTH_SET:-}
   step 30 "$PY" tools/experiments/width_experiment.py --stage fit
 }
 
 section_46() {
   say "46. width in bf16 (2 of 2): the grid's rest, the fit, the transfer to width 768 on seeds 4-6, the report"
+  local val
+  val=$(validation 15 1 +experiment=width_sweep) || return
   local driver=(tools/experiments/width_experiment.py --concurrent --jobs "${WIDTH_JOBS:-4}"
-                --set trainer.precision=$PRECISION ${WIDTH_SET:-})
+                --set trainer.precision=$PRECISION $val ${WIDTH_SET:-})
   step 70 "$PY" "${driver[@]}" --stage grid
   step 30 "$PY" "${driver[@]}" --stage fit
   step 150 "$PY" "${driver[@]}" --stage transfer
@@ -176,11 +201,15 @@ section_44() {
   local beta
   beta=$("$PY" -c "import json; t = json.load(open('docs/results/moe.json'))['tuning']; \
 assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! no β = γ in docs/results/moe.json"; return; }
-  step 70 "$PY" tools/experiments/moe_experiment.py --stage pack
-  step 80 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION ${MOE_SET:-} \
+  # 30% of the files held out: the modules' share then holds the 1M validation tokens too (10% holds 250k)
+  local pre cont
+  pre=$(validation 30 1 +experiment=moe_pretrain trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}") || return
+  cont=$(validation 30 1 +experiment=moe_continue trainer.max_steps="${MOE_STEPS:-500}") || return
+  step 70 "$PY" tools/experiments/moe_experiment.py --stage pack --set $pre
+  step 80 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION $pre ${MOE_SET:-} \
     trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}" checkpoint.interval="${MOE_PRETRAIN_STEPS:-1200}"
   step 110 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" \
-      MOE_SET="${MOE_SET:-}" bash -c '
+      MOE_SET="$cont ${MOE_SET:-}" bash -c '
     for coeff in 0 $BETA; do for seed in 1 2 3; do
       timeout -k 5 100 "$PY" pretrain/main.py +experiment=moe_continue model.moe.ortho_loss=$coeff \
         model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.max_steps=$MOE_STEPS $MOE_SET \
@@ -197,9 +226,11 @@ section_45() {
   # The CPU's driver and preset; every run in bf16, ATTN_JOBS of them at once per multirun on the GPU (the
   # compare stage's multiruns, one per chosen rate, all at once). ATTN_SET and ATTN_JOBS shrink the section
   # to try it on a CPU first.
+  local val
+  val=$(validation 15 1 +experiment=attention_d128) || return
   local driver=(tools/experiments/attention_experiment.py --concurrent --jobs "${ATTN_JOBS:-18}"
-                --set trainer.precision=$PRECISION ${ATTN_SET:-})
-  step 60 "$PY" -c "$PREPARE" +experiment=attention_d128
+                --set trainer.precision=$PRECISION $val ${ATTN_SET:-})
+  step 60 "$PY" -c "$PREPARE" +experiment=attention_d128 $val
   step 110 "$PY" "${driver[@]}" --stage tune
   step 15 "$PY" "${driver[@]}" --stage report-choice
   step 90 "$PY" "${driver[@]}" --stage compare

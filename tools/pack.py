@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-mode", choices=TEXT_MODES, default="file", help="plain text: one document per file/line")
     p.add_argument("--skip-missing-field", action="store_true",
                    help="skip (and count) JSON/Parquet/Arrow rows without --text-field instead of stopping")
+    p.add_argument("--val-percent", type=float, default=5.0,
+                   help="stdlib:SUBSET:train|val: the share of files held out, as data.val_percent")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--seed", type=int, default=0, help="seeds the order rows are written in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -97,7 +99,7 @@ def _pack(args: argparse.Namespace) -> None:
         check_settings(args.seq_len, method, workers=args.workers, **settings)
     tok = _load_tokenizer(args.tokenizer)
     source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode,
-                    skip_missing_field=args.skip_missing_field)
+                    skip_missing_field=args.skip_missing_field, val_percent=args.val_percent)
     from data import pipeline  # imports torch and megatron-core: only once the cheap checks passed
 
     outputs = pipeline.compare_outputs(args.output, methods) if args.compare else {args.method: args.output}

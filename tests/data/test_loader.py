@@ -1,5 +1,6 @@
 """The loader: deterministic, shuffled per epoch, sharded over DP ranks, resumable; masks and positions."""
 
+import numpy as np
 import torch
 
 from data.format import PackedDataset
@@ -85,6 +86,19 @@ def test_validation_rows_are_fixed_and_fingerprinted(tiny_data):
     # 3. while a training loader's order is the run's seed
     rows = [[i for _, i in scored_rows(PackedLoader(train, 8, 8, 0, 1, seed), 1)] for seed in (1, 2)]
     assert rows[0] != rows[1]
+
+
+def test_scored_tokens_leave_out_padding(tmp_path, tiny_data):
+    from data.format import PackedWriter
+    from data.loader import scored_tokens, validation_loader
+
+    full = PackedDataset(tiny_data["val"])
+    assert scored_tokens(validation_loader(full, 4, 4, 0, 1), 1) == 4 * full.seq_len  # concat rows: all content
+    writer = PackedWriter(tmp_path / "split", 8, 100)  # one piece a row, padded, as split-packed sets are
+    for k in (8, 3, 5, 1):
+        writer.add_row(np.array([7] * k + [0] * (8 - k)), [0], k)
+    writer.finalize({"tokenizer": {"vocab_size": 100}, "method": "split"})
+    assert scored_tokens(validation_loader(PackedDataset(tmp_path / "split"), 4, 4, 0, 1), 1) == 8 + 3 + 5 + 1
 
 
 def test_an_evaluation_never_scores_a_row_twice():

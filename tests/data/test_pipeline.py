@@ -212,3 +212,10 @@ def test_stdlib_source_subsets():
     assert code.describe()["files"] == 0
     val = next(iter(Source(["stdlib:tests:val"])))
     assert {"test", "tests"} & set(Path(val.name).parts[:-1])
+    # the held-out share is the packer's --val-percent (data.val_percent): more held out, more val files
+    names = {p: {d.name for d in Source(["stdlib:code:val"], val_percent=p)} for p in (5.0, 30.0)}
+    assert names[5.0] < names[30.0] and Source(["stdlib:code:val"], val_percent=30.0).describe()["val_percent"] == 30.0
+    assert names[30.0].isdisjoint(d.name for d in Source(["stdlib:code:train"], val_percent=30.0))
+    assert code.describe()["val_percent"] == 5.0  # the default, as data.val_percent's
+    with pytest.raises(InputError, match=r"held-out share .* --val-percent"):
+        Source(["stdlib:code:val"], val_percent=60)

@@ -42,7 +42,7 @@ def test_every_seed_scores_the_same_validation_rows(tiny_data, tmp_path, straigh
     run_keel(tiny_overrides(tiny_data, other, steps=3) + ["seed=2"])
     infos = [json.loads((run / "run_info.json").read_text()) for run in (straight[0], other)]
     assert infos[0]["val_digest"] == infos[1]["val_digest"] and len(infos[0]["val_digest"]) == 64
-    assert infos[0]["validation"]["val_loss"]["tokens"] == 8 * 64  # eval_batches x global batch x seq_len
+    assert infos[0]["validation"]["val_loss"]["tokens"] == 8 * 64  # eval_batches x global batch x seq_len, all text
     assert infos[0]["versions"]["megatron_core"] == "0.19.2" and infos[0]["dtype"] == "float32"
     assert metrics(other)[0]["loss"] != metrics(straight[0])[0]["loss"]  # the seed did change the run
 

@@ -47,6 +47,15 @@ def test_the_grid_is_one_multirun_of_every_method_and_seed_from_one_init(setup):
     assert "-m" not in init and f"run_dir={setup.cpt_dir / cpt.INIT_RUN}" in init and "trainer.max_steps=1" in init
     pack = cpt.pack_argv(setup, cpt.Path("t.model"))
     assert "--compare" in pack and pack[pack.index("--output") + 1] == str(setup.pack_prefix)
+    assert pack[pack.index("--val-percent") + 1] == "5"  # the presets' held-out share
+
+
+def test_set_overrides_reach_the_packed_sets():
+    gpu = cpt.setup(overrides=("data.val_percent=30", "trainer.eval_batches=600"))  # as tools/gpu_check.sh 42
+    assert (gpu.data.val_percent, gpu.val_rows) == (30.0, 600 * 16)
+    for argv in (cpt.pack_argv, cpt.pack_replay_argv, cpt.pack_sp_r0_argv):
+        pack = argv(gpu, cpt.Path("t.model"))
+        assert pack[pack.index("--val-percent") + 1] == "30"
 
 
 def test_the_ablation_and_distinct_arms_change_one_thing_each(setup, tmp_path):

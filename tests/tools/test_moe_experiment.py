@@ -102,7 +102,7 @@ def test_the_continue_stage_takes_beta_from_the_tuning_runs(setup, tmp_path, mon
 
 def test_training_without_the_pretrained_run_is_one_line(setup, tmp_path, monkeypatch, capsys):
     s = dataclasses.replace(setup, pretrain_dir=tmp_path / "missing", continue_dir=tmp_path / "cont")
-    monkeypatch.setattr(moe, "setup", lambda: s)
+    monkeypatch.setattr(moe, "setup", lambda overrides: s)
     monkeypatch.setattr(moe, "launch", lambda argv: pytest.fail(f"launched {argv}"))
     assert moe.main(["--stage", "tune"]) == 2
     err = capsys.readouterr().err
@@ -122,6 +122,23 @@ def test_a_validation_set_smaller_than_one_evaluation_is_one_clear_error(setup, 
     with pytest.raises(moe.ExperimentError, match=r"tests-val holds 100 rows, fewer than the 1024 .* raise "
                                                    r"data.val_percent"):
         moe.check_validation_rows(dataclasses.replace(setup, data=data))
+
+
+def test_set_overrides_reach_the_packed_sets_and_a_set_split_otherwise_is_refused(setup, tmp_path, monkeypatch,
+                                                                                  capsys):
+    gpu = moe.setup(("data.val_percent=30", "trainer.eval_batches=512"))  # what tools/gpu_check.sh 44 passes
+    assert (gpu.data.val_percent, gpu.val_rows) == (30.0, 512 * 16)
+    sources = [dataclasses.replace(src, path=str(tmp_path / src.name)) for src in gpu.data.sources]
+    data = dataclasses.replace(gpu.data, sources=sources, val_sets=[], val_path=str(tmp_path / "all-val"))
+    for prefix in (*(src.path for src in sources), data.val_path):  # packed on the CPU, 10% held out
+        source = {"inputs": ["stdlib:code:train"], "val_percent": 10.0}
+        (tmp_path / f"{prefix}.json").write_text(json.dumps({"stats": {"rows": 10_000}, "source": source}))
+    monkeypatch.setattr(moe, "setup", lambda overrides: dataclasses.replace(gpu, data=data))
+    monkeypatch.setattr(moe, "launch", lambda argv: pytest.fail(f"launched {argv}"))
+    assert moe.main(["--stage", "pack", "--set", "data.val_percent=30"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was packed with 10.0% of the files held out, but data.val_percent is 30" in err
+    assert "rerun --stage pack --force" in err
 
 
 def test_the_report_stage_writes_the_results_json(setup, tmp_path, capsys):

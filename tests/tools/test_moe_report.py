@@ -21,7 +21,7 @@ def fake_run(folder, seed: int, ortho: float = 0.0, var: float = 0.0, val: float
     config = {"seed": seed, "model": {"moe": moe}, "data": {"val_sets": val_sets}}
     info = {"config": config, "command": f"pretrain/main.py seed={seed}", "git_revision": "abc123", "device": "cpu",
             "dtype": "float32", "versions": {"torch": "2", "megatron_core": "0.19.2"},
-            "validation": {k: {"digest": f"d-{k}"} for k in ("val_loss", "val_loss/code", "val_loss/tests")}}
+            "validation": {k: {"digest": f"d-{k}", "tokens": 2048} for k in ("val_loss", "val_loss/code", "val_loss/tests")}}
     folder.mkdir(parents=True)
     (folder / "run_info.json").write_text(json.dumps(info))
     (folder / "result.json").write_text(json.dumps({"status": status}))
@@ -97,6 +97,7 @@ def test_beta_is_chosen_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tm
     assert report["val_digests"] == {k: [f"d-{k}"] for k in ("val_loss", "val_loss/code", "val_loss/tests")}
     prov = report["provenance"]
     assert prov["runs"] == 6 + 7 + 1 and prov["device"] == "cpu" and prov["dtype"] == "float32"
+    assert prov["validation"]["val_loss/code"] == {"digests": ["d-val_loss/code"], "tokens": [2048]}
 
 
 def test_report_writes_json_with_provenance_and_figures(tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.rundir import scored_validation
 from tools import sweep_report
 from tools.experiments import width_experiment as exp
 from tools.experiments import width_report
@@ -39,7 +40,7 @@ def _write(folder, width: int, lr: float, seed: int, val: float | None, optim: d
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     config = {"seed": seed, "model": {"hidden_size": width, "head_dim": 16},
               "optim": {"name": "adamw", "lr": lr, "lr_rule": "global", **(optim or {})}}
-    validation = {"val_loss": {"digest": "one-set"}}  # every run scored the same rows
+    validation = {"val_loss": {"digest": "one-set", "tokens": 131072}}  # every run scored the same rows
     info = {"config": config, "command": "synthetic", "validation": validation}
     (folder / "run_info.json").write_text(json.dumps(info))
 
@@ -299,7 +300,13 @@ def test_the_transfer_refuses_the_fits_seeds_and_tuning_seeds():
 
 
 def test_runs_on_different_validation_sets_are_not_compared():
-    infos = [{"validation": {"val_loss": {"digest": d}}} for d in ("a", "a", "b")]
+    infos = [{"validation": {"val_loss": {"digest": d, "tokens": 1024}}} for d in ("a", "a", "b")]
     with pytest.raises(ExperimentError, match="different validation sets"):
         width_report.one_validation_set(infos)
     assert width_report.one_validation_set(infos[:2]) == {"val_loss": ["a"]}
+
+
+def test_provenance_records_the_text_and_tokens_each_validation_set_scored():
+    infos = [{"validation": {"val_loss": {"digest": d, "tokens": n}}} for d, n in (("a", 1024), ("b", 2048), ("a", 1024))]
+    assert scored_validation(infos) == {"val_loss": {"digests": ["a", "b"], "tokens": [1024, 2048]}}
+    assert scored_validation([{"command": "from before validation was recorded"}]) == {}

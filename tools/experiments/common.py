@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
-from pretrain.rundir import read_metrics
+from pretrain.rundir import read_metrics, scored_validation
 
 ROOT = Path(__file__).resolve().parents[2]  # the drivers' commands run from the repository root
 CONFIDENCE = 0.95
@@ -199,11 +199,7 @@ def t_quantile(confidence: float, df: int) -> float:
 def val_digests(infos: Iterable[dict]) -> dict[str, list[str]]:
     """Validation set -> the distinct digests the runs' run_info.json recorded: one each when every run
     scored the same text, so that arms compared on it were compared on one set."""
-    found: dict[str, set[str]] = {}
-    for info in infos:
-        for name, v in info.get("validation", {}).items():
-            found.setdefault(name, set()).add(v["digest"])
-    return {name: sorted(d) for name, d in found.items()}
+    return {name: v["digests"] for name, v in scored_validation(infos).items()}
 
 
 # --- Summaries and tables -------------------------------------------------------------------------
@@ -256,8 +252,8 @@ def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) 
                    help="launch a stage's multiruns all at once rather than one after another (a machine with "
                         "cores and a GPU to spare: --jobs runs each, so jobs x multiruns in all)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="Hydra overrides added to every training run, e.g. trainer.precision=bf16 on a GPU "
-                        "(tools/gpu_check.sh)")
+                   help="Hydra overrides added to every training run and to the presets the driver reads (its "
+                        "packed sets, validation rows), e.g. trainer.precision=bf16 on a GPU (tools/gpu_check.sh)")
     return p
 
 

@@ -89,11 +89,12 @@ class Setup:
         return self.pack_prefix.with_name(f"{self.pack_prefix.name}.{SP_R0}")
 
 
-def setup(methods: tuple[str, ...] = METHODS) -> Setup:
-    """The settings conf/experiment/cpt_packing.yaml gives each method."""
+def setup(methods: tuple[str, ...] = METHODS, overrides: tuple[str, ...] = ()) -> Setup:
+    """The settings conf/experiment/cpt_packing.yaml gives each method, with the driver's --set overrides
+    (which may change the held-out share and the validation rows, as the GPU section does)."""
     from pretrain.config import compose_config
 
-    cfgs = {m: compose_config(["+experiment=cpt_packing", f"data.pack_method={m}"]) for m in methods}
+    cfgs = {m: compose_config(["+experiment=cpt_packing", *overrides, f"data.pack_method={m}"]) for m in methods}
     train = {m: Path(cfg.data.path) for m, cfg in cfgs.items()}
     prefixes = {str(path).removesuffix(f".{m}") for m, path in train.items()}
     if len(prefixes) != 1 or any(not str(path).endswith(f".{m}") for m, path in train.items()):
@@ -101,7 +102,7 @@ def setup(methods: tuple[str, ...] = METHODS) -> Setup:
                               f"the names tools/pack.py --compare writes; it gives {sorted(map(str, train.values()))}")
     cfg = cfgs[methods[0]]
     val_rows = cfg.trainer.eval_batches * cfg.trainer.global_batch_size
-    replay = {s.name: Path(s.path) for s in compose_config(["+experiment=cpt_replay"]).data.sources}
+    replay = {s.name: Path(s.path) for s in compose_config(["+experiment=cpt_replay", *overrides]).data.sources}
     return Setup(data=cfg.data, seq_len=cfg.data.seq_len, val_rows=val_rows, train=train,
                  pack_prefix=Path(prefixes.pop()), val=Path(cfg.data.val_path), pretrain_dir=Path(cfg.init_from),
                  cpt_dir=Path(cfg.run_dir).parent, replay_train=replay["code"],
@@ -110,19 +111,22 @@ def setup(methods: tuple[str, ...] = METHODS) -> Setup:
 
 
 # --- The commands -------------------------------------------------------------------------------------
+def _pack(s: Setup, corpus: str, tokenizer: Path) -> list[str]:
+    """tools/pack.py on a corpus's training split (data.val_percent of its files held out)."""
+    return ["tools/pack.py", "--input", f"{corpus}:train", "--val-percent", f"{s.data.val_percent:g}",
+            "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len), "--overwrite", "--no-progress"]
+
+
 def pack_argv(s: Setup, tokenizer: Path) -> list[str]:
-    return ["tools/pack.py", "--input", f"{CORPUS}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
-            "--compare", "--output", str(s.pack_prefix), "--overwrite", "--no-progress"]
+    return [*_pack(s, CORPUS, tokenizer), "--compare", "--output", str(s.pack_prefix)]
 
 
 def pack_replay_argv(s: Setup, tokenizer: Path) -> list[str]:
-    return ["tools/pack.py", "--input", f"{ORIGINAL}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
-            "--method", "concat", "--output", str(s.replay_train), "--overwrite", "--no-progress"]
+    return [*_pack(s, ORIGINAL, tokenizer), "--method", "concat", "--output", str(s.replay_train)]
 
 
 def pack_sp_r0_argv(s: Setup, tokenizer: Path) -> list[str]:
-    return ["tools/pack.py", "--input", f"{CORPUS}:train", "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len),
-            "--method", "sp", "--overlap-ratio", "0", "--output", str(s.sp_r0), "--overwrite", "--no-progress"]
+    return [*_pack(s, CORPUS, tokenizer), "--method", "sp", "--overlap-ratio", "0", "--output", str(s.sp_r0)]
 
 
 def pretrain_argv() -> list[str]:
@@ -339,7 +343,7 @@ def stage_pack(s: Setup, dry: bool, workers: int = 1) -> None:
     for argv in packs(tokenizer.path):
         launch(argv)
     for corpus, prefix in validation.items():
-        documents = stdlib_documents(corpus.split(":")[1], "val")
+        documents = stdlib_documents(corpus.split(":")[1], "val", s.data.val_percent)
         meta = pack_split_val(documents, tokenizer, s.seq_len, prefix, s.val_rows, source=f"{corpus}:val")
         print(f"wrote {prefix} ({meta['rows']} rows of {meta['stats']['pieces_before_sampling']} pieces)")
     launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.sp_r0, s.replay_train, *validation.values()])])
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        s = setup()
+        s = setup(overrides=tuple(args.overrides))
         for stage in STAGES if args.stage == "all" else (args.stage,):
             if stage == "pack":
                 stage_pack(s, args.dry_run, args.jobs)

@@ -77,12 +77,13 @@ class Setup:
         return self.continue_dir / "arms"
 
 
-def setup() -> Setup:
-    """The settings conf/experiment/moe_pretrain.yaml and moe_continue.yaml give."""
+def setup(overrides: tuple[str, ...] = ()) -> Setup:
+    """The settings conf/experiment/moe_pretrain.yaml and moe_continue.yaml give, with the driver's --set
+    overrides (which may change the held-out share and the validation rows, as the GPU section does)."""
     from pretrain.config import compose_config
 
-    pre = compose_config(["+experiment=moe_pretrain"])
-    cont = compose_config(["+experiment=moe_continue"])
+    pre = compose_config(["+experiment=moe_pretrain", *overrides])
+    cont = compose_config(["+experiment=moe_continue", *overrides])
     if Path(cont.init_from or "") != Path(pre.run_dir):
         raise ExperimentError(f"conf/experiment/moe_continue.yaml: init_from={cont.init_from} must be moe_pretrain's "
                               f"run_dir ({pre.run_dir}), the run it continues")
@@ -189,6 +190,7 @@ def stage_pack(s: Setup, dry: bool, force: bool) -> None:
         return
     if not force and all(Path(f"{p}.json").exists() for p in sets):
         print("pack: every packed set exists; skipped (--force repacks)")
+        check_held_out_share(s)
         check_validation_rows(s)
         return
     from data.corpus import stdlib_documents
@@ -206,6 +208,15 @@ def stage_pack(s: Setup, dry: bool, force: bool) -> None:
         print(f"wrote {prefix}: {meta['stats']['rows']} rows, {meta['stats']['corpus_tokens']} tokens")
     check_validation_rows(s)
     launch(["tools/pack.py", "--verify", *map(str, sets)])
+
+
+def check_held_out_share(s: Setup) -> None:
+    """Every packed set was split at the presets' data.val_percent: its path does not say the share."""
+    for prefix in packed_sets(s):
+        packed = json.loads(Path(f"{prefix}.json").read_text()).get("source", {}).get("val_percent")
+        if packed != s.data.val_percent:
+            raise ExperimentError(f"{prefix} was packed with {packed}% of the files held out, but data.val_percent "
+                                  f"is {s.data.val_percent:g}; rerun --stage pack --force")
 
 
 def check_validation_rows(s: Setup) -> None:
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        s = setup()
+        s = setup(tuple(args.overrides))
         stages: dict[str, Callable[[], object]] = {
             "pack": lambda: stage_pack(s, args.dry_run, args.force),
             "report": lambda: stage_report(s, args.jobs, args.out, args.name, args.tail, args.dry_run,
