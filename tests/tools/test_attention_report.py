@@ -15,14 +15,15 @@ TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim
 
 
 def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = "completed", lr: float = 1e-3,
-              grad_norm: float = 3.0, overrides=()) -> None:
+              grad_norm: float = 3.0, overrides=(), digest: str = "one-set") -> None:
     from pretrain.config import compose_config
 
     cfg = compose_config([*TINY, f"attention={attention}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
     (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                       "command": "pretrain/main.py -m", "device": "cpu",
-                                                      "dtype": "float32"}))
+                                                      "dtype": "float32", "validation": {
+                                                          "val_loss": {"digest": digest, "tokens": 131072}}}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
     rows = [{"step": 1, "loss": 9.0, "grad_norm": grad_norm}, {"step": 2, "loss": 8.0, "grad_norm": 1.0, "val_loss": val_loss}]
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -45,6 +46,17 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
     assert (rows["gqa"]["kv_elements"], rows["gla"]["kv_elements"]) == (2 * 2 * 16, 2 * 32 + 8)
     assert rows["gla"]["kv_bytes_bf16"] == 2 * rows["gla"]["kv_elements"] and rows["gqa"]["params"] > 0
     assert (out / "q.png").stat().st_size > 0 and "| gla | 0.001 |" in proc.stdout
+
+
+def test_runs_that_scored_different_validation_text_are_refused(tmp_path):
+    runs = tmp_path / "runs"
+    for attention, seed, loss in [("gla", 1, 5.0), ("gqa", 1, 4.9)]:
+        _fake_run(runs / f"{attention}-s{seed}", attention, seed, loss)
+    _fake_run(runs / "gqa-s2", "gqa", 2, 4.7, digest="another-split")  # a stale run from another held-out share
+    proc = subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "different validation sets: val_loss (2 different texts); remove the stale runs" in proc.stderr
 
 
 def test_report_without_completed_runs_says_so(tmp_path):

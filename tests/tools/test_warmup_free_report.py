@@ -15,12 +15,13 @@ FLAT, SPIKE = [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.8], [9.0, 8.0, 7.0, 6.0, 5.5, 5.0
 
 
 def _fake_run(folder, preset: str, seed: int, lr: float, losses: list[float], val: float, status="completed",
-              overrides=()):
+              overrides=(), digest="one-set"):
     from pretrain.config import compose_config
 
     cfg = compose_config([f"+experiment={preset}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
-    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+    validation = {"val_loss": {"digest": digest, "tokens": 131072}}
+    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "validation": validation}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
     rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     rows[-1] |= {"val_loss": val, "stability/attn_entropy_min": 0.5, "stability/qk_sigma1_max": 2.0}
@@ -72,6 +73,15 @@ def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(
     assert (tmp_path / "out" / "wf.png").stat().st_size > 0
     assert "| 0.03 | adamw | 5.000, 5.100, 5.050 | 5.050 | 0/3 |" in proc.stdout
     assert "chosen on tuning seeds [100] at lr 0.01: adamw + warmup 60, spectral τ=0.1" in proc.stdout
+
+
+def test_runs_that_scored_different_validation_text_are_refused(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs / "w", "warmup_free_adamw_warmup", 1, 1e-2, FLAT, 4.3)
+    _fake_run(runs / "s", "warmup_free_spectral", 1, 1e-2, FLAT, 4.2, digest="from-a-cpu-trial")
+    proc = _report(runs, tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "different validation sets: val_loss (2 different texts)" in proc.stderr
 
 
 def test_reported_seeds_never_make_a_choice(tmp_path):

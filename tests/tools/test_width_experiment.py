@@ -15,7 +15,7 @@ from pretrain.rundir import scored_validation
 from tools import sweep_report
 from tools.experiments import width_experiment as exp
 from tools.experiments import width_report
-from tools.experiments.common import REPORTED_SEEDS, TUNING_SEEDS, ExperimentError
+from tools.experiments.common import REPORTED_SEEDS, TUNING_SEEDS, ExperimentError, one_validation_set
 
 EXPONENT = -0.7  # the synthetic trainer's: its optimal LR is OPT_32 * (n / 32)^EXPONENT
 OPT_32 = 2e-2
@@ -301,9 +301,9 @@ def test_the_transfer_refuses_the_fits_seeds_and_tuning_seeds():
 
 def test_runs_on_different_validation_sets_are_not_compared():
     infos = [{"validation": {"val_loss": {"digest": d, "tokens": 1024}}} for d in ("a", "a", "b")]
-    with pytest.raises(ExperimentError, match="different validation sets"):
-        width_report.one_validation_set(infos)
-    assert width_report.one_validation_set(infos[:2]) == {"val_loss": ["a"]}
+    with pytest.raises(ExperimentError, match=r"different validation sets: val_loss \(2 different texts\); remove"):
+        one_validation_set(infos)
+    assert one_validation_set(infos[:2]) == {"val_loss": ["a"]}
 
 
 def test_provenance_records_the_text_and_tokens_each_validation_set_scored():

@@ -202,6 +202,17 @@ def val_digests(infos: Iterable[dict]) -> dict[str, list[str]]:
     return {name: v["digests"] for name, v in scored_validation(infos).items()}
 
 
+def one_validation_set(infos: Iterable[dict]) -> dict[str, list[str]]:
+    """`val_digests`, refusing runs that scored different text: a report compares every loss it reads
+    with others, so a stale run from another split or size left below its roots must not slip in."""
+    digests = val_digests(infos)
+    if mixed := {name: len(d) for name, d in digests.items() if len(d) > 1}:
+        sets = ", ".join(f"{name} ({n} different texts)" for name, n in mixed.items())
+        raise ExperimentError(f"the runs scored different validation sets: {sets}; remove the stale runs or rerun "
+                              "them on one set")
+    return digests
+
+
 # --- Summaries and tables -------------------------------------------------------------------------
 def summarize(values: Iterable[float]) -> dict:
     """Mean, sample standard deviation (0 for one value), extremes and the values themselves."""

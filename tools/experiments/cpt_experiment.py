@@ -51,8 +51,8 @@ import numpy as np
 from data.config import DataConfig
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
-                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
-                                      print_commands, run_stage, summarize, val_digests, with_overrides)
+                                      driver_parser, guarded, launch, load_runs, mean_std, one_validation_set, paired,
+                                      per_seed, print_commands, run_stage, summarize, with_overrides)
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -396,7 +396,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     report["paired_vs_sp_r0"] = paired_with_baseline(arms, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
     report["forgetting"] = aggregate(*collect(arms, init_run, FORGETTING))  # the original domain, per arm
     report["forgetting"]["paired_vs_concat"] = paired_with_baseline(arms, FORGETTING)
-    report["val_digests"] = val_digests(infos + ([init_run.info] if init_run else []))
+    report["val_digests"] = one_validation_set(infos + ([init_run.info] if init_run else []))
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": pretrain,

@@ -32,8 +32,8 @@ from typing import Iterable
 
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (ExperimentError, Run, by_arm, fmt, guarded, load_runs, markdown_table,
-                                      mean_std, paired, per_seed, report_parser, reported_runs, select, summarize,
-                                      tuning_runs, val_digests)
+                                      mean_std, one_validation_set, paired, per_seed, report_parser, reported_runs,
+                                      select, summarize, tuning_runs)
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")  # training steps, tail means
 ROUTING = ("purity", "source_nmi")  # routing by source, at each evaluation
@@ -175,11 +175,12 @@ def build(roots: list[Path], tail: float, pretrained: Path | None = None) -> dic
     metrics = per_arm(arms, sources, tail)
     pre = pretrained_metrics(pretrained, sources, tail) if pretrained else None
     everything = runs + ([pre["run"]] if pre else [])
+    digests = one_validation_set(r.info for r in everything)
     return {"provenance": runs_provenance([r.info for r in everything]), "sources": sources,
             "tuning": choose(runs), "arms": summarize_arms(metrics), "per_seed": metrics,
             "paired_vs_aux_only": paired_with_baseline(metrics),
             "pretrained": {k: v for k, v in pre.items() if k != "run"} if pre else None,
-            "val_digests": val_digests(r.info for r in everything), "tail": tail,
+            "val_digests": digests, "tail": tail,
             "_runs": {"arms": arms, "pretrained": pre["run"] if pre else None}}
 
 

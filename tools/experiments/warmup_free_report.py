@@ -21,8 +21,8 @@ NAME.png into --out and prints markdown tables; runs without a result.json are s
 from __future__ import annotations
 
 from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, paired, per_seed,
-                                      report_parser, reported_runs, select, summarize, tuning_runs)
+from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, one_validation_set, paired,
+                                      per_seed, report_parser, reported_runs, select, summarize, tuning_runs)
 
 FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
@@ -196,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def report() -> None:
         runs = load_runs(*args.roots, statuses=FINISHED)
+        digests = one_validation_set(r.info for r in runs)
         per_run = [summarize_run(run) for run in runs]
         chosen = choose(runs, args.tune_at)
         rows = grid(runs)
         methods = per_method(runs, rows)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
-                                                    "roots": [str(r) for r in args.roots], "chosen": chosen,
-                                                    "grid": rows, "methods": methods, "runs": per_run})
+                                                    "roots": [str(r) for r in args.roots], "val_digests": digests,
+                                                    "chosen": chosen, "grid": rows, "methods": methods, "runs": per_run})
         if rows:
             plot(runs, rows, args.out / f"{args.name}.png", args.tune_at)
         print(tables(per_run, rows, methods, chosen))

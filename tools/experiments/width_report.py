@@ -35,7 +35,7 @@ from optim import lr_rules
 from pretrain.rundir import pyplot, read_run_info, runs_provenance, write_json
 from tools import sweep_report
 from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, markdown_table,
-                                      paired, report_parser, val_digests)
+                                      one_validation_set, paired, report_parser)
 
 FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
 PAPER_ALPHA = lr_rules.PAPER_ALPHA["adamw"]  # 0.42: Adam with trainable LayerNorm (GPT)
@@ -233,15 +233,6 @@ def plot_transfer(t: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-def one_validation_set(infos: list[dict]) -> dict[str, list[str]]:
-    """The runs' validation digests (common.val_digests); an error when they scored different text, since
-    every loss here is compared with every other."""
-    digests = val_digests(infos)
-    if mixed := {name: d for name, d in digests.items() if len(d) > 1}:
-        raise ExperimentError(f"the runs scored different validation sets ({mixed}); rerun them on one")
-    return digests
 
 
 def report(grid: Path, transfer_root: Path | None, out: Path, name: str, n_boot: int = 2000,
