@@ -9,8 +9,8 @@
 - Tuning apart from reporting: hyperparameters are chosen on TUNING_SEEDS (`select`, which refuses any
   other seed) and arms are compared on REPORTED_SEEDS (`paired`, which refuses a tuning seed), so no
   reported difference comes from the seeds a choice was made on.
-- One validation set: `val_digests`, the digests of the text each validation set scored, from the runs'
-  run_info.json (one per set when every run scored the same rows).
+- One validation set: `one_validation_set`, the digest of the text each validation set scored, from the
+  runs' run_info.json, refusing runs that scored different text.
 - Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
@@ -196,16 +196,11 @@ def t_quantile(confidence: float, df: int) -> float:
 
 
 # --- One validation set --------------------------------------------------------------------------
-def val_digests(infos: Iterable[dict]) -> dict[str, list[str]]:
-    """Validation set -> the distinct digests the runs' run_info.json recorded: one each when every run
-    scored the same text, so that arms compared on it were compared on one set."""
-    return {name: v["digests"] for name, v in scored_validation(infos).items()}
-
-
 def one_validation_set(infos: Iterable[dict]) -> dict[str, list[str]]:
-    """`val_digests`, refusing runs that scored different text: a report compares every loss it reads
-    with others, so a stale run from another split or size left below its roots must not slip in."""
-    digests = val_digests(infos)
+    """Validation set -> the digest of the text the runs scored on it (run_info.json); an error when runs
+    scored different text: a report compares every loss it reads with others, so a stale run from another
+    split or size left below its roots must not slip in."""
+    digests = {name: v["digests"] for name, v in scored_validation(infos).items()}
     if mixed := {name: len(d) for name, d in digests.items() if len(d) > 1}:
         sets = ", ".join(f"{name} ({n} different texts)" for name, n in mixed.items())
         raise ExperimentError(f"the runs scored different validation sets: {sets}; remove the stale runs or rerun "
