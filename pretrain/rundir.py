@@ -22,12 +22,15 @@ def write_json(path: Path, obj, **dumps_kwargs) -> None:
     tmp.replace(path)
 
 
-def git_revision() -> str:
-    """HEAD's commit, with "+dirty" when the tree has uncommitted changes; "unknown" outside git."""
+def git_revision(root: Path = ROOT) -> str:
+    """HEAD's commit, with "+dirty" when tracked files have uncommitted changes; "unknown" outside git.
+    Untracked files do not count (as in `git describe --dirty`): a report's own new plots, written before
+    its JSON, would otherwise mark every first report dirty."""
     try:
-        git = ["git", "-C", str(ROOT)]
+        git = ["git", "-C", str(root)]
         out = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

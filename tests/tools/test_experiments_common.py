@@ -152,3 +152,26 @@ def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end
         common.run_stage("train", stage, False, launch, args.overrides, args.concurrent)
     assert sorted(ended) == ["seed=1", "seed=2", "seed=3"]
     assert not common.driver_parser("doc", ("train",)).parse_args([]).concurrent
+
+
+def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path):
+    """A results JSON's revision: a report's own new plots (untracked) leave it clean, an edited source
+    file marks it dirty."""
+    import subprocess
+
+    from pretrain.rundir import git_revision
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "code")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "report.png").write_bytes(b"new output")
+    assert git_revision(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == head + "+dirty"
+    assert git_revision(tmp_path / "missing") == "unknown"
