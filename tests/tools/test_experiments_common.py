@@ -169,7 +169,8 @@ def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")
     git("commit", "-qm", "code")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     (tmp_path / "report.png").write_bytes(b"new output")
     assert git_revision(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")

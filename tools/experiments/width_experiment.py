@@ -1,7 +1,8 @@
 """The width re-run of keel issue 16 (docs/results/width_scaling.md): how the optimal AdamW learning rate
 scales with width under standard parameterization, on an LR grid widened until it brackets every optimum
-and reaches divergence (or MAX_EXTRA steps), and whether the sp_width rule with the fitted exponent transfers the optimum to a
-width outside the grid (tools/experiments/width_report.py says how the numbers are made).
+and reaches divergence (or MAX_EXTRA steps), and whether the sp_width rule with the fitted exponent
+transfers the optimum to a width outside the grid (tools/experiments/width_report.py says how the numbers
+are made).
 
 Four stages; the training stages are Hydra multiruns of conf/experiment/width_sweep.yaml, one per width
 (the fan-in init std sqrt(2 / 5n) changes with the width, as on the first run's page):
