@@ -80,6 +80,7 @@ install() {  # what the image lacks, from carried wheels only
 
 section_10() {
   say "10. smoke: megatron-core GPTModel + DDP + distributed optimizer, bf16"
+  rm -rf /tmp/runs/smoke  # a rerun on a warm machine trains again rather than resuming the finished run
   step 120 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/smoke optim.distributed=true \
     trainer.precision=$PRECISION trainer.max_steps=30 trainer.progress=false
   step 15 "$PY" -c "import json; rows = [json.loads(l) for l in open('/tmp/runs/smoke/metrics.jsonl')]; \
@@ -117,6 +118,7 @@ section_30() {
 
 section_40() {
   say "40. experiments in bf16: MoE on the alltoall dispatcher, the spectral bound with monitors, the demo"
+  rm -rf /tmp/runs/moe /tmp/runs/spec /tmp/runs/demo  # as in section 10: train again, never resume
   step 110 "$PY" pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
     model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false
   step 70 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/spec optim.spectral.enabled=true \
