@@ -36,7 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.attention import SelfAttention
 
-from models.attention.common import apply_rope
+from models.attention.common import apply_rope, tp_group
 from models.config import AttentionConfig, ModelConfig
 from models.attention.gla import LatentAttention
 from models.attention.gta import GroupedTiedAttention
@@ -87,7 +87,8 @@ class KVCache:
         rows = torch.arange(b, device=self.lengths.device)[:, None]
         cols = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)  # [b, t]
         for name, value in new.items():
-            self.layers[layer][name][rows, :, cols] = value.transpose(0, 1)  # index [b, t] -> [b, t, heads, e]
+            buf = self.layers[layer][name]
+            buf[rows, :, cols] = value.transpose(0, 1).to(buf.dtype)  # index [b, t] -> [b, t, heads, e]
 
     def read(self, layer: int, upto: int | None) -> dict[str, torch.Tensor]:
         """The cached [b, heads, L, e]: the first `upto` positions, or the whole buffers (static shapes)."""
@@ -151,17 +152,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
 def _attend(cache: KVCache, q, k, v, scale: float, q_rope=None, k_rope=None, tied: bool = False) -> torch.Tensor:
     """attend(), or for a one-token step the kernel the cache asks for (KVCache.kernel).
     tied: the key is the value's first dims (GTA, absorbed GLA/MLA), which the kernel reads only once."""
+    dtype = q.dtype  # a cache may be kept in another dtype than the model's: attend in the cache's
+    q, q_rope = (None if x is None else x.to(v.dtype) for x in (q, q_rope))
     if cache.kernel is None or q.shape[0] != 1:
-        return attend(q, k, v, cache.lengths, scale, q_rope, k_rope)
+        return attend(q, k, v, cache.lengths, scale, q_rope, k_rope).to(dtype)
     if cache.kernel == "sdpa" and not tied and q_rope is None:
         from models.kernels.sdpa_decode import sdpa_decode
 
-        return sdpa_decode(q[0], k, v, cache.lengths + 1, scale)[None]
+        return sdpa_decode(q[0], k, v, cache.lengths + 1, scale)[None].to(dtype)
     from models.kernels.decode import decode_attention
 
     out = decode_attention(q[0], None if tied else k, v, cache.lengths + 1, scale,
                            None if q_rope is None else q_rope[0], k_rope)
-    return out[None]
+    return out[None].to(dtype)
 
 
 def _standard_step(attn: SelfAttention, x, table, cache: KVCache, layer: int, upto) -> torch.Tensor:
@@ -206,7 +209,7 @@ def _latent_step(attn: LatentAttention, x, table, cache: KVCache, layer: int, up
     o = _attend(cache, q_lat, latent, latent, attn.softmax_scale, q_rope, k_rope, tied=True)
     # 3. W_UV folded into W_O: out = sum_i (W_O,i W_UV,i) o_i, summed over ranks under TP
     out = torch.einsum("tbhn,Dhn->tbD", o, w_o_abs)
-    return reduce_from_tensor_model_parallel_region(out)
+    return reduce_from_tensor_model_parallel_region(out, group=tp_group())
 
 
 def _absorbed_weights(attn: LatentAttention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +243,8 @@ def _angles(gpt, cache: KVCache, positions: torch.Tensor) -> torch.Tensor | None
     if getattr(gpt, "rotary_pos_emb", None) is None:
         return None
     if cache.angles is None:
-        cache.angles = gpt.rotary_pos_emb(cache.max_len)[:, 0]  # [max_len, 1, d]
+        # [max_len, 1, d] on the cache's device (megatron computes the table where CUDA is, or on the CPU)
+        cache.angles = gpt.rotary_pos_emb(cache.max_len)[:, 0].to(cache.lengths.device)
     return cache.angles[positions.T]
 
 
@@ -258,7 +262,7 @@ def forward_static(gpt, tokens: torch.Tensor, cache: KVCache, absorbed: bool = T
     if gpt.decoder.final_layernorm is not None:
         h = gpt.decoder.final_layernorm(h)
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-    logits = gather_from_tensor_model_parallel_region(gpt.output_layer(h, weight=weight)[0])
+    logits = gather_from_tensor_model_parallel_region(gpt.output_layer(h, weight=weight)[0], group=tp_group())
     cache.lengths += t
     return logits.transpose(0, 1).float()[..., :gpt.unpadded_vocab_size]  # padded rows are never predicted
 

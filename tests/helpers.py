@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main.py"
 
@@ -64,15 +66,20 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
 
 
-def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128, device: str = "cpu"):
-    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides, in eval mode, on `device`;
-    needs the megatron_world fixture. On a machine with a GPU pass the world's device: megatron's RoPE
-    then puts its frequencies on the GPU, so a CPU model there cannot run a forward."""
+# the world's device: megatron's RoPE puts its frequencies on the GPU whenever CUDA exists, so a model
+# left on the CPU there cannot run a forward; tests make their inputs here too
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TINY_GPT = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16", "model.max_seq_len=64",
+            "data.seq_len=32"]
+
+
+def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128, device: torch.device | str = "cpu"):
+    """A bare keel GPT (no DDP) from the schema plus Hydra-style overrides, in eval mode, on `device`
+    (pass DEVICE for a test that should run on a GPU too); needs the megatron_world fixture."""
     from models.builder import build_initialised_gpt
     from pretrain.config import compose_config
 
-    base = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16", "model.max_seq_len=64", "data.seq_len=32"]
-    cfg = compose_config(base + (overrides or []))
+    cfg = compose_config(TINY_GPT + (overrides or []))
     gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab_size, cfg.seed,
                                 per_document_positions=cfg.data.reset_position_ids)
     return cfg, gpt.to(device).eval()

@@ -1,7 +1,8 @@
 """Decode throughput and memory bandwidth vs context length for every attention type, at matched parameter counts.
 
     python tools/bench_decode.py [--contexts 256 1024 4096 8192] [--batch 8 [32 ...]] [--steps 16]
-                                 [--device cuda --dtype bf16] [--eager] [--json] [-- HYDRA_OVERRIDES ...]
+                                 [--device cuda --dtype bf16] [--eager] [--json] [--save ROWS.json]
+                                 [-- HYDRA_OVERRIDES ...]
     python tools/bench_decode.py --preset memory-bound    # 4 x 2048, 16 heads of 128, batch 32 and 64, 4k-32k
 
 Each type's FFN is widened so that all types have the parameter count of the largest (as the papers
@@ -25,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -108,7 +110,21 @@ def step_seconds(gpt, context: int, batch: int, steps: int, graph: bool, kernel=
         sync()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    return {"wall": statistics.median(walls), "cpu": None if tok.is_cuda else max(statistics.median(cpus), 1e-9)}
+    return {"wall": statistics.median(walls), "cpu": None if tok.is_cuda else max(statistics.median(cpus), 1e-9),
+            "attention_kernel": _attention_kernel(gpt, cache, tok)}
+
+
+def _attention_kernel(gpt, cache, tok) -> str:
+    """What attended in the timed steps: the PyTorch path, the Triton kernel, or torch's SDPA and the
+    backend it dispatched to (seen by torch.profiler in one more, eager, step: a graph replay shows no ops)."""
+    from models.inference import forward_cached
+    from tools.profile_step import sdpa_backends
+
+    if cache.kernel is None:
+        return "pytorch"
+    cache.lengths -= 1  # the last step again: the cache holds no more than the timed steps
+    backends = sdpa_backends(lambda: forward_cached(gpt, tok, cache))
+    return "sdpa: " + ", ".join(backends) if backends else "triton"
 
 
 def measure(gpt, params: int, context: int, batch: int, args, peak: float | None) -> dict:
@@ -117,12 +133,13 @@ def measure(gpt, params: int, context: int, batch: int, args, peak: float | None
 
     cuda = args.device == "cuda"
     seconds = step_seconds(gpt, context, batch, args.steps, graph=cuda and not args.eager,
-                           kernel=args.kernel if cuda else None)
+                           kernel=args.kernel if cuda or args.kernel == "sdpa" else None)  # SDPA runs on CPU too
     t = seconds["wall" if args.device == "cuda" else "cpu"]
     kv_per_token = new_cache(gpt, 1, 1).bytes_per_token() * len(gpt.decoder.layers)
     cache_b, weight_b = kv_per_token * batch * context, weight_bytes(gpt)
     bandwidth = (cache_b + weight_b) / t
-    return {"context": context, "batch": batch, "tokens_per_s": batch / t, "wall_tokens_per_s": batch / seconds["wall"],
+    return {"context": context, "batch": batch, "attention_kernel": seconds["attention_kernel"],
+            "tokens_per_s": batch / t, "wall_tokens_per_s": batch / seconds["wall"],
             "step_ms": t * 1e3, "cache_bytes_per_step": cache_b, "weight_bytes_per_step": weight_b,
             "bandwidth_GBps": bandwidth / 1e9, "hbm_share": bandwidth / peak if peak else None,
             "params": params, "kv_bytes_per_token": kv_per_token}
@@ -147,8 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graph, one launch per op")
     p.add_argument("--kernel", choices=["triton", "sdpa"], default="triton",
-                   help="on CUDA: sdpa = torch's SDPA for MHA/GQA/MQA (Triton for the others)")
+                   help="sdpa: torch's SDPA for MHA/GQA/MQA (on CUDA Triton for the others; on CPU only those three); "
+                        "triton: on CUDA the split-K kernel, on CPU the PyTorch path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", type=Path, default=None,
+                   help="write the rows measured so far to this JSON file after each row (a run cut short keeps them)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the model (default conf/model/small)")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -173,12 +193,14 @@ def main(argv=None) -> int:
             for t in sorted(models, key=lambda t: t != "gqa"):
                 for ctx in contexts:
                     rows.append(_row(t, *models[t], ctx, batch, args, peak, rows))
+                    rows[-1].update(device=args.device, device_name=name or "cpu",
+                                    dtype=str(dtype).replace("torch.", ""))
                     if table:
                         table.print(rows[-1])
+                    if args.save:
+                        args.save.write_text(json.dumps(rows, indent=2))
     finally:
         distributed.shutdown()
-    for r in rows:
-        r.update(device=args.device, device_name=name or "cpu", dtype=str(dtype).replace("torch.", ""))
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
@@ -207,19 +229,19 @@ class Table:
         print(f"tokens/s {mode}; median of {args.steps} steps, {str(dtype).replace('torch.', '')} on {device_name}"
               + (f" (peak {peak / 1e12:.2f} TB/s)" if peak else ""))
         print("| attention | batch | context | tok/s | vs GQA | cache MB/step | weights MB/step | GB/s "
-              "| share of peak |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+              "| share of peak | attended by |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
 
     @staticmethod
     def print(r: dict) -> None:
         if r["tokens_per_s"] is None:
-            print(f"| {r['attention']} | {r['batch']} | {r['context']} | out of memory | | | | | |", flush=True)
+            print(f"| {r['attention']} | {r['batch']} | {r['context']} | out of memory | | | | | | |", flush=True)
             return
         ratio = f"{r['ratio_to_gqa']:.2f}x" if r["ratio_to_gqa"] else "-"
         share = f"{r['hbm_share']:.0%}" if r["hbm_share"] is not None else "-"
         print(f"| {r['attention']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:,.0f} | {ratio} | "
               f"{r['cache_bytes_per_step'] / 1e6:,.1f} | {r['weight_bytes_per_step'] / 1e6:,.1f} | "
-              f"{r['bandwidth_GBps']:,.1f} | {share} |", flush=True)
+              f"{r['bandwidth_GBps']:,.1f} | {share} | {r['attention_kernel']} |", flush=True)
 
 
 if __name__ == "__main__":

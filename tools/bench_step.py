@@ -13,9 +13,12 @@ monitored step against a plain one, and amortised over their default interval).
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import statistics
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,48 +160,83 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", choices=list(PRESETS), help="named shapes (default: demo, unless overrides are given)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("overrides", nargs="*", help="hydra overrides after the preset's")
     args = ap.parse_args(argv)
     from pretrain import distributed
     from pretrain.config import compose_config
-    from pretrain.run import build_trainer, precision
+    from pretrain.run import precision
 
     base = PRESETS[args.preset] if args.preset else ([] if args.overrides else PRESETS["demo"])
     cfg = compose_config(base + args.overrides + [
         "trainer.progress=false", "logging.tensorboard=false", "logging.plot=false", "logging.monitors.interval=0"])
     world = distributed.init(cfg.parallel)
     device, dtype = world.device, precision(cfg, world)
+    # 1. keel's step, its loader and its monitors; then keel's model and optimizer are freed, so that the
+    #    baselines get the memory keel held (at 1.5B about 27 GB, with a plain model of about 24 GB to come)
+    keel, shape, loader_ms, monitor = _keel_figures(cfg, world, args)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    # 2. the plain models, each built in its own timing and freed after it
+    timings = [_timed(name, lambda c=compiled: plain_step_fn(cfg, shape["vocab"], device, dtype, c), args.steps,
+                      args.warmup, device) for name, compiled in (("plain eager", False), ("plain compiled", True))]
+    tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+    print(f"model: {shape['params'] / 1e6:.1f}M params ({shape['active'] / 1e6:.1f}M active), "
+          f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, seq {cfg.data.seq_len}, global batch "
+          f"{cfg.trainer.global_batch_size}, micro-batch {cfg.trainer.micro_batch_size}, {device}, {dtype}, "
+          f"keel layers {'compiled' if shape['compiled'] else 'eager'}, torch {torch.__version__}")
+    for t in (keel, *timings):
+        print(_row(t, tokens, shape["flops"], device))
+    eager, compiled = timings
+    interval, off_ms, on_ms = monitor
+    print(f"ratio keel/compiled {keel.ms / compiled.ms:9.3f}   (headline; keel/eager {keel.ms / eager.ms:.3f})")
+    print(f"data loader        {loader_ms:9.2f} ms per global batch = {loader_ms / keel.ms:.2%} of the step")
+    print(f"monitored step     {on_ms:9.1f} ms vs {off_ms:.1f} ms = {(on_ms - off_ms) / off_ms:+.1%} on the steps it runs; "
+          f"every {interval} steps (default): {(on_ms - off_ms) / (interval * off_ms):+.2%} of step time")
+    print(f"keel freed before the baselines: {shape['freed']}"
+          + (f" (GPU memory still allocated: {held / 2**30:.2f} GiB)" if held is not None else ""))
+    if args.json:
+        from pretrain.mfu import mfu
+
+        rows = {t.name: {"ms": t.ms, "tokens_per_s": tokens / t.ms * 1e3, "peak_bytes": t.peak_bytes,
+                         "mfu": mfu(tokens / t.ms * 1e3, shape["flops"], device)} for t in (keel, *timings)}
+        args.json.write_text(json.dumps({"preset": args.preset, "device": str(device), "dtype": str(dtype),
+                                         "params": shape["params"], "steps": rows,
+                                         "ratio_keel_to_compiled": keel.ms / compiled.ms,
+                                         "loader_share": loader_ms / keel.ms,
+                                         "monitor_share_at_default_interval": (on_ms - off_ms) / (interval * off_ms),
+                                         "torch": torch.__version__}, indent=2))
+    distributed.shutdown()
+
+
+def _keel_figures(cfg, world, args) -> tuple[Timing, dict, float, tuple[int, float, float]]:
+    """keel's step timing, its shapes, the loader's ms per global batch and the monitors' cost, measured
+    on one trainer that is gone (weakly referenced, checked) when this returns."""
+    from pretrain.run import build_trainer
+
+    device = world.device
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = []  # keel's, kept for the loader and monitor timings below
+        trainers = []
 
         def build_keel():
             trainers.append(build_trainer(cfg, world, Path(tmp)))
             return trainers[0].train_step
 
         keel = _timed("keel", build_keel, args.steps, args.warmup, device)
-        trainer = trainers[0]
+        trainer = trainers.pop()
         built = trainer.parts.model
-        vocab = built.gpt.vocab_size
-        # each plain model is built in its own timing and freed after it
-        timings = [_timed(name, lambda c=compiled: plain_step_fn(cfg, vocab, device, dtype, c), args.steps, args.warmup,
-                          device) for name, compiled in (("plain eager", False), ("plain compiled", True))]
+        shape = {"vocab": built.gpt.vocab_size, "params": built.num_params, "active": built.active_params,
+                 "flops": built.flops_per_token(cfg.data.seq_len), "compiled": bool(trainer.compiled)}
         loader_ms = _median_ms(trainer.loader.next_global_batch, args.steps, 1, lambda: None)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        interval, off_ms, on_ms = _monitor_cost(trainer, built.gpt, max(args.steps, 8), sync)
-    tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
-    flops = built.flops_per_token(cfg.data.seq_len)
-    print(f"model: {built.num_params / 1e6:.1f}M params ({built.active_params / 1e6:.1f}M active), "
-          f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, seq {cfg.data.seq_len}, global batch "
-          f"{cfg.trainer.global_batch_size}, micro-batch {cfg.trainer.micro_batch_size}, {device}, {dtype}, "
-          f"keel layers {'compiled' if trainer.compiled else 'eager'}, torch {torch.__version__}")
-    for t in (keel, *timings):
-        print(_row(t, tokens, flops, device))
-    eager, compiled = timings
-    print(f"ratio keel/compiled {keel.ms / compiled.ms:9.3f}   (headline; keel/eager {keel.ms / eager.ms:.3f})")
-    print(f"data loader        {loader_ms:9.2f} ms per global batch = {loader_ms / keel.ms:.2%} of the step")
-    print(f"monitored step     {on_ms:9.1f} ms vs {off_ms:.1f} ms = {(on_ms - off_ms) / off_ms:+.1%} on the steps it runs; "
-          f"every {interval} steps (default): {(on_ms - off_ms) / (interval * off_ms):+.2%} of step time")
-    distributed.shutdown()
+        monitor = _monitor_cost(trainer, built.gpt, max(args.steps, 8), sync)
+        alive = weakref.ref(trainer)
+        del trainer, built
+        gc.collect()
+        shape["freed"] = "yes" if alive() is None else "NO (still referenced)"
+    return keel, shape, loader_ms, monitor
 
 
 def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # keel's checks on a lent NVIDIA GPU (bf16, nccl):   bash tools/gpu_check.sh SECTION [SECTION...]
 #
+#   triage  everything pending on a GPU in one call of at most 9 minutes, run before any other section until
+#       it has run once: the GPU-only tests (compiled decode kernel, CUDA-graph steps, compiled layers),
+#       decoding at batch 32 x 16k for GQA, MQA, GTA, GLA and MLA (Triton; SDPA for GQA and MQA, with the
+#       backend that ran), the 755M step against compiled plain PyTorch and a torch.profiler summary of it;
+#       $OUT/triage.json and $OUT/triage.md (a section for BENCHMARKS.md) collect it all
 #   10  install and smoke: versions, then megatron-core's GPTModel with megatron DDP, the distributed
 #       optimizer and bf16 training the smoke model
 #   20  step speed: compiled against eager losses, then keel vs plain PyTorch (eager and compiled):
@@ -26,16 +31,24 @@
 # score at least 1M validation tokens per set (VAL_TOKENS), holding out more of the files than the CPU runs.
 #
 # A lent GPU gives about 15 minutes in all, so one call runs one or two sections. Each section is
-# time-boxed: the timeouts of its steps add up to its budget (SECTION_BUDGET, checked by
-# tests/tools/test_gpu_check.py), which with the machine's start fits the 8 minutes a section may take.
+# time-boxed: the timeouts of its steps, each with KILL_GRACE, add up to its budget (SECTION_BUDGET;
+# TRIAGE_BUDGET for the triage; checked by tests/tools/test_gpu_check.py), which with the machine's start
+# fits the 8 minutes a section may take (9 for the triage). A step gets SIGINT at its limit, so pytest
+# still prints its summary and writes its report, and SIGKILL KILL_GRACE seconds later. Every step's limit,
+# exit code and seconds go to $STEPS_LOG. The claim sections' runs (41-46) run many at once with
+# trainer.compile=false: their models are a few million parameters, too small to gain from compiling,
+# and 16-18 runs compiling at once (inductor starts min(32, cores) workers each) would spend their time box.
 # The image lacks megatron-core and Hydra: `bash tools/fetch_wheels.sh` puts them in .whl/ here, the
 # call carries .whl, and this script installs them with pip --no-index, as a cluster without internet
 # would. Logs go to $OUT/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECTION_BUDGET=300
+TRIAGE_BUDGET=490
 INSTALL_BUDGET=45
+KILL_GRACE=5
 OUT=${OUT:-/tmp/keel-gpu-out}; mkdir -p "$OUT"
+STEPS_LOG=${STEPS_LOG:-$OUT/steps.jsonl}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 KEEL_CACHE=/tmp/keel-cache PYTHONWARNINGS=ignore KEEL_DEBUG=1 HYDRA_FULL_ERROR=1
 PY=${PY:-python3}
 PRECISION=${PRECISION:-bf16}  # PRECISION=fp32 PY=.venv/bin/python TIME_SCALE=8 tries a section on a CPU first
@@ -61,11 +74,14 @@ validation() {  # validation PERCENT FILL OVERRIDES...: the overrides that give 
 }
 
 say() { echo "== $*  ($(date -u +%H:%M:%S))"; }
-step() {  # step SECONDS COMMAND...: one time-boxed step; its output is in the log
-  local seconds=$(( $1 * ${TIME_SCALE:-1} )); shift  # TIME_SCALE > 1 gives a CPU trial the time it needs
-  timeout "$seconds" "$@" 2>&1 | grep -v -e Warning -e warnings.warn
+step() {  # step SECONDS COMMAND...: one time-boxed step; its output is in the log, its outcome in $STEPS_LOG
+  local seconds=$(( $1 * ${TIME_SCALE:-1} )) start=$SECONDS; shift  # TIME_SCALE > 1: a CPU trial's time
+  timeout -s INT -k "$KILL_GRACE" "$seconds" "$@" 2>&1 | grep -v -e Warning -e warnings.warn
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "!! exit $rc after at most ${seconds}s: $*"
+  local command="$*"
+  printf '{"step": "%s", "limit_s": %d, "rc": %d, "seconds": %d}\n' "$(echo "${command#"$PY "}" | tr -d '"\\')" \
+    "$seconds" "$rc" $((SECONDS - start)) >> "$STEPS_LOG"
 }
 
 install() {  # what the image lacks, from carried wheels only
@@ -76,6 +92,30 @@ install() {  # what the image lacks, from carried wheels only
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   "$PY" -c "import sys, torch, megatron.core; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'megatron-core', megatron.core.__version__, 'cuda', torch.cuda.is_available())"
+}
+
+section_triage() {
+  say "triage: GPU-only tests, decoding at batch 32 x 16k, the 755M step against compiled plain PyTorch, its profile"
+  # REHEARSAL=1 runs the same steps at CPU shapes (with PRECISION=fp32 PY=.venv/bin/python TIME_SCALE=4)
+  local t="$OUT/triage" preset=755M
+  local shapes=(--preset memory-bound --batch 32 --contexts 16384 --device cuda --dtype bf16)
+  if [ "${REHEARSAL:-0}" = 1 ]; then
+    preset=cpu shapes=(--batch 2 --contexts 64 --device cpu --dtype fp32)
+  fi
+  mkdir -p "$t"
+  STEPS_LOG="$t/steps.jsonl"
+  step 10 "$PY" tools/triage_report.py --versions "$OUT"
+  # 1. what only a GPU runs: the compiled decode kernel, CUDA-graph steps, compiled layers with block masks
+  step 130 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$t/tests.xml" tests/models/test_decode_kernels.py \
+    tests/models/test_decode.py tests/pretrain/test_compile.py
+  # 2. decoding where reading the cache is the cost: the Triton kernel for five types, then torch's SDPA
+  step 85 "$PY" tools/bench_decode.py "${shapes[@]}" --steps 10 --types gqa mqa gta gla mla --save "$t/decode.json"
+  step 30 "$PY" tools/bench_decode.py "${shapes[@]}" --steps 10 --types gqa mqa --kernel sdpa \
+    --save "$t/decode_sdpa.json"
+  # 3. the step at 755M against compiled plain PyTorch, then where keel's step spends its time
+  step 115 "$PY" tools/bench_step.py --preset $preset --steps 8 --json "$t/step.json" trainer.precision=$PRECISION
+  step 70 "$PY" tools/profile_step.py --preset $preset --steps 3 --json "$t/profile.json" trainer.precision=$PRECISION
+  step 10 "$PY" tools/triage_report.py "$OUT"
 }
 
 section_10() {
@@ -90,15 +130,15 @@ print('loss', rows[0]['loss'], '->', rows[-1]['loss'], 'val', [r['val_loss'] for
 
 section_20() {
   say "20. step speed: compiled against eager losses (20 steps, bf16), then keel against plain PyTorch eager and compiled, with the monitors' cost (286M, 755M)"
-  step 80 "$PY" -m pytest -q -p no:cacheprovider tests/pretrain/test_compile.py
-  step 100 "$PY" tools/bench_step.py --preset 286M --steps 8 trainer.precision=$PRECISION
-  step 120 "$PY" tools/bench_step.py --preset 755M --steps 8 trainer.precision=$PRECISION
+  step 75 "$PY" -m pytest -q -p no:cacheprovider tests/pretrain/test_compile.py
+  step 95 "$PY" tools/bench_step.py --preset 286M --steps 8 trainer.precision=$PRECISION
+  step 115 "$PY" tools/bench_step.py --preset 755M --steps 8 trainer.precision=$PRECISION
 }
 
 section_22() {
   say "22. step speed at about 1.5B parameters (one GPU: bf16 weights, fp32 main parameters and Adam), and the monitors' parts (286M)"
-  step 200 "$PY" tools/bench_step.py --preset 1.5B --steps 6 trainer.precision=$PRECISION
-  step 100 "$PY" tools/profile_monitor.py "${MODEL_286M[@]}"
+  step 195 "$PY" tools/bench_step.py --preset 1.5B --steps 6 trainer.precision=$PRECISION
+  step 95 "$PY" tools/profile_monitor.py "${MODEL_286M[@]}"
 }
 
 section_21() {
@@ -108,22 +148,23 @@ section_21() {
 
 section_30() {
   say "30. decoding: kernel checks, then tokens/s and HBM bandwidth at 4 x 2048, batch 32 then 64, 4k-32k, bf16"
-  step 80 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_decode_kernels.py tests/models/test_decode.py
+  # from a cold cache: about 30 Triton specialisations, 12 CUDA-graph captures and 45 model builds
+  step 120 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_decode_kernels.py tests/models/test_decode.py
   # rows print as measured (batch 32 first), so a cut-off run still logs the issue's batch-32 figures
-  step 170 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10
+  step 140 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10
   # torch's own SDPA for grouped heads, against the Triton kernel above, at the issue's point
-  step 50 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10 --types gqa mqa \
+  step 25 "$PY" tools/bench_decode.py --preset memory-bound --device cuda --dtype bf16 --steps 10 --types gqa mqa \
     --batch 32 --contexts 16384 --kernel sdpa
 }
 
 section_40() {
   say "40. experiments in bf16: MoE on the alltoall dispatcher, the spectral bound with monitors, the demo"
   rm -rf /tmp/runs/moe /tmp/runs/spec /tmp/runs/demo  # as in section 10: train again, never resume
-  step 110 "$PY" pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
+  step 105 "$PY" pretrain/main.py +experiment=moe_specialization run_dir=/tmp/runs/moe model.moe.ortho_loss=0.1 \
     model.moe.var_loss=0.1 trainer.max_steps=40 trainer.eval_interval=20 trainer.progress=false
-  step 70 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/spec optim.spectral.enabled=true \
+  step 65 "$PY" pretrain/main.py +experiment=smoke run_dir=/tmp/runs/spec optim.spectral.enabled=true \
     logging.monitors.interval=5 trainer.progress=false
-  step 120 "$PY" pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false
+  step 115 "$PY" pretrain/main.py +experiment=demo run_dir=/tmp/runs/demo trainer.progress=false
   cp /tmp/runs/moe/metrics.jsonl "$OUT/moe_metrics.jsonl" 2>/dev/null
   cp /tmp/runs/demo/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
 }
@@ -136,7 +177,7 @@ section_41() {
   val=$(validation 15 1 +experiment=warmup_free_adamw_warmup trainer.max_steps="${WF_STEPS:-300}") || return
   step 230 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" WF_STEPS="${WF_STEPS:-300}" WF_LRS="${WF_LRS:-1e-2 3e-2}" \
       WF_SEEDS="${WF_SEEDS:-1 2 3}" VAL="$val" bash -c '
-    common="trainer.precision=$PRECISION trainer.progress=false logging.tensorboard=false $VAL"
+    common="trainer.precision=$PRECISION trainer.compile=false trainer.progress=false logging.tensorboard=false $VAL"
     for lr in $WF_LRS; do for seed in $WF_SEEDS; do
       for arm in "adamw +experiment=warmup_free_adamw_warmup lr.warmup_steps=0" \
                  "warmup +experiment=warmup_free_adamw_warmup lr.warmup_steps=120" \
@@ -160,13 +201,14 @@ section_42() {
   # validation row is one document piece, on the CPU about half text and half padding
   local val
   val=$(validation 30 0.45 +experiment=cpt_packing) || return
-  local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION $val
+  local driver=(tools/experiments/cpt_experiment.py --jobs "${PACK_JOBS:-16}" --set trainer.precision=$PRECISION
+                trainer.compile=false $val
                 ${PACK_SET:-})
-  step 100 "$PY" "${driver[@]}" --stage pack
+  step 95 "$PY" "${driver[@]}" --stage pack
   # every stage after pretrain needs only the pretrained model: they run side by side
-  step 170 env PY="$PY" bash -c '"$PY" "$@" --stage pretrain || exit
+  step 165 env PY="$PY" bash -c '"$PY" "$@" --stage pretrain || exit
     for stage in init cpt replay ablation distinct; do "$PY" "$@" --stage $stage & done; wait' _ "${driver[@]}"
-  step 30 "$PY" "${driver[@]}" --stage report --json "$OUT/packing_gpu.json" --png "$OUT/packing_gpu.png"
+  step 25 "$PY" "${driver[@]}" --stage report --json "$OUT/packing_gpu.json" --png "$OUT/packing_gpu.png"
   tar -czf "$OUT/packing_runs.tgz" --exclude=checkpoints runs/cpt_pretrain runs/cpt_packing 2>/dev/null
 }
 
@@ -177,10 +219,10 @@ section_43() {
   # the section to try it on a CPU first.
   local val
   val=$(validation 15 1 +experiment=width_sweep) || return
-  step 50 "$PY" -c "$PREPARE" +experiment=width_sweep $val
-  step 220 "$PY" tools/experiments/width_experiment.py --stage grid --concurrent --jobs "${WIDTH_JOBS:-4}" \
-    --set trainer.precision=$PRECISION $val ${WIDTH_SET:-}
-  step 30 "$PY" tools/experiments/width_experiment.py --stage fit
+  step 45 "$PY" -c "$PREPARE" +experiment=width_sweep $val
+  step 215 "$PY" tools/experiments/width_experiment.py --stage grid --concurrent --jobs "${WIDTH_JOBS:-4}" \
+    --set trainer.precision=$PRECISION trainer.compile=false $val ${WIDTH_SET:-}
+  step 25 "$PY" tools/experiments/width_experiment.py --stage fit
 }
 
 section_46() {
@@ -188,11 +230,11 @@ section_46() {
   local val
   val=$(validation 15 1 +experiment=width_sweep) || return
   local driver=(tools/experiments/width_experiment.py --concurrent --jobs "${WIDTH_JOBS:-4}"
-                --set trainer.precision=$PRECISION $val ${WIDTH_SET:-})
-  step 70 "$PY" "${driver[@]}" --stage grid
-  step 30 "$PY" "${driver[@]}" --stage fit
-  step 150 "$PY" "${driver[@]}" --stage transfer
-  step 50 "$PY" "${driver[@]}" --stage report --out "$OUT" --name width_gpu
+                --set trainer.precision=$PRECISION trainer.compile=false $val ${WIDTH_SET:-})
+  step 65 "$PY" "${driver[@]}" --stage grid
+  step 25 "$PY" "${driver[@]}" --stage fit
+  step 145 "$PY" "${driver[@]}" --stage transfer
+  step 45 "$PY" "${driver[@]}" --stage report --out "$OUT" --name width_gpu
   tar -czf "$OUT/width_runs.tgz" --exclude=checkpoints runs/width 2>/dev/null
 }
 
@@ -207,18 +249,19 @@ assert t['ortho_loss'] == t['var_loss']; print(t['ortho_loss'])") || { echo "!! 
   local pre cont
   pre=$(validation 30 1 +experiment=moe_pretrain trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}") || return
   cont=$(validation 30 1 +experiment=moe_continue trainer.max_steps="${MOE_STEPS:-500}") || return
-  step 70 "$PY" tools/experiments/moe_experiment.py --stage pack --set $pre
-  step 80 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION $pre ${MOE_SET:-} \
-    trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}" checkpoint.interval="${MOE_PRETRAIN_STEPS:-1200}"
-  step 110 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" \
+  step 65 "$PY" tools/experiments/moe_experiment.py --stage pack --set $pre
+  step 75 "$PY" pretrain/main.py +experiment=moe_pretrain trainer.precision=$PRECISION trainer.compile=false \
+    $pre ${MOE_SET:-} trainer.max_steps="${MOE_PRETRAIN_STEPS:-1200}" checkpoint.interval="${MOE_PRETRAIN_STEPS:-1200}"
+  step 105 env PY="$PY" PRECISION="$PRECISION" OUT="$OUT" BETA="$beta" MOE_STEPS="${MOE_STEPS:-500}" \
       MOE_SET="$cont ${MOE_SET:-}" bash -c '
     for coeff in 0 $BETA; do for seed in 1 2 3; do
       timeout -k 5 100 "$PY" pretrain/main.py +experiment=moe_continue model.moe.ortho_loss=$coeff \
-        model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.max_steps=$MOE_STEPS $MOE_SET \
+        model.moe.var_loss=$coeff seed=$seed trainer.precision=$PRECISION trainer.compile=false \
+        trainer.max_steps=$MOE_STEPS $MOE_SET \
         > "$OUT/moe-$coeff-$seed.log" 2>&1 &
     done; done
     wait'
-  step 40 "$PY" tools/experiments/moe_report.py runs/moe_continue --pretrained runs/moe_pretrain --out "$OUT" \
+  step 35 "$PY" tools/experiments/moe_report.py runs/moe_continue --pretrained runs/moe_pretrain --out "$OUT" \
     --name moe_gpu
   tar -czf "$OUT/moe_runs.tgz" --exclude=checkpoints runs/moe_pretrain runs/moe_continue 2>/dev/null
 }
@@ -231,12 +274,12 @@ section_45() {
   local val
   val=$(validation 15 1 +experiment=attention_d128) || return
   local driver=(tools/experiments/attention_experiment.py --concurrent --jobs "${ATTN_JOBS:-18}"
-                --set trainer.precision=$PRECISION $val ${ATTN_SET:-})
-  step 60 "$PY" -c "$PREPARE" +experiment=attention_d128 $val
-  step 110 "$PY" "${driver[@]}" --stage tune
-  step 15 "$PY" "${driver[@]}" --stage report-choice
-  step 90 "$PY" "${driver[@]}" --stage compare
-  step 25 "$PY" "${driver[@]}" --stage report --out "$OUT" --name attention_gpu
+                --set trainer.precision=$PRECISION trainer.compile=false $val ${ATTN_SET:-})
+  step 55 "$PY" -c "$PREPARE" +experiment=attention_d128 $val
+  step 105 "$PY" "${driver[@]}" --stage tune
+  step 10 "$PY" "${driver[@]}" --stage report-choice
+  step 85 "$PY" "${driver[@]}" --stage compare
+  step 20 "$PY" "${driver[@]}" --stage report --out "$OUT" --name attention_gpu
   tar -czf "$OUT/attention_runs.tgz" --exclude=checkpoints runs/attention_d128 2>/dev/null
 }
 

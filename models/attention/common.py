@@ -113,7 +113,13 @@ def replicated(t: torch.Tensor) -> torch.Tensor:
     Each rank only sees the gradient from its own heads; summing over ranks gives every rank the full
     gradient, so replicated weights stay identical and TP=N matches TP=1.
     """
-    return copy_to_tensor_model_parallel_region(t)
+    return copy_to_tensor_model_parallel_region(t, group=tp_group())
+
+
+def tp_group():
+    """The tensor-parallel group, passed explicitly to megatron's mappings: without it they look the group up
+    through a deprecation `warnings.warn` that torch.compile cannot trace (a graph break per call)."""
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def tp_size() -> int:

@@ -6,8 +6,12 @@ One Triton kernel serves every cache layout of models/inference.py, specialised 
                   GLA/MLA       (absorbed) key = value = the latent, ek = ev = d_c
   + RoPE key      GTA/GLA/MLA   k_rope [b, 1, L, r] shared by all heads: a second score term
 The g = h/hk query heads of one KV head are the rows of one matrix product with its cache block, so
-K/V are never expanded per head. Grid: (batch x KV heads, splits); each program walks its share of
-the sequence's valid keys with an fp32 running softmax, and a small PyTorch reduction merges the splits.
+K/V are never expanded per head; where g heads would not fit one program (absorbed MLA's 64-128 heads
+over a 512-wide latent), blocks of them do (`head_block`). Grid: (batch x KV heads x head blocks,
+splits); each program walks its share of the sequence's valid keys with an fp32 running softmax, and a
+small PyTorch reduction merges the splits. Offsets are 64-bit: a cache passes 2^31 elements at long
+contexts. tools/kernel_check.py compiles every launch keel makes for sm_80, sm_90a and sm_100a on any
+machine and reads its registers, spills and shared memory.
 Shapes depend only on the buffers, never on the lengths (a tensor), so the call can be captured in a
 CUDA graph. The PyTorch path (`models.inference.attend`) is the reference and the CPU path.
 """
@@ -15,6 +19,7 @@ CUDA graph. The PyTorch path (`models.inference.attend`) is the reference and th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,12 +37,15 @@ def _dot(a, b, F32: tl.constexpr):
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
                   sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sqr_b, sqr_h, skr_b, skr_l,
-                  HK, G, EK, EV, R, SPLITS, scale_log2,
-                  TIED: tl.constexpr, HAS_ROPE: tl.constexpr, G_PAD: tl.constexpr, EK_PAD: tl.constexpr,
+                  HK, G, EK, EV, R, SPLITS, HEAD_BLOCKS, scale_log2,
+                  TIED: tl.constexpr, HAS_ROPE: tl.constexpr, G_BLOCK: tl.constexpr, EK_PAD: tl.constexpr,
                   EV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr):
-    pid_bh, split = tl.program_id(0), tl.program_id(1)
-    b, kh = pid_bh // HK, pid_bh % HK
-    rows = tl.arange(0, G_PAD)  # the g query heads of this KV head, padded for the matrix unit
+    pid, split = tl.program_id(0), tl.program_id(1)
+    # 64-bit from here on: batch x heads x buffer x dims passes 2^31 elements in long-context batches
+    bh = (pid // HEAD_BLOCKS).to(tl.int64)
+    b, kh = bh // HK, bh % HK
+    rows = (pid % HEAD_BLOCKS) * G_BLOCK + tl.arange(0, G_BLOCK)  # a block of this KV head's g query heads
+    live = rows < G
     heads = kh * G + rows
     cols_k, cols_v, cols_r = tl.arange(0, EK_PAD), tl.arange(0, EV_PAD), tl.arange(0, R_PAD)
     length = tl.load(len_ptr + b)
@@ -49,17 +57,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, len_ptr, acc_ptr, m_ptr, 
     # 1. queries: tied layouts read the key as the value's first EK dims, so q is zero beyond EK
     if TIED:
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + cols_v[None, :],
-                    mask=(rows[:, None] < G) & (cols_v[None, :] < EK), other=0.0)
+                    mask=live[:, None] & (cols_v[None, :] < EK), other=0.0)
     else:
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + cols_k[None, :],
-                    mask=(rows[:, None] < G) & (cols_k[None, :] < EK), other=0.0)
+                    mask=live[:, None] & (cols_k[None, :] < EK), other=0.0)
     if HAS_ROPE:
         qr = tl.load(qr_ptr + b * sqr_b + heads[:, None] * sqr_h + cols_r[None, :],
-                     mask=(rows[:, None] < G) & (cols_r[None, :] < R), other=0.0)
+                     mask=live[:, None] & (cols_r[None, :] < R), other=0.0)
 
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, EV_PAD], tl.float32)
+    m = tl.full([G_BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([G_BLOCK], tl.float32)
+    acc = tl.zeros([G_BLOCK, EV_PAD], tl.float32)
     v_base = v_ptr + b * sv_b + kh * sv_h
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
@@ -87,10 +95,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, len_ptr, acc_ptr, m_ptr, 
         m = m_new
 
     # 4. unnormalised partials of this split; an empty split leaves m = -inf and contributes nothing
-    part = (pid_bh * SPLITS + split) * G + rows
-    tl.store(acc_ptr + part[:, None] * EV + cols_v[None, :], acc, mask=(rows[:, None] < G) & (cols_v[None, :] < EV))
-    tl.store(m_ptr + part, m, mask=rows < G)
-    tl.store(l_ptr + part, l, mask=rows < G)
+    part = (bh * SPLITS + split) * G + rows
+    tl.store(acc_ptr + part[:, None] * EV + cols_v[None, :], acc, mask=live[:, None] & (cols_v[None, :] < EV))
+    tl.store(m_ptr + part, m, mask=live)
+    tl.store(l_ptr + part, l, mask=live)
 
 
 def _pad(n: int) -> int:
@@ -102,6 +110,60 @@ def num_splits(batch: int, kv_heads: int, max_len: int, block: int, programs: in
     return max(1, min(math.ceil(programs / (batch * kv_heads)), math.ceil(max_len / block)))
 
 
+def head_block(g: int, ev: int) -> int:
+    """Query heads per program: all g of a KV head where their fp32 accumulator [heads, ev] stays small, else
+    blocks of them, so that any head count fits the registers and shared memory (absorbed MLA serves 128
+    heads from one 512-wide latent: all at once needs about 262 KB of shared memory, more than an H100 has).
+    A block re-reads its KV head's cache from L2; `tools/kernel_check.py` checks every layout keel launches."""
+    return min(_pad(g), max(16, 8192 // _pad(ev)))
+
+
+class Launch(NamedTuple):
+    """One call of the kernel: its grid, positional arguments and compile-time options, and the output's
+    shape. `tools/kernel_check.py` compiles the same launch for GPU targets without a GPU."""
+    grid: tuple[int, int]
+    args: tuple
+    options: dict
+    shape: tuple[int, int, int, int, int]  # batch, KV heads, splits, query heads per KV head, value width
+
+
+def plan(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, lengths: torch.Tensor, scale: float,
+         q_rope: torch.Tensor | None = None, k_rope: torch.Tensor | None = None,
+         splits: int | None = None, block: int | None = None) -> Launch:
+    """The kernel launch for these inputs (see `decode_attention`), with the partial results allocated."""
+    tensors = {"q": q, "k": k, "v": v, "q_rope": q_rope, "k_rope": k_rope}
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:  # Triton's dot refuses mixed operands (the interpreter alone runs them)
+        found = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise ValueError(f"decode kernel: query and cache dtypes differ ({found}); cast the query to the cache's dtype")
+    bsz, h, ek = q.shape
+    hk, max_len, ev = v.shape[1], v.shape[2], v.shape[3]
+    g = h // hk
+    tied, rope = k is None, q_rope is not None
+    # wide rows (latents, fp32): smaller blocks of keys keep the tiles in registers and the pipelined
+    # copies within shared memory (an fp32 MLA latent of 512 in blocks of 32 needs 182 KB, an A100 has 163)
+    row_bytes = ev * v.element_size()
+    block = block or (64 if ev <= 128 else 32 if row_bytes <= 1024 else 16)
+    splits = splits or num_splits(bsz, hk, max_len, block)
+    g_block = head_block(g, ev)
+    head_blocks = math.ceil(g / g_block)
+    parts = bsz * hk * splits * g
+    acc = torch.empty(parts, ev, dtype=torch.float32, device=q.device)
+    m = torch.empty(parts, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    kk = v if tied else k
+    qr, kr = (q_rope, k_rope) if rope else (q, v)  # unused pointers when there is no RoPE part
+    r = qr.shape[-1] if rope else 16
+    args = (q, kk, v, qr, kr, lengths, acc, m, l,
+            q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), kk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(2),
+            hk, g, ek, ev, r, splits, head_blocks, scale * math.log2(math.e))
+    options = dict(TIED=tied, HAS_ROPE=rope, G_BLOCK=g_block, EK_PAD=_pad(ek), EV_PAD=_pad(ev), R_PAD=_pad(r),
+                   BLOCK_N=block, F32=bool(triton.knobs.runtime.interpret),
+                   num_warps=8 if row_bytes > 512 else 4)  # wide rows: more threads, so no registers spill
+    return Launch((bsz * hk * head_blocks, splits), args, options, (bsz, hk, splits, g, ev))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                      q_rope: torch.Tensor | None = None, k_rope: torch.Tensor | None = None,
                      splits: int | None = None, block: int | None = None) -> torch.Tensor:
@@ -109,7 +171,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, l
 
     q [b, h, ek]; v [b, hk, L, ev] with hk dividing h; k [b, hk, L, ek], or None when the key is the
     value's first ek dims (tied: GTA, absorbed GLA/MLA); q_rope [b, h, r] and k_rope [b, 1, L, r]
-    optional; lengths [b] int, each >= 1.
+    optional, all of one dtype; lengths [b] int, each >= 1.
     -> [b, h, ev] in q's dtype, the softmax in fp32 with `scale`.
     """
     if not q.is_cuda and not triton.knobs.runtime.interpret:
@@ -118,27 +180,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, l
     # the kernel indexes every tensor's last dim with stride 1 (a query from einsum may not have it)
     q, k, v, q_rope, k_rope = (x if x is None or x.stride(-1) == 1 else x.contiguous()
                                for x in (q, k, v, q_rope, k_rope))
-    bsz, h, ek = q.shape
-    hk, max_len, ev = v.shape[1], v.shape[2], v.shape[3]
-    g = h // hk
-    tied, rope = k is None, q_rope is not None
-    block = block or (64 if ev <= 128 else 32)  # wide latents: smaller blocks keep the tiles in registers
-    splits = splits or num_splits(bsz, hk, max_len, block)
-    acc = torch.empty(bsz * hk * splits * g, ev, dtype=torch.float32, device=q.device)
-    m = torch.empty(bsz * hk * splits * g, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    kk = v if tied else k
-    qr, kr = (q_rope, k_rope) if rope else (q, v)  # unused pointers when there is no RoPE part
-    r = qr.shape[-1] if rope else 16
-    _split_kernel[(bsz * hk, splits)](
-        q, kk, v, qr, kr, lengths, acc, m, l,
-        q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), kk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(2),
-        hk, g, ek, ev, r, splits, scale * math.log2(math.e),
-        TIED=tied, HAS_ROPE=rope, G_PAD=_pad(g), EK_PAD=_pad(ek), EV_PAD=_pad(ev), R_PAD=_pad(r), BLOCK_N=block,
-        F32=bool(triton.knobs.runtime.interpret), num_warps=8 if ev > 256 else 4)
+    launch = plan(q, k, v, lengths, scale, q_rope, k_rope, splits, block)
+    _split_kernel[launch.grid](*launch.args, **launch.options)
+    acc, m, l = launch.args[6:9]
+    bsz, hk, splits, g, ev = launch.shape
     return merge_splits(acc.view(bsz, hk, splits, g, ev), m.view(bsz, hk, splits, g), l.view(bsz, hk, splits, g)
-                        ).reshape(bsz, h, ev).to(q.dtype)
+                        ).reshape(bsz, q.shape[1], ev).to(q.dtype)
 
 
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ LAYOUTS = {
     "gta": (4, 2, 8, 16, 8, True),  # key = KV[:8] | shared RoPE key of 8, value = KV (16)
     "gla": (4, 2, 32, 32, 8, True),  # absorbed: key = value = the latent (d_c 32) | RoPE key
     "mla": (4, 1, 64, 64, 8, True),
+    "mla-40-heads": (40, 1, 512, 512, 8, True),  # query heads in blocks of 16: 16 + 16 + 8 (decode.head_block)
 }
 SHAPES = {  # id: (lengths, buffer length, splits); blocks of 16 keys
     "b1-one-token": ([1], 5, None),
@@ -60,13 +61,50 @@ def _reference(q, k, v, q_rope, k_rope, lengths, scale):
                   None if q_rope is None else q_rope[None].float(), up(k_rope))[0]
 
 
+def kernel_inputs(layout: str, shape: str, device, dtype=torch.float32) -> tuple[tuple, dict]:
+    """The arguments of one `decode_attention` call of this case (tests/models/test_kernel_targets.py
+    compiles the same calls for GPU targets)."""
+    lengths, max_len, splits = SHAPES[shape]
+    return _inputs(layout, lengths, max_len, device, dtype), {"splits": splits, "block": 16}
+
+
 def kernel_case(layout: str, shape: str, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     from models.kernels.decode import decode_attention
 
-    lengths, max_len, splits = SHAPES[shape]
-    q, k, v, q_rope, k_rope, lens, scale = _inputs(layout, lengths, max_len, device, dtype)
-    out = decode_attention(q, k, v, lens, scale, q_rope, k_rope, splits=splits, block=16)
+    (q, k, v, q_rope, k_rope, lens, scale), options = kernel_inputs(layout, shape, device, dtype)
+    out = decode_attention(q, k, v, lens, scale, q_rope, k_rope, **options)
     return out.float().cpu(), _reference(q, k, v, q_rope, k_rope, lens, scale).cpu()
+
+
+def wide_offsets_case(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache whose sequence 2 starts 2^31 elements into its buffers (batch x heads x length x dims
+    past what int32 offsets reach, as MHA at batch 64 x 32k does): the kernel must read it there, not at a
+    wrapped-around address. On the CPU the 24 GiB of buffers are a sparse file mapped into memory, of which
+    only the few valid keys are ever touched."""
+    import tempfile
+
+    from models.kernels.decode import decode_attention
+
+    b, h, e, length = 3, 2, 16, 2 ** 26  # 2^30 elements per sequence
+    lengths = torch.tensor([3, 5, 7], device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if device == "cpu":
+            path = f"{tmp}/cache"
+            with open(path, "wb") as f:
+                f.truncate(2 * b * length * e * 4)
+            buffers = torch.from_file(path, shared=True, size=2 * b * length * e, dtype=torch.float32)
+        else:
+            buffers = torch.empty(2 * b * length * e, dtype=torch.float32, device=device)
+        k, v = buffers.view(2, b, 1, length, e)
+        g = torch.Generator().manual_seed(0)
+        valid = {name: torch.randn(b, 1, 8, e, generator=g).to(device) for name in ("k", "v")}
+        k[:, :, :8], v[:, :, :8] = valid["k"], valid["v"]
+        q = torch.randn(b, h, e, generator=g).to(device)
+        out = decode_attention(q, k, v, lengths, e ** -0.5, splits=2, block=16)
+        ref = _reference(q, valid["k"], valid["v"], None, None, lengths, e ** -0.5)
+        result = out.cpu(), ref.cpu()
+        del buffers, k, v
+    return result
 
 
 def sdpa_case(layout: str, shape: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +138,7 @@ def run_all(device) -> dict:
     out = {f"{layout}-{shape}": kernel_case(layout, shape, device) for layout in LAYOUTS for shape in SHAPES}
     out |= {f"bf16-{layout}": kernel_case(layout, "ragged-empty-split", device, torch.bfloat16) for layout in BF16}
     out |= {f"sdpa-{layout}-{shape}": sdpa_case(layout, shape, device) for layout in GROUPED for shape in SHAPES}
+    out["wide-offsets"] = wide_offsets_case(device)
     out |= {f"model-{t}": model_case(t, device) for t in TYPES}
     out |= {f"model-sdpa-{t}": model_case(t, device, "sdpa") for t in ("gqa", "gta")}  # GTA falls to Triton
     out |= {f"model-qk-norm-{t}": model_case(t, device, overrides=("attention.qk_norm=true",)) for t in QK_NORM}

@@ -39,6 +39,13 @@ def test_kernel_equals_the_pytorch_path(results, layout, shape):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_kernel_reads_caches_past_two_billion_elements(results):
+    """Sequence 2 starts 2^31 elements into the buffers: with 32-bit offsets the kernel read a wrapped-around
+    address (a segfault in the interpreter, an illegal address or garbage on a GPU)."""
+    out, ref = results["wide-offsets"]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", cases.BF16)
 def test_kernel_in_bf16_is_within_rounding(results, layout):
     """bf16 cache and queries, fp32 softmax and accumulation, against the fp32 reference on the same inputs."""

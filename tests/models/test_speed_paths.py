@@ -88,6 +88,39 @@ def test_grouped_kv_is_never_expanded(megatron_world, monkeypatch):
     torch.testing.assert_close(out, expanded.permute(2, 0, 1, 3).reshape(8, 2, 64))
 
 
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_grouped_kv_with_a_mask_folds_query_heads_into_rows(megatron_world, monkeypatch, per_head_mask):
+    """A dense mask (documents) with grouped K/V: torch has no fused kernel for a mask together with
+    enable_gqa (only its math path, K/V expanded), so each KV head's query heads become query rows of one
+    attention. Same values as the grouped call; training and decoding never pass both."""
+    import torch.nn.functional as F
+
+    from models.attention import sdpa
+    from models.kernels.sdpa_decode import sdpa_decode
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(12, 2, 8, 16, generator=g), torch.randn(12, 2, 2, 16, generator=g), torch.randn(12, 2, 2, 16,
+                                                                                                          generator=g)
+    heads = 8 if per_head_mask else 1
+    masked = torch.rand(2, heads, 12, 12, generator=g) > 0.6  # megatron's convention: True is masked out
+    masked &= ~torch.eye(12, dtype=torch.bool)  # every query sees at least itself
+    _, gpt = build_tiny_gpt()
+    out = gpt.decoder.layers[0].self_attention.core_attention(q, k, v, masked)
+    want = real(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=~masked, enable_gqa=True)
+    torch.testing.assert_close(out, want.permute(2, 0, 1, 3).reshape(12, 2, 128), rtol=1e-5, atol=1e-6)
+    lengths = torch.tensor([5, 12])
+    keys = torch.arange(12) < lengths[:, None]
+    k_cache, v_cache = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+    want = real(q[0][:, :, None], k_cache, v_cache, attn_mask=keys[:, None, None], scale=0.25, enable_gqa=True)[:, :, 0]
+    decoded = sdpa_decode(q[0], k_cache, v_cache, lengths, 0.25)
+    torch.testing.assert_close(decoded, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2 and not any(kw.get("enable_gqa") and kw.get("attn_mask") is not None for kw in calls)
+
+
 def test_moe_counts_only_the_active_experts(megatron_world):
     from models.builder import active_params, count_params
 

@@ -6,6 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.helpers import ROOT, child_env
 from tools import bench_decode
@@ -13,12 +14,13 @@ from tools import bench_decode
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.head_dim=16"]
 
 
-def test_reports_tokens_bytes_and_bandwidth_on_cpu():
+def test_reports_tokens_bytes_and_bandwidth_on_cpu(tmp_path):
     cmd = [sys.executable, "tools/bench_decode.py", "--contexts", "8", "21", "--batch", "2", "3", "--steps", "2",
-           "--types", "gqa", "gla", "--json", "--", *TINY]
+           "--types", "gqa", "gla", "--json", "--save", str(tmp_path / "rows.json"), "--", *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows  # --save: the rows so far, after each one
     assert {(r["attention"], r["batch"], r["context"]) for r in rows} == {
         (t, b, c) for t in ("gqa", "gla") for b in (2, 3) for c in (8, 21)}
     kv = {r["attention"]: r["kv_bytes_per_token"] for r in rows}
@@ -52,3 +54,17 @@ def test_memory_bound_preset_holds_the_issue_shapes():
     assert overrides == ["model.num_layers=4", "model.hidden_size=2048", "model.head_dim=128", "model.norm_eps=1e-6"]
     args.contexts, args.batch = [16384], [32]  # explicit flags win
     assert bench_decode.resolve(args)[:2] == ([16384], [32])
+
+
+
+def test_reports_which_kernel_attended(megatron_world):
+    """The PyTorch path, or torch's SDPA with the backend it dispatched to (seen by the profiler)."""
+    from models.inference import forward_cached, new_cache
+    from tests.helpers import build_tiny_gpt
+
+    _, gpt = build_tiny_gpt(["attention=gqa"])
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    for kernel, expected in ((None, "pytorch"), ("sdpa", "sdpa: flash (CPU)")):
+        cache = new_cache(gpt, 2, 4, kernel=kernel)
+        forward_cached(gpt, tok, cache)
+        assert bench_decode._attention_kernel(gpt, cache, tok) == expected

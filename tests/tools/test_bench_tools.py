@@ -21,7 +21,7 @@ def test_bench_step_prints_keel_against_plain_eager_and_compiled():
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
     for name in ("keel", "plain eager", "plain compiled"):
         assert "tokens/s" in rows[name] and "MFU      -" in rows[name], out  # no MFU without a known GPU
-    for line in ("ratio keel/compiled", "monitored step"):
+    for line in ("ratio keel/compiled", "monitored step", "keel freed before the baselines: yes"):
         assert line in out, out
 
 
