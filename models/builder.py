@@ -12,7 +12,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from models.config import AttentionConfig, ModelConfig
+from models.attention import AttentionConfig
+from models.config import ModelConfig
 from models.gpt import build_gpt, layer_spec, transformer_config
 from models.init import expert_global_name, reset_parameters
 from models.moe import moe_spec
@@ -51,7 +52,7 @@ def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_
     # micro-batches and data-parallel ranks gives the same update
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
-    gpt = build_gpt(model, config, vocab_size, layer_specs(model, attention), per_document_positions)
+    gpt = build_gpt(model, attention, config, vocab_size, layer_specs(model, attention), per_document_positions)
     # experts are seeded by their global index (this expert-parallel rank holds a contiguous block)
     expert_offset = parallel_state.get_expert_model_parallel_rank() * (model.moe.num_experts // ep)
     reset_parameters(gpt, seed, model.init_std, model.num_layers, get_transformer_layer_offset(config),

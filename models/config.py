@@ -1,4 +1,5 @@
-"""The model's configuration: architecture, attention variant and mixture of experts.
+"""The model's configuration: architecture and mixture of experts (each attention type owns its own
+config, in models/attention/).
 
 Each dataclass validates itself in `__post_init__` and raises one `ValueError` line naming the fix.
 Derived sizes (heads from `hidden_size` and the fixed `head_dim`, the FFN width) are properties, never
@@ -18,7 +19,6 @@ def choices(name: str, *values: str) -> type[StrEnum]:
     return StrEnum(name, [(v, v) for v in values])
 
 
-AttentionType = choices("AttentionType", "mha", "gqa", "mqa", "mla", "gta", "gla")
 PositionEmbedding = choices("PositionEmbedding", "rope", "learned_absolute")
 Normalization = choices("Normalization", "RMSNorm", "LayerNorm")
 Activation = choices("Activation", "swiglu", "gelu")
@@ -26,11 +26,6 @@ AuxLoss = choices("AuxLoss", "switch", "seq", "none")  # switch: global load bal
 DropPolicy = choices("DropPolicy", "probs", "position")
 RopeScaling = choices("RopeScaling", "none", "llama3")
 Recompute = choices("Recompute", "none", "selective", "full")  # activation recompute, megatron's granularities
-
-# attention types whose key/value heads are megatron's query groups (the others keep their own latents)
-GROUPED_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa, AttentionType.gta)
-# attention types built as megatron's own SelfAttention (the others are keel's modules in models/attention/)
-SELF_ATTENTION = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa)
 
 
 def check(ok: bool, message: str) -> None:
@@ -84,48 +79,6 @@ class MoEConfig:
         check_positive("model.moe", self, "every", "ffn_hidden_size", "capacity_factor")
         for name in ("aux_loss_coeff", "z_loss", "ortho_loss", "var_loss"):
             check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class AttentionConfig:
-    """Which attention a layer uses; the spec builder in `models/attention/` maps `type` to a module."""
-
-    type: str = choice(AttentionType, "gqa")
-    num_query_groups: Optional[int] = None  # gqa/gta; None: heads // 2
-    rope_dim: Optional[int] = None  # gta: RoPE key width, None: head_dim // 2
-    num_latent_heads: int = 2  # gla: h_c
-    latent_dim: Optional[int] = None  # gla: d_c, None: 2 * head_dim
-    q_lora_rank: Optional[int] = None  # mla
-    kv_lora_rank: Optional[int] = None  # mla, None: 4 * head_dim
-    qk_pos_emb_head_dim: Optional[int] = None  # mla/gla decoupled RoPE width, None: head_dim // 2
-    # RMSNorm per head of queries and keys before their dot product (and before RoPE), which bounds the
-    # attention logits; every type (models/attention/common.py: QKNorm and HeadRMSNorm say how)
-    qk_norm: bool = False
-
-    def __post_init__(self):
-        check_choices("attention", self)
-        check_positive("attention", self, "num_query_groups", "rope_dim", "num_latent_heads", "latent_dim",
-                       "q_lora_rank", "kv_lora_rank", "qk_pos_emb_head_dim")
-
-    def query_groups(self, heads: int) -> int:
-        """Key/value heads of megatron's attention: all heads for MHA, one for MQA, else the setting."""
-        if self.type == AttentionType.mha:
-            return heads
-        if self.type == AttentionType.mqa:
-            return 1
-        return self.num_query_groups if self.num_query_groups is not None else max(1, heads // 2)
-
-    def shape(self, head_dim: int) -> dict:
-        """The sizes this type's weights and KV cache depend on beyond heads/groups, defaults resolved.
-        MLA is GLA with one latent of width kv_lora_rank."""
-        if self.type == AttentionType.gta:
-            return {"rope_dim": self.rope_dim or head_dim // 2}
-        if self.type in (AttentionType.gla, AttentionType.mla):
-            gla = self.type == AttentionType.gla
-            return {"num_latents": self.num_latent_heads if gla else 1,
-                    "latent_dim": (self.latent_dim or 2 * head_dim) if gla else (self.kv_lora_rank or 4 * head_dim),
-                    "rope_dim": self.qk_pos_emb_head_dim or head_dim // 2, "q_lora_rank": self.q_lora_rank}
-        return {}
 
 
 @dataclass
@@ -220,13 +173,6 @@ def check_vocabulary(tokens: int, predicted: int, tokenizer: str = "the tokenize
     """A tokenizer fits a model when the model predicts every id it produces."""
     check(tokens <= predicted, f"{tokenizer} has {tokens} tokens but {model} predicts {predicted}; "
                                "use the model's own tokenizer")
-
-
-def check_attention(model: ModelConfig, attention: AttentionConfig) -> None:
-    """What the model and its attention must agree on."""
-    groups = attention.query_groups(model.heads)
-    check(groups >= 1 and model.heads % groups == 0,
-          f"attention.num_query_groups={groups} must divide the {model.heads} heads")
 
 
 def _round_up(x: int, m: int) -> int:

@@ -24,8 +24,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset)
 
-from models.attention import attention_spec
-from models.config import SELF_ATTENTION, AttentionConfig, ModelConfig, MoEConfig, RopeScalingConfig, check
+from models.attention import AttentionConfig, attention_spec
+from models.config import ModelConfig, MoEConfig, RopeScalingConfig, check
 from models.loss import chunked_loss
 
 
@@ -48,7 +48,7 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         cuda_graph_modules=[],  # megatron's default ("full") only warns that it is deprecated
         # QK-norm in megatron's SelfAttention (its spec holds the norm; megatron also sums the gains'
         # gradients over TP ranks by this flag); keel's own modules take theirs from their spec
-        qk_layernorm=attention.qk_norm and attention.type in SELF_ATTENTION,
+        qk_layernorm=attention.qk_norm and attention.megatron_qk_layernorm,
         **moe_fields(model.moe, model.ffn_size), **recompute_fields(model.recompute),
     )
 
@@ -128,9 +128,11 @@ class KeelGPT(GPTModel):
     `per_document_positions` the rotary table is gathered per token instead.
     """
 
-    def __init__(self, *args, per_document_positions: bool = False, rope_scaling: RopeScalingConfig | None = None,
-                 unpadded_vocab_size: int | None = None, loss_chunk_tokens: int = 0, **kwargs):
+    def __init__(self, *args, attention: AttentionConfig, per_document_positions: bool = False,
+                 rope_scaling: RopeScalingConfig | None = None, unpadded_vocab_size: int | None = None,
+                 loss_chunk_tokens: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.attention_config = attention  # its type decodes the layers' attention (models/inference)
         self.per_document_positions = per_document_positions
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the whole micro-batch's logits at once (models/loss.py)
         self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
@@ -185,8 +187,8 @@ def llama3_inv_freq(rotary, scaling: RopeScalingConfig) -> torch.Tensor:
                                  original_max_position_embeddings=scaling.original_max_positions)
 
 
-def build_gpt(model: ModelConfig, config: TransformerConfig, vocab_size: int, layer_specs: list[ModuleSpec],
-              per_document_positions: bool = False) -> KeelGPT:
+def build_gpt(model: ModelConfig, attention: AttentionConfig, config: TransformerConfig, vocab_size: int,
+              layer_specs: list[ModuleSpec], per_document_positions: bool = False) -> KeelGPT:
     """The GPT with `vocab_size` (the tokenizer's) tokens, its rows padded as `model` says."""
     vocab, padded = model.vocab_rows(vocab_size)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -199,4 +201,5 @@ def build_gpt(model: ModelConfig, config: TransformerConfig, vocab_size: int, la
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=model.position_embedding, rotary_base=model.rotary_base,
-        per_document_positions=per_document_positions, rope_scaling=model.rope_scaling, unpadded_vocab_size=vocab)
+        per_document_positions=per_document_positions, rope_scaling=model.rope_scaling, unpadded_vocab_size=vocab,
+        attention=attention)

@@ -17,12 +17,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from models.config import AttentionConfig, AttentionType, ModelConfig
+from models.attention import ATTENTION_TYPES, AttentionConfig
+from models.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SUPPORTED = ("LlamaForCausalLM, or MistralForCausalLM without sliding window: RMSNorm, SwiGLU (silu), RoPE "
              "(default or llama3 scaling), no biases, head_dim = hidden_size / num_attention_heads")
-EXPORTABLE = (AttentionType.mha, AttentionType.gqa, AttentionType.mqa)
 
 # keel's name within a layer -> HF's names within a layer (several: concatenated in megatron's fused layout)
 _LAYER = {
@@ -76,15 +76,18 @@ def keel_architecture(hf: dict, vocab_multiple: int) -> tuple[dict, dict]:
              "tie_embeddings": bool(hf.get("tie_word_embeddings")), "vocab_size": hf["vocab_size"],
              "vocab_multiple": vocab_multiple}
     kind = "mha" if groups == heads else "mqa" if groups == 1 else "gqa"
-    attention = {"type": kind, "num_query_groups": groups if kind == "gqa" else None}
+    attention = {"type": kind} | ({"num_query_groups": groups} if kind == "gqa" else {})
     return model, attention
 
 
 def check_exportable(model: ModelConfig, attention: AttentionConfig) -> None:
     """One line when transformers' Llama cannot hold this model."""
-    if attention.type not in EXPORTABLE:
+    if not attention.llama_layout:
+        exportable = [name for name, kind in ATTENTION_TYPES.items() if kind.llama_layout]
+        others = [name.upper() for name, kind in ATTENTION_TYPES.items() if not kind.llama_layout]
         raise UnsupportedModel(f"attention={attention.type} has no Hugging Face Llama equivalent; export takes "
-                               f"dense {'/'.join(EXPORTABLE)} models (GTA, GLA, MLA and MoE checkpoints stay in keel)")
+                               f"dense {'/'.join(exportable)} models ({', '.join(others)} and MoE checkpoints stay in "
+                               "keel)")
     problems = [(bool(model.moe.num_experts), "MoE (model.moe.num_experts > 0)"),
                 (model.position_embedding != "rope", f"position_embedding={model.position_embedding}"),
                 (model.normalization != "RMSNorm", f"normalization={model.normalization}"),

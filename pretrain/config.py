@@ -9,12 +9,14 @@ every check runs once, before anything heavy starts, and a bad value is one line
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, is_dataclass
+import importlib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Optional, get_type_hints
 
 from data.config import DataConfig
-from models.config import (GROUPED_ATTENTION, AttentionConfig, AttentionType, ModelConfig, check, check_attention,
-                           check_choices, check_positive, choice, choices)
+from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
+from models.config import ModelConfig, check, check_choices, check_positive, choice, choices
 from optim.config import OptimConfig, ScheduleConfig
 
 Precision = choices("Precision", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
@@ -109,7 +111,7 @@ class KeelConfig:
     seed: int = 1234
     init_from: Optional[str] = None  # continual pretraining: weights only, from a checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    attention: AttentionConfig = field(default_factory=lambda: attention_config("gqa"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lr: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -121,23 +123,23 @@ class KeelConfig:
     def __post_init__(self):
         """What spans components: sequence lengths, the parallel layout against the model, and options
         that only some attention types or layouts support."""
+        if not isinstance(self.attention, AttentionConfig):  # the schema's node of every type's fields
+            self.attention = attention_config(vars(self.attention))
         model, attention, parallel = self.model, self.attention, self.parallel
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check(self.data.seq_len <= model.max_seq_len,
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
               "shorten the sequence or raise the model's maximum")
-        check_attention(model, attention)
         check(model.heads % parallel.tensor == 0,
               f"parallel.tensor={parallel.tensor} does not divide the {model.heads} attention heads; "
               "pick a tensor-parallel size that divides model.num_heads")
         check(model.num_layers % parallel.pipeline == 0,
               f"parallel.pipeline={parallel.pipeline} does not divide model.num_layers={model.num_layers}")
-        groups = attention.query_groups(model.heads)
-        check(groups % parallel.tensor == 0 or attention.type not in GROUPED_ATTENTION or groups == 1,
-              f"parallel.tensor={parallel.tensor} does not divide the {groups} key/value heads; "
-              "pick a tensor-parallel size that divides attention.num_query_groups")
-        check(not self.optim.quack or attention.type in (AttentionType.mha, AttentionType.gqa, AttentionType.mqa),
-              f"optim.quack needs attention=mha, gqa or mqa (megatron's fused linear_qkv), not {attention.type}")
+        attention.check(model, parallel.tensor)
+        fused = [name for name, kind in ATTENTION_TYPES.items() if kind.fused_qkv]
+        check(not self.optim.quack or attention.fused_qkv,
+              f"optim.quack needs attention={', '.join(fused[:-1])} or {fused[-1]} (megatron's fused linear_qkv), "
+              f"not {attention.type}")
         # megatron's MoELayer refuses TP>1 without sequence parallelism, which keel keeps off
         check(not (model.moe.num_experts and parallel.tensor > 1),
               "model.moe needs parallel.tensor=1 (megatron's MoE with TP needs sequence parallelism)")
@@ -145,16 +147,42 @@ class KeelConfig:
               f"parallel.expert={parallel.expert} must divide model.moe.num_experts={model.moe.num_experts}")
 
 
-def register_configs() -> None:
+PLUGINS = "KEEL_PLUGINS"  # modules to import first, comma-separated: what they register (an attention type)
+
+
+def import_plugins() -> None:
+    """Import the modules KEEL_PLUGINS names (once each; Python caches them), so that what they register
+    in models/attention is part of every config keel composes or reads, in training and in every tool."""
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"{PLUGINS} names {name!r}, which cannot be imported ({e}); "
+                             "put it on PYTHONPATH") from None
+
+
+def schema() -> type[KeelConfig]:
+    """KeelConfig as Hydra sees it: its `attention` node holds every registered attention type's fields
+    (models/attention), so each key keeps its name whichever type owns it; KeelConfig then keeps the
+    chosen type's own config. Built when a config is composed or read, after KEEL_PLUGINS's imports."""
+    import_plugins()
+    options = [(name, kind, field(default=default)) for name, (kind, default) in attention_options().items()]
+    node = make_dataclass("AttentionOptions", options)
+    return make_dataclass("KeelSchema", [("attention", node, field(default_factory=node))], bases=(KeelConfig,))
+
+
+def register_configs() -> type[KeelConfig]:
     """Make the schema available to Hydra as `keel_schema` (conf/config.yaml extends it)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
+    keel_schema = schema()
+    ConfigStore.instance().store(name="keel_schema", node=keel_schema)
     # Hydra records its composed config (.hydra/) in each multirun job's folder, which is that job's
     # run folder; a single run writes nothing of Hydra's (conf/config.yaml sets hydra.run.dir to .)
     if not OmegaConf.has_resolver("keel_hydra_subdir"):
         OmegaConf.register_new_resolver("keel_hydra_subdir", lambda mode: ".hydra" if "MULTIRUN" in str(mode) else None)
+    return keel_schema
 
 
 def compose_config(overrides: list[str]) -> KeelConfig:
@@ -188,7 +216,7 @@ def config_from_dict(values: dict) -> KeelConfig:
     """A saved, resolved config (run_info.json's "config") as a validated KeelConfig."""
     from omegaconf import OmegaConf
 
-    return to_config(OmegaConf.merge(OmegaConf.structured(KeelConfig), values))
+    return to_config(OmegaConf.merge(OmegaConf.structured(schema()), values))
 
 
 def command_line_overrides() -> list[str]:
@@ -248,11 +276,12 @@ def to_config(raw, overrides: list[str] | None = None) -> KeelConfig:
 
     if overrides is not None:
         adopt_init_from(raw, overrides)
-    unknown = unknown_keys(raw, KeelConfig)
+    unknown = unknown_keys(raw, schema())
     if unknown:
         raise ValueError(unknown[0])
     try:
-        return OmegaConf.to_object(raw)
+        composed = OmegaConf.to_object(raw)  # a KeelSchema whose attention is now the chosen type's config
+        return KeelConfig(**{f.name: getattr(composed, f.name) for f in fields(KeelConfig)})
     except OmegaConfBaseException as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, ValueError) and not isinstance(cause, OmegaConfBaseException):

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from models.attention import attention_names
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
-TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 VOCAB = 8192
 # issue 14's shapes: decoding bound by reading the cache; FFNs matched as everywhere here
 PRESETS = {"memory-bound": {"overrides": ["model.num_layers=4", "model.hidden_size=2048", "model.head_dim=128"],
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    p.add_argument("--types", nargs="+", default=attention_names(), choices=attention_names())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graph, one launch per op")

@@ -1,4 +1,4 @@
-"""Generate text from a trained keel checkpoint with the KV cache (models/inference.py).
+"""Generate text from a trained keel checkpoint with the KV cache (models/inference).
 
     python tools/generate.py --checkpoint RUN_DIR_OR_STEP_DIR --prompt "def main(" [--prompt "import" ...] \
         --max-new-tokens 64 [--temperature 0.8 --top-k 50 --seed 0] [--device cuda] [--dtype bf16] [--eager]

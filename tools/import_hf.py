@@ -39,7 +39,8 @@ def resolve(hf_dir: Path, tokenizer_path: str | None, vocab_multiple: int, allow
     """(keel config, weights, tokenizer, HF config) for HF_DIR, every input checked; nothing heavy yet."""
     from data.config import DataConfig
     from data.tokenizer import load_tokenizer
-    from models.config import AttentionConfig, ModelConfig, RopeScalingConfig, check_vocabulary
+    from models.attention import attention_config
+    from models.config import ModelConfig, RopeScalingConfig, check_vocabulary
     from models.hf import hf_shapes, keel_architecture
     from pretrain.config import KeelConfig
 
@@ -47,7 +48,7 @@ def resolve(hf_dir: Path, tokenizer_path: str | None, vocab_multiple: int, allow
     hf = read_config(check_folder(hf_dir))
     model, attention = keel_architecture(hf, vocab_multiple)
     model = ModelConfig(**{**model, "rope_scaling": RopeScalingConfig(**model["rope_scaling"])})
-    attention = AttentionConfig(**attention)
+    attention = attention_config(attention)
     # 2. the weights: every tensor config.json implies, with its shape (headers only)
     weights = Weights(hf_dir, allow_pickle)
     weights.check_shapes(hf_shapes(model, attention))

@@ -157,13 +157,14 @@ def unique(cases: list[Case], target: str = "sm_90a") -> list[Case]:
 def preset_cases(dtypes=("bf16", "fp32"), steps: int = 10, warmup: int = 2) -> list[Case]:
     """Every launch bench_decode.py's presets make (each type, batch and context; the cache holds
     context + warmup + steps tokens, as there), and the wide-head MLA layouts."""
-    from tools.bench_decode import PRESETS, TYPES
+    from models.attention import attention_names
+    from tools.bench_decode import PRESETS
 
     cases = []
     for preset, spec in PRESETS.items():
         shapes = [(b, c + warmup + steps) for b in spec["batch"] for c in spec["contexts"]]
         for dtype in dtypes:
-            for t in TYPES:
+            for t in attention_names():
                 overrides = [*spec["overrides"], "model.num_layers=1", f"attention={t}"]
                 for (batch, length), launches in capture_launches(overrides, shapes, DTYPES[dtype]).items():
                     cases += [Case(f"{preset} {t} {dtype} b{batch} ctx{length - warmup - steps}", launch, dtype)

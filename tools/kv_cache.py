@@ -5,7 +5,7 @@
                              [HYDRA_OVERRIDES ...]
 
 The first form builds each type's model (one layer) in a gloo world of N processes per TP size, allocates
-the decode cache from this rank's real modules (models/inference.py) and reports rank 0's elements and
+the decode cache from this rank's real modules (models/inference) and reports rank 0's elements and
 bytes next to the formula. `--verify` decodes a random sequence token by token with the cache, at TP=N
 in a gloo world of N processes, and compares the gathered logits with one full forward at TP=1 (every
 type unless --attention is given); it exits 1 when the largest difference exceeds --tol. `--kernel triton`
@@ -22,22 +22,11 @@ from pathlib import Path
 
 import torch
 
+from models.attention import attention_names
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
-TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 256
-
-
-def formula(cfg, tp: int) -> int:
-    """The methods' per-device cache elements per token per layer (docs/results/attention.md)."""
-    a, d = cfg.attention, cfg.model.kv_channels
-    s = a.shape(d)
-    if a.type in ("mha", "gqa", "mqa"):
-        return 2 * max(cfg.attention.query_groups(cfg.model.heads) // tp, 1) * d
-    if a.type == "gta":
-        return (cfg.attention.query_groups(cfg.model.heads) // tp) * d + s["rope_dim"]
-    return max(s["num_latents"] // tp, 1) * s["latent_dim"] + s["rope_dim"]  # MLA's one latent: on every rank
 
 
 def _configs(overrides: list[str], tp: int, types) -> dict:
@@ -91,7 +80,7 @@ def _cache_rows(tp: int, overrides: list[str], types, dtype: str) -> dict:
         try:
             cache = new_cache(build_for_decode(cfg.model, cfg.attention, VOCAB, cfg.seed), batch=1, max_len=1, dtype=DTYPES[dtype])
             rows[t] = {"elements": cache.elements_per_token(), "bytes": cache.bytes_per_token(),
-                       "formula": formula(cfg, tp)}
+                       "formula": cfg.attention.cache_elements(cfg.model, tp)}
         except ValueError as e:
             rows[t] = {"error": str(e)}
     gathered = [None] * tp
@@ -101,7 +90,7 @@ def _cache_rows(tp: int, overrides: list[str], types, dtype: str) -> dict:
     return rows
 
 
-def measure(overrides: list[str], tps, types=TYPES, dtype: str = "bf16") -> list[dict]:
+def measure(overrides: list[str], tps, types, dtype: str = "bf16") -> list[dict]:
     results = []
     for tp in tps:
         rows = in_tp_world(tp, _cache_rows, overrides, list(types), dtype)
@@ -169,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, nargs="+", help="TP sizes (default 1 2 4; --verify: one size, default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--attention", choices=TYPES)
+    p.add_argument("--attention", choices=attention_names())
     p.add_argument("--verify", action="store_true")
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--tol", type=float, default=1e-3, help="absolute, on logits of order 10 (fp32 noise is ~1e-4)")
@@ -182,13 +171,14 @@ def main(argv=None) -> int:
     if args.verify:
         if len(args.tp) != 1:
             p.error("--verify takes one --tp size")
-        diffs = verify([args.attention] if args.attention else TYPES, args.overrides, args.length, args.init_std,
-                       args.tp[0], None if args.kernel == "none" else args.kernel)
+        types = [args.attention] if args.attention else attention_names()
+        diffs = verify(types, args.overrides, args.length, args.init_std, args.tp[0],
+                       None if args.kernel == "none" else args.kernel)
         for t, diff in diffs.items():
             print(f"{t}: {args.length} tokens decoded with the KV cache at TP={args.tp[0]} vs a full forward at TP=1: "
                   f"max |logit diff| = {diff:.3e} ({'ok' if diff <= args.tol else 'FAIL'}, tolerance {args.tol:g})")
         return 0 if all(d <= args.tol for d in diffs.values()) else 1
-    rows = measure(args.overrides, args.tp, [args.attention] if args.attention else TYPES, args.dtype)
+    rows = measure(args.overrides, args.tp, [args.attention] if args.attention else attention_names(), args.dtype)
     bad = [r for r in rows if "error" not in r and r["elements"] != r["formula"]]
     print(json.dumps(rows, indent=2) if args.json else _table(rows))
     for r in rows:

@@ -83,7 +83,7 @@ class QKNorm(torch.nn.Module):
     bounded (|q·k| <= width x gain product), which is what QK-norm is for. The content key needs the
     per-head key in full: GTA normalises the cached value's first d - d_R dims at each step, and GLA/MLA
     can no longer fold W_UK into the query (1/rms(W_UK,i c_j) is a per-head, per-token factor), so they
-    decode with the latents re-expanded (models/inference.py).
+    decode with the latents re-expanded (`LatentFamily.decode_step` in gla.py).
 
     Under TP the heads are sharded and the gains replicated: `query` and `key` mark the gains
     `replicated` (their gradients summed over ranks); `rope_key` acts on the RoPE key that every rank

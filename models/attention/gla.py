@@ -9,7 +9,7 @@ The KV cache holds the normalised latents and the rotated RoPE key: h_c*d_c + d_
 With `qk_norm` (common.QKNorm) q_nope, q_rope, each head's k_nope and the shared RoPE key are also
 RMS-normalised per head, before RoPE. (The latent norms above are DeepSeek's and always on; they
 bound the latents, not the per-head keys W_UK c that the logits see.) The cache is unchanged, but
-decoding re-expands the latents instead of absorbing W_UK into the queries (models/inference.py).
+decoding re-expands the latents instead of absorbing W_UK into the queries (`LatentFamily.decode_step`).
 
 Tensor parallelism: with h_c divisible by TP the latents (and their query heads) are sharded, so each
 rank caches (h_c/N)*d_c + d_R. With h_c < N (MLA's single latent, or GLA-2 at TP=4) each rank keeps
@@ -20,6 +20,7 @@ differently: sharded vs replicated, so a GLA checkpoint reshards only between TP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,8 +28,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from models.attention.base import AttentionConfig, Layout
 from models.attention.common import (QKNorm, apply_rope, divide, own_attention_spec, replicated,
-                                     replicated_linear, rms_norm, rope_angles, rope_table, tp_rank, tp_size)
+                                     replicated_linear, rms_norm, rope_angles, rope_table, tp_group, tp_rank,
+                                     tp_size)
+from models.config import ModelConfig
 
 
 class LatentAttention(MegatronModule):
@@ -152,5 +156,102 @@ class LatentAttention(MegatronModule):
 
 
 def latent_spec(attention, model) -> ModuleSpec:
-    """GLA's spec, and MLA's: `AttentionConfig.shape` resolves MLA to one latent of kv_lora_rank."""
+    """GLA's spec, and MLA's: their `shape` resolves MLA to one latent of kv_lora_rank."""
     return own_attention_spec(LatentAttention, attention, model)
+
+
+@dataclass
+class LatentFamily(AttentionConfig):
+    """What GLA and MLA share: the module, its decoupled RoPE key and query path, the cache of latents and
+    the decode step (absorbed by default; re-expanded with QK-norm, see the module's docstring)."""
+
+    qk_pos_emb_head_dim: Optional[int] = None  # d_R, the decoupled RoPE width; None: head_dim // 2
+    q_lora_rank: Optional[int] = None  # query path W_dQ -> RMSNorm -> W_uQ; None: one direct projection
+
+    def sizes(self) -> tuple[str, ...]:
+        return ("qk_pos_emb_head_dim", "q_lora_rank")
+
+    def latent_heads(self) -> int:
+        raise NotImplementedError
+
+    def latent_width(self, head_dim: int) -> int:
+        raise NotImplementedError
+
+    def query_groups(self, heads: int) -> int:
+        """Unread by the latent module, but megatron checks it and checkpoints record it: heads // 2 (or 1
+        for an odd head count), as every GLA/MLA run has recorded."""
+        return heads // 2 if heads % 2 == 0 else 1
+
+    def shape(self, head_dim: int) -> dict:
+        return {"num_latents": self.latent_heads(), "latent_dim": self.latent_width(head_dim),
+                "rope_dim": self.qk_pos_emb_head_dim or head_dim // 2, "q_lora_rank": self.q_lora_rank}
+
+    def spec(self, model: ModelConfig) -> ModuleSpec:
+        return latent_spec(self, model)
+
+    def cache_elements(self, model: ModelConfig, tensor_parallel: int = 1) -> int:
+        s = self.shape(model.kv_channels)  # MLA's one latent (h_c < TP) is kept on every rank
+        return max(s["num_latents"] // tensor_parallel, 1) * s["latent_dim"] + s["rope_dim"]
+
+    def cache_layout(self, module: LatentAttention) -> Layout:
+        return {"latent": (module.latents, module.latent_dim), "k_rope": (1, module.rope_dim)}
+
+    def decode_step(self, module: LatentAttention, x, table, cache, layer, upto, absorbed=True) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        from models.inference.cache import attend_cached
+
+        q_nope, q_rope = module.queries(x, table)
+        new_c, new_rope = module.latent_kv(x, table)
+        cache.write(layer, {"latent": new_c, "k_rope": new_rope})
+        c = cache.read(layer, upto)
+        latent, k_rope = c["latent"], c["k_rope"]
+        if not absorbed or module.qk_norm is not None:  # re-expand every cached latent into per-head keys, values
+            k_nope, v = module.expand(latent.permute(2, 0, 1, 3))  # (normalised keys with qk_norm)
+            k_nope, v = k_nope.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+            out = attend_cached(cache, q_nope, k_nope, v, module.softmax_scale, q_rope, k_rope)
+            return module.linear_proj(out.flatten(2))[0]
+        # 1. queries into latent space: q~_i = W_UK,iᵀ q_nope,i for head i of latent j
+        w_uk, w_o_abs = absorbed_weights(module)
+        t, b = q_nope.shape[:2]
+        q_nope = q_nope.view(t, b, module.latents, -1, module.head_dim)
+        q_lat = torch.einsum("tbcgk,cgkn->tbcgn", q_nope, w_uk).flatten(2, 3)
+        # 2. per latent a GQA-shaped attention: key [c_j | k_rope], value c_j, the training-time scale
+        o = attend_cached(cache, q_lat, latent, latent, module.softmax_scale, q_rope, k_rope, tied=True)
+        # 3. W_UV folded into W_O: out = sum_i (W_O,i W_UV,i) o_i, summed over ranks under TP
+        out = torch.einsum("tbhn,Dhn->tbD", o, w_o_abs)
+        return reduce_from_tensor_model_parallel_region(out, group=tp_group())
+
+
+def absorbed_weights(attn: LatentAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK [c, g, d, d_c] and W_O absorbed with W_UV [D, h, d_c]; memoised until the weights change."""
+    up_w, o_w = attn.linear_kv_up_proj.weight, attn.linear_proj.weight
+    key = (up_w.data_ptr(), up_w._version, o_w.data_ptr(), o_w._version, up_w.dtype)
+    memo = getattr(attn, "_keel_absorbed", None)
+    if memo is None or memo[0] != key:
+        up = attn.up_weight().detach()  # [c, g, 2d, d_c]
+        w_uk, w_uv = up[:, :, :attn.head_dim], up[:, :, attn.head_dim:]
+        w_o = o_w.detach().view(-1, attn.latents, up.shape[1], attn.head_dim)  # [D, c, g, d]
+        w_o_abs = torch.einsum("Dcgk,cgkn->Dcgn", w_o.float(), w_uv.float()).flatten(1, 2).to(o_w.dtype)
+        memo = (key, w_uk, w_o_abs)
+        attn._keel_absorbed = memo
+    return memo[1], memo[2]
+
+
+@dataclass
+class GLA(LatentFamily):
+    """Grouped latent attention: `num_latent_heads` latents of `latent_dim`, each serving its query heads."""
+
+    type: str = "gla"
+    num_latent_heads: int = 2  # h_c
+    latent_dim: Optional[int] = None  # d_c; None: 2 * head_dim
+    name = "gla"
+
+    def sizes(self) -> tuple[str, ...]:
+        return (*super().sizes(), "num_latent_heads", "latent_dim")
+
+    def latent_heads(self) -> int:
+        return self.num_latent_heads
+
+    def latent_width(self, head_dim: int) -> int:
+        return self.latent_dim or 2 * head_dim

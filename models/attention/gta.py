@@ -17,6 +17,7 @@ d_R = d this is exactly GQA, which tests/models/test_attention.py uses to check 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,8 +25,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from models.attention.base import AttentionConfig, Layout, check_key_value_heads
 from models.attention.common import (QKNorm, apply_rope, divide, own_attention_spec, replicated,
                                      replicated_linear, rope_angles, rope_table, tp_size)
+from models.config import ModelConfig
 
 
 class GroupedTiedAttention(MegatronModule):
@@ -112,3 +115,49 @@ class GroupedTiedAttention(MegatronModule):
 
 def gta_spec(attention, model) -> ModuleSpec:
     return own_attention_spec(GroupedTiedAttention, attention, model)
+
+
+@dataclass
+class GTA(AttentionConfig):
+    """Grouped-tied attention: `num_query_groups` tied KV heads and one shared RoPE key of `rope_dim`."""
+
+    type: str = "gta"
+    num_query_groups: Optional[int] = None  # h_kv; None: heads // 2
+    rope_dim: Optional[int] = None  # d_R, the shared RoPE key's width; None: head_dim // 2
+    name = "gta"
+
+    def sizes(self) -> tuple[str, ...]:
+        return ("num_query_groups", "rope_dim")
+
+    def query_groups(self, heads: int) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else max(1, heads // 2)
+
+    def shape(self, head_dim: int) -> dict:
+        return {"rope_dim": self.rope_dim or head_dim // 2}
+
+    def spec(self, model: ModelConfig) -> ModuleSpec:
+        return gta_spec(self, model)
+
+    def check(self, model: ModelConfig, tensor_parallel: int) -> None:
+        check_key_value_heads(self.query_groups(model.heads), model.heads, tensor_parallel)
+
+    def cache_elements(self, model: ModelConfig, tensor_parallel: int = 1) -> int:
+        rope = self.shape(model.kv_channels)["rope_dim"]
+        return self.query_groups(model.heads) // tensor_parallel * model.kv_channels + rope
+
+    def cache_layout(self, module: GroupedTiedAttention) -> Layout:
+        if not module.tied:
+            raise ValueError("decoding needs the tied GTA (tied=False exists only to check the wiring)")
+        return {"kv": (module.kv_heads, module.head_dim), "k_rope": (1, module.rope_dim)}
+
+    def decode_step(self, module: GroupedTiedAttention, x, table, cache, layer, upto, absorbed=True) -> torch.Tensor:
+        from models.inference.cache import attend_cached
+
+        q, kv, k_rope = module.qkv(x, table)
+        cache.write(layer, {"kv": kv, "k_rope": k_rope})
+        c = cache.read(layer, upto)
+        n = module.head_dim - module.rope_dim  # key = [KV[:n] | shared RoPE key], value = KV
+        # with QK-norm the key is the normalised KV[:n], no longer the value's own dims
+        out = attend_cached(cache, q[..., :n], module.key_nope(c["kv"]), c["kv"], module.head_dim ** -0.5,
+                            q[..., n:], c["k_rope"], tied=module.qk_norm is None)
+        return module.linear_proj(out.flatten(2))[0]

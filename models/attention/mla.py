@@ -9,6 +9,25 @@ replicated on every TP rank.
 
 from __future__ import annotations
 
-from models.attention.gla import latent_spec
+from dataclasses import dataclass
+from typing import Optional
 
-mla_spec = latent_spec  # the sizes differ (AttentionConfig.shape), the module and its decode path do not
+from models.attention.gla import LatentFamily
+
+
+@dataclass
+class MLA(LatentFamily):
+    """Multi-head latent attention: one latent of `kv_lora_rank` for all query heads."""
+
+    type: str = "mla"
+    kv_lora_rank: Optional[int] = None  # d_c; None: 4 * head_dim
+    name = "mla"
+
+    def sizes(self) -> tuple[str, ...]:
+        return (*super().sizes(), "kv_lora_rank")
+
+    def latent_heads(self) -> int:
+        return 1
+
+    def latent_width(self, head_dim: int) -> int:
+        return self.kv_lora_rank or 4 * head_dim

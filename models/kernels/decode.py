@@ -1,6 +1,6 @@
 """Split-K flash-decoding: one query token per sequence over a static KV cache, each cached byte read once.
 
-One Triton kernel serves every cache layout of models/inference.py, specialised at compile time:
+One Triton kernel serves every cache layout of keel's attention types, specialised at compile time:
   separate K, V   MHA/GQA/MQA   keys k [b, hk, L, ek], values v [b, hk, L, ev]
   tied            GTA           the key's first ek dims are the value's: one load per cached block
                   GLA/MLA       (absorbed) key = value = the latent, ek = ev = d_c

@@ -19,11 +19,12 @@ def test_every_type_trains_a_step(megatron_world, attention):
 
 
 def _config(heads=4, groups=2, d=16):
+    from models.attention.standard import GQA
+    from models.config import ModelConfig
     from models.gpt import transformer_config
-    from models.config import AttentionConfig, ModelConfig
 
     model = ModelConfig(hidden_size=heads * d, head_dim=d, num_layers=1)
-    return transformer_config(model, AttentionConfig(type="gqa"), groups)
+    return transformer_config(model, GQA(), groups)
 
 
 def test_gta_without_the_tie_is_gqa(megatron_world):
@@ -31,15 +32,15 @@ def test_gta_without_the_tie_is_gqa(megatron_world):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
-    from models.attention import standard_attention_spec
-    from models.attention.gta import gta_spec
-    from models.config import AttentionConfig, ModelConfig
+    from models.attention.gta import GTA
+    from models.attention.standard import standard_attention_spec
+    from models.config import ModelConfig
 
     config, d, groups, per_group = _config(), 16, 2, 2
-    spec = gta_spec(AttentionConfig(type="gta", rope_dim=d), ModelConfig(hidden_size=64, head_dim=d))
+    spec = GTA(rope_dim=d).spec(ModelConfig(hidden_size=64, head_dim=d))
     spec.params["tied"] = False
     gta = build_module(spec, config=config, layer_number=1)
-    gqa = build_module(standard_attention_spec(None, None), config=config, layer_number=1)
+    gqa = build_module(standard_attention_spec(), config=config, layer_number=1)
     # 1. megatron's fused layout is, per KV group: [its query heads | k | v]
     q = gta.linear_q.weight.view(groups, per_group * d, -1)
     kv = gta.linear_kv.weight.view(groups, 2 * d, -1)

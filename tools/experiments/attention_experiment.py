@@ -34,13 +34,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from models.attention import attention_names
 from pretrain.rundir import write_json
 from tools.experiments import attention_report
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, driver_parser, guarded,
                                       launch, load_runs, print_commands, run_stage)
 
 PRESET = "attention_d128"  # conf/experiment/attention_d128.yaml, arms in conf/attention_d128/TYPE.yaml
-TYPES = attention_report.TYPES
+# the registered types this experiment has an arm for, in the registry's order
+TYPES = tuple(t for t in attention_names() if (ROOT / "conf" / PRESET / f"{t}.yaml").exists())
 LRS = (5e-4, 1e-3, 2e-3)  # the tuning grid, x2 apart around the rate of the earlier runs (1e-3)
 TUNING_SEED = 100  # in common.TUNING_SEEDS
 SEEDS = (1, 2, 3)  # in common.REPORTED_SEEDS

@@ -13,7 +13,7 @@ An arm is a type, marked "+qk-norm" when it ran with attention.qk_norm. Seeds sp
 common.select, the lowest final validation loss; a diverged run never wins) and flagged when it sits
 on the edge of the grid; on REPORTED_SEEDS every (arm, rate) gets its final validation loss per seed,
 mean and standard deviation, largest gradient norm per seed, the parameter count (the model is rebuilt
-from the run's config) and the KV cache per token per layer at TP=1 (the formula of tools/kv_cache.py,
+from the run's config) and the KV cache per token per layer at TP=1 (the type's `cache_elements`,
 which its tests check against the real cache tensors). Each arm at its chosen rate (its only rate
 when nothing was tuned) is then paired seed by seed with GQA, and GLA with MLA (the paper's two claims:
 GTA matches GQA with less cache, GLA matches MLA): per-seed differences, their mean and 95% interval.
@@ -27,12 +27,12 @@ import math
 import statistics
 
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
+from models.attention import attention_names
 from pretrain.rundir import pyplot, runs_provenance, write_json
 from tools.experiments.common import (MISSING, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std,
                                       one_validation_set, paired, per_seed, report_parser, reported_runs, select,
                                       summarize, t_quantile, tuning_runs)
 
-TYPES = ("mha", "gqa", "mqa", "gta", "gla", "mla")
 BF16_BYTES = 2
 FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that failed, not a missing one
 QK_NORM = "+qk-norm"
@@ -67,17 +67,15 @@ def model_facts(config: dict) -> dict:
     """Parameters and KV-cache elements/bytes per token per layer of a run's model, at TP=1."""
     from models.inference import build_for_decode
     from pretrain.config import config_from_dict
-    from tools.kv_cache import formula
-
     cfg = config_from_dict(config)
     gpt = build_for_decode(cfg.model, cfg.attention, cfg.data.vocab_size, cfg.seed)
-    elements = formula(cfg, 1)
+    elements = cfg.attention.cache_elements(cfg.model)
     return {"params": sum(p.numel() for p in gpt.parameters()), "ffn": cfg.model.ffn_size,
             "kv_elements": elements, "kv_bytes_bf16": elements * BF16_BYTES}
 
 
 def _arm_order(arm: str) -> tuple[int, str]:
-    return TYPES.index(arm_type(arm)), arm
+    return attention_names().index(arm_type(arm)), arm
 
 
 # 1. Tuning seeds: each arm's learning rate
@@ -100,7 +98,7 @@ def choose_lrs(runs: list[Run]) -> dict[str, dict]:
 
 # 2. Reported seeds: every (arm, rate); the comparison at each arm's chosen rate
 def summarize_arms(runs: list[Run]) -> list[dict]:
-    """One row per (arm, lr) of the completed runs on reported seeds, in TYPES order: seeds, final losses,
+    """One row per (arm, lr) of the completed runs on reported seeds, in the registry's order: seeds, final losses,
     mean, std, largest gradient norm per seed and the model's facts."""
     from pretrain import distributed
     from pretrain.config import ParallelConfig
