@@ -191,12 +191,12 @@ def starting_point(cfg, run_dir: Path, signature: dict) -> Start:
                                "resumes its own (use a new run_dir to start from init_from)")
     elif cfg.init_from:
         path = checkpoint.resolve(cfg.init_from)
-        checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         problem = checkpoint.verify(path)
         if problem:
             raise checkpoint.CheckpointError(f"init_from checkpoint {path} failed verification ({problem}); "
                                              "point init_from at a good checkpoint")
         checkpoint.mark_verified(path)
+        checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         start.init_from = path
     return start
 
