@@ -191,7 +191,8 @@ def read_metadata(path: Path) -> dict:
         raise ValueError(f"{path} has format_version {meta.get('format_version')}, keel reads {FORMAT_VERSION}; "
                          "re-pack the corpus")
     tokenizer = meta.get("tokenizer")
-    if not (type(meta.get("seq_len")) is int and isinstance(tokenizer, dict) and type(tokenizer.get("vocab_size")) is int):
+    sizes = (meta.get("seq_len"), tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None)
+    if not all(type(size) is int for size in sizes):
         raise ValueError(f"{path} lacks seq_len or the tokenizer's vocab_size; re-pack the corpus with tools/pack.py")
     return meta
 

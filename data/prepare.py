@@ -99,9 +99,9 @@ def open_checked(prefix: str, cfg: DataConfig, tokenizer: Tokenizer, role: str) 
                          f"{tokenizer.fingerprint()}); re-pack with this tokenizer or set data.tokenizer to the one it "
                          "was packed with")
     if ds.max_token_id() >= tokenizer.vocab_size:
-        raise ValueError(f"{role} data {prefix} holds token id {ds.max_token_id()}, past the {tokenizer.vocab_size}-token "
-                         f"vocabulary of {tokenizer.path}; the data is damaged or was not packed with this tokenizer: "
-                         "re-pack it")
+        raise ValueError(f"{role} data {prefix} holds token id {ds.max_token_id()}, past the "
+                         f"{tokenizer.vocab_size}-token vocabulary of {tokenizer.path}; the data is damaged or was not "
+                         "packed with this tokenizer: re-pack it")
     if ds.seq_len != cfg.seq_len:
         raise ValueError(f"{role} data {prefix} has rows of {ds.seq_len} tokens but data.seq_len={cfg.seq_len}; "
                          f"set data.seq_len={ds.seq_len} or re-pack")

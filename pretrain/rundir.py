@@ -148,7 +148,9 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)
         self._fd = fd
-        return None if previous is None else f"took over {self.path}, left by a run that ended without releasing it ({previous})"
+        if previous is None:
+            return None
+        return f"took over {self.path}, left by a run that ended without releasing it ({previous})"
 
     @staticmethod
     def _holder(fd: int) -> str:

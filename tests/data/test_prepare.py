@@ -1,5 +1,6 @@
-"""The derived-data cache (data/prepare.py): the cached tokenizer's name, and one build per entry when
-a multirun's workers start on an empty cache."""
+"""The derived-data cache (data/prepare.py): the cached tokenizer's name, one build per entry when
+a multirun's workers start on an empty cache, leftovers of a killed build removed; and packed data
+checked against the tokenizer when a run opens it."""
 
 from __future__ import annotations
 

@@ -90,14 +90,13 @@ def test_no_good_checkpoint_stops_instead_of_starting_over(six_steps, tiny_data,
     assert (run / "metrics.jsonl").read_text() == before  # nothing trained
 
 
-def test_ckpt_tool_verifies_offline(six_steps, tmp_path):
+def test_ckpt_tool_verifies_offline(six_steps, tmp_path, capsys):
+    from tools.ckpt import main  # its command line, in this process
+
     run = _copy(six_steps, tmp_path / "run")
-    tool = [sys.executable, "tools/ckpt.py", "verify", str(run)]
-    good = subprocess.run(tool, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert good.returncode == 0 and good.stdout.count(": OK") == 2
+    assert main(["verify", str(run)]) == 0 and capsys.readouterr().out.count(": OK") == 2
     _damage(run / "checkpoints" / "step_00000003" / "meta.json", "truncate")
-    bad = subprocess.run(tool, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert bad.returncode == 1 and "step_00000003: FAILED: meta.json has" in bad.stdout
+    assert main(["verify", str(run)]) == 1 and "step_00000003: FAILED: meta.json has" in capsys.readouterr().out
     assert (run / "checkpoints" / "step_00000003").is_dir()  # verifying moves nothing
 
 
@@ -199,7 +198,8 @@ def test_a_run_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
 
     first = RunLock(tmp_path)
     assert first.acquire() is None
-    with pytest.raises(ValueError, match=f"in use by another keel run \\(host {socket.gethostname()}, pid {os.getpid()}"):
+    held = f"in use by another keel run \\(host {socket.gethostname()}, pid {os.getpid()}"
+    with pytest.raises(ValueError, match=held):
         RunLock(tmp_path).acquire()  # a second descriptor of the same file: flock refuses it, in one process too
     first.release()
     again = RunLock(tmp_path)

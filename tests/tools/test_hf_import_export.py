@@ -120,11 +120,12 @@ def test_evaluate_gives_the_same_loss_on_the_folder_and_its_import(llama, import
         evaluate(str(imported), [str(corpus)], tokenizer=str(big))
 
 
-def test_the_cli_reports_a_missing_folder_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_hf.py"), "--model", str(tmp_path / "nope"),
-                           "--output", str(tmp_path / "out")], cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith(f"import_hf.py: error: model folder {tmp_path / 'nope'} not found")
+def test_the_cli_reports_a_missing_folder_in_one_line(tmp_path, megatron_world, capsys):
+    from tools.import_hf import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"import_hf.py: error: model folder {tmp_path / 'nope'} not found")
 
 
 def _variant(tmp_path, llama, edit):
