@@ -3,15 +3,17 @@
 Layout of ``run_dir/checkpoints/step_00000100/``:
 - megatron's dist_checkpointing files (torch_dist): the sharded model and optimizer. The distributed
   optimizer's state is saved `fully_reshardable`, so a checkpoint resumes at another TP/PP/DP layout;
+  its two pickles (the shard index and the shards' objects) are read restricted (`pretrain.safe_pickle`);
 - ``keel_rank00000.safetensors`` per rank: keel's own state (trainer counters, loader position, RNG,
   the optimizer's update rule, callbacks) as tensors plus a JSON tree in the file's metadata — plain
   data that loads without unpickling anything;
 - ``meta.json``: step, model signature, parallel layout, megatron-core release;
-- ``manifest.json``, written last: the size and SHA-256 of every other file.
+- ``manifest.json``, written last: the size and SHA-256 of every other file (`pretrain.manifest`), signed
+  when a checkpoint key is configured.
 
 Everything is written under ``step_N.tmp`` and renamed once every rank has finished, so a crash
-mid-save (even ``kill -9``) never leaves a folder that looks complete. Resume verifies the manifest
-first; a checkpoint that fails is moved aside to ``step_N.bad`` (never deleted) and the newest one
+mid-save (even ``kill -9``) never leaves a folder that looks complete. Every load (`load`: resume,
+init_from, the tools) verifies the manifest first; at resume a checkpoint that fails is moved aside to ``step_N.bad`` (never deleted) and the newest one
 that passes is used. If checkpoints exist but none passes, the run stops: it never silently starts
 from scratch.
 """

@@ -79,14 +79,14 @@ def _run(cfg) -> float | None:
     try:
         run_dir = resolve_run_dir(cfg)
         check_writable(run_dir, world.rank)
-        with holding(run_dir, world) as note:
+        with hold_run_dir(run_dir, world) as note:
             return _train(cfg, world, run_dir, [note] if note else [])
     finally:
         distributed.shutdown()
 
 
 @contextmanager
-def holding(run_dir: Path, world):
+def hold_run_dir(run_dir: Path, world):
     """Rank 0 holds the run folder's lock (`RunLock`) for the whole run; when another run holds it, every
     rank stops with the same line. Yields a note when the lock was left by a run that died."""
     import torch.distributed as dist
