@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,20 @@ def temporary_name(path: str | Path) -> str:
     return f"{path}.tmp{os.getpid()}"
 
 
+def remove_leftovers(prefix: str | Path) -> list[Path]:
+    """Delete the temporary files (`temporary_name`) of builds of `prefix` that were killed before they
+    could clean up; returns them. Only for a caller that alone builds `prefix` (it holds its build lock):
+    a temporary file that is not its own then belongs to no live build."""
+    prefix = Path(prefix)
+    # PREFIX[.SUFFIX].tmpPID, and a tokenizer's PREFIX.tmpPID.model
+    temporary = re.compile(re.escape(prefix.name) + r"(\.[\w.]+)?\.tmp(?P<pid>\d+)(\.\w+)?")
+    found = [p for p in prefix.parent.glob(f"{prefix.name}.*")
+             if (m := temporary.fullmatch(p.name)) and int(m["pid"]) != os.getpid()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 class PackedWriter:
     """Streams rows to disk under temporary names; `finalize` renames them into place.
 
@@ -82,6 +97,7 @@ class PackedWriter:
         self._tokens = IndexedDatasetBuilder(self._tmp(".bin"), dtype=self.dtype)
         self._bounds = IndexedDatasetBuilder(self._tmp(".bounds.bin"), dtype=np.int32)
         self.rows = 0
+        self.max_token_id = -1  # recorded in the metadata: opening checks it against the vocabulary
 
     def _tmp(self, suffix: str) -> str:
         return self._tmp_names[suffix]
@@ -94,6 +110,7 @@ class PackedWriter:
         end = self.seq_len if content_end is None else int(content_end)
         bounds = np.append(np.asarray(doc_starts, dtype=np.int32), np.int32(end))
         self._tokens.add_document(tokens.astype(self.dtype, copy=False), [self.seq_len])
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self._bounds.add_document(bounds, [len(bounds)])
         self.rows += 1
 
@@ -102,7 +119,7 @@ class PackedWriter:
         self._tokens.finalize(self._tmp(".idx"))
         self._bounds.finalize(self._tmp(".bounds.idx"))
         meta = {"format_version": FORMAT_VERSION, "seq_len": self.seq_len, "rows": self.rows,
-                "dtype": np.dtype(self.dtype).name, **metadata}
+                "dtype": np.dtype(self.dtype).name, "max_token_id": self.max_token_id, **metadata}
         with open(self._tmp(".json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         for suffix in _SUFFIXES:
@@ -160,6 +177,26 @@ def check_index(prefix: str, dtype, row_length: int | None) -> tuple[list[str], 
     return problems, (None if problems else lengths)
 
 
+def read_metadata(path: Path) -> dict:
+    """A packed dataset's JSON metadata, checked for what the reader needs; any other file is one line."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a packed dataset's metadata ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "re-pack the corpus with tools/pack.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not a packed dataset's metadata; re-pack the "
+                         "corpus with tools/pack.py")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {meta.get('format_version')}, keel reads {FORMAT_VERSION}; "
+                         "re-pack the corpus")
+    tokenizer = meta.get("tokenizer")
+    sizes = (meta.get("seq_len"), tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None)
+    if not all(type(size) is int for size in sizes):
+        raise ValueError(f"{path} lacks seq_len or the tokenizer's vocab_size; re-pack the corpus with tools/pack.py")
+    return meta
+
+
 @dataclass
 class PackedRow:
     tokens: np.ndarray  # [seq_len]
@@ -179,13 +216,7 @@ class PackedDataset:
             raise FileNotFoundError(
                 f"packed dataset {self.prefix!r} not found or incomplete (no {meta_path.name}); "
                 "create it with `python tools/pack.py --output PREFIX ...`")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run tools/pack.py") from e
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format_version {self.meta.get('format_version')}, "
-                             f"keel reads {FORMAT_VERSION}; re-pack the corpus")
+        self.meta = read_metadata(meta_path)
         self.seq_len = int(self.meta["seq_len"])
         # the structure first, independently of megatron's reader (which asserts, and trusts pointers)
         for pair, dtype, length in ((self.prefix, token_dtype(self.vocab_size), self.seq_len),
@@ -206,6 +237,22 @@ class PackedDataset:
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
 
+    def max_token_id(self) -> int:
+        """The largest token id in the rows: recorded at pack time; a set packed before keel recorded it is
+        scanned once, and the value recorded in its metadata when the file can be written."""
+        if isinstance(self.meta.get("max_token_id"), int):
+            return self.meta["max_token_id"]
+        rows = np.memmap(f"{self.prefix}.bin", dtype=token_dtype(self.vocab_size), mode="r")
+        self.meta["max_token_id"] = int(rows.max()) if rows.size else -1
+        path = Path(f"{self.prefix}.json")
+        tmp = Path(temporary_name(path))
+        try:
+            tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:  # a read-only dataset is scanned at every open instead
+            tmp.unlink(missing_ok=True)
+        return self.meta["max_token_id"]
+
     def row(self, i: int) -> PackedRow:
         b = self.bounds[i]
         return PackedRow(tokens=self.tokens[i], doc_starts=b[:-1], content_end=int(b[-1]))
@@ -213,6 +260,11 @@ class PackedDataset:
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Tokens, per-token document ids and a loss mask for a list of rows."""
         tokens = np.stack([self.tokens[int(i)] for i in indices]).astype(np.int64)
+        if tokens.size and int(tokens.max()) >= self.vocab_size:  # a damaged .bin: never train on it silently
+            row = int(indices[int(np.argmax(tokens.max(axis=1)))])
+            raise ValueError(f"{self.prefix}.bin row {row} holds token id {int(tokens.max())}, past the "
+                             f"{self.vocab_size}-token vocabulary; the file is damaged: re-pack it "
+                             f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
         doc_ids = np.zeros_like(tokens)
         loss_mask = np.ones(tokens.shape, dtype=np.float32)
         for r, i in enumerate(indices):

@@ -14,7 +14,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from data.corpus import stdlib_documents
-from data.format import PackedDataset, dataset_exists
+from data.format import PackedDataset, dataset_exists, remove_leftovers
 from data.loader import Source
 from data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from data.config import DataConfig
@@ -40,6 +40,7 @@ def ensure_tokenizer(cfg: DataConfig) -> Tokenizer:
     path = tokenizer_path(cfg)
     if not cfg.tokenizer and not path.exists():
         with _building(path):
+            remove_leftovers(path.with_suffix(""))  # of a training that was killed
             if not path.exists():  # another process may have trained it while this one waited
                 # trained on the training side of the split only, so validation text stays unseen
                 train_tokenizer((d.text for d in stdlib_documents("all", "train", cfg.val_percent)), path,
@@ -74,6 +75,7 @@ def ensure_packed(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[str, str]:
         if Path(f"{prefix}.json").exists():  # complete: the JSON is renamed into place last
             continue
         with _building(prefix):
+            remove_leftovers(prefix)  # of a build that was killed
             if not Path(f"{prefix}.json").exists():
                 from data.pipeline import pack_documents
 
@@ -87,12 +89,19 @@ def open_checked(prefix: str, cfg: DataConfig, tokenizer: Tokenizer, role: str) 
     """Open a packed set and check it against the tokenizer and the configured sequence length."""
     ds = PackedDataset(prefix)
     packed_with = ds.meta["tokenizer"]
-    if ds.vocab_size != tokenizer.vocab_size or packed_with.get("sha256_16", tokenizer.fingerprint()) != tokenizer.fingerprint():
+    if "sha256_16" not in packed_with:
+        raise ValueError(f"{role} data {prefix}.json records no tokenizer fingerprint (it was packed by an older "
+                         f"keel), so nothing shows it was packed with {tokenizer.path}; re-pack it with tools/pack.py")
+    if ds.vocab_size != tokenizer.vocab_size or packed_with["sha256_16"] != tokenizer.fingerprint():
         raise ValueError(f"{role} data {prefix} was packed with another tokenizer ({packed_with.get('path')}: "
                          f"{ds.vocab_size}-token vocabulary, fingerprint {packed_with.get('sha256_16')}) than "
                          f"{tokenizer.path} ({tokenizer.vocab_size}-token vocabulary, fingerprint "
                          f"{tokenizer.fingerprint()}); re-pack with this tokenizer or set data.tokenizer to the one it "
                          "was packed with")
+    if ds.max_token_id() >= tokenizer.vocab_size:
+        raise ValueError(f"{role} data {prefix} holds token id {ds.max_token_id()}, past the "
+                         f"{tokenizer.vocab_size}-token vocabulary of {tokenizer.path}; the data is damaged or was not "
+                         "packed with this tokenizer: re-pack it")
     if ds.seq_len != cfg.seq_len:
         raise ValueError(f"{role} data {prefix} has rows of {ds.seq_len} tokens but data.seq_len={cfg.seq_len}; "
                          f"set data.seq_len={ds.seq_len} or re-pack")

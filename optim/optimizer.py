@@ -70,7 +70,10 @@ class KeelOptimizer:
                                                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
     @torch.no_grad()  # the distributed optimizer copies into leaf tensors
-    def load_sharded_state_dict(self, state: dict) -> None:
+    def load_sharded_state_dict(self, state: dict) -> float | None:
+        """Load megatron's optimizer state; returns the checkpoint's `optim.lr` when it differs from this
+        run's (the new rate applies from the next step, as `set_lr` sets every group's rate each step)."""
+        saved_lr = self._match_rate(state)
         # torch's Adam keeps a "step" tensor per parameter, which megatron 0.19.2's fully reshardable
         # load then looks up among the loaded tensors, where it never is (distrib_optimizer.py:1223,
         # a KeyError): such a key is passed as "nothing to copy", and the steps are restored below
@@ -81,6 +84,19 @@ class KeelOptimizer:
                     lambda param, tensors, copy_states=copy_states: copy_states(param, {"step": None, **tensors}))
         self.megatron.load_state_dict(state)
         self._restore_adam_steps()
+        return saved_lr
+
+    def _match_rate(self, state) -> float | None:
+        """megatron pairs saved and current parameter groups by a key that holds the peak rate (`max_lr`,
+        `min_lr`), so a run resumed with another `optim.lr` would find no group. keel sets each group's rate
+        itself (`set_lr`) and never reads those two, so the saved groups take this run's values."""
+        current = self.megatron.param_groups[0]
+        rate = {"max_lr": current.get("max_lr"), "min_lr": current.get("min_lr")}
+        saved = set()
+        for group in _saved_param_groups(state):
+            saved.add(group.get("max_lr"))
+            group.update(rate)
+        return next(iter(saved)) if saved and saved != {rate["max_lr"]} else None
 
     def _restore_adam_steps(self) -> None:
         """Give every parameter its own, correct Adam step after loading a distributed optimizer.
@@ -108,6 +124,19 @@ class KeelOptimizer:
     def load_state_dict(self, state: dict) -> None:
         if self.rule:
             self.rule.load_state_dict(state["rule"])
+
+
+def _saved_param_groups(state):
+    """Every parameter group (a dict with `max_lr`) in a loaded optimizer state, however megatron nests it."""
+    if isinstance(state, dict):
+        if "max_lr" in state and "lr_mult" in state:
+            yield state
+            return
+        for value in state.values():
+            yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
 
 
 def chained(megatron_optimizer) -> list:

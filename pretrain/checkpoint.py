@@ -3,15 +3,17 @@
 Layout of ``run_dir/checkpoints/step_00000100/``:
 - megatron's dist_checkpointing files (torch_dist): the sharded model and optimizer. The distributed
   optimizer's state is saved `fully_reshardable`, so a checkpoint resumes at another TP/PP/DP layout;
+  its two pickles (the shard index and the shards' objects) are read restricted (`pretrain.safe_pickle`);
 - ``keel_rank00000.safetensors`` per rank: keel's own state (trainer counters, loader position, RNG,
   the optimizer's update rule, callbacks) as tensors plus a JSON tree in the file's metadata — plain
   data that loads without unpickling anything;
 - ``meta.json``: step, model signature, parallel layout, megatron-core release;
-- ``manifest.json``, written last: the size and SHA-256 of every other file.
+- ``manifest.json``, written last: the size and SHA-256 of every other file (`pretrain.manifest`), signed
+  when a checkpoint key is configured.
 
 Everything is written under ``step_N.tmp`` and renamed once every rank has finished, so a crash
-mid-save (even ``kill -9``) never leaves a folder that looks complete. Resume verifies the manifest
-first; a checkpoint that fails is moved aside to ``step_N.bad`` (never deleted) and the newest one
+mid-save (even ``kill -9``) never leaves a folder that looks complete. Every load (`load`: resume,
+init_from, the tools) verifies the manifest first; at resume a checkpoint that fails is moved aside to ``step_N.bad`` (never deleted) and the newest one
 that passes is used. If checkpoints exist but none passes, the run stops: it never silently starts
 from scratch.
 """
@@ -35,15 +37,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from pretrain import safe_pickle
+from pretrain.manifest import (FORMAT, MANIFEST, CheckpointError, is_verified, mark_verified, rank_world,  # noqa: F401
+                               require_verified, verify, write_manifest)
+
+safe_pickle.install()  # torch's pickle readers for distributed checkpoints, restricted in every keel process
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
 META = "meta.json"
-FORMAT = 2  # 1: keel on megatron-core 0.16.1 and before the manifest (pickled extras)
-_HASH_CHUNK = 8 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint keel will not load, or cannot write; the message is the one line the user sees."""
 
 
 class _DropSyncSaveNotice(logging.Filter):
@@ -57,11 +58,16 @@ class _DropSyncSaveNotice(logging.Filter):
 logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropSyncSaveNotice())
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to kill this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+def _helper_process() -> None:
+    """Set up a helper process of the trainer's. It ignores SIGTERM and SIGINT: a scheduler signals every
+    process of the job (systemd the process group, torchrun each worker's group) and the trainer, which
+    also gets the signal, still needs its helper to finish the checkpoint. And, on Linux, the kernel kills
+    it when its parent dies (prctl PR_SET_PDEATHSIG), so a `kill -9` of the trainer leaves nothing behind."""
     import ctypes
     import signal
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the helper outlives a killed parent, as before
@@ -70,8 +76,9 @@ def _die_with_parent() -> None:
 
 def _writer_results_queue_dies_with_us() -> None:
     """megatron's checkpoint writer collects results through a multiprocessing Manager that it starts
-    on first use and that outlives a `kill -9` of the training process (and keeps multiprocessing's
-    resource tracker alive with it). keel starts that Manager itself, set to die with its parent."""
+    on first use, which would die of the SIGTERM that preempts the job (losing the checkpoint) and outlive
+    a `kill -9` of the training process (keeping multiprocessing's resource tracker alive with it). keel
+    starts that Manager itself, as a `_helper_process`."""
     from multiprocessing import get_context
     from multiprocessing.managers import SyncManager
 
@@ -79,7 +86,7 @@ def _writer_results_queue_dies_with_us() -> None:
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=get_context("spawn"))
-        manager.start(initializer=_die_with_parent)
+        manager.start(initializer=_helper_process)
         filesystem_async._results_queue = manager.Queue()
 
 
@@ -107,73 +114,7 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint at {p}; point at a run folder or a checkpoints/step_N folder")
 
 
-# ---- integrity ---------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _hash_share(folder: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
-    """Size and SHA-256 of this rank's share of `names` (every world-th file), so ranks hash in parallel."""
-    return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names[rank::world]}
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _gather_hashes(folder: Path, names: list[str]) -> dict[str, dict]:
-    rank, world = _rank_world()
-    mine = _hash_share(folder, names, rank, world)
-    if world == 1:
-        return mine
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def write_manifest(folder: Path) -> None:
-    """Hash every file of `folder` (all ranks share the work) and write manifest.json last, atomically."""
-    files = _gather_hashes(folder, _files(folder))
-    if _rank_world()[0] == 0:
-        tmp = folder / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1, sort_keys=True))
-        os.replace(tmp, folder / MANIFEST)
-
-
-def verify(folder: Path, collective: bool = True) -> str | None:
-    """None when every file the manifest lists is there with its size and checksum; else why not, in
-    a few words. `collective`: every rank of the process group calls it and hashes its share."""
-    # 1. the manifest itself
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        listed = dict(manifest["files"])
-    except FileNotFoundError:
-        return "no manifest.json (an incomplete save, or a keel from before checksums)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"manifest.json is unreadable ({type(e).__name__})"
-    # 2. presence and sizes first: cheap, and they catch truncation without reading anything
-    for name, entry in sorted(listed.items()):
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry.get("size"):
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
-    # 3. checksums, shared among the ranks
-    actual = _gather_hashes(folder, sorted(listed)) if collective else _hash_share(folder, sorted(listed), 0, 1)
-    for name in sorted(listed):
-        if actual[name]["sha256"] != listed[name].get("sha256"):
-            return f"{name} does not match its checksum"
-    return None
-
-
+# ---- setting aside, choosing what to resume -------------------------------------------------------
 def move_aside(folder: Path) -> Path:
     """Rename a failed checkpoint to step_N.bad (step_N.bad2, ... if taken); nothing is deleted."""
     target, n = folder.with_name(folder.name + ".bad"), 1
@@ -195,9 +136,6 @@ def _meta_problem(folder: Path) -> str | None:
     return None
 
 
-_VERIFIED: set[Path] = set()  # checkpoints this process wrote or verified: pruning need not hash them again
-
-
 @dataclass
 class Selection:
     """The checkpoint a run resumes from, and what was passed over on the way (one line each)."""
@@ -210,12 +148,12 @@ def select_resume(root: Path) -> Selection:
     """The newest checkpoint under `root` that passes verification; every newer one that fails is
     moved aside. Collective: all ranks call it and get the same answer (rank 0 moves folders).
     Raises CheckpointError when checkpoints exist and none passes."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     notes: list[str] = []
     for _, folder in reversed(step_dirs(root)):
         problem = _meta_problem(folder) or verify(folder)
         if problem is None:
-            _VERIFIED.add(folder.resolve())
+            mark_verified(folder)
             return Selection(folder, notes)
         if rank == 0:
             moved = move_aside(folder)
@@ -305,7 +243,7 @@ def set_rng_state(state: dict) -> None:
 
 def derive_rng(seed: int, step: int) -> None:
     """Fresh generators for a resume at another parallel layout, from the seed, step and rank."""
-    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{_rank_world()[0]}".encode()).digest()[:8], "little")
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank_world()[0]}".encode()).digest()[:8], "little")
     random.seed(mixed)
     np.random.seed(mixed % (2**32))
     torch.manual_seed(mixed)
@@ -473,13 +411,13 @@ class AsyncSaver:
 def prune(root: Path, keep_last: int, keep: Path) -> None:
     """Keep the newest `keep_last` checkpoints that pass verification (`keep` was just written):
     a failing one is moved aside and not counted; past `keep_last`, older folders are deleted."""
-    _VERIFIED.add(keep.resolve())
+    mark_verified(keep)
     good = 0
     for _, folder in reversed(step_dirs(root)):
         if good >= keep_last:
             shutil.rmtree(folder, ignore_errors=True)
-        elif folder.resolve() in _VERIFIED or verify(folder, collective=False) is None:
-            _VERIFIED.add(folder.resolve())
+        elif is_verified(folder) or verify(folder, collective=False) is None:
+            mark_verified(folder)
             good += 1
         else:
             move_aside(folder)
@@ -519,22 +457,44 @@ def storage_problem(error: OSError, path: Path) -> str:
 def load(path: Path, model, optimizer, model_signature: dict, layout: dict | None = None) -> dict:
     """Restore model (and optimizer, when given) in place; returns keel's state for this rank.
 
+    The one way keel loads a checkpoint (resume, init_from and every tool): nothing is read before the
+    folder passes `require_verified`, and the pickles inside are read through `pretrain.safe_pickle`.
     With `layout` unchanged every rank reads its own state file; at another layout every rank reads
     rank 0's (counters and data position are global) and the caller re-derives the RNG. The small
     files are read first, so a bad one stops the load before megatron reads the shards."""
     from megatron.core import dist_checkpointing
 
+    require_verified(path)
     meta = read_meta(path)
     check_compatible(meta, model_signature, path)
     same_layout = layout is None or check_layout(meta, layout, path)
     extra = load_state(_state_file(path, dist.get_rank() if same_layout else 0)) if optimizer is not None else {}
-    state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), str(path))
+    with _loading_errors(path):
+        state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), str(path))
     model.load_state_dict(state["model"])
     if optimizer is None:
         return {}
-    optimizer.load_sharded_state_dict(state["optimizer"])
+    extra["saved_lr"] = optimizer.load_sharded_state_dict(state["optimizer"])
     rng = extra.pop("rng")
     if same_layout:
         set_rng_state(rng)
     extra["same_layout"] = same_layout
     return extra
+
+
+@contextmanager
+def _loading_errors(path: Path):
+    """What megatron's or torch's reader refuses becomes one line naming the checkpoint. torch wraps a
+    reader's error in its CheckpointException (a BaseException), with the original per rank inside."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        failures = getattr(e, "failures", {}) or {}
+        causes = [getattr(f, "exc", f) for f in failures.values()] or [e]
+        refused = next((c for c in causes if isinstance(c, safe_pickle.RefusedPickle)), None)
+        if refused is not None:
+            raise CheckpointError(str(refused) if str(path) in str(refused) else f"checkpoint {path}: {refused}") from e
+        text = str(causes[0]).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(causes[0]).__name__}: "
+                              f"{text[0] if text else 'no detail'}); it is damaged or was written for another "
+                              "model: use a good checkpoint") from e

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,23 +59,54 @@ def run(raw) -> float | None:
         raise ConfigError(str(e)) from None
     try:
         return _run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if isinstance(e, ConfigError):
+    except (ValueError, OSError) as e:
+        if isinstance(e, ConfigError) or os.environ.get("KEEL_DEBUG"):
             raise
-        if os.environ.get("KEEL_DEBUG"):
-            raise
-        raise ConfigError(str(e).splitlines()[0]) from e
+        if isinstance(e, FileNotFoundError) or not isinstance(e, OSError):
+            raise ConfigError(str(e).splitlines()[0]) from e
+        from pretrain.checkpoint import storage_problem
+
+        # a full disk or a file-size limit outside a checkpoint save (metrics, plots): one line too
+        raise ConfigError(storage_problem(e, Path(e.filename or resolve_run_dir(cfg)))) from e
 
 
 def _run(cfg) -> float | None:
     from pretrain import distributed
 
-    # 1. processes and parallel groups (the world size is validated here)
+    # 1. processes and parallel groups (the world size is validated here); the run folder takes files
+    #    and is this run's alone
     world = distributed.init(cfg.parallel)
     try:
-        return _train(cfg, world)
+        run_dir = resolve_run_dir(cfg)
+        check_writable(run_dir, world.rank)
+        with hold_run_dir(run_dir, world) as note:
+            return _train(cfg, world, run_dir, [note] if note else [])
     finally:
         distributed.shutdown()
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path, world):
+    """Rank 0 holds the run folder's lock (`RunLock`) for the whole run; when another run holds it, every
+    rank stops with the same line. Yields a note when the lock was left by a run that died."""
+    import torch.distributed as dist
+
+    from pretrain.rundir import RunLock
+
+    lock, outcome = RunLock(run_dir), [None, None]  # (why not, note)
+    if world.is_main:
+        try:
+            outcome[1] = lock.acquire()
+        except ValueError as e:
+            outcome[0] = str(e)
+    if world.size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise ConfigError(outcome[0])
+    try:
+        yield outcome[1]
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -159,11 +191,12 @@ def starting_point(cfg, run_dir: Path, signature: dict) -> Start:
                                "resumes its own (use a new run_dir to start from init_from)")
     elif cfg.init_from:
         path = checkpoint.resolve(cfg.init_from)
-        checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         problem = checkpoint.verify(path)
         if problem:
             raise checkpoint.CheckpointError(f"init_from checkpoint {path} failed verification ({problem}); "
                                              "point init_from at a good checkpoint")
+        checkpoint.mark_verified(path)
+        checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         start.init_from = path
     return start
 
@@ -208,15 +241,14 @@ def write_run_info(run_dir: Path, info: dict) -> None:
     write_json(current, info, default=str)
 
 
-def _train(cfg, world) -> float | None:
+def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
     from pretrain import checkpoint
     from pretrain.trainer import Preempted, TrainingStopped
 
-    # 1. the run folder takes files; the data and the starting checkpoint are checked before the model exists
-    run_dir = resolve_run_dir(cfg)
-    check_writable(run_dir, world.rank)
+    # 1. the data and the starting checkpoint are checked before the model exists
     data = prepare_data(cfg, world)
     start = starting_point(cfg, run_dir, model_signature(cfg, data.tokenizer.vocab_size))
+    start.notes[:0] = notes
     validation = validation_record(cfg, data)
     start.notes += [f"evaluation scores {v['rows']} rows of {v['path']}, which holds {v['set_rows']}: some rows count "
                     f"more than once (pack a larger validation set)" for v in validation.values() if v["rows"] > v["set_rows"]]
@@ -248,6 +280,10 @@ def _train(cfg, world) -> float | None:
     except Preempted as e:
         status, exit_code = "preempted", e.exit_code
         _say(world, f"keel: {e}")
+    except (ValueError, OSError) as e:  # a save the disk refused, bad data met mid-run: the result says so
+        if world.is_main:
+            write_result(run_dir, cfg, "failed", trainer.step, read_metrics(run_dir), start, error=str(e))
+        raise
     rows = read_metrics(run_dir) if world.is_main else []
     val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
     if world.is_main:
@@ -266,20 +302,29 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], start: Start | None = None) -> None:
-    """`result.json`: how the run ended and its final numbers (what sweep reports read)."""
+def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], start: Start | None = None,
+                 error: str | None = None) -> None:
+    """`result.json`: how the run ended and its final numbers (what sweep reports read). A run that
+    `failed` records its error; on a full disk even this small file may not fit, and then it is skipped
+    (the error line has said why)."""
     last = rows[-1] if rows else {}
     final_loss = last.get("loss") if isinstance(last.get("loss"), float) else None
     evals = [r for r in rows if "val_loss" in r]
     final_val = evals[-1]["val_loss"] if evals and isinstance(evals[-1]["val_loss"], float) else None
-    if final_loss is None or (evals and final_val is None):
+    if status != "failed" and (final_loss is None or (evals and final_val is None)):
         status = "diverged"  # ended on a non-finite loss
     result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
               "final_loss": final_loss, "final_val_loss": final_val,
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
     if start is not None:
         result.update({"resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
-    write_json(run_dir / "result.json", result)
+    if error is not None:
+        result["error"] = error.splitlines()[0]
+    try:
+        write_json(run_dir / "result.json", result)
+    except OSError:
+        if error is None:
+            raise
 
 
 def precision(cfg, world) -> torch.dtype:

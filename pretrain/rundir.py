@@ -99,16 +99,78 @@ def read_run_info(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run_info.json").read_text())
 
 
+def metrics_row(line: str) -> dict | None:
+    """One line of metrics.jsonl as a row (a JSON object with an integer step), or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and type(row.get("step")) is int else None
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] if there is none); a line cut short by a killed run is skipped."""
+    """The rows of a run's metrics.jsonl ([] if there is none); a line that is not a row (cut short by a
+    killed run, say) is skipped: the run's own logger refuses such a line anywhere but last on resume."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    rows = [metrics_row(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r is not None]
+
+
+class RunLock:
+    """One run per run folder: rank 0 holds an exclusive lock (`flock`) on `.keel.lock` in the run folder
+    while it runs, and writes its host and pid into the file. The kernel drops the lock when the holder
+    exits or dies, however it dies, so a lock left by a dead process is free: the next run takes it
+    (atomically: two contenders never both win) and says whose it was."""
+
+    NAME = ".keel.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Hold the lock; returns a note when it was left by a process that died holding it. Raises
+        ValueError (one line naming the holder) when another run holds it."""
+        import fcntl
+        import os
+        import socket
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise ValueError(f"{self.path.parent} is in use by another keel run ({holder}); wait for it to end or "
+                             "stop it, or choose another run_dir") from None
+        previous = self._holder(fd) if os.fstat(fd).st_size else None  # released cleanly: emptied
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)
+        self._fd = fd
+        if previous is None:
+            return None
+        return f"took over {self.path}, left by a run that ended without releasing it ({previous})"
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        import os
+        import time
+
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"host {info['host']}, pid {info['pid']}, since {since}"
+        except (ValueError, KeyError, TypeError):
+            return "its holder did not record itself"
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the last descriptor drops the lock
+            self._fd = None
 
 
 def pyplot():

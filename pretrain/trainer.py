@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +70,7 @@ class Trainer:
     def __init__(self, cfg: KeelConfig, parts: Components):
         self.cfg, self.parts = cfg, parts
         self.signal_received: int | None = None
+        self._pid = os.getpid()  # a process forked from this one (megatron's async writer) inherits the handler
         self.saver = checkpoint.AsyncSaver() if cfg.checkpoint.async_save else None
         self.world, self.optimizer, self.loader, self.callbacks = parts.world, parts.optimizer, parts.train, parts.callbacks
         self.gpt, self.model = parts.model.gpt, parts.model.ddp
@@ -256,9 +259,12 @@ class Trainer:
         """Restore everything from `path`; returns notes on what a new layout could not carry over."""
         extra = checkpoint.load(path, self.gpt, self.optimizer, self.parts.signature, self.layout)
         state = extra["trainer"]
+        notes = [] if extra["saved_lr"] is None else [
+            f"optim.lr is {self.cfg.optim.lr:g}, the checkpoint's run had {extra['saved_lr']:g}: the new rate applies "
+            f"from step {state['step'] + 1} on"]
         if extra["same_layout"]:
             self.load_state_dict(state)
-            return []
+            return notes
         # another layout: counters, data position and layout-free callback state carry over; the RNG is
         # re-derived and split-dependent state (power-iteration vectors of TP shards) starts afresh
         fresh = [name for name, c in self.callbacks.items() if not c.layout_free and state["callbacks"].get(name)]
@@ -268,8 +274,8 @@ class Trainer:
         checkpoint.derive_rng(self.cfg.seed, self.step)
         kept = "" if not fresh else f"; {', '.join(fresh)} restart their state"
         rule = "; the optimizer's update rule restarts its vectors" if self.optimizer.rule else ""
-        return [f"resharded {path} to tp={self.world.tp} pp={self.world.pp} dp={self.world.dp}: RNG re-derived "
-                f"from seed and step{kept}{rule}"]
+        return notes + [f"resharded {path} to tp={self.world.tp} pp={self.world.pp} dp={self.world.dp}: RNG "
+                        f"re-derived from seed and step{kept}{rule}"]
 
     def _finish_saving(self) -> None:
         if self.saver:
@@ -277,9 +283,18 @@ class Trainer:
 
     # ---- preemption: finish the step, checkpoint, exit with 128 + the signal --------------------------
     def _on_signal(self, signum, frame) -> None:
-        if self.signal_received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_received = signum
+        """Note the first signal (the loop stops after the step and checkpoints). A later one, such as the
+        SIGTERM a scheduler sends every process of the job, changes nothing: stopping now would lose the
+        checkpoint, so it is ignored with one line (SIGKILL still stops at once)."""
+        if os.getpid() != self._pid:
+            return  # in a forked writer: the trainer decides when to stop, the writer finishes its file
+        if self.signal_received is None:
+            self.signal_received = signum
+            return
+        name = signal.Signals(signum).name
+        # os.write: a handler may run while the main thread is inside a print
+        os.write(2, f"keel: already stopping ({name} ignored): finishing the step and its checkpoint; "
+                    "SIGKILL stops at once, losing them\n".encode())
 
     def _preempted(self) -> int | None:
         """The signal any rank received (all ranks agree, so they stop at the same step)."""
@@ -292,8 +307,8 @@ class Trainer:
         t = self.cfg.trainer
         stop = t.stop_at or t.max_steps
         previous = {s: signal.signal(s, self._on_signal) for s in self.PREEMPTION_SIGNALS}
-        self._call("on_train_start")
         try:
+            self._call("on_train_start")
             while self.step < stop:
                 metrics = self.train_step()
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
@@ -312,7 +327,19 @@ class Trainer:
                     self.saver.poll()  # publish a background save once every rank has written it
             self._finish_saving()
         finally:
-            self._call("on_train_end")
+            self._end_callbacks()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _end_callbacks(self) -> None:
+        """Every callback's `on_train_end`, however training ended. One that fails (a full disk under the
+        loss plot, say) is one line on stderr and the others still run: it never masks why training
+        stopped, and the run still writes its result."""
+        for name, c in self.callbacks.items():
+            try:
+                c.on_train_end(self)
+            except Exception as e:
+                detail = str(e).strip().splitlines()
+                print(f"keel: the {name} callback could not finish ({type(e).__name__}: "
+                      f"{detail[0] if detail else 'no detail'}); its output is incomplete", file=sys.stderr, flush=True)
 

@@ -83,3 +83,17 @@ def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128, de
     gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab_size, cfg.seed,
                                 per_document_positions=cfg.data.reset_position_ids)
     return cfg, gpt.to(device).eval()
+
+
+def assert_index_admitted(run_dir: Path) -> None:
+    """Every checkpoint of a run: megatron's shard index (`.metadata`) reads through keel's allowlist
+    (pretrain.safe_pickle) into exactly what an unrestricted pickle.load gives."""
+    import pickle
+
+    from pretrain.safe_pickle import read_metadata
+
+    folders = sorted((Path(run_dir) / "checkpoints").glob("step_????????"))
+    assert folders, f"no checkpoint in {run_dir}"
+    for folder in folders:
+        with open(folder / ".metadata", "rb") as f:
+            assert read_metadata(folder / ".metadata") == pickle.load(f), folder

@@ -1,4 +1,8 @@
-"""Check keel checkpoints offline, as a resume would: every file against the checksum manifest.
+"""Check keel checkpoints offline, as every load does (pretrain/manifest.py).
+
+Each folder must hold exactly the files its manifest lists (plain names, each a kind keel or
+megatron-core writes), each with its checksum; the manifest's signature must verify when
+KEEL_CHECKPOINT_KEY is set; megatron's shard index must pass keel's allowlist.
 
     python tools/ckpt.py verify RUN_OR_CKPT [...]     # a run folder, its checkpoints/ or one step_N
 
@@ -39,7 +43,7 @@ def verify(paths: list[Path]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("verify", help="check every file of each checkpoint against its manifest")
+    check = sub.add_parser("verify", help="check each checkpoint against its manifest, as every load does")
     check.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args(argv)
     try:

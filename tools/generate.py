@@ -77,29 +77,29 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graph for the one-token step")
     args = p.parse_args(argv)
 
-    from models.inference import generate, right_pad
-    from pretrain import distributed
-    from pretrain.config import ParallelConfig
+    from tools.hf_folder import in_world_of_one
 
-    distributed.init(ParallelConfig(backend="gloo"))
-    try:
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        loaded = load_model(args.checkpoint, args.device, dtype)
-        gpt, tok, step_dir = loaded.gpt, loaded.tokenizer, loaded.step_dir
-        ids = [tok.encode(text) for text in args.prompt]
-        if not all(ids):
-            p.error("a prompt encodes to no tokens")
-        prompt, lengths = right_pad(ids, device=args.device)
-        out = generate(gpt, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                       torch.Generator().manual_seed(args.seed), eos=tok.eod, lengths=lengths,
-                       graph=args.device.startswith("cuda") and not args.eager)
-        print(f"# {step_dir}", file=sys.stderr)
-        new = out.shape[1] - prompt.shape[1]  # new tokens per row (all rows stop together)
-        for row, n in zip(out.tolist(), lengths.tolist()):
-            print(tok.decode(row[:n + new]))
-    finally:
-        distributed.shutdown()
-    return 0
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    code, _ = in_world_of_one("generate.py", lambda: _generate(args, dtype))  # a bad checkpoint: one line, exit 2
+    return code
+
+
+def _generate(args, dtype: torch.dtype) -> None:
+    from models.inference import generate, right_pad
+
+    loaded = load_model(args.checkpoint, args.device, dtype)
+    gpt, tok, step_dir = loaded.gpt, loaded.tokenizer, loaded.step_dir
+    ids = [tok.encode(text) for text in args.prompt]
+    if not all(ids):
+        raise ValueError("a prompt encodes to no tokens; pass --prompt with some text")
+    prompt, lengths = right_pad(ids, device=args.device)
+    out = generate(gpt, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                   torch.Generator().manual_seed(args.seed), eos=tok.eod, lengths=lengths,
+                   graph=args.device.startswith("cuda") and not args.eager)
+    print(f"# {step_dir}", file=sys.stderr)
+    new = out.shape[1] - prompt.shape[1]  # new tokens per row (all rows stop together)
+    for row, n in zip(out.tolist(), lengths.tolist()):
+        print(tok.decode(row[:n + new]))
 
 
 if __name__ == "__main__":

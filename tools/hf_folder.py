@@ -72,7 +72,7 @@ class Weights:
         self.folder, self._handles = folder, {}
         # 1. safetensors: an index names each tensor's shard; else one file holds them all
         if (folder / SAFE_INDEX).exists():
-            self.files = {name: folder / f for name, f in _json(folder / SAFE_INDEX)["weight_map"].items()}
+            self.files = self._indexed(folder / SAFE_INDEX, allow_pickle)
         elif (folder / SAFE_FILE).exists():
             self.files = dict.fromkeys(self._open(folder / SAFE_FILE).keys(), folder / SAFE_FILE)
         # 2. pickles: only when allowed, and then without running code
@@ -93,8 +93,25 @@ class Weights:
             raise FolderError(f"{folder} has only pickled weights ({found}), which can run code when loaded; convert "
                               f"them to safetensors, or pass {ALLOW_PICKLE} to load them with weights_only=True")
         if index.exists():
-            return {name: folder / f for name, f in _json(index)["weight_map"].items()}
+            return self._indexed(index, allow_pickle)
         return dict.fromkeys(self._open(files[0]).keys(), files[0])
+
+    @staticmethod
+    def _indexed(index: Path, allow_pickle: bool) -> dict[str, Path]:
+        """Tensor name -> shard, from an index: each shard a plain file name in the folder, and a
+        safetensors file unless pickles are allowed (an index can name any file)."""
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FolderError(f"{index} has no weight_map; re-download it")
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise FolderError(f"{index} names shard {shard!r}, which is not a file of the model folder; "
+                                  "re-download the model")
+            if not shard.endswith(".safetensors") and not allow_pickle:
+                raise FolderError(f"{index} names shard {shard}, which is not a safetensors file and can run code "
+                                  f"when loaded; convert it to safetensors, or pass {ALLOW_PICKLE} to load it "
+                                  "with weights_only=True")
+        return {name: index.parent / shard for name, shard in weight_map.items()}
 
     def _open(self, path: Path):
         """A shard's handle (safetensors) or its tensors (a pickle, read with weights_only=True), cached."""
@@ -155,12 +172,16 @@ def atomic_folder(output: Path) -> Iterator[Path]:
 
 
 def in_world_of_one(tool: str, work: Callable[[], object]) -> tuple[int, object]:
-    """(exit code, result) of `work` run in a megatron world of one process (gloo); a bad input is one
-    line on stderr and exit code 2."""
+    """(exit code, result) of `work` run in a megatron world of one process (gloo): the caller's, when it
+    has one (a test), else one made for it; a bad input is one line on stderr and exit code 2."""
+    import torch.distributed as dist
+
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
     try:
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            return 0, work()
         distributed.init(ParallelConfig(backend="gloo"))
         try:
             return 0, work()

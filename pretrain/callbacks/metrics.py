@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from pretrain.callbacks.base import Callback
+from pretrain.rundir import metrics_row
 
 
 class MetricsLogger(Callback):
@@ -26,14 +27,17 @@ class MetricsLogger(Callback):
         # last line a kill cut short (with a note: nothing else is ever dropped silently)
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         rows = []
         for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if i < len(lines) - 1:
-                    raise ValueError(f"{self.path} line {i + 1} is not JSON; repair or remove that line to resume")
+            if not line.strip():
+                continue
+            row = metrics_row(line)
+            if row is None:
+                if i < last:
+                    raise ValueError(f"{self.path} line {i + 1} is not a metrics row (a JSON object with an integer "
+                                     "step); repair or remove that line to resume")
                 print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
                 continue
             if row["step"] <= trainer.step:

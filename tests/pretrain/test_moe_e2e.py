@@ -3,7 +3,7 @@ evaluation, DP=2 and EP=2 equal one process, exact resume, and the losses' restr
 
 import pytest
 
-from tests.helpers import losses, metrics, run_keel, tiny_overrides
+from tests.helpers import assert_index_admitted, losses, metrics, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,7 @@ def test_moe_expert_parallel_matches_data_parallel(tiny_data, tmp_path):
     extra = MOE + ["model.moe.var_loss=1.0", "trainer.max_steps=2"]
     run_keel(tiny_overrides(tiny_data, dp, steps=2) + extra, nproc=2)
     run_keel(tiny_overrides(tiny_data, ep, steps=2) + extra + ["parallel.expert=2"], nproc=2)
+    assert_index_admitted(ep)  # the allowlist admits expert parallelism's shard index
     for a, b in zip(metrics(dp), metrics(ep)):
         for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/maxvio"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,14 +90,13 @@ def test_no_good_checkpoint_stops_instead_of_starting_over(six_steps, tiny_data,
     assert (run / "metrics.jsonl").read_text() == before  # nothing trained
 
 
-def test_ckpt_tool_verifies_offline(six_steps, tmp_path):
+def test_ckpt_tool_verifies_offline(six_steps, tmp_path, capsys):
+    from tools.ckpt import main  # its command line, in this process
+
     run = _copy(six_steps, tmp_path / "run")
-    tool = [sys.executable, "tools/ckpt.py", "verify", str(run)]
-    good = subprocess.run(tool, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert good.returncode == 0 and good.stdout.count(": OK") == 2
+    assert main(["verify", str(run)]) == 0 and capsys.readouterr().out.count(": OK") == 2
     _damage(run / "checkpoints" / "step_00000003" / "meta.json", "truncate")
-    bad = subprocess.run(tool, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert bad.returncode == 1 and "step_00000003: FAILED: meta.json has" in bad.stdout
+    assert main(["verify", str(run)]) == 1 and "step_00000003: FAILED: meta.json has" in capsys.readouterr().out
     assert (run / "checkpoints" / "step_00000003").is_dir()  # verifying moves nothing
 
 
@@ -108,58 +108,107 @@ def _start(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run never reached step {step}: {proc.communicate()[1][-2000:]}")
-
-
 def _workers(agent_pid: int) -> list[int]:
     """The processes torchrun started (its direct children)."""
     children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
 
+STOP = 12  # where the reference stops; every preemption lands before it
+
+
 @pytest.fixture(scope="module")
 def long_schedule(tiny_data, tmp_path_factory):
-    """A 40-step schedule stopped after step 8: the reference of the preemption tests."""
+    """A 40-step schedule stopped after step 12: the reference of the preemption tests."""
     run = tmp_path_factory.mktemp("long") / "run"
-    run_keel(tiny_overrides(tiny_data, run, steps=40) + ["trainer.stop_at=8"])
+    run_keel(tiny_overrides(tiny_data, run, steps=40) + [f"trainer.stop_at={STOP}"])
     return run
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(long_schedule, tiny_data, tmp_path):
+EVERY_STEP = ["checkpoint.interval=1"]  # a save per step: the run is slow enough to be preempted before STOP
+
+
+def _wait_for_first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until step 1's checkpoint is published: megatron's checkpoint writer has its helper process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "step_00000001").is_dir():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never checkpointed step 1: {proc.communicate()[1][-2000:]}")
+
+
+def _preempted_at(run: Path) -> int:
+    step = max(losses(run))
+    assert step < STOP and json.loads((run / "result.json").read_text())["status"] == "preempted"
+    assert (run / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
+    return step
+
+
+def test_sigterm_to_the_process_group_twice_checkpoints_and_resumes_exactly(long_schedule, tiny_data, tmp_path):
+    # what systemd does (kill -TERM -- -PGID): the trainer and its checkpoint writer's helper processes get
+    # it; then a second signal 50 ms later
     run = tmp_path / "run"
-    proc = _start(tiny_overrides(tiny_data, run, steps=40))
-    _wait_for_step(run, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = _start(tiny_overrides(tiny_data, run, steps=40) + EVERY_STEP)
+    _wait_for_first_checkpoint(run, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    step = max(losses(run))
-    assert step < 8 and f"preempted by SIGTERM at step {step}" in out
-    assert (run / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
-    assert json.loads((run / "result.json").read_text())["status"] == "preempted"
-    run_keel(tiny_overrides(tiny_data, run, steps=40) + ["trainer.stop_at=8"])
+    step = _preempted_at(run)
+    assert f"preempted by SIGTERM at step {step}" in out
+    assert "keel: already stopping (SIGTERM ignored)" in err and "Traceback" not in err, err[-3000:]
+    run_keel(tiny_overrides(tiny_data, run, steps=40) + [f"trainer.stop_at={STOP}"])
     assert losses(run) == losses(long_schedule)
 
 
-def test_sigterm_under_torchrun_checkpoints_and_the_agent_reports_it(long_schedule, tiny_data, tmp_path):
+def test_one_run_per_run_dir_and_sigterm_to_the_torchrun_agent(long_schedule, tiny_data, tmp_path):
     run = tmp_path / "run"
-    agent = _start(tiny_overrides(tiny_data, run, steps=40), nproc=2)
-    _wait_for_step(run, 1, agent)
-    for pid in _workers(agent.pid):  # what a cluster's preemption sends every process
-        os.kill(pid, signal.SIGTERM)
-    _, err = agent.communicate(timeout=120)
-    assert agent.returncode != 0 and "exitcode  : 143" in err
-    step = max(losses(run))
-    assert json.loads((run / "result.json").read_text())["status"] == "preempted"
-    assert (run / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
-    run_keel(tiny_overrides(tiny_data, run, steps=40) + ["trainer.stop_at=8"], nproc=2)
+    run.mkdir()
+    # 1. a run folder another live run holds: every rank stops with one line naming the holder
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pretrain.rundir import RunLock\n"
+                               f"RunLock({str(run)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(600)"],
+                              cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    refused = run_keel(tiny_overrides(tiny_data, run, steps=40), nproc=2, check=False)
+    lines = {line for line in refused.stderr.splitlines() if line.startswith("keel: error:")}
+    assert refused.returncode != 0 and len(lines) == 1, refused.stderr[-3000:]
+    assert f"{run} is in use by another keel run (host {socket.gethostname()}, pid {holder.pid}" in lines.pop()
+    assert not (run / "metrics.jsonl").exists()
+    # 2. the holder dies without releasing (kill -9): the next run takes the lock over and says whose it was
+    holder.kill()
+    holder.wait()
+    # 3. what Kubernetes does: SIGTERM to the agent, which sends it to each worker's process group
+    agent = _start(tiny_overrides(tiny_data, run, steps=40) + EVERY_STEP, nproc=2)
+    _wait_for_first_checkpoint(run, agent)
+    agent.send_signal(signal.SIGTERM)
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode != 0 and f"pid {holder.pid}" in out and "took over" in out
+    step = _preempted_at(run)
+    assert f"preempted by SIGTERM at step {step}" in out
+    assert "Broken pipe" not in err and "Connection reset" not in err, err[-3000:]
+    run_keel(tiny_overrides(tiny_data, run, steps=40) + [f"trainer.stop_at={STOP}"], nproc=2)
     for s, loss in losses(long_schedule).items():  # DP=2 against one process: the usual float tolerance
         assert losses(run)[s] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_run_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
+    from pretrain.rundir import RunLock
+
+    first = RunLock(tmp_path)
+    assert first.acquire() is None
+    held = f"in use by another keel run \\(host {socket.gethostname()}, pid {os.getpid()}"
+    with pytest.raises(ValueError, match=held):
+        RunLock(tmp_path).acquire()  # a second descriptor of the same file: flock refuses it, in one process too
+    first.release()
+    again = RunLock(tmp_path)
+    assert again.acquire() is None  # released cleanly: nothing to say
+    os.close(again._fd)  # closed without a release, as when its process dies: the lock drops, the record stays
+    again._fd = None
+    taken = RunLock(tmp_path)
+    assert f"pid {os.getpid()}" in taken.acquire()
+    taken.release()
 
 
 # ---- no leftovers ------------------------------------------------------------------------------------------
@@ -252,7 +301,7 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_found_first(tmp_path):
         check_writable(tmp_path / "a-file" / "run", rank=0)
 
 
-def test_file_size_limit_names_the_cause_and_the_path(tiny_data, tmp_path):
+def test_file_size_limit_names_the_cause_and_the_path_and_a_failing_plot_masks_nothing(tiny_data, tmp_path):
     import resource
 
     run = tmp_path / "run"
@@ -261,10 +310,31 @@ def test_file_size_limit_names_the_cause_and_the_path(tiny_data, tmp_path):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, str(MAIN), *tiny_overrides(tiny_data, run)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    # the loss plot cannot be written either (its temporary name is taken by a folder), as on a full disk
+    (run / "loss.tmp.png").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, str(MAIN), *tiny_overrides(tiny_data, run), "logging.plot=true"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     line = _error_line(proc)
     assert "file-size limit" in line and "step_00000003.tmp" in line
+    assert "keel: the loss_plot callback could not finish (IsADirectoryError" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "failed" and "file-size limit" in result["error"] and result["step"] == 3
+
+
+def test_a_malformed_metrics_row_is_one_line_naming_file_and_line(tmp_path):
+    from types import SimpleNamespace
+
+    from pretrain.callbacks.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False, interval=1)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{}\n{"step": 2, "loss": 1.9}\n')
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'metrics.jsonl'} line 3 is not a metrics row .*; repair or "
+                                         "remove that line to resume$"):
+        logger.on_train_start(SimpleNamespace(step=2))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n')  # a torn or bad last line
+    logger.on_train_start(SimpleNamespace(step=2))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
 
 
 def test_async_save_publishes_verified_checkpoints_that_resume_exactly(six_steps, tiny_data, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import time
 
 import pytest
 
-from tests.helpers import BAD_VALUES, MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import (BAD_VALUES, MAIN, ROOT, assert_index_admitted, child_env, losses, metrics, run_keel,
+                           tiny_overrides)
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +99,7 @@ def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
     # the first two steps of the same 6-step schedule (stop_at keeps the schedule)
     two = tiny_overrides(tiny_data, tmp_path / "two", steps=6) + ["trainer.stop_at=2"] + parallel
     run_keel(two, nproc=2)
+    assert_index_admitted(tmp_path / "two")  # the allowlist admits this layout's shard index
     one, other = metrics(straight[0])[:2], metrics(tmp_path / "two")
     assert len(other) == 2
     for a, b in zip(one, other):
@@ -104,12 +107,19 @@ def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
 
 
-def test_distributed_optimizer_resume_is_exact(tiny_data, tmp_path):
+def test_distributed_optimizer_resume_is_exact_and_takes_a_new_learning_rate(tiny_data, tmp_path):
     over = ["optim.distributed=true"]
     run_keel(tiny_overrides(tiny_data, tmp_path / "a", steps=5) + over, nproc=2)
     run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=5) + over + ["trainer.stop_at=3"], nproc=2)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=5) + over, nproc=2)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # resumed with half the rate (what keel's divergence message advises), at one process: the new rate
+    # applies from the next step (megatron's parameter groups are matched without it)
+    out = run_keel(tiny_overrides(tiny_data, tmp_path / "c", steps=5) + over + ["optim.lr=5e-4"])
+    assert "optim.lr is 0.0005, the checkpoint's run had 0.001: the new rate applies from step 4 on" in out.stdout
+    for a, c in zip(metrics(tmp_path / "a")[3:], metrics(tmp_path / "c")[3:]):
+        assert c["lr/hidden"] == pytest.approx(a["lr/hidden"] / 2, rel=1e-12)
 
 
 def test_document_masking_and_position_reset_train(tiny_data, tmp_path):

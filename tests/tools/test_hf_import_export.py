@@ -120,11 +120,12 @@ def test_evaluate_gives_the_same_loss_on_the_folder_and_its_import(llama, import
         evaluate(str(imported), [str(corpus)], tokenizer=str(big))
 
 
-def test_the_cli_reports_a_missing_folder_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_hf.py"), "--model", str(tmp_path / "nope"),
-                           "--output", str(tmp_path / "out")], cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith(f"import_hf.py: error: model folder {tmp_path / 'nope'} not found")
+def test_the_cli_reports_a_missing_folder_in_one_line(tmp_path, megatron_world, capsys):
+    from tools.import_hf import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"import_hf.py: error: model folder {tmp_path / 'nope'} not found")
 
 
 def _variant(tmp_path, llama, edit):
@@ -158,6 +159,17 @@ def _pickle_only(folder):
     torch.save(tensors, folder / "pytorch_model.bin")
 
 
+def _index_names(shard_name: str):
+    """The index points the embedding at `shard_name`; for a pickle, that file holds the tensors, pickled."""
+    def edit(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        if shard_name.endswith(".bin"):
+            torch.save({"model.embed_tokens.weight": torch.zeros(1)}, folder / shard_name)
+        index["weight_map"]["model.embed_tokens.weight"] = shard_name
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return edit
+
+
 def _big_tokenizer(folder):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (folder / f).unlink()
@@ -174,6 +186,8 @@ def _big_tokenizer(folder):
     (_config_edit(hidden_act="gelu", attention_bias=True), "cannot import a model with activation gelu, biases"),
     (_swap_shard, r"tensor model.embed_tokens.weight has shape \[320, 32\], config.json implies \[320, 64\]"),
     (_pickle_only, r"has only pickled weights \(pytorch_model.bin\).* pass --allow-pickle"),
+    (_index_names("weights.bin"), r"names shard weights.bin, which is not a safetensors file .* pass --allow-pickle"),
+    (_index_names("../other/model.safetensors"), r"names shard '../other/model.safetensors', which is not a file of"),
     (_big_tokenizer, "tokenizer .* has 400 tokens but .* predicts 320"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, llama, megatron_world, edit, message):
