@@ -56,7 +56,8 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path, capsys):
 
 @pytest.mark.parametrize("stale, problem", [
     (dict(digest="another-split"), "different validation sets: val_loss (2 different texts); remove the stale runs"),
-    (dict(revision=COMMIT + "+dirty"), f"not trained from a commit, e.g. {{runs}}/gqa-s2 (git revision {COMMIT}+dirty)"),
+    (dict(revision=COMMIT + "+dirty"),
+     f"not trained from a commit, e.g. {{runs}}/gqa-s2 (git revision {COMMIT}+dirty)"),
 ])
 def test_a_run_from_another_validation_set_or_an_uncommitted_tree_is_refused(tmp_path, capsys, stale, problem):
     runs = tmp_path / "runs"

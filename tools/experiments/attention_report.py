@@ -255,7 +255,8 @@ def report(roots, out, name: str) -> dict:
     arms = compared(rows, chosen)
     pairs = comparisons(arms)
     missing = [arm for arm in chosen if arm not in arms]  # tuned, but no reported run at the chosen rate yet
-    result = {**origin, "roots": [str(r) for r in roots], "tuning": chosen, "rows": rows, "compared": arms, "paired": pairs, "not_compared": missing,
+    result = {**origin, "roots": [str(r) for r in roots], "tuning": chosen, "rows": rows, "compared": arms,
+              "paired": pairs, "not_compared": missing,
               "diverged": sorted(r.name for r in runs if r.status == "diverged")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)

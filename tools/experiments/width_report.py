@@ -19,8 +19,8 @@ on a sqrt(2)-spaced LR grid (seeds 1, 2, 3), and at the transfer width on other 
    global run at that peak LR would repeat it. Per seed, the rule's final validation loss minus that of the
    best searched LR (lowest mean over the seeds), with its 95% interval (common.paired). The best LR is
    picked on the seeds it is compared on, which favours the search: a rule whose interval covers 0 against it
-   is a conservative result (no difference shown; that is not equality). The fit's seeds and the transfer's are disjoint, so alpha and the anchor were not
-   chosen on the seeds the transfer is reported on.
+   is a conservative result (no difference shown; that is not equality). The fit's seeds and the transfer's
+   are disjoint, so alpha and the anchor were not chosen on the seeds the transfer is reported on.
 Writes NAME.json (provenance, the runs' validation digests, which must agree, fit, transfer) and NAME_loss_vs_lr.png, NAME_optimal_lr.png,
 NAME_transfer.png, NAME_logits.png (when the monitors logged logits) into --out; prints markdown tables.
 """
