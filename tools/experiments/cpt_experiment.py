@@ -481,7 +481,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
             c = f", r = {st['overlap_ratio']:g}, c = {st['extra_capacity']}" if "extra_capacity" in st else ""
             print(f"{arm:>12} ({', '.join(st['source']['inputs']) if st.get('source') else '?'}{c}): truncated "
                   f"{st['truncated_share']:.2%} of the corpus, duplicated {st['duplicated_share']:.2%}, padding "
-                  f"{st['padding_share']:.3%} of rows, split documents {st['split_share']:.1%}")
+                  f"{st['padding_share']:.3%} of the rows' tokens, split documents {st['split_share']:.1%}")
     print(f"init: {init}; wrote {json_path} and {png_path}")
     return report
 
