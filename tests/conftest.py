@@ -12,6 +12,16 @@ from pretrain import cpu_compat
 cpu_compat.apply()
 
 
+@pytest.fixture
+def committed_checkout(monkeypatch):
+    """Reports write a results JSON only from a committed tree (common.results_provenance); a test that runs one
+    sees this checkout at tests.helpers.COMMIT, whatever its state while it is being edited."""
+    from pretrain import rundir
+    from tests.helpers import COMMIT
+
+    monkeypatch.setattr(rundir, "git_revision", lambda root=rundir.ROOT: COMMIT)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from data.corpus import stdlib_documents

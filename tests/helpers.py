@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main.py"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a committed revision, for run_info.json and reports
 
 # values that pass a type check but would crash or mislead later: each must stop with one line
 BAD_VALUES = [

@@ -18,7 +18,7 @@
 #   41  warmup-free claim (docs/results/warmup_free.md) in bf16: AdamW, AdamW + warmup 120 and the spectral
 #       bound at lr 1e-2 and 3e-2 on the reported seeds 1-3, all at once on the GPU, then the paired report
 #   42  packing claim (docs/results/packing.md) in bf16: the CPU's driver and presets, every arm and seed
-#       (CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens, replay; seeds 1-5), then the paired report
+#       (CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens, replay; seeds 1-10), then the paired report
 #   43  width claim (docs/results/width_scaling.md) in bf16, part 1 of 2 (run `43 46` in one call): the LR
 #       grid at widths 32-512 on seeds 1-3, widened until every optimum is bracketed, then the fit
 #   44  MoE claim (docs/results/moe.md) in bf16: pretrain with the auxiliary loss only, continue it with aux
@@ -193,7 +193,7 @@ section_41() {
 }
 
 section_42() {
-  say "42. packing in bf16: CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens and replay, seeds 1-5, one pretrained model"
+  say "42. packing in bf16: CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens and replay, seeds 1-10, one pretrained model"
   # The CPU's driver and presets; every training run in bf16, PACK_JOBS of them at once on the GPU.
   # PACK_SET (overrides for every run) and PACK_JOBS shrink the section to try it on a CPU first; a
   # trainer.max_steps there also shortens the distinct arm, which the report then takes for SP.

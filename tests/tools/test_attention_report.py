@@ -3,25 +3,25 @@ chosen per type on tuning seeds, paired differences on reported seeds, outputs."
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env
+from tests.helpers import COMMIT
+from tools.experiments import attention_report
 
-REPORT = ROOT / "tools" / "experiments" / "attention_report.py"
+pytestmark = pytest.mark.usefixtures("committed_checkout")
 TINY = ["+experiment=attention_quality", "model.hidden_size=64", "model.head_dim=16", "data.vocab_size=256"]
 
 
 def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = "completed", lr: float = 1e-3,
-              grad_norm: float = 3.0, overrides=(), digest: str = "one-set") -> None:
+              grad_norm: float = 3.0, overrides=(), digest: str = "one-set", revision: str = COMMIT) -> None:
     from pretrain.config import compose_config
 
     cfg = compose_config([*TINY, f"attention={attention}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
     (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                       "command": "pretrain/main.py -m", "device": "cpu",
+                                                      "git_revision": revision,
                                                       "dtype": "float32", "validation": {
                                                           "val_loss": {"digest": digest, "tokens": 131072}}}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
@@ -29,15 +29,21 @@ def _fake_run(folder, attention: str, seed: int, val_loss: float, status: str = 
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
+def _report(capsys, *argv) -> tuple[int, str, str]:
+    """The report's exit code, stdout and stderr."""
+    code = attention_report.main(list(map(str, argv)))
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def test_report_groups_by_type_and_writes_json_and_png(tmp_path, capsys):
     runs = tmp_path / "runs"
     for attention, seed, loss in [("gla", 1, 5.0), ("gla", 2, 5.2), ("gqa", 1, 4.9), ("gqa", 2, 4.7)]:
         _fake_run(runs / f"{attention}-s{seed}", attention, seed, loss)
     _fake_run(runs / "mla-s1", "mla", 1, 1.0, status="diverged")  # not completed: left out
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(out), "--name", "q"], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, printed, err = _report(capsys, runs, "--out", out, "--name", "q")
+    assert code == 0, err
     rows = {r["attention"]: r for r in json.loads((out / "q.json").read_text())["rows"]}
     assert list(rows) == ["gqa", "gla"]  # keel's type order, the diverged MLA run left out
     assert rows["gla"]["val_loss"] == [5.0, 5.2] and rows["gla"]["mean"] == pytest.approx(5.1)
@@ -45,27 +51,30 @@ def test_report_groups_by_type_and_writes_json_and_png(tmp_path):
     # 64/16 = 4 heads of 16: GQA caches 2 kv heads of k and v; GLA 2 latents of 32 plus an 8-wide RoPE key
     assert (rows["gqa"]["kv_elements"], rows["gla"]["kv_elements"]) == (2 * 2 * 16, 2 * 32 + 8)
     assert rows["gla"]["kv_bytes_bf16"] == 2 * rows["gla"]["kv_elements"] and rows["gqa"]["params"] > 0
-    assert (out / "q.png").stat().st_size > 0 and "| gla | 0.001 |" in proc.stdout
+    assert (out / "q.png").stat().st_size > 0 and "| gla | 0.001 |" in printed
 
 
-def test_runs_that_scored_different_validation_text_are_refused(tmp_path):
+@pytest.mark.parametrize("stale, problem", [
+    (dict(digest="another-split"), "different validation sets: val_loss (2 different texts); remove the stale runs"),
+    (dict(revision=COMMIT + "+dirty"),
+     f"not trained from a commit, e.g. {{runs}}/gqa-s2 (git revision {COMMIT}+dirty)"),
+])
+def test_a_run_from_another_validation_set_or_an_uncommitted_tree_is_refused(tmp_path, capsys, stale, problem):
     runs = tmp_path / "runs"
     for attention, seed, loss in [("gla", 1, 5.0), ("gqa", 1, 4.9)]:
         _fake_run(runs / f"{attention}-s{seed}", attention, seed, loss)
-    _fake_run(runs / "gqa-s2", "gqa", 2, 4.7, digest="another-split")  # a stale run from another held-out share
-    proc = subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(tmp_path / "out")], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
-    assert "different validation sets: val_loss (2 different texts); remove the stale runs" in proc.stderr
+    _fake_run(runs / "gqa-s2", "gqa", 2, 4.7, **stale)  # a stale run: another held-out share, or edited code
+    code, _, err = _report(capsys, runs, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert problem.format(runs=runs) in err
 
 
-def test_report_without_completed_runs_says_so(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path), "--out", str(tmp_path / "out")], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no completed or diverged runs" in proc.stderr
+def test_report_without_completed_runs_says_so(tmp_path, capsys):
+    code, _, err = _report(capsys, tmp_path, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "no completed or diverged runs" in err
 
 
-def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_path):
+def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_path, capsys):
     runs = tmp_path / "runs"
     qk = ["attention.qk_norm=true"]
     # tuning seed 100: GQA best in the middle of the grid, GTA at its top (flagged), GLA's 2e-3 diverged after
@@ -85,9 +94,8 @@ def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_p
     for seed in (1, 2, 3):
         _fake_run(runs / "compare" / f"gqa-2e-3-{seed}", "gqa", seed, 4.0, lr=2e-3)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPORT), str(runs / "tune"), str(runs / "compare"), "--out", str(out),
-                           "--name", "d"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, printed, err = _report(capsys, runs / "tune", runs / "compare", "--out", out, "--name", "d")
+    assert code == 0, err
     rep = json.loads((out / "d.json").read_text())
     # 1. the choice: tuning seeds only, diverged runs never win, the grid's edge flagged
     tune = rep["tuning"]
@@ -113,9 +121,10 @@ def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_p
     lo, hi = pairs["gta", "gqa"]["interval95"]
     assert lo < pairs["gta", "gqa"]["mean"] < hi and pairs["gta", "gqa"]["seeds"] == [1, 2, 3]
     # 4. provenance, the plot and the printed tables
-    assert rep["provenance"]["runs"] == 27 and rep["provenance"]["git_revision"]
+    assert rep["provenance"]["runs"] == 27 and rep["provenance"]["git_revision"] == COMMIT
+    assert rep["val_digests"] == {"val_loss": ["one-set"]}
     assert (out / "d.png").stat().st_size > 1000
-    assert "**chosen**" in proc.stdout and "| gla − mla+qk-norm | 1, 2, 3 |" in proc.stdout
+    assert "**chosen**" in printed and "| gla − mla+qk-norm | 1, 2, 3 |" in printed
 
 
 def test_a_reported_seed_among_the_tuning_runs_is_never_used_to_choose(tmp_path):

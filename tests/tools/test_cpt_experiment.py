@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from tests.helpers import COMMIT
 from tools.experiments import cpt_experiment as cpt
 
 
@@ -41,13 +42,29 @@ def test_a_preset_without_method_suffixed_paths_is_one_clear_error(monkeypatch):
 def test_the_grid_is_one_multirun_of_every_method_and_seed_from_one_init(setup):
     grid = cpt.grid_argv(jobs=3)
     assert grid[:4] == ["pretrain/main.py", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=3"]
-    assert "data.pack_method=concat,bfd,sp" in grid and "seed=1,2,3,4,5" in grid and "+experiment=cpt_packing" in grid
+    assert "data.pack_method=concat,bfd,sp" in grid and "seed=1,2,3,4,5,6,7,8,9,10" in grid
+    assert "+experiment=cpt_packing" in grid
     assert not any(a.startswith(("init_from=", "trainer.max_steps=", "run_dir=")) for a in grid)  # same init, budget
     init = cpt.init_argv(setup)
     assert "-m" not in init and f"run_dir={setup.cpt_dir / cpt.INIT_RUN}" in init and "trainer.max_steps=1" in init
     pack = cpt.pack_argv(setup, cpt.Path("t.model"))
     assert "--compare" in pack and pack[pack.index("--output") + 1] == str(setup.pack_prefix)
     assert pack[pack.index("--val-percent") + 1] == "5"  # the presets' held-out share
+
+
+def test_sp_packs_at_the_papers_share_of_a_row_and_refuses_sets_packed_otherwise(setup, tmp_path):
+    """c = 50 at L = 2048 is 2.4% of a row; at L = 256 the same share is 6 tokens (c = 50 there is 19.5%)."""
+    assert [cpt.extra_capacity(n) for n in (2048, 1024, 512, 256, 128, 16)] == [50, 25, 12, 6, 3, 1]
+    for argv in (cpt.pack_argv, cpt.pack_sp_r0_argv):
+        pack = argv(setup, cpt.Path("t.model"))
+        assert pack[pack.index("--extra-capacity") + 1] == "6" == str(cpt.extra_capacity(setup.seq_len))
+    s = dataclasses.replace(setup, train={"sp": tmp_path / "x.sp"}, pack_prefix=tmp_path / "x")
+    cpt.check_sp_capacity(s)  # nothing packed yet: the training stage itself will say so
+    for prefix, c in ((s.train["sp"], 6), (s.sp_r0, 50)):  # r = 0 left from the first re-run's c = 50
+        cpt.Path(f"{prefix}.json").write_text(json.dumps({"settings": {"extra_capacity": c}}))
+    with pytest.raises(cpt.ExperimentError, match=r"x.sp-r0.json was packed with SP extra capacity 50, not 6 .*"
+                                                  "repack it: --stage pack"):
+        cpt.check_sp_capacity(s)
 
 
 def test_set_overrides_reach_the_packed_sets():
@@ -98,6 +115,10 @@ def test_every_arm_is_paired_with_concat_seed_by_seed(setup, tmp_path):
     lo, hi = pairs["sp"]["interval95"]
     assert lo < pairs["sp"]["mean"] < hi < 0
     assert pairs["bfd"]["seeds"] == [1] and pairs["bfd"]["verdict"] == "one seed: no interval"
+    assert pairs["bfd"]["equivalence"] is None
+    tost = pairs["sp"]["equivalence"]  # every pair is also tested for equivalence at the margin fixed beforehand
+    assert tost["margin"] == cpt.EQUIVALENCE_MARGIN == 0.015 and not tost["equivalent"] and tost["p_value"] > 0.5
+    assert tost["interval90"][0] > pairs["sp"]["interval95"][0]
 
 
 def test_aggregate_mean_spread_and_band():
@@ -126,7 +147,9 @@ def test_plot_writes_a_png(tmp_path):
 
 def _run(folder, method: str, seed: int, status: str, vals: dict[int, float]) -> None:
     folder.mkdir(parents=True)
-    (folder / "run_info.json").write_text(json.dumps({"config": {"seed": seed, "data": {"pack_method": method}}}))
+    info = {"config": {"seed": seed, "data": {"pack_method": method}}, "git_revision": COMMIT,
+            "validation": {"val_loss": {"digest": "one-set", "tokens": 64}}}
+    (folder / "run_info.json").write_text(json.dumps(info))
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "val_loss": v}) + "\n"
                                                   for s, v in vals.items()))
     (folder / "result.json").write_text(json.dumps({"status": status}))
@@ -181,12 +204,12 @@ def test_the_replay_arm_is_cpt_packing_on_a_mixture_validated_on_both_domains(se
     assert replay.data.sources[0].path == packing.data.path  # the new domain as the concat arm packs it
     assert replay.data.val_path == packing.data.val_path and replay.data.val_sets == packing.data.val_sets
     assert str(setup.replay_train) == replay.data.sources[1].path and str(setup.original_val) == replay.data.val_sets[0].path
-    assert cpt.replay_argv(2)[-2:] == ["+experiment=cpt_replay", "seed=1,2,3,4,5"]
+    assert cpt.replay_argv(2)[-2:] == ["+experiment=cpt_replay", "seed=1,2,3,4,5,6,7,8,9,10"]
     assert cpt.pack_replay_argv(setup, cpt.Path("t.model"))[2] == "stdlib:code:train"
 
 
 @pytest.mark.slow
-def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path):
+def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path, committed_checkout):
     from tests.helpers import run_keel
 
     t, v = tiny_data["train"], tiny_data["val"]
@@ -196,6 +219,10 @@ def test_a_tiny_replay_run_is_collected_and_reported(setup, tiny_data, tmp_path)
               f"{{path: {t}, weight: 0.2, name: code}}]", f"data.val_path={v}", f"data.val_sets=[{{name: code, path: {v}}}]",
               "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_batches=1", "trainer.global_batch_size=8",
               "trainer.micro_batch_size=4", "lr.warmup_steps=0"])
+    # the run recorded this checkout's revision, "+dirty" while it is being edited: taken as a commit here (the
+    # refusal of runs from uncommitted code is tests/tools/test_experiments_common.py's)
+    info = tmp_path / "cpt" / "replay" / "seed1" / "run_info.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"git_revision": COMMIT}))
     s = dataclasses.replace(setup, cpt_dir=tmp_path / "cpt")
     curves, _ = cpt.collect(*cpt.continual_runs(s))
     forgetting, _ = cpt.collect(*cpt.continual_runs(s), cpt.FORGETTING)

@@ -1,5 +1,6 @@
-"""tools/experiments/common.py against hand-computed numbers: paired seeds and their t interval, summaries,
-tables, and runs read from folders and grouped into arms."""
+"""tools/experiments/common.py against hand-computed numbers: paired seeds, their t interval and their
+equivalence test (TOST), summaries, tables, runs read from folders and grouped into arms, and the provenance
+every results JSON needs."""
 
 import json
 import math
@@ -8,9 +9,16 @@ import threading
 import pytest
 
 from tools.experiments import common
+from tests.helpers import COMMIT
 from tools.experiments.common import ExperimentError, by_arm, load_runs, markdown_table, paired, per_seed, summarize
 
 T2 = 4.302652729911275  # Student t, 2 degrees of freedom, two-sided 95% (tables: 4.303)
+T2_90 = 2.919985580355516  # two-sided 90% (tables: 2.920): TOST's interval at alpha 0.05
+
+
+def t2_cdf(t: float) -> float:
+    """Student t's CDF at 2 degrees of freedom, in closed form: 1/2 + t / (2 sqrt(2 + t^2))."""
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
 
 
 @pytest.mark.parametrize("confidence, df, table", [(0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 5, 2.5706),
@@ -19,13 +27,13 @@ def test_t_quantile_matches_the_tables(confidence, df, table):
     assert common.t_quantile(confidence, df) == pytest.approx(table, abs=1e-4)
 
 
-def test_paired_differences_cover_zero_within_noise():
+def test_paired_differences_whose_interval_covers_zero_show_no_difference():
     # diffs 0.1, 0.3, 0.2: mean 0.2, sample std 0.1, half-width t(2) * 0.1 / sqrt(3) = 0.248414
     p = paired({1: 5.0, 2: 5.2, 3: 5.1}, {1: 5.1, 2: 5.5, 3: 5.3})
     assert p.seeds == (1, 2, 3) and p.diffs == pytest.approx((0.1, 0.3, 0.2)) and p.mean == pytest.approx(0.2)
     assert p.interval == pytest.approx((0.2 - T2 * 0.1 / math.sqrt(3), 0.2 + T2 * 0.1 / math.sqrt(3)))
     assert p.interval == pytest.approx((-0.048414, 0.448414), abs=1e-6)
-    assert p.within_noise and p.verdict() == "within noise"
+    assert p.covers_zero and p.verdict() == "interval covers 0"  # no difference shown, and no equality either
 
 
 def test_paired_differences_away_from_zero_are_higher_or_lower():
@@ -33,15 +41,57 @@ def test_paired_differences_away_from_zero_are_higher_or_lower():
     a, b = {1: 1.0, 2: 2.0, 3: 3.0}, {1: 1.2, 2: 2.3, 3: 3.25}
     up = paired(a, b)
     assert up.interval == pytest.approx((0.125793, 0.374207), abs=1e-6)
-    assert not up.within_noise and up.verdict() == "higher"
+    assert not up.covers_zero and up.verdict() == "higher"
     down = paired(b, a)
-    assert down.mean == pytest.approx(-0.25) and down.verdict() == "lower" and not down.within_noise
+    assert down.mean == pytest.approx(-0.25) and down.verdict() == "lower" and not down.covers_zero
 
 
 def test_only_shared_seeds_are_paired_and_one_pair_has_no_interval():
     p = paired({1: 3.0, 2: 3.5, 4: 9.0}, {2: 3.25, 3: 1.0})
     assert p.seeds == (2,) and p.diffs == (-0.25,) and p.interval is None
-    assert not p.within_noise and p.verdict() == "one seed: no interval"
+    assert not p.covers_zero and p.verdict() == "one seed: no interval"
+    assert p.equivalence(1.0) is None and p.verdict(margin=1.0) == "one seed: no interval"
+
+
+def test_tost_shows_equivalence_only_when_the_90_interval_lies_inside_the_margin():
+    # diffs 0.1, 0.3, 0.2: mean 0.2, standard error 0.1 / sqrt(3); df 2, where t's CDF has a closed form
+    p = paired({1: 5.0, 2: 5.2, 3: 5.1}, {1: 5.1, 2: 5.5, 3: 5.3})
+    se = 0.1 / math.sqrt(3)
+    wide = p.equivalence(0.5)  # t = (0.2 + 0.5) / se = 12.12 and (0.2 - 0.5) / se = -5.196
+    assert wide.p_value == pytest.approx(max(1 - t2_cdf(0.7 / se), t2_cdf(-0.3 / se)), abs=1e-12)
+    assert wide.p_value == pytest.approx(0.017549, abs=1e-6) and wide.equivalent
+    assert wide.interval == pytest.approx((0.2 - T2_90 * se, 0.2 + T2_90 * se))  # (0.0314, 0.3686) inside ±0.5
+    assert p.verdict(margin=0.5) == "equivalent within ±0.5"
+    narrow = p.equivalence(0.3)  # the 90% interval reaches 0.3686 > 0.3: equivalence is not shown
+    assert narrow.p_value == pytest.approx(t2_cdf(-0.1 / se), abs=1e-12) == pytest.approx(0.112702, abs=1e-6)
+    assert not narrow.equivalent and p.verdict(margin=0.3) == "inconclusive"
+    assert p.as_dict(margin=0.3)["equivalence"] == {"margin": 0.3, "alpha": 0.05, "p_value": narrow.p_value,
+                                                    "interval90": list(narrow.interval), "equivalent": False}
+    with pytest.raises(ExperimentError, match="margin must be positive, got 0"):
+        p.equivalence(0)
+
+
+def test_tost_agrees_with_scipys_one_sided_t_tests():
+    from scipy import stats
+
+    diffs = [0.012, -0.004, 0.007, 0.001, -0.009, 0.015, 0.003, -0.002, 0.006, 0.004]
+    p = paired(dict.fromkeys(range(1, 11), 0.0), dict(zip(range(1, 11), diffs)))
+    for margin in (0.005, 0.01, 0.015):
+        above = stats.ttest_1samp(diffs, -margin, alternative="greater").pvalue  # H0: mean <= -margin
+        below = stats.ttest_1samp(diffs, margin, alternative="less").pvalue  # H0: mean >= +margin
+        tost = p.equivalence(margin)
+        assert tost.p_value == pytest.approx(max(above, below), rel=1e-9)
+        lo, hi = stats.t.interval(0.90, 9, loc=p.mean, scale=stats.sem(diffs))
+        assert tost.interval == pytest.approx((lo, hi), rel=1e-9)
+        assert tost.equivalent == (-margin < lo and hi < margin)
+    assert [p.equivalence(m).equivalent for m in (0.005, 0.01, 0.015)] == [False, True, True]
+
+
+def test_a_difference_away_from_zero_can_still_lie_inside_the_margin():
+    # diffs 0.010, 0.011, 0.012: clearly above 0, and clearly below 0.05
+    p = paired({1: 0.0, 2: 0.0, 3: 0.0}, {1: 0.010, 2: 0.011, 3: 0.012})
+    assert p.verdict() == "higher" and p.verdict(margin=0.05) == "higher, by less than 0.05"
+    assert p.verdict(margin=0.011) == "higher"  # its 90% interval reaches past 0.011
     with pytest.raises(ExperimentError, match=r"share no seed \(seeds \[1\] and \[2\]\)"):
         paired({1: 1.0}, {2: 1.0})
 
@@ -176,3 +226,48 @@ def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_revision(tmp_path) == head + "+dirty"
     assert git_revision(tmp_path / "missing") == "unknown"
+
+
+def _scored_run(folder, seed: int, revision: str | None = COMMIT, recorded=("val_loss", "val_loss/code")) -> None:
+    """A finished run that logged val_loss and val_loss/code; `recorded`: the sets its run_info.json has digests of."""
+    info = {"config": {"seed": seed}, "validation": {k: {"digest": f"d-{k}", "tokens": 64} for k in recorded}}
+    folder.mkdir(parents=True)
+    (folder / "run_info.json").write_text(json.dumps(info | ({"git_revision": revision} if revision else {})))
+    (folder / "result.json").write_text(json.dumps({"status": "completed"}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_loss": 5.0, "val_loss/code": 6.0}) + "\n")
+
+
+def test_results_provenance_records_the_commit_and_each_sets_digest(tmp_path, committed_checkout):
+    for seed in (1, 2):
+        _scored_run(tmp_path / f"s{seed}", seed)
+    origin = common.results_provenance(load_runs(tmp_path))
+    assert origin["provenance"]["git_revision"] == COMMIT and origin["provenance"]["run_git_revisions"] == [COMMIT]
+    assert origin["val_digests"] == {"val_loss": ["d-val_loss"], "val_loss/code": ["d-val_loss/code"]}
+    assert origin["provenance"]["validation"]["val_loss/code"] == {"digests": ["d-val_loss/code"], "tokens": [64]}
+
+
+@pytest.mark.parametrize("run, problem", [
+    (dict(revision=COMMIT + "+dirty"), rf"1 run\(s\) were not trained from a commit, e.g. .*s2 \(git revision "
+                                       rf"{COMMIT}\+dirty\); rerun them from a committed tree"),
+    (dict(revision=None), r"not trained from a commit, e.g. .*s2 \(git revision unrecorded\)"),
+    (dict(recorded=("val_loss",)), r"s2 scored val_loss/code but its run_info.json records no digest of that text"),
+])
+def test_results_provenance_refuses_runs_from_uncommitted_code_or_without_digests(tmp_path, committed_checkout,
+                                                                                  run, problem):
+    _scored_run(tmp_path / "s1", 1)
+    _scored_run(tmp_path / "s2", 2, **run)
+    with pytest.raises(ExperimentError, match=problem):
+        common.results_provenance(load_runs(tmp_path))
+
+
+def test_results_provenance_refuses_a_report_from_uncommitted_code(tmp_path, monkeypatch):
+    from pretrain import rundir
+
+    _scored_run(tmp_path / "s1", 1)
+    monkeypatch.setattr(rundir, "git_revision", lambda root=rundir.ROOT: COMMIT + "+dirty")
+    with pytest.raises(ExperimentError, match=rf"this checkout is at git revision {COMMIT}\+dirty, not a commit: "
+                                              "commit .* a results JSON comes from a committed tree"):
+        common.results_provenance(load_runs(tmp_path))
+    monkeypatch.setattr(rundir, "git_revision", lambda root=rundir.ROOT: "unknown")  # no git at all
+    with pytest.raises(ExperimentError, match="git revision unknown, not a commit"):
+        common.results_provenance(load_runs(tmp_path))

@@ -141,7 +141,7 @@ def test_set_overrides_reach_the_packed_sets_and_a_set_split_otherwise_is_refuse
     assert "rerun --stage pack --force" in err
 
 
-def test_the_report_stage_writes_the_results_json(setup, tmp_path, capsys):
+def test_the_report_stage_writes_the_results_json(setup, tmp_path, capsys, committed_checkout):
     from tests.tools.test_moe_report import fake_run
 
     s = dataclasses.replace(setup, pretrain_dir=tmp_path / "pre", continue_dir=tmp_path / "cont")

@@ -7,6 +7,7 @@ import pytest
 
 from tools.experiments import moe_report
 
+pytestmark = pytest.mark.usefixtures("committed_checkout")
 SOURCES = ("code", "tests")
 LOADS = (0.4, 0.3, 0.2, 0.1)  # expert shares of one layer, busiest first
 
@@ -86,7 +87,7 @@ def test_beta_is_chosen_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tm
     assert arms[spec]["overlap"]["mean"] == pytest.approx(0.115)
     pairs = report["paired_vs_aux_only"][spec]
     assert pairs["val_loss"]["diffs"] == pytest.approx([0.01, -0.01, 0.03])
-    assert pairs["val_loss"]["verdict"] == "within noise"
+    assert pairs["val_loss"]["verdict"] == "interval covers 0"
     assert pairs["purity"]["diffs"] == pytest.approx([0.1, 0.12, 0.08]) and pairs["purity"]["verdict"] == "higher"
     lo, hi = pairs["purity"]["interval95"]
     assert 0 < lo < pairs["purity"]["mean"] < hi and pairs["purity"]["mean"] == pytest.approx(0.1)
@@ -114,7 +115,7 @@ def test_report_writes_json_with_provenance_and_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| aux only | 3 | 4.2000 ± 0.1000 | 3.7000 ± 0.1000 |" in printed
     assert "chosen on tuning seeds [100, 101]: aux + ortho (beta=0.1) + var (gamma=0.1)" in printed
-    assert "val_loss +0.0100 [" in printed and "within noise" in printed
+    assert "val_loss +0.0100 [" in printed and "interval covers 0" in printed
 
 
 def test_experts_are_averaged_by_load_rank_never_by_index():

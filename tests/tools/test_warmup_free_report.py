@@ -3,14 +3,13 @@ grid paired against warmup, each method's best and highest stable rate."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env
+from tests.helpers import COMMIT
+from tools.experiments import warmup_free_report
 
-REPORT = ROOT / "tools" / "experiments" / "warmup_free_report.py"
+pytestmark = pytest.mark.usefixtures("committed_checkout")
 FLAT, SPIKE = [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.8], [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 30.0, 6.0]
 
 
@@ -20,20 +19,23 @@ def _fake_run(folder, preset: str, seed: int, lr: float, losses: list[float], va
 
     cfg = compose_config([f"+experiment={preset}", f"seed={seed}", f"optim.lr={lr}", *overrides])
     folder.mkdir(parents=True)
-    validation = {"val_loss": {"digest": digest, "tokens": 131072}}
-    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "validation": validation}))
+    validation = {"val_loss": {"digest": digest, "tokens": 131072}} if digest else {}  # None: from before digests
+    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "validation": validation,
+                                                      "git_revision": COMMIT}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
     rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     rows[-1] |= {"val_loss": val, "stability/attn_entropy_min": 0.5, "stability/qk_sigma1_max": 2.0}
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def _report(runs, out):
-    return subprocess.run([sys.executable, str(REPORT), str(runs), "--out", str(out), "--name", "wf"], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+def _report(runs, out, capsys) -> tuple[int, str, str]:
+    """The report's exit code, stdout and stderr."""
+    code = warmup_free_report.main([str(runs), "--out", str(out), "--name", "wf"])
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
 
 
-def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(tmp_path):
+def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(tmp_path, capsys):
     runs = tmp_path / "runs"
     # tuning seed 100 at 1e-2: warmup 60 beats 30, τ 0.1 beats 0.05; spectral τ 0.05 would win on seed 1
     _fake_run(runs / "t-w30", "warmup_free_adamw_warmup", 100, 1e-2, FLAT, 4.5, overrides=["lr.warmup_steps=30"])
@@ -52,8 +54,8 @@ def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(
                   status="diverged" if seed == 3 else "completed")
     (runs / "going").mkdir()
     (runs / "going" / "run_info.json").write_text("{}")  # no result.json yet: left out
-    proc = _report(runs, tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, printed, err = _report(runs, tmp_path / "out", capsys)
+    assert code == 0, err
     result = json.loads((tmp_path / "out" / "wf.json").read_text())
     assert result["chosen"] == {"lr": 0.01, "seeds": [100], "warmup": "adamw + warmup 60",
                                 "spectral": "spectral τ=0.1"}
@@ -71,24 +73,33 @@ def test_report_chooses_on_tuning_seeds_and_pairs_reported_seeds_against_warmup(
     assert methods["adamw + warmup 60"]["highest_stable_lr"] == 0.03
     assert methods["spectral τ=0.1"]["best_vs_warmup_best"]["mean"] == pytest.approx(-0.1)
     assert (tmp_path / "out" / "wf.png").stat().st_size > 0
-    assert "| 0.03 | adamw | 5.000, 5.100, 5.050 | 5.050 | 0/3 |" in proc.stdout
-    assert "chosen on tuning seeds [100] at lr 0.01: adamw + warmup 60, spectral τ=0.1" in proc.stdout
+    assert "| 0.03 | adamw | 5.000, 5.100, 5.050 | 5.050 | 0/3 |" in printed
+    assert "chosen on tuning seeds [100] at lr 0.01: adamw + warmup 60, spectral τ=0.1" in printed
 
 
-def test_runs_that_scored_different_validation_text_are_refused(tmp_path):
+def test_runs_that_scored_different_validation_text_are_refused(tmp_path, capsys):
     runs = tmp_path / "runs"
     _fake_run(runs / "w", "warmup_free_adamw_warmup", 1, 1e-2, FLAT, 4.3)
     _fake_run(runs / "s", "warmup_free_spectral", 1, 1e-2, FLAT, 4.2, digest="from-a-cpu-trial")
-    proc = _report(runs, tmp_path / "out")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
-    assert "different validation sets: val_loss (2 different texts)" in proc.stderr
+    code, _, err = _report(runs, tmp_path / "out", capsys)
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "different validation sets: val_loss (2 different texts)" in err
 
 
-def test_reported_seeds_never_make_a_choice(tmp_path):
+def test_a_run_that_recorded_no_digest_of_its_validation_text_is_refused(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _fake_run(runs / "w", "warmup_free_adamw_warmup", 1, 1e-2, FLAT, 4.3)
+    _fake_run(runs / "s", "warmup_free_spectral", 1, 1e-2, FLAT, 4.2, digest=None)
+    code, _, err = _report(runs, tmp_path / "out", capsys)
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert f"{runs / 's'} scored val_loss but its run_info.json records no digest of that text" in err
+
+
+def test_reported_seeds_never_make_a_choice(tmp_path, capsys):
     runs = tmp_path / "runs"
     _fake_run(runs / "w60", "warmup_free_adamw_warmup", 100, 1e-2, FLAT, 4.3)
     _fake_run(runs / "w60-1", "warmup_free_adamw_warmup", 1, 1e-2, FLAT, 4.3)
     _fake_run(runs / "s1", "warmup_free_spectral", 1, 1e-2, FLAT, 4.0)  # only on a reported seed: nothing to choose
-    proc = _report(runs, tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, printed, err = _report(runs, tmp_path / "out", capsys)
+    assert code == 0, err
     assert json.loads((tmp_path / "out" / "wf.json").read_text())["chosen"]["spectral"] is None

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.rundir import scored_validation
+from tests.helpers import COMMIT
 from tools import sweep_report
 from tools.experiments import width_experiment as exp
 from tools.experiments import width_report
@@ -41,7 +42,7 @@ def _write(folder, width: int, lr: float, seed: int, val: float | None, optim: d
     config = {"seed": seed, "model": {"hidden_size": width, "head_dim": 16},
               "optim": {"name": "adamw", "lr": lr, "lr_rule": "global", **(optim or {})}}
     validation = {"val_loss": {"digest": "one-set", "tokens": 131072}}  # every run scored the same rows
-    info = {"config": config, "command": "synthetic", "validation": validation}
+    info = {"config": config, "command": "synthetic", "validation": validation, "git_revision": COMMIT}
     (folder / "run_info.json").write_text(json.dumps(info))
 
 
@@ -205,7 +206,8 @@ def test_an_optimum_on_a_grid_edge_is_named_in_the_fit():
     assert edges == {(64, "highest LR"), (128, "highest stable LR")}
 
 
-def test_transfer_runs_the_fitted_rule_the_papers_and_a_search_around_it(runs_in, monkeypatch, capsys):
+def test_transfer_runs_the_fitted_rule_the_papers_and_a_search_around_it(runs_in, monkeypatch, capsys,
+                                                                        committed_checkout):
     monkeypatch.setattr(exp, "launch", fake_launch)
     exp.main(["--stage", "grid"])
     anchor = exp.fitted()["anchor"]
@@ -282,9 +284,10 @@ def test_the_transfer_pairs_each_rule_with_the_best_searched_lr_seed_by_seed():
     t = width_report.transfer(_transfer_runs((4, 5, 6), {0.7: fitted, 0.42: paper}), FIT)
     assert t["best_searched_lr"] == 2e-3 and t["seeds"] == [4, 5, 6] and not t["best_at_edge"]
     d = t["arms"]["fitted"]["minus_best_searched"]
-    assert d["seeds"] == [4, 5, 6] and d["diffs"] == pytest.approx([0.03, -0.01, 0.01]) and d["within_noise"]
+    assert d["seeds"] == [4, 5, 6] and d["diffs"] == pytest.approx([0.03, -0.01, 0.01])
+    assert d["verdict"] == "interval covers 0"
     d = t["arms"]["paper"]["minus_best_searched"]
-    assert d["diffs"] == pytest.approx([0.054, 0.055, 0.056]) and d["interval"][0] > 0 and d["verdict"] == "higher"
+    assert d["diffs"] == pytest.approx([0.054, 0.055, 0.056]) and d["interval95"][0] > 0 and d["verdict"] == "higher"
     assert t["paper_minus_fitted"]["diffs"] == pytest.approx([0.024, 0.065, 0.046])
     assert t["arms"]["fitted"]["lr"] == pytest.approx(2.4e-3 * 1.5 ** -0.7)
 

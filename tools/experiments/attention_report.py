@@ -28,10 +28,10 @@ import statistics
 
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 from models.attention import attention_names
-from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (MISSING, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std,
-                                      one_validation_set, paired, per_seed, report_parser, reported_runs, select,
-                                      summarize, t_quantile, tuning_runs)
+from pretrain.rundir import pyplot, write_json
+from tools.experiments.common import (MISSING, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std, paired,
+                                      per_seed, report_parser, reported_runs, results_provenance, select, summarize,
+                                      t_quantile, tuning_runs)
 
 BF16_BYTES = 2
 FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that failed, not a missing one
@@ -158,9 +158,7 @@ def comparisons(arms: dict[str, dict]) -> list[dict]:
         if not losses[0].keys() & losses[1].keys():
             continue
         p = paired(*losses)
-        out.append({"a": a, "b": b, "lr_a": arms[a]["lr"], "lr_b": arms[b]["lr"], "seeds": list(p.seeds),
-                    "diffs": list(p.diffs), "mean": p.mean, "interval95": list(p.interval) if p.interval else None,
-                    "verdict": p.verdict()})
+        out.append({"a": a, "b": b, "lr_a": arms[a]["lr"], "lr_b": arms[b]["lr"], **p.as_dict()})
     return out
 
 
@@ -249,14 +247,14 @@ def plot(chosen: dict[str, dict], arms: dict[str, dict], pairs: list[dict], out,
 def report(roots, out, name: str) -> dict:
     """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables; the report's dict."""
     runs = load_runs(*roots, statuses=FINISHED)
-    digests = one_validation_set(r.info for r in runs)
+    origin = results_provenance(runs)  # refused before any file is written
     chosen = choose_lrs(runs)
     rows = summarize_arms(runs)
     arms = compared(rows, chosen)
     pairs = comparisons(arms)
     missing = [arm for arm in chosen if arm not in arms]  # tuned, but no reported run at the chosen rate yet
-    result = {"provenance": runs_provenance([r.info for r in runs]), "roots": [str(r) for r in roots],
-              "val_digests": digests, "tuning": chosen, "rows": rows, "compared": arms, "paired": pairs, "not_compared": missing,
+    result = {**origin, "roots": [str(r) for r in roots], "tuning": chosen, "rows": rows, "compared": arms,
+              "paired": pairs, "not_compared": missing,
               "diverged": sorted(r.name for r in runs if r.status == "diverged")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)

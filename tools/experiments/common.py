@@ -5,12 +5,16 @@
 - Arms and seeds: `by_arm` groups runs into arms, one run per seed; `per_seed` takes one number per seed.
 - Paired seeds: `paired` compares two arms seed by seed (the same seed means the same initialisation
   and data order, so the per-seed difference cancels most of the seed noise): the mean difference and
-  its 95% Student-t interval. `Paired.within_noise` holds only when that interval covers 0.
+  its 95% Student-t interval. An interval that covers 0 shows no difference, and shows no equality either:
+  only `Paired.equivalence` (TOST, two one-sided paired t-tests against a margin fixed before the runs)
+  can say two arms match.
 - Tuning apart from reporting: hyperparameters are chosen on TUNING_SEEDS (`select`, which refuses any
   other seed) and arms are compared on REPORTED_SEEDS (`paired`, which refuses a tuning seed), so no
   reported difference comes from the seeds a choice was made on.
 - One validation set: `one_validation_set`, the digest of the text each validation set scored, from the
   runs' run_info.json, refusing runs that scored different text.
+- Provenance: `results_provenance`, what every results JSON opens with, refusing a report from an
+  uncommitted tree, a run trained from one, and a run that scored a validation set without its digest.
 - Summaries and tables: `summarize`, `mean_std`, `fmt`, `markdown_table`.
 - The reports' command line: `report_parser`, and `guarded`, which turns a problem with the runs into
   one line and exit code 2.
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
-from pretrain.rundir import read_metrics, scored_validation
+from pretrain.rundir import read_metrics, runs_provenance, scored_validation
 
 ROOT = Path(__file__).resolve().parents[2]  # the drivers' commands run from the repository root
 CONFIDENCE = 0.95
@@ -150,6 +154,29 @@ def select(candidates: dict[Hashable, dict[int, Run]], value: Callable[[Run], fl
 
 
 # --- Paired seeds ---------------------------------------------------------------------------------
+EQUIVALENCE_ALPHA = 0.05  # each one-sided test of TOST: equivalence when the 90% interval lies inside ±margin
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """TOST of paired differences against ±margin: two one-sided t-tests, H0 "mean <= -margin" and H0
+    "mean >= +margin"; the arms are equivalent when both are rejected at `alpha`, which is the same as
+    the (1 - 2 alpha) interval of the mean lying inside (-margin, +margin)."""
+
+    margin: float
+    alpha: float
+    p_value: float  # the larger of the two one-sided p-values: TOST's p-value
+    interval: tuple[float, float]  # the (1 - 2 alpha) Student-t interval of the mean
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p_value < self.alpha
+
+    def as_dict(self) -> dict:
+        return {"margin": self.margin, "alpha": self.alpha, "p_value": self.p_value,
+                f"interval{round(100 * (1 - 2 * self.alpha))}": list(self.interval), "equivalent": self.equivalent}
+
+
 @dataclass(frozen=True)
 class Paired:
     """Arm b against arm a, seed by seed."""
@@ -160,14 +187,51 @@ class Paired:
     interval: tuple[float, float] | None  # 95% Student-t interval of the mean; None from one pair
 
     @property
-    def within_noise(self) -> bool:
-        """The interval covers 0. Never true without an interval: one pair says nothing about noise."""
+    def covers_zero(self) -> bool:
+        """The interval covers 0: no difference shown (which is not equality). Never true without an
+        interval: one pair says nothing about noise."""
         return self.interval is not None and self.interval[0] <= 0.0 <= self.interval[1]
 
-    def verdict(self) -> str:
+    def equivalence(self, margin: float, alpha: float = EQUIVALENCE_ALPHA) -> Equivalence | None:
+        """TOST at ±margin (None from one pair). The margin must be fixed before the runs it judges."""
+        if not margin > 0:
+            raise ExperimentError(f"an equivalence margin must be positive, got {margin}")
+        if len(self.diffs) < 2:
+            return None
+        from scipy import stats
+
+        n = len(self.diffs)
+        se = statistics.stdev(self.diffs) / math.sqrt(n)
+        if se == 0.0:  # identical differences: the mean is known exactly
+            p = 0.0 if abs(self.mean) < margin else 1.0
+            return Equivalence(margin, alpha, p, (self.mean, self.mean))
+        t = stats.t(n - 1)
+        p_above = t.sf((self.mean + margin) / se)  # H0: mean <= -margin
+        p_below = t.cdf((self.mean - margin) / se)  # H0: mean >= +margin
+        half = t_quantile(1 - 2 * alpha, n - 1) * se
+        return Equivalence(margin, alpha, float(max(p_above, p_below)), (self.mean - half, self.mean + half))
+
+    def verdict(self, margin: float | None = None) -> str:
+        """higher / lower when the 95% interval excludes 0; otherwise "interval covers 0", or with a
+        `margin`, "equivalent within ±margin" when TOST shows it and "inconclusive" when it does not."""
         if self.interval is None:
             return "one seed: no interval"
-        return "within noise" if self.within_noise else ("higher" if self.mean > 0 else "lower")
+        direction = None if self.covers_zero else ("higher" if self.mean > 0 else "lower")
+        if margin is None:
+            return direction or "interval covers 0"
+        equivalent = self.equivalence(margin).equivalent
+        if direction:
+            return f"{direction}, by less than {margin:g}" if equivalent else direction
+        return f"equivalent within ±{margin:g}" if equivalent else "inconclusive"
+
+    def as_dict(self, margin: float | None = None) -> dict:
+        """What a results JSON records of the pair; with a margin, also its TOST ("equivalence")."""
+        out = {"seeds": list(self.seeds), "diffs": list(self.diffs), "mean": self.mean,
+               "interval95": list(self.interval) if self.interval else None, "verdict": self.verdict(margin)}
+        if margin is not None:
+            tost = self.equivalence(margin)
+            out["equivalence"] = tost.as_dict() if tost else None
+        return out
 
 
 def paired(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE) -> Paired:
@@ -195,7 +259,7 @@ def t_quantile(confidence: float, df: int) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, df))
 
 
-# --- One validation set --------------------------------------------------------------------------
+# --- Provenance ------------------------------------------------------------------------------------
 def one_validation_set(infos: Iterable[dict]) -> dict[str, list[str]]:
     """Validation set -> the digest of the text the runs scored on it (run_info.json); an error when runs
     scored different text: a report compares every loss it reads with others, so a stale run from another
@@ -206,6 +270,41 @@ def one_validation_set(infos: Iterable[dict]) -> dict[str, list[str]]:
         raise ExperimentError(f"the runs scored different validation sets: {sets}; remove the stale runs or rerun "
                               "them on one set")
     return digests
+
+
+def committed(revision: str | None) -> bool:
+    """A revision names a commit: recorded, known, and not "+dirty" (uncommitted changes to tracked files)."""
+    return bool(revision) and revision not in ("unknown", "unrecorded") and not revision.endswith("+dirty")
+
+
+def scored_sets(run: Run) -> set[str]:
+    """The validation sets a run logged a loss on: val_loss and val_loss/NAME (data.val_sets)."""
+    return {key for row in run.rows for key, value in row.items()
+            if (key == "val_loss" or key.startswith("val_loss/")) and _is_number(value)}
+
+
+def results_provenance(runs: Iterable[Run]) -> dict:
+    """{"provenance", "val_digests"}: where a results JSON comes from (pretrain.rundir.runs_provenance) and
+    the one digest of each validation set its runs scored. A report calls it before it writes anything,
+    and it refuses, in one line: a report from a tree with uncommitted changes, a run trained from one (or
+    that recorded no revision), a run that scored a validation set without recording its digest, and runs
+    that scored different text. Every number in a results JSON can then be traced to a commit and to the
+    exact validation text."""
+    runs = list(runs)
+    prov = runs_provenance([r.info for r in runs])
+    if not committed(prov["git_revision"]):
+        raise ExperimentError(f"this checkout is at git revision {prov['git_revision']}, not a commit: commit (or "
+                              "stash) the changes to tracked files, then report again; a results JSON comes from "
+                              "a committed tree")
+    if dirty := [r for r in runs if not committed(r.info.get("git_revision"))]:
+        raise ExperimentError(f"{len(dirty)} run(s) were not trained from a commit, e.g. {dirty[0].folder} (git "
+                              f"revision {dirty[0].info.get('git_revision', 'unrecorded')}); rerun them from a "
+                              "committed tree")
+    for run in runs:
+        if missing := sorted(scored_sets(run) - set(run.info.get("validation", {}))):
+            raise ExperimentError(f"{run.folder} scored {', '.join(missing)} but its run_info.json records no digest "
+                                  "of that text (a run from before keel recorded them); rerun it")
+    return {"provenance": prov, "val_digests": one_validation_set(r.info for r in runs)}
 
 
 # --- Summaries and tables -------------------------------------------------------------------------

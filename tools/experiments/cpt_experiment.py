@@ -1,12 +1,14 @@
-"""The continual-pretraining packing experiment of keel issues 3 and 16 (docs/results/packing.md): CT vs BFD
-vs SP on documents mostly shorter than a row, SP without its sliding window (r = 0), BFD and SP at equal
-distinct tokens, and a replay arm (issue 15): 80% new domain, 20% original data. Five seeds; every
-comparison is paired by seed against CT, with a 95% interval (tools/experiments/common.py).
+"""The continual-pretraining packing experiment of keel issues 3, 16 and 30 (docs/results/packing.md): CT vs
+BFD vs SP on documents mostly shorter than a row, SP without its sliding window (r = 0), BFD and SP at equal
+distinct tokens, and a replay arm (issue 15): 80% new domain, 20% original data. SP packs at the paper's
+overlap scaled to the row: extra capacity c = 50 L / 2048 (6 at L = 256; issue 30). Ten seeds; every
+comparison is paired by seed against CT (and SP against BFD and against SP r = 0), with a 95% interval and
+TOST at EQUIVALENCE_MARGIN, fixed before the runs (tools/experiments/common.py).
 
 Eight stages; each training stage is one multirun of pretrain/main.py per arm:
 1. pack: the standard library's test files cut at their functions and methods (`stdlib:tests-defs`
-   train split) packed with every method by `tools/pack.py --compare`, and SP again at r = 0; the
-   original domain (`stdlib:code` train split) packed concat for replay; and the fixed validation
+   train split) packed with every method by `tools/pack.py --compare` (SP at --extra-capacity 6), and SP
+   again at r = 0; the original domain (`stdlib:code` train split) packed concat for replay; and the fixed validation
    sets, the val splits of both domains packed one document piece per row (data/validation.py), at the
    paths conf/experiment/cpt_packing.yaml and cpt_replay.yaml name.
 2. pretrain: one small GPT on `stdlib:code`:
@@ -17,21 +19,23 @@ Eight stages; each training stage is one multirun of pretrain/main.py per arm:
 4. cpt: every method and seed continued from the same pretrained weights, one Hydra multirun into
    runs/cpt_packing (the preset's hydra.sweep.dir), --jobs runs at once:
        python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_packing \
-           data.pack_method=concat,bfd,sp seed=1,2,3,4,5
+           data.pack_method=concat,bfd,sp seed=1,2,3,4,5,6,7,8,9,10
 5. replay: the replay arm from the same pretrained weights, every seed, one multirun into runs/cpt_packing/replay:
-       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_replay seed=1,2,3,4,5
+       python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2 +experiment=cpt_replay seed=1,...,10
 6. ablation: SP with r = 0 (data.path=PREFIX.sp-r0), every seed.
 7. distinct: SP for as many steps as give it CT's distinct corpus tokens (its duplicated and truncated
    tokens cost distinct tokens per row), from the packed sets' statistics.
 8. report: every run's metrics.jsonl aggregated into JSON and a PNG: the new domain's validation loss
-   (val_loss) and the original domain's (val_loss/code: forgetting) per arm, paired against CT.
+   (val_loss) and the original domain's (val_loss/code: forgetting) per arm, paired against CT, and each
+   packed set's truncation, duplication, padding and split documents.
 
     python tools/experiments/cpt_experiment.py                  # every stage
     python tools/experiments/cpt_experiment.py --dry-run        # print the commands only
     python tools/experiments/cpt_experiment.py --stage report   # re-aggregate existing runs
 
 A training stage whose runs have all completed is skipped (--force reruns it from scratch); otherwise it
-runs whole: keel resumes a killed run from its last checkpoint, and a completed run ends at once.
+runs whole: keel resumes a killed run from its last checkpoint, and a completed run ends at once. A stage
+refuses SP sets packed at another extra capacity (--stage pack repacks them).
 Sequence length, validation rows and data paths come from the presets (pretrain.config.compose_config).
 Equal training tokens: every continual run but the "-distinct" arms takes max_steps x global_batch_size rows
 of seq_len tokens, whatever the method (rows x L, padding and SP's duplicated tokens included).
@@ -45,14 +49,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from data.config import DataConfig
-from pretrain.rundir import pyplot, runs_provenance, write_json
+from pretrain.rundir import pyplot, write_json
 from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
-                                      driver_parser, guarded, launch, load_runs, mean_std, one_validation_set, paired,
-                                      per_seed, print_commands, run_stage, summarize, with_overrides)
+                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
+                                      print_commands, results_provenance, run_stage, summarize, with_overrides)
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -61,7 +66,17 @@ DISTINCT = ("sp",)  # also run at CT's distinct corpus tokens (arm "sp-distinct"
 # truncation cost it distinct tokens per row; BFD's padding is too small here to change its step count
 REPLAY = "replay"  # the arm trained on data.sources: new domain and replay of the original
 ARMS = (*METHODS, SP_R0, *(f"{m}-distinct" for m in DISTINCT), REPLAY)
-SEEDS = (1, 2, 3, 4, 5)
+SEEDS = tuple(range(1, 11))
+# SP's extra bin capacity c at the paper's share of a row: c = 50 at L = 2048 (2.4% of a row), scaled with L.
+# The first re-run kept c = 50 at L = 256 (19.5% of a row), and SP truncated 8.8% of the corpus.
+PAPER_EXTRA_CAPACITY, PAPER_SEQ_LEN = 50, 2048
+# TOST margin (nats of final validation loss), fixed before the c-scaled runs: arms within ±0.015 of each
+# other are called equivalent when both one-sided paired t-tests reject at 5% (common.Paired.equivalence).
+# 0.015 nats is 1.5% in perplexity, the paper's smallest SP-over-BFD gain on News (GPT-2: 10.28 -> 10.13,
+# 0.0147 nats; Llama-1B 0.044), so equivalence here says SP does not beat BFD by as much as the paper saw
+# there; it cannot rule out a gain as small as Qwen's on Med (6.47 -> 6.43, 0.006). With the first re-run's
+# spread of SP - BFD (per-seed std 0.0125), 10 seeds give the 90% interval a half-width of about 0.007.
+EQUIVALENCE_MARGIN = 0.015
 CORPUS = "stdlib:tests-defs"  # the new domain: packed from its train split, validated on its val split
 ORIGINAL = "stdlib:code"  # the pretraining domain: replayed from its train split, validated on its val split
 FORGETTING = "val_loss/code"  # the original domain's validation loss (data.val_sets name "code")
@@ -111,14 +126,24 @@ def setup(methods: tuple[str, ...] = METHODS, overrides: tuple[str, ...] = ()) -
 
 
 # --- The commands -------------------------------------------------------------------------------------
+def extra_capacity(seq_len: int) -> int:
+    """SP's bin capacity beyond L at the paper's share of a row: 50 tokens per 2048 (6 at L = 256)."""
+    return max(1, round(PAPER_EXTRA_CAPACITY * seq_len / PAPER_SEQ_LEN))
+
+
 def _pack(s: Setup, corpus: str, tokenizer: Path) -> list[str]:
     """tools/pack.py on a corpus's training split (data.val_percent of its files held out)."""
     return ["tools/pack.py", "--input", f"{corpus}:train", "--val-percent", f"{s.data.val_percent:g}",
             "--tokenizer", str(tokenizer), "--seq-len", str(s.seq_len), "--overwrite", "--no-progress"]
 
 
+def _sp(s: Setup) -> list[str]:
+    """SP's extra capacity, scaled to the row length."""
+    return ["--extra-capacity", str(extra_capacity(s.seq_len))]
+
+
 def pack_argv(s: Setup, tokenizer: Path) -> list[str]:
-    return [*_pack(s, CORPUS, tokenizer), "--compare", "--output", str(s.pack_prefix)]
+    return [*_pack(s, CORPUS, tokenizer), *_sp(s), "--compare", "--output", str(s.pack_prefix)]
 
 
 def pack_replay_argv(s: Setup, tokenizer: Path) -> list[str]:
@@ -126,7 +151,8 @@ def pack_replay_argv(s: Setup, tokenizer: Path) -> list[str]:
 
 
 def pack_sp_r0_argv(s: Setup, tokenizer: Path) -> list[str]:
-    return [*_pack(s, CORPUS, tokenizer), "--method", "sp", "--overlap-ratio", "0", "--output", str(s.sp_r0)]
+    return [*_pack(s, CORPUS, tokenizer), *_sp(s), "--method", "sp", "--overlap-ratio", "0", "--output",
+            str(s.sp_r0)]
 
 
 def pretrain_argv() -> list[str]:
@@ -257,6 +283,8 @@ def collect(arms: dict[str, dict[int, Run]], init: Run | None, key: str = "val_l
 
 
 def packing_stats(s: Setup) -> dict:
+    """Per packed set: its statistics (truncation, padding, duplication, split documents), the corpus it was
+    packed from, and SP's overlap ratio and extra capacity."""
     keys = ("rows", "corpus_tokens", "content_tokens", "padding_share", "duplicated_share", "truncated_share",
             "split_share", "pieces_per_row", "documents", "pieces_before_sampling")
     out = {}
@@ -264,8 +292,10 @@ def packing_stats(s: Setup) -> dict:
     for name, prefix in sets:
         meta = Path(f"{prefix}.json")
         if meta.exists():
-            stats = json.loads(meta.read_text())["stats"]
-            out[name] = {k: stats[k] for k in keys if k in stats}
+            m = json.loads(meta.read_text())
+            out[name] = {"source": m.get("source"), **{k: m["stats"][k] for k in keys if k in m["stats"]}}
+            if m.get("method") == "sp":
+                out[name] |= {k: m["settings"][k] for k in ("overlap_ratio", "extra_capacity")}
     return out
 
 
@@ -349,45 +379,59 @@ def stage_pack(s: Setup, dry: bool, workers: int = 1) -> None:
     launch(["tools/pack.py", "--verify", *map(str, [*s.train.values(), s.sp_r0, s.replay_train, *validation.values()])])
 
 
+def check_sp_capacity(s: Setup) -> None:
+    """SP's packed sets hold the extra capacity this driver packs with: a set left from another c (the first
+    re-run's c = 50) would otherwise train, or be reported, as this one."""
+    want = extra_capacity(s.seq_len)
+    for prefix in (s.train["sp"], s.sp_r0):
+        meta = Path(f"{prefix}.json")
+        if meta.exists() and (c := json.loads(meta.read_text())["settings"]["extra_capacity"]) != want:
+            raise ExperimentError(f"{meta} was packed with SP extra capacity {c}, not {want} (50 tokens per 2048 of "
+                                  "L); repack it: --stage pack")
+
+
 def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
                    concurrent: bool = False) -> None:
     stage = training_stages(s, jobs)[name]
     if dry:  # the distinct arms' steps come from the packed sets, which may not exist yet
         print_commands(name, stage, overrides)
         return
+    check_sp_capacity(s)
     run_stage(name, stage, force, launch, overrides, concurrent)
 
 
 def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
                          arms: tuple[str, ...] = ARMS) -> dict:
-    """arm -> its per-seed final `key` minus `baseline`'s, the mean and its 95% interval, and a verdict."""
+    """arm -> its per-seed final `key` minus `baseline`'s, the mean, its 95% interval, TOST at
+    EQUIVALENCE_MARGIN, and a verdict."""
     if baseline not in runs_by_arm:
         return {}
     final = {a: per_seed(runs, lambda r: r.last(key)) for a, runs in runs_by_arm.items()}
-    out = {}
-    for arm in (a for a in arms if a in final and a != baseline):
-        p = paired(final[baseline], final[arm])
-        out[arm] = {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean,
-                    "interval95": list(p.interval) if p.interval else None, "verdict": p.verdict()}
-    return out
+    return {arm: paired(final[baseline], final[arm]).as_dict(EQUIVALENCE_MARGIN)
+            for arm in arms if arm in final and arm != baseline}
 
 
-def commands(s: Setup, jobs: int, overrides: tuple[str, ...] = ()) -> list[str]:
-    try:
-        distinct = distinct_argvs(s, jobs)
-    except ExperimentError as e:  # no packed sets here: the distinct arms' steps are unknown
-        distinct = [[f"(distinct arms: {e})"]]
-    argvs = [init_argv(s), grid_argv(jobs), ablation_argv(s, jobs), *distinct, replay_argv(jobs)]
+def commands(s: Setup, jobs: int, arms: Iterable[str], overrides: tuple[str, ...] = ()) -> list[str]:
+    """The commands of the stages whose runs the report holds: the init run and each arm's multirun."""
+    arms = set(arms)
+    argvs = [init_argv(s), *([grid_argv(jobs)] if arms & set(METHODS) else [])]
+    if SP_R0 in arms:
+        argvs.append(ablation_argv(s, jobs))
+    if any(a.endswith("-distinct") for a in arms):
+        argvs += distinct_argvs(s, jobs)
+    if REPLAY in arms:
+        argvs.append(replay_argv(jobs))
     return ["python " + " ".join(with_overrides(a, overrides)) for a in argvs]
 
 
 def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides: tuple[str, ...] = ()) -> dict:
     arms, init_run = continual_runs(s)  # read once: every number below comes from these runs
+    check_sp_capacity(s)
+    origin = results_provenance([*(r for runs in arms.values() for r in runs.values()), *filter(None, [init_run])])
     curves, init = collect(arms, init_run)
-    infos = [r.info for runs in arms.values() for r in runs.values()]
     pretrain = "python " + " ".join(with_overrides(pretrain_argv(), overrides))
-    continual = commands(s, jobs, overrides)  # reads the packed sets: once
-    report = {"provenance": {**runs_provenance(infos), "experiment_commands": [pretrain, *continual]}}
+    continual = commands(s, jobs, arms, overrides)  # reads the packed sets: once
+    report = {"provenance": {**origin["provenance"], "experiment_commands": [pretrain, *continual]}}
     report.update(aggregate(curves, init))
     report["init_val_loss"] = init
     report["paired_vs_concat"] = paired_with_baseline(arms, "val_loss")  # the new domain: lower is better
@@ -396,12 +440,13 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     report["paired_vs_sp_r0"] = paired_with_baseline(arms, "val_loss", SP_R0, ("sp",))  # what the sliding window adds
     report["forgetting"] = aggregate(*collect(arms, init_run, FORGETTING))  # the original domain, per arm
     report["forgetting"]["paired_vs_concat"] = paired_with_baseline(arms, FORGETTING)
-    report["val_digests"] = one_validation_set(infos + ([init_run.info] if init_run else []))
+    report["val_digests"] = origin["val_digests"]
     report["packing"] = packing_stats(s)
     report["setup"] = {
         "pretrain": pretrain,
         "continual": continual,
-        "seq_len": s.seq_len, "validation_rows": s.val_rows,
+        "seq_len": s.seq_len, "validation_rows": s.val_rows, "seeds": list(SEEDS),
+        "sp_extra_capacity": extra_capacity(s.seq_len), "equivalence_margin": EQUIVALENCE_MARGIN,
         "equal_tokens": "every continual run: max_steps x global_batch_size rows of seq_len tokens "
                         "(rows x L, padding and SP duplicates included)"}
     for name in ("cpt_pretrain", "cpt_packing", "cpt_replay"):
@@ -426,7 +471,17 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
     for baseline, key, pairs in comparisons:
         for arm, p in pairs.items():
             ci = f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else "no interval"
-            print(f"{arm:>12} - {baseline}: {key} {p['mean']:+.4f} {ci} over seeds {p['seeds']}: {p['verdict']}")
+            tost = p["equivalence"]
+            tost = f"; TOST ±{tost['margin']:g}: p = {tost['p_value']:.3g}, 90% [{tost['interval90'][0]:+.4f}, " \
+                   f"{tost['interval90'][1]:+.4f}]" if tost else ""
+            print(f"{arm:>12} - {baseline}: {key} {p['mean']:+.4f} {ci}{tost} over {len(p['seeds'])} seeds: "
+                  f"{p['verdict']}")
+    for arm, st in report["packing"].items():
+        if "truncated_share" in st:
+            c = f", r = {st['overlap_ratio']:g}, c = {st['extra_capacity']}" if "extra_capacity" in st else ""
+            print(f"{arm:>12} ({', '.join(st['source']['inputs']) if st.get('source') else '?'}{c}): truncated "
+                  f"{st['truncated_share']:.2%} of the corpus, duplicated {st['duplicated_share']:.2%}, padding "
+                  f"{st['padding_share']:.3%} of the rows' tokens, split documents {st['split_share']:.1%}")
     print(f"init: {init}; wrote {json_path} and {png_path}")
     return report
 

@@ -30,10 +30,10 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (ExperimentError, Run, by_arm, fmt, guarded, load_runs, markdown_table,
-                                      mean_std, one_validation_set, paired, per_seed, report_parser, reported_runs,
-                                      select, summarize, tuning_runs)
+from pretrain.rundir import pyplot, write_json
+from tools.experiments.common import (ExperimentError, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std,
+                                      paired, per_seed, report_parser, reported_runs, results_provenance, select,
+                                      summarize, tuning_runs)
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")  # training steps, tail means
 ROUTING = ("purity", "source_nmi")  # routing by source, at each evaluation
@@ -147,9 +147,7 @@ def paired_with_baseline(metrics: dict[str, dict[int, dict]], baseline: str = BA
         for key in names:
             a, b = ({s: m[key] for s, m in metrics[x].items() if key in m} for x in (baseline, arm))
             if a.keys() & b.keys():
-                p = paired(a, b)
-                out[arm][key] = {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean,
-                                 "interval95": list(p.interval) if p.interval else None, "verdict": p.verdict()}
+                out[arm][key] = paired(a, b).as_dict()
     return out
 
 
@@ -175,12 +173,12 @@ def build(roots: list[Path], tail: float, pretrained: Path | None = None) -> dic
     metrics = per_arm(arms, sources, tail)
     pre = pretrained_metrics(pretrained, sources, tail) if pretrained else None
     everything = runs + ([pre["run"]] if pre else [])
-    digests = one_validation_set(r.info for r in everything)
-    return {"provenance": runs_provenance([r.info for r in everything]), "sources": sources,
+    origin = results_provenance(everything)
+    return {"provenance": origin["provenance"], "sources": sources,
             "tuning": choose(runs), "arms": summarize_arms(metrics), "per_seed": metrics,
             "paired_vs_aux_only": paired_with_baseline(metrics),
             "pretrained": {k: v for k, v in pre.items() if k != "run"} if pre else None,
-            "val_digests": digests, "tail": tail,
+            "val_digests": origin["val_digests"], "tail": tail,
             "_runs": {"arms": arms, "pretrained": pre["run"] if pre else None}}
 
 

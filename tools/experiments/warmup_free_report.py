@@ -20,9 +20,9 @@ NAME.png into --out and prints markdown tables; runs without a result.json are s
 
 from __future__ import annotations
 
-from pretrain.rundir import pyplot, runs_provenance, write_json
-from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, one_validation_set, paired,
-                                      per_seed, report_parser, reported_runs, select, summarize, tuning_runs)
+from pretrain.rundir import pyplot, write_json
+from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, paired, per_seed,
+                                      report_parser, reported_runs, results_provenance, select, summarize, tuning_runs)
 
 FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
@@ -79,9 +79,7 @@ def choose(runs: list[Run], tune_at: float) -> dict:
 def pair(a: dict[int, float], b: dict[int, float]) -> dict | None:
     if not a.keys() & b.keys():
         return None
-    p = paired(a, b)
-    return {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean,
-            "interval95": list(p.interval) if p.interval else None, "verdict": p.verdict()}
+    return paired(a, b).as_dict()
 
 
 def grid(runs: list[Run]) -> list[dict]:
@@ -196,14 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def report() -> None:
         runs = load_runs(*args.roots, statuses=FINISHED)
-        digests = one_validation_set(r.info for r in runs)
+        origin = results_provenance(runs)  # refused before any file is written
         per_run = [summarize_run(run) for run in runs]
         chosen = choose(runs, args.tune_at)
         rows = grid(runs)
         methods = per_method(runs, rows)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {"provenance": runs_provenance([r.info for r in runs]),
-                                                    "roots": [str(r) for r in args.roots], "val_digests": digests,
+        write_json(args.out / f"{args.name}.json", {**origin, "roots": [str(r) for r in args.roots],
                                                     "chosen": chosen, "grid": rows, "methods": methods, "runs": per_run})
         if rows:
             plot(runs, rows, args.out / f"{args.name}.png", args.tune_at)

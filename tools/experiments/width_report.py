@@ -18,9 +18,9 @@ on a sqrt(2)-spaced LR grid (seeds 1, 2, 3), and at the transfer width on other 
    rule's own run is the search's centre point: under sp_width every group gets the same factor, so a
    global run at that peak LR would repeat it. Per seed, the rule's final validation loss minus that of the
    best searched LR (lowest mean over the seeds), with its 95% interval (common.paired). The best LR is
-   picked on the seeds it is compared on, which favours the search: a rule within noise of it is a
-   conservative result. The fit's seeds and the transfer's are disjoint, so alpha and the anchor were not
-   chosen on the seeds the transfer is reported on.
+   picked on the seeds it is compared on, which favours the search: a rule whose interval covers 0 against it
+   is a conservative result (no difference shown; that is not equality). The fit's seeds and the transfer's
+   are disjoint, so alpha and the anchor were not chosen on the seeds the transfer is reported on.
 Writes NAME.json (provenance, the runs' validation digests, which must agree, fit, transfer) and NAME_loss_vs_lr.png, NAME_optimal_lr.png,
 NAME_transfer.png, NAME_logits.png (when the monitors logged logits) into --out; prints markdown tables.
 """
@@ -32,10 +32,10 @@ import statistics
 from pathlib import Path
 
 from optim import lr_rules
-from pretrain.rundir import pyplot, read_run_info, runs_provenance, write_json
+from pretrain.rundir import pyplot, write_json
 from tools import sweep_report
-from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, markdown_table,
-                                      one_validation_set, paired, report_parser)
+from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, load_runs,
+                                      markdown_table, paired, report_parser, results_provenance)
 
 FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
 PAPER_ALPHA = lr_rules.PAPER_ALPHA["adamw"]  # 0.42: Adam with trainable LayerNorm (GPT)
@@ -129,11 +129,6 @@ def _pair(a: dict[int, float | None], b: dict[int, float | None]) -> Paired:
     return paired({s: v for s, v in a.items() if v is not None}, {s: v for s, v in b.items() if v is not None})
 
 
-def _paired_dict(p: Paired) -> dict:
-    return {"seeds": list(p.seeds), "diffs": list(p.diffs), "mean": p.mean, "interval": p.interval,
-            "within_noise": p.within_noise, "verdict": p.verdict()}
-
-
 def transfer(runs: list[sweep_report.Run], fitted: dict) -> dict:
     """The transfer test: each rule's LR and loss per seed, the search grid, its optimum, and the paired
     differences rule - best searched LR (and paper - fitted)."""
@@ -164,10 +159,10 @@ def transfer(runs: list[sweep_report.Run], fitted: dict) -> dict:
             (lr, per_seed), = losses.items()  # one peak LR per rule
             out["arms"][name] = {"alpha": alpha, "lr": lr, "predicted_lr": predicted_lr(anchor, width, alpha),
                                  "lr_over_search_optimum": lr / opt if opt else None, "val_loss": per_seed,
-                                 "minus_best_searched": _paired_dict(_pair(search[best], per_seed))}
+                                 "minus_best_searched": _pair(search[best], per_seed).as_dict()}
     if {"fitted", "paper"} <= set(out["arms"]):
         fitted_losses, paper_losses = (out["arms"][name]["val_loss"] for name in ("fitted", "paper"))
-        out["paper_minus_fitted"] = _paired_dict(_pair(fitted_losses, paper_losses))
+        out["paper_minus_fitted"] = _pair(fitted_losses, paper_losses).as_dict()
     return out
 
 
@@ -193,7 +188,7 @@ def transfer_table(t: dict) -> str:
     rows = [[f"search {float(lr):.4g}", *(fmt(v.get(s), ".4f") for s in t["seeds"])] for lr, v in t["search"].items()]
     for name, arm in t["arms"].items():
         d = arm["minus_best_searched"]
-        interval = "no interval" if d["interval"] is None else "{:+.4f}..{:+.4f}".format(*d["interval"])
+        interval = "no interval" if d["interval95"] is None else "{:+.4f}..{:+.4f}".format(*d["interval95"])
         rows.append([f"{name} alpha={arm['alpha']:g} (LR {arm['lr']:.4g})",
                      *(fmt(arm["val_loss"].get(s), ".4f") for s in t["seeds"])])
         diffs = dict(zip(d["seeds"], d["diffs"]))
@@ -221,8 +216,8 @@ def plot_transfer(t: dict, out: Path) -> None:
         d = arm["minus_best_searched"]
         x = list(t["arms"]).index(name)
         bx.plot([x] * len(d["diffs"]), d["diffs"], "o", color=color, alpha=0.6)
-        if d["interval"]:
-            bx.errorbar([x], [d["mean"]], yerr=[[d["mean"] - d["interval"][0]], [d["interval"][1] - d["mean"]]],
+        if d["interval95"]:
+            bx.errorbar([x], [d["mean"]], yerr=[[d["mean"] - d["interval95"][0]], [d["interval95"][1] - d["mean"]]],
                         fmt="s", color="k", capsize=5)
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
            title=f"width {t['width']}: search (grey: one seed)")
@@ -242,16 +237,16 @@ def report(grid: Path, transfer_root: Path | None, out: Path, name: str, n_boot:
     f = fit(grid_runs, n_boot)
     transfer_runs = load(transfer_root) if transfer_root else []
     t = transfer(transfer_runs, f) if transfer_runs else None
-    infos = [read_run_info(r.path) for r in grid_runs + transfer_runs if (Path(r.path) / "run_info.json").exists()]
-    digests = one_validation_set(infos)  # refused before any file is written
+    roots = [grid, *([transfer_root] if transfer_runs else [])]
+    origin = results_provenance(load_runs(*roots, statuses=FINISHED))  # refused before any file is written
     out.mkdir(parents=True, exist_ok=True)
     sweep_report.plot_loss_vs_lr(grid_runs, f, out / f"{name}_loss_vs_lr.png")
     sweep_report.plot_optimal_lr(f, out / f"{name}_optimal_lr.png")
     f["logit_plot"] = sweep_report.plot_logits(f, out / f"{name}_logits.png")
     if t:
         plot_transfer(t, out / f"{name}_transfer.png")
-    result = {"provenance": {**runs_provenance(infos), "experiment_commands": commands or []},
-              "val_digests": digests, "fit": f, "transfer": t}
+    result = {"provenance": {**origin["provenance"], "experiment_commands": commands or []},
+              "val_digests": origin["val_digests"], "fit": f, "transfer": t}
     write_json(out / f"{name}.json", result, default=sweep_report._json_default)
     print(fit_table(f))
     if t:
