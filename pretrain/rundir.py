@@ -5,6 +5,7 @@ set up for PNG files. Trainer callbacks and every tool use these."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -22,18 +23,23 @@ def write_json(path: Path, obj, **dumps_kwargs) -> None:
     tmp.replace(path)
 
 
+REVISION = "KEEL_REVISION"  # outside a git checkout: the commit the tree was copied from, as its copier says
+
+
 def git_revision(root: Path = ROOT) -> str:
-    """HEAD's commit, with "+dirty" when tracked files have uncommitted changes; "unknown" outside git.
-    Untracked files do not count (as in `git describe --dirty`): a report's own new plots, written before
-    its JSON, would otherwise mark every first report dirty."""
+    """HEAD's commit, with "+dirty" when tracked files have uncommitted changes. Untracked files do not
+    count (as in `git describe --dirty`): a report's own new plots, written before its JSON, would otherwise
+    mark every first report dirty. Outside git (a tree copied to a lent GPU without its history) the
+    KEEL_REVISION environment variable's commit, set by whoever copied a clean tree; else "unknown"."""
+    fallback = os.environ.get(REVISION) or "unknown"
     try:
         git = ["git", "-C", str(root)]
         out = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def versions() -> dict[str, str]:

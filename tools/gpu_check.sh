@@ -40,7 +40,9 @@
 # and 16-18 runs compiling at once (inductor starts min(32, cores) workers each) would spend their time box.
 # The image lacks megatron-core and Hydra: `bash tools/fetch_wheels.sh` puts them in .whl/ here, the
 # call carries .whl, and this script installs them with pip --no-index, as a cluster without internet
-# would. Logs go to $OUT/gpu_check.log.
+# would. Logs go to $OUT/gpu_check.log. The copy on the device has no git history: call the script as
+# `KEEL_REVISION=<commit> bash tools/gpu_check.sh ...` from a clean, committed tree, so that runs and reports
+# record that commit (pretrain.rundir.git_revision) rather than "unknown", which the reports refuse.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECTION_BUDGET=300

@@ -103,15 +103,13 @@ def markdown(t: dict) -> str:
 
 def write_versions(out: Path) -> dict:
     """What ran the triage: the device, Python, torch, megatron-core, CUDA, Triton and keel's revision
-    (KEEL_REVISION where the copy on the device has no git history)."""
-    import os
-
+    (KEEL_REVISION where the copy on the device has no git history: pretrain.rundir.git_revision)."""
     import triton
 
     from pretrain.rundir import device_name, git_revision, versions
 
     found = versions() | {"triton": triton.__version__, "device": device_name(),
-                          "git_revision": os.environ.get("KEEL_REVISION") or git_revision()}
+                          "git_revision": git_revision()}
     write_json(out / "triage" / "versions.json", found)
     return found
 

@@ -204,7 +204,7 @@ def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end
     assert not common.driver_parser("doc", ("train",)).parse_args([]).concurrent
 
 
-def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path):
+def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
     """A results JSON's revision: a report's own new plots (untracked) leave it clean, an edited source
     file marks it dirty."""
     import subprocess
@@ -226,6 +226,8 @@ def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_revision(tmp_path) == head + "+dirty"
     assert git_revision(tmp_path / "missing") == "unknown"
+    monkeypatch.setenv("KEEL_REVISION", head)  # a copy without history: the commit its copier names
+    assert git_revision(tmp_path / "missing") == head and git_revision(tmp_path) == head + "+dirty"
 
 
 def _scored_run(folder, seed: int, revision: str | None = COMMIT, recorded=("val_loss", "val_loss/code")) -> None:
