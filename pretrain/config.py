@@ -75,7 +75,7 @@ class TrainerConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
-    async_save: bool = False  # write in the background, publish when done (pretrain/checkpoint.py AsyncSaver)
+    async_save: bool = False  # write in the background, publish when done (pretrain/checkpoint/async_save.py)
 
     def __post_init__(self):
         check_positive("checkpoint", self, "interval", "keep_last")

@@ -136,8 +136,9 @@ def prepare_data(cfg, world) -> RunData:
     return RunData(tokenizer, train_prefix, val_prefix, training_sources(cfg.data, tokenizer, train_prefix), val, val_sets)
 
 
-def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
-    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
+def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None, checkpoints=None):
+    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks, and the
+    run's `Checkpoints` (a new one for run_dir/checkpoints unless given)."""
     from megatron.core import parallel_state
 
     from data.loader import build_loader, validation_loader
@@ -163,7 +164,15 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
     callbacks = build_callbacks(cfg, world, run_dir, model.gpt, optimizer)
     return Trainer(cfg, Components(world=world, model=model, optimizer=optimizer, train=loader, val=val_loader,
                                    val_sets=dict(zip(data.val_sets, val_sets)), callbacks=callbacks, run_dir=run_dir,
-                                   signature=model_signature(cfg, data.tokenizer.vocab_size)))
+                                   signature=model_signature(cfg, data.tokenizer.vocab_size),
+                                   checkpoints=checkpoints or run_checkpoints(cfg, run_dir)))
+
+
+def run_checkpoints(cfg, run_dir: Path):
+    """The run's checkpoints folder, kept and written as `cfg.checkpoint` says."""
+    from pretrain.checkpoint import Checkpoints
+
+    return Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep_last, background=cfg.checkpoint.async_save)
 
 
 @dataclass
@@ -176,26 +185,26 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-def starting_point(cfg, run_dir: Path, signature: dict) -> Start:
-    """Resuming this run_dir's newest good checkpoint wins over init_from; either is verified and
-    checked against the model before anything is built. Collective over all ranks."""
+def starting_point(cfg, checkpoints, signature: dict) -> Start:
+    """Resuming the run's newest good checkpoint (in `checkpoints`) wins over init_from; either is
+    verified and checked against the model before anything is built. Collective over all ranks."""
     from pretrain import checkpoint
 
-    selected = checkpoint.select_resume(run_dir / "checkpoints")
+    selected = checkpoints.select_resume()
     start = Start(notes=list(selected.notes))
     if selected.path is not None:
         checkpoint.check_compatible(checkpoint.read_meta(selected.path), signature, selected.path)
         start.resume_from = selected.path
         if cfg.init_from:
-            start.notes.append(f"init_from={cfg.init_from} is ignored: {run_dir} already has checkpoints, and a run "
-                               "resumes its own (use a new run_dir to start from init_from)")
+            start.notes.append(f"init_from={cfg.init_from} is ignored: {checkpoints.root.parent} already has "
+                               "checkpoints, and a run resumes its own (use a new run_dir to start from init_from)")
     elif cfg.init_from:
         path = checkpoint.resolve(cfg.init_from)
         problem = checkpoint.verify(path)
         if problem:
             raise checkpoint.CheckpointError(f"init_from checkpoint {path} failed verification ({problem}); "
                                              "point init_from at a good checkpoint")
-        checkpoint.mark_verified(path)
+        checkpoints.mark_verified(path)
         checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         start.init_from = path
     return start
@@ -242,12 +251,12 @@ def write_run_info(run_dir: Path, info: dict) -> None:
 
 
 def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
-    from pretrain import checkpoint
     from pretrain.trainer import Preempted, TrainingStopped
 
     # 1. the data and the starting checkpoint are checked before the model exists
     data = prepare_data(cfg, world)
-    start = starting_point(cfg, run_dir, model_signature(cfg, data.tokenizer.vocab_size))
+    checkpoints = run_checkpoints(cfg, run_dir)
+    start = starting_point(cfg, checkpoints, model_signature(cfg, data.tokenizer.vocab_size))
     start.notes[:0] = notes
     validation = validation_record(cfg, data)
     start.notes += [f"evaluation scores {v['rows']} rows of {v['path']}, which holds {v['set_rows']}: some rows count "
@@ -261,12 +270,12 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
             "tokenizer": data.tokenizer.describe(), "command": " ".join(sys.argv),
             "resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
     # 2. build, then resume exactly or start from pretrained weights (continual pretraining)
-    trainer = build_trainer(cfg, world, run_dir, data)
+    trainer = build_trainer(cfg, world, run_dir, data, checkpoints)
     if start.resume_from is not None:
         start.notes += trainer.resume(start.resume_from)
         start.notes.append(f"resumed from {start.resume_from} at step {trainer.step}")
     elif start.init_from is not None:
-        checkpoint.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
+        checkpoints.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
         start.notes.append(f"initialised weights from {start.init_from}")
     for note in start.notes:
         _say(world, note)

@@ -1,4 +1,4 @@
-"""Check keel checkpoints offline, as every load does (pretrain/manifest.py).
+"""Check keel checkpoints offline, as every load does (pretrain/checkpoint/manifest.py).
 
 Each folder must hold exactly the files its manifest lists (plain names, each a kind keel or
 megatron-core writes), each with its checksum; the manifest's signature must verify when
