@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from contextlib import contextmanager
@@ -13,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.config import ConfigError
 from pretrain.rundir import git_revision, read_metrics, versions, write_json
-
-
-class ConfigError(ValueError):
-    """A configuration or input problem, reported as one line before anything heavy starts."""
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -51,21 +47,18 @@ def model_signature(cfg, vocab_size: int) -> dict:
 
 
 def run(raw) -> float | None:
+    """Train as `raw` (Hydra's composed config) says. Bad input raises keel's own errors
+    (`pretrain.errors.BAD_INPUT`), which the entry point prints as one line; anything else is a bug."""
+    from pretrain.checkpoint.storage import STORAGE_ERRNOS, storage_problem
     from pretrain.config import command_line_overrides, to_config
+    from pretrain.errors import BAD_INPUT
 
-    try:
-        cfg = to_config(raw, command_line_overrides())  # init_from brings its model unless the command line says
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cfg = to_config(raw, command_line_overrides())  # init_from brings its model unless the command line says
     try:
         return _run(cfg)
-    except (ValueError, OSError) as e:
-        if isinstance(e, ConfigError) or os.environ.get("KEEL_DEBUG"):
+    except OSError as e:
+        if isinstance(e, BAD_INPUT) or e.errno not in STORAGE_ERRNOS:
             raise
-        if isinstance(e, FileNotFoundError) or not isinstance(e, OSError):
-            raise ConfigError(str(e).splitlines()[0]) from e
-        from pretrain.checkpoint import storage_problem
-
         # a full disk or a file-size limit outside a checkpoint save (metrics, plots): one line too
         raise ConfigError(storage_problem(e, Path(e.filename or resolve_run_dir(cfg)))) from e
 
@@ -97,7 +90,7 @@ def hold_run_dir(run_dir: Path, world):
     if world.is_main:
         try:
             outcome[1] = lock.acquire()
-        except ValueError as e:
+        except ConfigError as e:
             outcome[0] = str(e)
     if world.size > 1:
         dist.broadcast_object_list(outcome, src=0)
@@ -289,7 +282,7 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
     except Preempted as e:
         status, exit_code = "preempted", e.exit_code
         _say(world, f"keel: {e}")
-    except (ValueError, OSError) as e:  # a save the disk refused, bad data met mid-run: the result says so
+    except Exception as e:  # bad data met mid-run, a save the disk refused, a bug: the result says so
         if world.is_main:
             write_result(run_dir, cfg, "failed", trainer.step, read_metrics(run_dir), start, error=str(e))
         raise
