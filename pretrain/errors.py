@@ -4,7 +4,7 @@ and shows its traceback.
 Each layer raises its own kind of bad input, all ValueErrors:
 - `ConfigError` (models.config): a setting keel cannot run with: the model's, the optimizer's, the run's;
 - `DataError` (data.errors): a corpus, a packed set, a mixture, the data config; `TokenizerError` for a
-  tokenizer; `data.sources.InputError` for what the packer reads;
+  tokenizer; `data.sources.InputError` for what the packer reads (all three DataErrors);
 - `CheckpointError` (pretrain.checkpoint): a damaged, forged, incompatible or unwritable checkpoint.
 An OSError of the storage (no space, a file-size limit, no rights) is no bug either: `pretrain.run` makes
 it a one-line ConfigError naming the cause and the path.
@@ -17,11 +17,10 @@ import sys
 from contextlib import contextmanager
 
 from data.errors import DataError
-from data.sources import InputError
 from models.config import ConfigError
 from pretrain.checkpoint.errors import CheckpointError
 
-BAD_INPUT = (ConfigError, DataError, InputError, CheckpointError)
+BAD_INPUT = (ConfigError, DataError, CheckpointError)
 DEBUG = "KEEL_DEBUG"  # set: bad input shows its traceback too
 
 

@@ -4,10 +4,12 @@ flight at a time, published (manifest, rename, prune) once every rank's writer i
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 
 from pretrain.checkpoint.storage import storage_errors
 
-ASYNC = {"async_sharded_save": True, "async_strategy": "mcore"}  # megatron's own writer: NVRx is not installed
+# megatron's own writer (NVRx is not installed); read-only: the package keeps no state
+ASYNC = MappingProxyType({"async_sharded_save": True, "async_strategy": "mcore"})
 
 
 class AsyncSaver:

@@ -11,8 +11,9 @@ from tests.helpers import ROOT, run_keel, tiny_overrides
 
 
 def test_each_layer_raises_its_kind_and_the_entry_point_prints_it_as_one_line(tmp_path, capsys, monkeypatch):
-    from data.errors import DataNotFound, TokenizerNotFound
+    from data.errors import DataError, DataNotFound, TokenizerNotFound
     from data.format import PackedDataset
+    from data.loader import PackedLoader
     from data.sources import InputError
     from data.tokenizer import load_tokenizer
     from models.config import ConfigError
@@ -22,10 +23,11 @@ def test_each_layer_raises_its_kind_and_the_entry_point_prints_it_as_one_line(tm
     from pretrain.errors import DEBUG, bad_input_is_one_line
 
     monkeypatch.delenv(DEBUG, raising=False)
-    # 1. each kind, where keel meets it: the config, a packed set, a tokenizer, a checkpoint
+    # 1. each kind, where keel meets it: the config, a packed set, the loader, a tokenizer, a checkpoint
     sites = [(ConfigError, lambda: compose_config(["trainer.max_steps=0"])),
              (ConfigError, lambda: check_world(ParallelConfig(tensor=2), world_size=1)),
              (DataNotFound, lambda: PackedDataset(tmp_path / "nowhere")),
+             (DataError, lambda: PackedLoader(None, global_batch=8, micro_batch=4, dp_rank=0, dp_size=4, seed=0)),
              (TokenizerNotFound, lambda: load_tokenizer(tmp_path / "nowhere.model")),
              (CheckpointError, lambda: resolve(tmp_path)),
              (InputError, lambda: (_ for _ in ()).throw(InputError("what the packer reads is bad; fix it")))]
