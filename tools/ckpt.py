@@ -27,7 +27,7 @@ def checkpoints_at(path: Path) -> list[Path]:
         return [p for _, p in checkpoint.step_dirs(path / "checkpoints")]
     if path.is_dir() and ((path / checkpoint.MANIFEST).exists() or (path / checkpoint.META).exists()):
         return [path]
-    raise FileNotFoundError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N folder")
+    raise checkpoint.CheckpointError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N folder")
 
 
 def verify(paths: list[Path]) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return verify(args.paths)
-    except FileNotFoundError as e:
+    except checkpoint.CheckpointError as e:
         print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
 

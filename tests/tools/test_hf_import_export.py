@@ -191,10 +191,11 @@ def _big_tokenizer(folder):
     (_big_tokenizer, "tokenizer .* has 400 tokens but .* predicts 320"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, llama, megatron_world, edit, message):
+    from pretrain.errors import BAD_INPUT
     from tools.import_hf import import_model
 
     folder = _variant(tmp_path, llama, edit)
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(BAD_INPUT, match=message) as e:  # keel's kinds of bad input: the CLI's one line
         import_model(folder, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
