@@ -27,7 +27,8 @@ def checkpoints_at(path: Path) -> list[Path]:
         return [p for _, p in checkpoint.step_dirs(path / "checkpoints")]
     if path.is_dir() and ((path / checkpoint.MANIFEST).exists() or (path / checkpoint.META).exists()):
         return [path]
-    raise checkpoint.CheckpointError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N folder")
+    raise checkpoint.CheckpointError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N "
+                                     "folder")
 
 
 def verify(paths: list[Path]) -> int:

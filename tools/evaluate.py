@@ -122,7 +122,7 @@ def load(checkpoint: str, allow_pickle: bool) -> Model:
     if (path / "config.json").exists():
         return hf_model(path, allow_pickle)
     raise FolderError(f"{path} is neither a keel run or checkpoint (no run_info.json) nor a Hugging Face model "
-                            "folder (no config.json); check --checkpoint")
+                      "folder (no config.json); check --checkpoint")
 
 
 def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, seq_len: int | None = None,
