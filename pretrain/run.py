@@ -116,7 +116,7 @@ class RunData:
     tokenizer: object  # data.tokenizer.Tokenizer
     train_prefix: str | None  # None for a mixture (data.sources)
     val_prefix: str
-    train: list  # data.loader.Source: the training set, or each set of the mixture with its weight
+    train: list  # data.loader.WeightedDataset: the training set, or each set of the mixture with its weight
     val: object  # data.format.PackedDataset: val_loss
     val_sets: dict = field(default_factory=dict)  # name -> PackedDataset: val_loss/NAME
 
