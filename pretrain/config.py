@@ -18,6 +18,8 @@ from data.config import DataConfig
 from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
 from models.config import ModelConfig, check, check_choices, check_positive, choice, choices
 from optim.config import OptimConfig, ScheduleConfig
+from pretrain.callbacks.loss_plot import LossPlotConfig
+from pretrain.callbacks.metrics import MetricsConfig
 from pretrain.callbacks.spike import SpikeConfig
 from pretrain.callbacks.stability import StabilityConfig
 
@@ -92,12 +94,10 @@ class MonitorConfig(SpikeConfig, StabilityConfig):
 
 
 @dataclass
-class LoggingConfig:
-    """What the callbacks in pretrain/callbacks/ read: each key is its callback's."""
+class LoggingConfig(LossPlotConfig, MetricsConfig):
+    """`logging`: the callbacks' keys (tensorboard, plot, monitors), each defined beside its callback."""
 
-    tensorboard: bool = True  # metrics.py
-    plot: bool = True  # loss_plot.py
-    monitors: MonitorConfig = field(default_factory=MonitorConfig)  # stability.py and spike.py
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.callbacks.base import Callback, Ranks, RunContext
 from pretrain.rundir import pyplot, read_metrics
+
+
+@dataclass
+class LossPlotConfig:
+    """The plot's key of `logging` (pretrain.config.LoggingConfig composes it)."""
+
+    plot: bool = True
 
 
 class LossPlot(Callback):

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
 from pretrain.rundir import metrics_row
+
+
+@dataclass
+class MetricsConfig:
+    """The logger's key of `logging` (pretrain.config.LoggingConfig composes it)."""
+
+    tensorboard: bool = True  # the same scalars in TensorBoard (metrics.jsonl is always written)
 
 
 class MetricsLogger(Callback):

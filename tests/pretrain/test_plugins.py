@@ -221,6 +221,7 @@ def test_a_callback_from_outside_keel_runs_in_its_order_resumes_and_sums_up(regi
     # 3. its state goes into the checkpoint and comes back: the run stopped at step 3 and resumed smooths
     #    on from step 3's average, so every step matches the run that was not stopped (bit for bit)
     assert {r["step"]: r["loss_ema"] for r in metrics(halves)} == ema
+    assert ema[4] != {r["step"]: r["loss"] for r in metrics(halves)}[4]  # what it would log restarted bare
     # 4. its summary line, among the callbacks' lines in their call order
     assert f"  loss ema         {ema[6]:.4f}\n" in resumed
     assert resumed.index("  loss spikes ") < resumed.index("  loss ema ") < resumed.index("  metrics ")
