@@ -92,7 +92,7 @@ def _init_from(trainer, run, tmp_path):
 
     cfg = dataclasses.replace(trainer.cfg, init_from=str(run))
     start = starting_point(cfg, tmp_path / "fresh", trainer.parts.signature)
-    checkpoint.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
+    checkpoint.load(start.init_from, trainer.model, None, trainer.parts.signature)
 
 
 def _generate_and_evaluate(trainer, run, tmp_path):
