@@ -58,35 +58,21 @@ class _DropSyncSaveNotice(logging.Filter):
 logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropSyncSaveNotice())
 
 
-def _helper_process() -> None:
-    """Set up a helper process of the trainer's. It ignores SIGTERM and SIGINT: a scheduler signals every
-    process of the job (systemd the process group, torchrun each worker's group) and the trainer, which
-    also gets the signal, still needs its helper to finish the checkpoint. And, on Linux, the kernel kills
-    it when its parent dies (prctl PR_SET_PDEATHSIG), so a `kill -9` of the trainer leaves nothing behind."""
-    import ctypes
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the helper outlives a killed parent, as before
-        pass
-
-
 def _writer_results_queue_dies_with_us() -> None:
     """megatron's checkpoint writer collects results through a multiprocessing Manager that it starts
     on first use, which would die of the SIGTERM that preempts the job (losing the checkpoint) and outlive
     a `kill -9` of the training process (keeping multiprocessing's resource tracker alive with it). keel
-    starts that Manager itself, as a `_helper_process`."""
+    starts that Manager itself, set up by `pretrain.helper_process`."""
     from multiprocessing import get_context
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from pretrain import helper_process
+
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=get_context("spawn"))
-        manager.start(initializer=_helper_process)
+        manager.start(initializer=helper_process.setup)
         filesystem_async._results_queue = manager.Queue()
 
 
