@@ -3,7 +3,7 @@ BFD vs SP on documents mostly shorter than a row, SP without its sliding window 
 distinct tokens, and a replay arm (issue 15): 80% new domain, 20% original data. SP packs at the paper's
 overlap scaled to the row: extra capacity c = 50 L / 2048 (6 at L = 256; issue 30). Ten seeds; every
 comparison is paired by seed against CT (and SP against BFD and against SP r = 0), with a 95% interval and
-TOST at EQUIVALENCE_MARGIN, fixed before the runs (tools/experiments/common.py).
+TOST at EQUIVALENCE_MARGIN, fixed before the runs (tools/experiments/stats.py).
 
 Eight stages; each training stage is one multirun of pretrain/main.py per arm:
 1. pack: the standard library's test files cut at their functions and methods (`stdlib:tests-defs`
@@ -55,9 +55,13 @@ import numpy as np
 
 from data.config import DataConfig
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
-                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
-                                      print_commands, results_provenance, run_stage, summarize, with_overrides)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import driver_parser, guarded
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import NoRuns, Run, by_arm, completed, load_runs, per_seed
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, with_overrides
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import mean_std
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -71,7 +75,7 @@ SEEDS = tuple(range(1, 11))
 # The first re-run kept c = 50 at L = 256 (19.5% of a row), and SP truncated 8.8% of the corpus.
 PAPER_EXTRA_CAPACITY, PAPER_SEQ_LEN = 50, 2048
 # TOST margin (nats of final validation loss), fixed before the c-scaled runs: arms within ±0.015 of each
-# other are called equivalent when both one-sided paired t-tests reject at 5% (common.Paired.equivalence).
+# other are called equivalent when both one-sided paired t-tests reject at 5% (stats.Paired.equivalence).
 # 0.015 nats is 1.5% in perplexity, the paper's smallest SP-over-BFD gain on News (GPT-2: 10.28 -> 10.13,
 # 0.0147 nats; Llama-1B 0.044), so equivalence here says SP does not beat BFD by as much as the paper saw
 # there; it cannot rule out a gain as small as Qwen's on Med (6.47 -> 6.43, 0.006). With the first re-run's

@@ -49,12 +49,14 @@ from typing import Callable
 from data.config import DataConfig
 from data.corpus import STDLIB_SUBSETS
 from tools.experiments import moe_report
-from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, completed, driver_parser,
-                                      guarded, launch, load_runs, print_commands, run_stage, with_overrides)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import driver_parser, guarded
+from tools.experiments.runs import NoRuns, Run, completed, load_runs
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, with_overrides
 
 BETAS = (0.01, 0.1, 1.0)  # β = γ candidates, continued on the tuning seeds
-TUNING_SEEDS = (100, 101)  # within common.TUNING_SEEDS
-SEEDS = (1, 2, 3)  # reported, within common.REPORTED_SEEDS
+TUNING_SEEDS = (100, 101)  # within seeds.TUNING_SEEDS
+SEEDS = (1, 2, 3)  # reported, within seeds.REPORTED_SEEDS
 BASELINE = (0.0, 0.0)  # aux only: L_o and L_v off
 STAGES = ("pack", "pretrain", "tune", "continue", "report")
 ALL = "all"  # the stdlib subset of val_loss's set: both sources' held-out files

@@ -4,7 +4,7 @@
         --name warmup_free [--tune-at 1e-2]
 
 The runs (docs/results/warmup_free.md) are Hydra multiruns of the warmup_free presets. Seeds split the
-work (tools/experiments/common.py): on TUNING_SEEDS the warmup length of AdamW and the τ of the bound
+work (tools/experiments/seeds.py and stats.py): on TUNING_SEEDS the warmup length of AdamW and the τ of the bound
 are chosen at lr --tune-at, and higher rates are probed; on REPORTED_SEEDS every method runs on one
 learning-rate grid with the chosen values, and only those runs are compared.
 
@@ -21,8 +21,12 @@ NAME.png into --out and prints markdown tables; runs without a result.json are s
 from __future__ import annotations
 
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, paired, per_seed,
-                                      report_parser, reported_runs, results_provenance, select, summarize, tuning_runs)
+from tools.experiments.cli import guarded, report_parser
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.seeds import reported_runs, select, tuning_runs
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import fmt, markdown_table
 
 FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
