@@ -186,6 +186,12 @@ def test_set_overrides_reach_every_training_run_and_only_those(tmp_path, capsys)
     assert cli.driver_parser("doc", ("train",)).parse_args([]).overrides == []
 
 
+def test_stage_names_several_stages_in_the_order_given():
+    parser = cli.driver_parser("doc", ("pack", "train", "report"))
+    assert cli.chosen_stages(parser.parse_args([]), ("pack", "train")) == ("pack", "train")  # all, in order
+    assert cli.chosen_stages(parser.parse_args(["--stage", "report", "pack"]), ("pack", "train")) == ("report", "pack")
+
+
 def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end(tmp_path):
     """--concurrent: a stage's processes all run at once (each launch here waits until all three have
     started, so one after another would break the barrier), and a failure is raised once every one ended."""

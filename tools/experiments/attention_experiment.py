@@ -38,7 +38,7 @@ from models.attention import attention_names
 from pretrain.rundir import write_json
 from tools.experiments import attention_report
 from tools.experiments import ExperimentError
-from tools.experiments.cli import driver_parser, guarded
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
 from tools.experiments.runs import NoRuns, Run, load_runs
 from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             if stage == "report-choice":
                 stage_choice(args.dry_run)
             elif stage == "report":

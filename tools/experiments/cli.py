@@ -28,7 +28,8 @@ def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) 
     if report:
         p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for the report's JSON and plots")
         p.add_argument("--name", default=report, help="stem of the report's files")
-    p.add_argument("--stage", choices=("all", *stages), default="all", help="one stage (default: all, in order)")
+    p.add_argument("--stage", nargs="+", choices=("all", *stages), default=["all"],
+                   help="the stages to run, in the order given (default: all, in order)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (hydra.launcher.n_jobs), one core each")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="redo stages that are done (their folders removed)")
@@ -39,6 +40,11 @@ def driver_parser(doc: str, stages: tuple[str, ...], report: str | None = None) 
                    help="Hydra overrides added to every training run and to the presets the driver reads (its "
                         "packed sets, validation rows), e.g. trainer.precision=bf16 on a GPU (tools/gpu_check.py)")
     return p
+
+
+def chosen_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages --stage names, or every one of `stages` in order for "all"."""
+    return stages if "all" in args.stage else tuple(args.stage)
 
 
 def guarded(report: Callable[[], None]) -> int:

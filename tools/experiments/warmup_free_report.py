@@ -20,6 +20,8 @@ NAME.png into --out and prints markdown tables; runs without a result.json are s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pretrain.rundir import pyplot, write_json
 from tools.experiments.cli import guarded, report_parser
 from tools.experiments.provenance import results_provenance
@@ -191,26 +193,29 @@ def plot(runs: list[Run], rows: list[dict], path, curves_at: float) -> None:
     plt.close(fig)
 
 
+def report(roots: list[Path], out: Path, name: str, tune_at: float) -> dict:
+    """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables."""
+    runs = load_runs(*roots, statuses=FINISHED)
+    origin = results_provenance(runs)  # refused before any file is written
+    per_run = [summarize_run(run) for run in runs]
+    chosen = choose(runs, tune_at)
+    rows = grid(runs)
+    methods = per_method(runs, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**origin, "roots": [str(r) for r in roots], "chosen": chosen, "grid": rows, "methods": methods,
+              "runs": per_run}
+    write_json(out / f"{name}.json", result)
+    if rows:
+        plot(runs, rows, out / f"{name}.png", tune_at)
+    print(tables(per_run, rows, methods, chosen))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = report_parser(__doc__, name="warmup_free")
     parser.add_argument("--tune-at", type=float, default=1e-2, help="the rate at which warmup length and τ are chosen")
     args = parser.parse_args(argv)
-
-    def report() -> None:
-        runs = load_runs(*args.roots, statuses=FINISHED)
-        origin = results_provenance(runs)  # refused before any file is written
-        per_run = [summarize_run(run) for run in runs]
-        chosen = choose(runs, args.tune_at)
-        rows = grid(runs)
-        methods = per_method(runs, rows)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {**origin, "roots": [str(r) for r in args.roots],
-                                                    "chosen": chosen, "grid": rows, "methods": methods, "runs": per_run})
-        if rows:
-            plot(runs, rows, args.out / f"{args.name}.png", args.tune_at)
-        print(tables(per_run, rows, methods, chosen))
-
-    return guarded(report)
+    return guarded(lambda: report(args.roots, args.out, args.name, args.tune_at))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from pretrain.rundir import write_json
 from tools import sweep_report
 from tools.experiments import width_report
 from tools.experiments import ExperimentError
-from tools.experiments.cli import driver_parser, guarded
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
 from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
 
 PRESET = "width_sweep"
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             if stage == "grid":
                 stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force, args.overrides,
                                args.concurrent)
