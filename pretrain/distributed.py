@@ -6,6 +6,7 @@ Data parallelism is whatever remains of the world after tensor and pipeline para
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,3 +87,17 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def world_of_one():
+    """A megatron world of one process (gloo) for a tool's work: the caller's own when it has one (a test's,
+    which must outlive the work), else one made for the block and shut down after it."""
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        yield
+        return
+    init(ParallelConfig(backend="gloo"))
+    try:
+        yield
+    finally:
+        shutdown()

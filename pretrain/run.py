@@ -270,26 +270,28 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
         start.notes.append(f"initialised weights from {start.init_from}")
     for note in start.notes:
         _say(world, note)
-    # 3. train; a run that diverges is recorded as such (a sweep goes on to its next run)
-    status, exit_code = "completed", 0
-    try:
-        trainer.fit()
-    except TrainingStopped as e:
-        status, exit_code = "diverged", 1
-        _say(world, f"keel: {e}")
-    except Preempted as e:
-        status, exit_code = "preempted", e.exit_code
-        _say(world, f"keel: {e}")
-    except (ValueError, OSError) as e:  # a save the disk refused, bad data met mid-run: the result says so
+    # 3. train; a run that diverges is recorded as such (a sweep goes on to its next run). Preemption
+    #    signals are caught until the result is written
+    with trainer.preemptible():
+        status, exit_code = "completed", 0
+        try:
+            trainer.fit()
+        except TrainingStopped as e:
+            status, exit_code = "diverged", 1
+            _say(world, f"keel: {e}")
+        except Preempted as e:
+            status, exit_code = "preempted", e.exit_code
+            _say(world, f"keel: {e}")
+        except (ValueError, OSError) as e:  # a save the disk refused, bad data met mid-run: the result says so
+            if world.is_main:
+                write_result(run_dir, cfg, "failed", trainer.step, read_metrics(run_dir), start, error=str(e))
+            raise
+        rows = read_metrics(run_dir) if world.is_main else []
+        val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
         if world.is_main:
-            write_result(run_dir, cfg, "failed", trainer.step, read_metrics(run_dir), start, error=str(e))
-        raise
-    rows = read_metrics(run_dir) if world.is_main else []
-    val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)]
-    if world.is_main:
-        write_result(run_dir, cfg, status, trainer.step, rows, start)
-        if status != "preempted":
-            _say(world, summary(run_dir, trainer, val, rows))
+            write_result(run_dir, cfg, status, trainer.step, rows, start)
+            if status != "preempted":
+                _say(world, summary(run_dir, trainer, val, rows))
     if exit_code and not (status == "diverged" and in_multirun()):
         raise SystemExit(exit_code)
     return val[-1] if val and status == "completed" else float("nan")

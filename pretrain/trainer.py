@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -303,10 +304,26 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
+    @contextlib.contextmanager
+    def preemptible(self):
+        """Catch the preemption signals while this is held. The caller holds it over training and the
+        writing of the result: a second signal that lands after the checkpoint, while the result is being
+        written, is then one ignored line instead of killing the process with the result half-written.
+        After a preemption the handler stays: the process is on its way out with 128 + the signal, and a
+        signal during its shutdown must not turn that exit into a death by signal."""
+        previous = {s: signal.signal(s, self._on_signal) for s in self.PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            if self.signal_received is None:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
     def fit(self) -> None:
+        """Train to `stop_at` (or `max_steps`); raises Preempted once a signal caught by `preemptible` has
+        its checkpoint."""
         t = self.cfg.trainer
         stop = t.stop_at or t.max_steps
-        previous = {s: signal.signal(s, self._on_signal) for s in self.PREEMPTION_SIGNALS}
         try:
             self._call("on_train_start")
             while self.step < stop:
@@ -328,8 +345,6 @@ class Trainer:
             self._finish_saving()
         finally:
             self._end_callbacks()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def _end_callbacks(self) -> None:
         """Every callback's `on_train_end`, however training ended. One that fails (a full disk under the

@@ -174,19 +174,11 @@ def atomic_folder(output: Path) -> Iterator[Path]:
 def in_world_of_one(tool: str, work: Callable[[], object]) -> tuple[int, object]:
     """(exit code, result) of `work` run in a megatron world of one process (gloo): the caller's, when it
     has one (a test), else one made for it; a bad input is one line on stderr and exit code 2."""
-    import torch.distributed as dist
-
-    from pretrain import distributed
-    from pretrain.config import ParallelConfig
+    from pretrain.distributed import world_of_one
 
     try:
-        if dist.is_initialized() and dist.get_world_size() == 1:
+        with world_of_one():
             return 0, work()
-        distributed.init(ParallelConfig(backend="gloo"))
-        try:
-            return 0, work()
-        finally:
-            distributed.shutdown()
     except (ValueError, FileNotFoundError) as e:  # keel's input, config, checkpoint and folder errors
         print(f"{tool}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2, None

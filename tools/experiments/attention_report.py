@@ -103,12 +103,10 @@ def choose_lrs(runs: list[Run]) -> dict[str, dict]:
 def summarize_arms(runs: list[Run]) -> list[dict]:
     """One row per (arm, lr) of the completed runs on reported seeds, in the registry's order: seeds, final losses,
     mean, std, largest gradient norm per seed and the model's facts."""
-    from pretrain import distributed
-    from pretrain.config import ParallelConfig
+    from pretrain.distributed import world_of_one
 
     arms = by_arm((r for r in reported_runs(runs) if r.status == "completed"), arm_of)
-    distributed.init(ParallelConfig(backend="gloo"))  # the model is rebuilt for its parameter count
-    try:
+    with world_of_one():  # the model is rebuilt for its parameter count
         rows, facts = [], {}
         for (arm, lr), by_seed in sorted(arms.items(), key=lambda kv: (_arm_order(kv[0][0]), kv[0][1])):
             losses = per_seed(by_seed, final_val)
@@ -122,8 +120,6 @@ def summarize_arms(runs: list[Run]) -> list[dict]:
                          "interval95": interval95(s["values"]),
                          "max_grad_norm": [max_grad_norm(by_seed[seed]) for seed in losses], **facts[arm]})
         return rows
-    finally:
-        distributed.shutdown()
 
 
 def interval95(values: list[float]) -> list[float] | None:
