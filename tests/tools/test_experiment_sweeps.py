@@ -4,7 +4,7 @@ the local (joblib) launcher runs sweep points side by side into run folders the 
 import pytest
 
 from tests.helpers import ROOT, run_keel, tiny_overrides
-from tools.experiments.common import by_arm, load_runs
+from tools.experiments.runs import by_arm, load_runs
 
 # preset -> the root its report reads (the commands in tools/experiments/*.py and docs/results/*.md)
 REPORT_ROOTS = {"warmup_free_adamw": "runs/warmup_free", "warmup_free_adamw_warmup": "runs/warmup_free",
