@@ -157,7 +157,9 @@ BLEND_BLOCK = 1 << 16  # rows per repeat of the blend: every source's share is e
 
 
 @dataclass
-class Source:
+class WeightedDataset:
+    """One packed training set and its share of the rows (data.sources; a lone training set has weight 1)."""
+
     name: str  # in the metrics: tokens_seen/NAME
     dataset: PackedDataset
     weight: float
@@ -166,7 +168,7 @@ class Source:
 class MixedLoader(PackedLoader):
     """Rows of several packed datasets, blended by weight; same interface and state as PackedLoader."""
 
-    def __init__(self, sources: list[Source], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+    def __init__(self, sources: list[WeightedDataset], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int):
         from megatron.core.datasets import helpers
         from megatron.core.datasets.utils import normalize
@@ -211,7 +213,7 @@ class MixedLoader(PackedLoader):
         return {f"tokens_seen/{s.name}": int(n) * seq_len for s, n in zip(self.sources, self.rows_seen())}
 
 
-def build_loader(sources: list[Source], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+def build_loader(sources: list[WeightedDataset], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int) -> PackedLoader:
     """One dataset's loader, or the blend of several."""
     if len(sources) == 1:

@@ -16,7 +16,7 @@ from filelock import FileLock
 from data.corpus import stdlib_documents
 from data.errors import DataError, DataNotFound
 from data.format import PackedDataset, dataset_exists, remove_leftovers
-from data.loader import Source
+from data.loader import WeightedDataset
 from data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from data.config import DataConfig
 
@@ -109,14 +109,15 @@ def open_checked(prefix: str, cfg: DataConfig, tokenizer: Tokenizer, role: str) 
     return ds
 
 
-def training_sources(cfg: DataConfig, tokenizer: Tokenizer, train_prefix: str | None) -> list[Source]:
+def training_sources(cfg: DataConfig, tokenizer: Tokenizer, train_prefix: str | None) -> list[WeightedDataset]:
     """The training set, or each set of the mixture with its weight, opened and checked."""
     if not cfg.sources:
-        return [Source("train", open_checked(train_prefix, cfg, tokenizer, "training"), 1.0)]
+        return [WeightedDataset("train", open_checked(train_prefix, cfg, tokenizer, "training"), 1.0)]
     sources = []
     for i, s in enumerate(cfg.sources):
         try:
-            sources.append(Source(s.label, open_checked(s.path, cfg, tokenizer, f"data.sources[{i}]"), s.weight))
+            dataset = open_checked(s.path, cfg, tokenizer, f"data.sources[{i}]")
+            sources.append(WeightedDataset(s.label, dataset, s.weight))
         except FileNotFoundError as e:
             raise DataNotFound(f"data.sources[{i}].path: {e}") from None
     return sources

@@ -190,7 +190,7 @@ def _json_error(path: str) -> str | None:
 
 
 @dataclass
-class Source:
+class DocumentSource:
     """An iterable of documents over the inputs, validated up front."""
 
     inputs: list[str]

@@ -18,11 +18,13 @@ from data.config import DataConfig
 from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
 from models.config import ConfigError, ModelConfig, check, check_choices, check_positive, choice, choices
 from optim.config import OptimConfig, ScheduleConfig
+from pretrain.callbacks.loss_plot import LossPlotConfig
+from pretrain.callbacks.metrics import MetricsConfig
+from pretrain.callbacks.spike import SpikeConfig
+from pretrain.callbacks.stability import StabilityConfig
 
 Precision = choices("Precision", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
 Backend = choices("Backend", "auto", "gloo", "nccl")  # auto: nccl with CUDA, else gloo
-SpikeAction = choices("SpikeAction", "log", "skip", "stop")
-SPIKE_MIN_HISTORY = 20  # losses a spike detector needs before it judges one
 
 
 @dataclass
@@ -51,7 +53,7 @@ class TrainerConfig:
     log_interval: int = 1
     max_skipped_steps: int = 5  # stop after this many non-finite steps in a row
     precision: str = choice(Precision, "auto")
-    progress: bool = True
+    progress: bool = True  # the progress bar (pretrain/callbacks/progress.py)
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     # torch.compile each transformer layer (models/compile.py). None: on with a GPU, off on CPU, where
     # inductor's compile (about 35 s for the smoke model on 2 cores) outlasts a whole smoke run
@@ -82,25 +84,19 @@ class CheckpointConfig:
 
 
 @dataclass
-class MonitorConfig:
-    interval: int = 50  # stability monitors every n steps; 0 disables
-    batch_rows: int = 1  # rows of the batch the monitors look at
-    spike_window: int = 50
-    spike_z: float = 6.0
-    spike_action: str = choice(SpikeAction, "log")
+class MonitorConfig(SpikeConfig, StabilityConfig):
+    """`logging.monitors`: one node for the keys of two callbacks, the stability monitors' (interval,
+    batch_rows) and the spike detector's (spike_*), each defined and checked beside its callback."""
 
     def __post_init__(self):
-        check_choices("logging.monitors", self)
-        check(self.interval >= 0, f"logging.monitors.interval must be >= 0 (0 disables), got {self.interval}")
-        check_positive("logging.monitors", self, "batch_rows", "spike_z")
-        check(self.spike_window >= SPIKE_MIN_HISTORY,
-              f"logging.monitors.spike_window must be >= {SPIKE_MIN_HISTORY}, got {self.spike_window}")
+        StabilityConfig.__post_init__(self)
+        SpikeConfig.__post_init__(self)
 
 
 @dataclass
-class LoggingConfig:
-    tensorboard: bool = True
-    plot: bool = True
+class LoggingConfig(LossPlotConfig, MetricsConfig):
+    """`logging`: the callbacks' keys (tensorboard, plot, monitors), each defined beside its callback."""
+
     monitors: MonitorConfig = field(default_factory=MonitorConfig)
 
 
@@ -147,12 +143,13 @@ class KeelConfig:
               f"parallel.expert={parallel.expert} must divide model.moe.num_experts={model.moe.num_experts}")
 
 
-PLUGINS = "KEEL_PLUGINS"  # modules to import first, comma-separated: what they register (an attention type)
+PLUGINS = "KEEL_PLUGINS"  # modules to import first, comma-separated: what they register (attention types, callbacks)
 
 
 def import_plugins() -> None:
     """Import the modules KEEL_PLUGINS names (once each; Python caches them), so that what they register
-    in models/attention is part of every config keel composes or reads, in training and in every tool."""
+    (in models/attention, pretrain/callbacks) is part of every config keel composes or reads and of every
+    run, in training and in every tool."""
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
         try:
             importlib.import_module(name)

@@ -11,10 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pretrain import cpu_compat  # noqa: F401  (silences megatron's import-time warnings)
-from pretrain.config import register_configs
-
-register_configs()
+# Nothing heavy at module level: a process spawned by the trainer (the checkpoint writer's helper) imports
+# this file as `__mp_main__`. torch, megatron and the configs are imported under `__main__` below.
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -44,5 +42,9 @@ def check_command_line(args: list[str]) -> None:
 
 
 if __name__ == "__main__":  # required: megatron's checkpoint writer starts worker processes
+    from pretrain import cpu_compat  # noqa: F401  (silences megatron's import-time warnings)
+    from pretrain.config import register_configs
+
+    register_configs()
     check_command_line(sys.argv[1:])
     main()

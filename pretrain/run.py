@@ -109,7 +109,7 @@ class RunData:
     tokenizer: object  # data.tokenizer.Tokenizer
     train_prefix: str | None  # None for a mixture (data.sources)
     val_prefix: str
-    train: list  # data.loader.Source: the training set, or each set of the mixture with its weight
+    train: list  # data.loader.WeightedDataset: the training set, or each set of the mixture with its weight
     val: object  # data.format.PackedDataset: val_loss
     val_sets: dict = field(default_factory=dict)  # name -> PackedDataset: val_loss/NAME
 
@@ -137,7 +137,7 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None, checkp
     from data.loader import build_loader, validation_loader
     from models.builder import build_model
     from optim.optimizer import build_optimizer
-    from pretrain.callbacks import build_callbacks
+    from pretrain.callbacks import RunContext, build_callbacks
     from pretrain.trainer import Components, Trainer
 
     if cfg.trainer.threads and world.device.type == "cpu":
@@ -145,17 +145,17 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None, checkp
     data = data or prepare_data(cfg, world)
     seed_everything(cfg.seed)
     dtype = precision(cfg, world)
-    model = build_model(cfg.model, cfg.attention, data.tokenizer.vocab_size, world.device, dtype, cfg.seed,
+    built = build_model(cfg.model, cfg.attention, data.tokenizer.vocab_size, world.device, dtype, cfg.seed,
                         per_document_positions=cfg.data.reset_position_ids, distributed_optimizer=cfg.optim.distributed,
                         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
     tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
-    optimizer = build_optimizer(cfg.optim, cfg.model, model.ddp, model.gpt, dtype, tp_group)
+    optimizer = build_optimizer(cfg.optim, cfg.model, built.ddp, built.gpt, dtype, tp_group)
     t = cfg.trainer
     loader = build_loader(data.train, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp, cfg.seed)
     val_loader, *val_sets = [validation_loader(ds, t.global_batch_size, t.micro_batch_size, world.dp_rank, world.dp)
                              for ds in (data.val, *data.val_sets.values())]
-    callbacks = build_callbacks(cfg, world, run_dir, model.gpt, optimizer)
-    return Trainer(cfg, Components(world=world, model=model, optimizer=optimizer, train=loader, val=val_loader,
+    callbacks = build_callbacks(RunContext(cfg, world, run_dir, built.gpt, optimizer))
+    return Trainer(cfg, Components(world=world, built=built, optimizer=optimizer, train=loader, val=val_loader,
                                    val_sets=dict(zip(data.val_sets, val_sets)), callbacks=callbacks, run_dir=run_dir,
                                    signature=model_signature(cfg, data.tokenizer.vocab_size),
                                    checkpoints=checkpoints or run_checkpoints(cfg, run_dir)))
@@ -268,7 +268,7 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
         start.notes += trainer.resume(start.resume_from)
         start.notes.append(f"resumed from {start.resume_from} at step {trainer.step}")
     elif start.init_from is not None:
-        checkpoints.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
+        checkpoints.load(start.init_from, trainer.model, None, trainer.parts.signature)
         start.notes.append(f"initialised weights from {start.init_from}")
     for note in start.notes:
         _say(world, note)
@@ -338,39 +338,17 @@ def precision(cfg, world) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" or (p == "auto" and world.device.type == "cuda") else torch.float32
 
 
-# what the summary reads from the stability monitors: (metric, label, the worst is the highest?)
-STABILITY_READING = (("stability/attn_entropy_min", "lowest attention entropy", False),
-                     ("stability/qk_sigma1_max", "highest σ1(W_qᵀW_k)", True),
-                     ("stability/logit_norm", "highest output-logit norm", True))
-
-
-def stability_reading(rows: list[dict]) -> str | None:
-    """The monitors' worst readings over the run (with their steps) and the loss spikes flagged."""
-    parts = []
-    for key, label, highest in STABILITY_READING:
-        seen = [(r[key], r["step"]) for r in rows if isinstance(r.get(key), float)]
-        if seen:
-            value, step = (max if highest else min)(seen)
-            parts.append(f"{label} {value:.2f} (step {step})")
-    if not parts:
-        return None
-    spikes = [r["step"] for r in rows if r.get("spike")]
-    flagged = f"loss spikes flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "no loss spike flagged"
-    return "; ".join([*parts, flagged])
-
-
 def summary(run_dir: Path, trainer, val: list[float], rows: list[dict]) -> str:
+    """How the run went: the validation loss, then each callback's lines (in call order), then where
+    the run's files are."""
     from pretrain.checkpoint import latest
 
+    entries = [("validation loss", f"{val[0]:.4f} -> {val[-1]:.4f}")] if val else []
+    for callback in trainer.callbacks.values():
+        entries += callback.summary(rows).items()
+    entries += [("run folder", run_dir), ("checkpoint", latest(run_dir / "checkpoints"))]
     lines = [f"done: step {trainer.step}/{trainer.cfg.trainer.max_steps}"]
-    if val:
-        lines.append(f"  validation loss  {val[0]:.4f} -> {val[-1]:.4f}")
-    if reading := stability_reading(rows):
-        lines.append(f"  stability        {reading}")
-    lines += [f"  run folder       {run_dir}", f"  metrics          {run_dir / 'metrics.jsonl'}",
-              f"  loss plot        {run_dir / 'loss.png'}", f"  tensorboard      {run_dir / 'tensorboard'}",
-              f"  checkpoint       {latest(run_dir / 'checkpoints')}"]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"  {label:<16} {text}" for label, text in entries])
 
 
 def _say(world, message: str) -> None:

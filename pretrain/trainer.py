@@ -48,7 +48,7 @@ class Components:
     """Everything a Trainer runs, built and validated by `pretrain.run.build`."""
 
     world: object  # pretrain.distributed.World
-    model: BuiltModel  # the bare GPT (.gpt: checkpoints, monitors) and its DDP wrapper (.ddp: the schedule)
+    built: BuiltModel  # the bare GPT (.gpt: checkpoints, monitors) and its DDP wrapper (.ddp: the schedule)
     optimizer: KeelOptimizer
     train: PackedLoader  # or data.loader.MixedLoader, which blends several sets
     val: PackedLoader  # val_loss
@@ -75,15 +75,15 @@ class Trainer:
         self._pid = os.getpid()  # a process forked from this one (megatron's async writer) inherits the handler
         self.checkpoints = parts.checkpoints
         self.world, self.optimizer, self.loader, self.callbacks = parts.world, parts.optimizer, parts.train, parts.callbacks
-        self.gpt, self.model = parts.model.gpt, parts.model.ddp
-        self.flops_per_token = parts.model.flops_per_token(cfg.data.seq_len)
+        self.model, self.ddp = parts.built.gpt, parts.built.ddp  # the bare GPT and its DDP wrapper
+        self.flops_per_token = parts.built.flops_per_token(cfg.data.seq_len)
         self.step = 0
         self.skipped_in_row = 0
         self.skipped_total = 0
         self.forward_backward = get_forward_backward_func()
         self.microbatches: list[dict] = []
         # per-layer torch.compile (on by default on a GPU; trainer.compile); None runs eagerly
-        self.compiled = CompiledLayers(self.gpt.decoder.layers) if cfg.trainer.compile_on(self.world.device) else None
+        self.compiled = CompiledLayers(self.model.decoder.layers) if cfg.trainer.compile_on(self.world.device) else None
         self._in_reference = False  # inside reference_forward
 
     # ---- one step ---------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class Trainer:
         # 1. this step's learning rate, per parameter group
         lrs = self.optimizer.set_lr(lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
         # 2. forward and backward over this rank's micro-batches; grads reduced over DP
-        self.model.zero_grad_buffer()
+        self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.microbatches = self.loader.next_global_batch()  # kept for monitors
         loss = self._run_schedule(self.microbatches, forward_only=False)
@@ -125,7 +125,7 @@ class Trainer:
             if not (self.compiled and self.compiled.active and is_compile_error(e)):
                 raise
             self.compiled.fall_back(e)
-            self.model.zero_grad_buffer()
+            self.ddp.zero_grad_buffer()
             results = self._schedule(microbatches, forward_only)
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         last_stage_tp0 = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -137,21 +137,21 @@ class Trainer:
 
     def _schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
         return self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.model],
+            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.ddp],
             num_microbatches=len(microbatches), seq_length=self.cfg.data.seq_len,
             micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only)
 
     @property
     def forward_is_plain(self) -> bool:
         """Whether the training forward is the eager model's: no compiled layers, no chunked loss."""
-        return not (self.compiled and self.compiled.active) and not self.gpt.loss_chunk_tokens
+        return not (self.compiled and self.compiled.active) and not self.model.loss_chunk_tokens
 
     def reference_forward(self, microbatch: dict) -> None:
         """One forward-only pass over `microbatch` as the plain eager model computes it: compiled layers
         run eagerly and the loss is not chunked. The stability monitors capture their inputs in it."""
         self._in_reference = True
         try:
-            with torch.no_grad(), eager(), self.gpt.plain_loss():
+            with torch.no_grad(), eager(), self.model.plain_loss():
                 self._schedule([microbatch], forward_only=True)
         finally:
             self._in_reference = False
@@ -163,26 +163,27 @@ class Trainer:
         compiled = bool(self.compiled and self.compiled.active)
         return compiled and self.world.device.type == "cuda" and not self._in_reference
 
-    def _forward_step(self, data_iterator, model):
+    def _forward_step(self, data_iterator, ddp):
+        """megatron's forward step: one micro-batch through the DDP wrapper it passes (`self.ddp`)."""
         d, rows = self.cfg.data, next(data_iterator)
         blocks = d.document_mask and self.block_masks
         batch = model_inputs(rows, d.reset_position_ids, d.document_mask and not blocks)
         batch = {k: (v.to(self.world.device) if v is not None else None) for k, v in batch.items()}
         if blocks:  # documents as FlexAttention tiles, not a dense [b, 1, s, s] mask
             batch["attention_mask"] = document_block_mask(rows["doc_ids"].to(self.world.device))
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        output = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
     def _grads_finite(self) -> bool:
         bad = torch.zeros(1, device=self.world.device)
-        for buffer in self.model.buffers:
+        for buffer in self.ddp.buffers:
             if not torch.isfinite(buffer.grad_data).all():
                 bad += 1
         dist.all_reduce(bad)
         return bad.item() == 0
 
     def _skip(self, loss: float, lrs: dict, t0: float, count_toward_stop: bool = True) -> dict:
-        self.model.zero_grad_buffer()
+        self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.step += 1
         self.skipped_in_row += int(count_toward_stop)
@@ -208,14 +209,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, val: PackedLoader | None = None) -> float:
         """Mean loss over the first eval_batches global batches of `val` (the validation set by default)."""
-        self.model.eval()
+        self.ddp.eval()
         val = val or self.parts.val
         val.consumed = 0  # the same validation rows every time
         total = 0.0
         batches = evaluation_batches(len(val.dataset), val.global_batch, self.cfg.trainer.eval_batches)
         for _ in range(batches):
             total += self._run_schedule(val.next_global_batch(), forward_only=True)
-        self.model.train()
+        self.ddp.train()
         return total / batches
 
     def validate(self) -> dict[str, float]:
@@ -253,12 +254,12 @@ class Trainer:
                 "distributed_optimizer": self.cfg.optim.distributed}
 
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(Snapshot(self.step, self.gpt, self.optimizer, {"trainer": self.state_dict()},
+        return self.checkpoints.save(Snapshot(self.step, self.model, self.optimizer, {"trainer": self.state_dict()},
                                               self.parts.signature, self.layout))
 
     def resume(self, path: Path) -> list[str]:
         """Restore everything from `path`; returns notes on what a new layout could not carry over."""
-        restored = self.checkpoints.load(path, self.gpt, self.optimizer, self.parts.signature, self.layout)
+        restored = self.checkpoints.load(path, self.model, self.optimizer, self.parts.signature, self.layout)
         state = restored.state["trainer"]
         notes = [] if restored.saved_lr is None else [
             f"optim.lr is {self.cfg.optim.lr:g}, the checkpoint's run had {restored.saved_lr:g}: the new rate applies "

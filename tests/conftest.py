@@ -14,7 +14,7 @@ cpu_compat.apply()
 
 @pytest.fixture
 def committed_checkout(monkeypatch):
-    """Reports write a results JSON only from a committed tree (common.results_provenance); a test that runs one
+    """Reports write a results JSON only from a committed tree (provenance.results_provenance); a test that runs one
     sees this checkout at tests.helpers.COMMIT, whatever its state while it is being edited."""
     from pretrain import rundir
     from tests.helpers import COMMIT

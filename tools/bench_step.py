@@ -226,12 +226,12 @@ def _keel_figures(cfg, world, args) -> tuple[Timing, dict, float, tuple[int, flo
 
         keel = _timed("keel", build_keel, args.steps, args.warmup, device)
         trainer = trainers.pop()
-        built = trainer.parts.model
+        built = trainer.parts.built
         shape = {"vocab": built.gpt.vocab_size, "params": built.num_params, "active": built.active_params,
                  "flops": built.flops_per_token(cfg.data.seq_len), "compiled": bool(trainer.compiled)}
         loader_ms = _median_ms(trainer.loader.next_global_batch, args.steps, 1, lambda: None)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        monitor = _monitor_cost(trainer, built.gpt, max(args.steps, 8), sync)
+        monitor = _monitor_cost(trainer, trainer.model, max(args.steps, 8), sync)
         alive = weakref.ref(trainer)
         del trainer, built
         gc.collect()
@@ -239,15 +239,14 @@ def _keel_figures(cfg, world, args) -> tuple[Timing, dict, float, tuple[int, flo
     return keel, shape, loader_ms, monitor
 
 
-def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:
+def _monitor_cost(trainer, model, steps: int, sync) -> tuple[int, float, float]:
     """The stability monitors' default interval and the median ms of plain and monitored steps.
 
     Plain and monitored steps alternate, so drift in the machine's speed hits both alike; the
     monitor's share of step time at interval k is then (monitored - plain) / (k * plain)."""
-    from pretrain.config import MonitorConfig
-    from pretrain.callbacks.stability import StabilityMonitor
+    from pretrain.callbacks.stability import StabilityConfig, StabilityMonitor
 
-    monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
+    monitor = StabilityMonitor(model, StabilityConfig(interval=1))
     plain, monitored = [], []
     for i in range(2 * steps + 2):
         trainer.callbacks = {"stability": monitor} if i % 2 else {}
@@ -260,7 +259,7 @@ def _monitor_cost(trainer, gpt, steps: int, sync) -> tuple[int, float, float]:
         if i >= 2:  # the first pair warms the monitor's buffers up
             (monitored if i % 2 else plain).append((time.perf_counter() - t) * 1e3)
     trainer.callbacks = {}
-    return MonitorConfig().interval, statistics.median(plain), statistics.median(monitored)
+    return StabilityConfig().interval, statistics.median(plain), statistics.median(monitored)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,11 @@ def load(checkpoint: str, allow_pickle: bool) -> Model:
 def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, seq_len: int | None = None,
              batch_size: int = 8, allow_pickle: bool = False, text_field: str = "text") -> dict:
     """The scores of a checkpoint on a corpus; a keel checkpoint needs a megatron world of one."""
-    from data.sources import Source
+    from data.sources import DocumentSource
     from data.tokenizer import load_tokenizer
     from models.config import check_vocabulary
 
-    source = Source(inputs, text_field=text_field)  # inputs checked before the model loads
+    source = DocumentSource(inputs, text_field=text_field)  # inputs checked before the model loads
     model = load(checkpoint, allow_pickle)
     tok = load_tokenizer(tokenizer) if tokenizer else model.tokenizer
     if tok is None:

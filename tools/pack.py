@@ -15,7 +15,7 @@ import sys
 
 from data.errors import DataError
 from data.packing import METHODS, UNDERFULL
-from data.sources import TEXT_MODES, InputError, Source, check_settings
+from data.sources import TEXT_MODES, InputError, DocumentSource, check_settings
 from data.tokenizer import Tokenizer, load_tokenizer
 
 _TABLE_ROWS = [  # (stats key, label, format)
@@ -99,7 +99,7 @@ def _pack(args: argparse.Namespace) -> None:
     for method in methods:
         check_settings(args.seq_len, method, workers=args.workers, **settings)
     tok = _load_tokenizer(args.tokenizer)
-    source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode,
+    source = DocumentSource(args.input, text_field=args.text_field, text_mode=args.text_mode,
                     skip_missing_field=args.skip_missing_field, val_percent=args.val_percent)
     from data import pipeline  # imports torch and megatron-core: only once the cheap checks passed
 

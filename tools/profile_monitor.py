@@ -51,8 +51,8 @@ def _instrument(times: dict) -> None:
 
 def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> None:
     from pretrain import distributed
-    from pretrain.config import MonitorConfig, compose_config
-    from pretrain.callbacks.stability import StabilityMonitor
+    from pretrain.config import compose_config
+    from pretrain.callbacks.stability import StabilityConfig, StabilityMonitor
     from pretrain.run import build_trainer
 
     times: dict[str, list[float]] = defaultdict(list)
@@ -62,8 +62,7 @@ def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> No
     world = distributed.init(cfg.parallel)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, world, Path(tmp))
-        built = trainer.parts.model
-        monitor = StabilityMonitor(built.gpt, MonitorConfig(interval=1))
+        monitor = StabilityMonitor(trainer.model, StabilityConfig(interval=1))
         trainer.callbacks = {"stability": monitor}
         step_ms = []
         for i in range(steps):
@@ -77,7 +76,7 @@ def profile_monitor(overrides: list[str], steps: int = 6, warmup: int = 2) -> No
             step_ms.append((time.perf_counter() - start) * 1e3)
     distributed.shutdown()
     measured = steps - warmup
-    print(f"{built.num_params / 1e6:.1f}M params on {world.device}: monitored step "
+    print(f"{trainer.parts.built.num_params / 1e6:.1f}M params on {world.device}: monitored step "
           f"{sorted(step_ms[warmup:])[measured // 2]:.1f} ms (median of {measured})")
     for name, ms in sorted(times.items(), key=lambda kv: -sum(kv[1])):
         print(f"  {name:30s} {sum(ms) / measured:8.2f} ms per monitored step ({len(ms) // measured} calls)")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.sources import InputError, Source
+from data.sources import InputError, DocumentSource
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         out = Path(args.output)
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists; pass --overwrite or choose another --output")
-        source = Source(args.input, text_field=args.text_field, text_mode=args.text_mode)
+        source = DocumentSource(args.input, text_field=args.text_field, text_mode=args.text_mode)
         from data.tokenizer import load_tokenizer, train_tokenizer
 
         train_tokenizer((d.text for d in source), out, args.vocab_size, max_lines=args.max_lines)

@@ -1,44 +1,51 @@
-"""The trainer's callbacks, one file each, held by name (see `base.Callback` for the hooks).
+"""The trainer's callbacks and the registry that lists them.
 
-`build_callbacks` decides which run and in what order: the monitors add their metrics before the
-metrics logger writes the row, and only rank 0 writes files.
+Each callback owns itself in one module (`base.Callback` says what one declares): its name (its
+checkpoint key), its call order, the ranks it runs on, its config and how the run's config turns it
+on (`build`), its hooks and state, and its lines in the run summary. Adding one is that module and one
+line below (or `register` from outside keel, in a module named in KEEL_PLUGINS).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from models.config import check
+from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
+from pretrain.callbacks.loss_plot import LossPlot
+from pretrain.callbacks.metrics import MetricsLogger
+from pretrain.callbacks.moe import MoEStatsCallback
+from pretrain.callbacks.optimizer_stats import OptimizerStats
+from pretrain.callbacks.progress import ProgressBar
+from pretrain.callbacks.spike import SpikeMonitor
+from pretrain.callbacks.stability import StabilityMonitor
 
-from pretrain.callbacks.base import Callback
+__all__ = ["CALLBACKS", "METRICS_ORDER", "Callback", "Ranks", "RunContext", "build_callbacks", "register"]
 
-__all__ = ["Callback", "build_callbacks"]
+KEEL_CALLBACKS = (SpikeMonitor, StabilityMonitor, OptimizerStats, MoEStatsCallback, MetricsLogger, ProgressBar,
+                  LossPlot)
+CALLBACKS: dict[str, type[Callback]] = {}  # every registered callback by name: keel's, then any added
 
 
-def build_callbacks(cfg, world, run_dir: Path, gpt, optimizer) -> dict[str, Callback]:
-    """The callbacks of a run, by name, in call order."""
-    from pretrain.callbacks.spike import SpikeMonitor
+def register(cls: type[Callback]) -> type[Callback]:
+    """Add a callback (keel's below; a test or a user's package may add its own before a run is built)."""
+    check(bool(cls.name) and CALLBACKS.get(cls.name, cls) is cls,
+          f"callback {cls.name!r} is registered already (or has no name): pick another name")
+    check(cls.ranks in tuple(Ranks), f"callback {cls.name}: ranks={cls.ranks!r}; choose one of {', '.join(Ranks)}")
+    CALLBACKS[cls.name] = cls
+    return cls
 
-    mon = cfg.logging.monitors
-    callbacks: dict[str, Callback] = {"spike": SpikeMonitor(mon)}  # every rank: it acts on the update
-    if mon.interval > 0:
-        from pretrain.callbacks.stability import StabilityMonitor
 
-        callbacks["stability"] = StabilityMonitor(gpt, mon)  # every rank: it uses collectives
-    if cfg.optim.spectral.enabled or cfg.optim.quack:
-        from pretrain.callbacks.optimizer_stats import OptimizerStats
+for _cls in KEEL_CALLBACKS:
+    register(_cls)
 
-        callbacks["optimizer"] = OptimizerStats(optimizer, cfg.trainer.log_interval)
-    if cfg.model.moe.num_experts:
-        from pretrain.callbacks.moe import MoEStatsCallback
 
-        callbacks["moe"] = MoEStatsCallback(cfg.trainer.log_interval)  # every rank: all-reduces over DP
-    if world.is_main:
-        from pretrain.callbacks.loss_plot import LossPlot
-        from pretrain.callbacks.metrics import MetricsLogger
-        from pretrain.callbacks.progress import ProgressBar
-
-        callbacks["metrics"] = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.trainer.log_interval)
-        if cfg.trainer.progress:
-            callbacks["progress"] = ProgressBar(cfg.trainer.max_steps)
-        if cfg.logging.plot:
-            callbacks["loss_plot"] = LossPlot(run_dir)
+def build_callbacks(run: RunContext) -> dict[str, Callback]:
+    """The run's callbacks by name, in call order (`order`, then name): every registered one that runs
+    on this rank and that the run's config turns on."""
+    callbacks = {}
+    for cls in sorted(CALLBACKS.values(), key=lambda c: (c.order, c.name)):
+        if cls.ranks == Ranks.main and not run.world.is_main:
+            continue
+        callback = cls.build(run)
+        if callback is not None:
+            callbacks[cls.name] = callback
     return callbacks

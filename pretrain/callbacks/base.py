@@ -1,18 +1,61 @@
-"""The callback interface: hooks the trainer calls at fixed points, and state saved in checkpoints.
+"""The callback interface: what a callback declares (name, order, ranks), how it is built from the run,
+the hooks the trainer calls at fixed points, its state in checkpoints and its lines in the run summary.
 
-The trainer holds its callbacks by name, calls them in that order at each hook, and saves and
-restores each one's `state_dict` under its name, so two callbacks of one class never collide.
+The trainer holds its callbacks by name, calls them in order at each hook, and saves and restores each
+one's `state_dict` under its name, so two callbacks of one class never collide.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from optim.optimizer import KeelOptimizer
+    from pretrain.config import KeelConfig
+    from pretrain.distributed import World
+
+
+class Ranks(StrEnum):
+    every = "every"  # every rank: it acts on the update or uses collectives
+    main = "main"  # rank 0 only: it writes files or prints
+
+
+# Call order, lowest first. Below METRICS_ORDER a callback may act on the update and add to the step's
+# metrics; the metrics logger (METRICS_ORDER) writes the row; later ones only read it.
+METRICS_ORDER = 100
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a callback is built from: the run's config and the parts it may watch."""
+
+    cfg: KeelConfig
+    world: World
+    run_dir: Path
+    model: torch.nn.Module  # the bare GPT (this rank's pipeline stage), not its DDP wrapper
+    optimizer: KeelOptimizer
+
 
 class Callback:
-    """Override the hooks you need; every hook and the state methods have do-nothing defaults."""
+    """Declare `name`, `order` and `ranks`; override `build` to read the config, and the hooks you need
+    (every hook, the state methods and `summary` have do-nothing defaults)."""
 
+    name: ClassVar[str] = ""  # its key in the trainer and in checkpoints: a shipped name never changes
+    order: ClassVar[int] = 50  # call order at every hook, lowest first (see METRICS_ORDER)
+    ranks: ClassVar[Ranks] = Ranks.every
     # False when the state describes this rank's share of a split model (it then restarts when a
     # checkpoint is resumed at another parallel layout)
-    layout_free = True
+    layout_free: ClassVar[bool] = True
+
+    @classmethod
+    def build(cls, run: RunContext) -> Callback | None:
+        """This callback for `run`, or None when the run's config leaves it off."""
+        return cls()
 
     def on_train_start(self, trainer) -> None:
         """Before the first step (after a resume has restored the trainer and every callback)."""
@@ -42,3 +85,7 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
+
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        """Lines of the run's closing summary, {label: text}, from every logged metrics row (on rank 0)."""
+        return {}

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.callbacks.base import Callback
+from pretrain.callbacks.base import Callback, Ranks, RunContext
 from pretrain.rundir import pyplot, read_metrics
 
 
+@dataclass
+class LossPlotConfig:
+    """The plot's key of `logging` (pretrain.config.LoggingConfig composes it)."""
+
+    plot: bool = True
+
+
 class LossPlot(Callback):
-    """`loss.png` in the run folder: training loss and validation loss against the step."""
+    """`loss.png` in the run folder: training loss and validation loss against the step (`logging.plot`)."""
+
+    name, order, ranks = "loss_plot", 120, Ranks.main
+
+    @classmethod
+    def build(cls, run: RunContext) -> LossPlot | None:
+        return cls(run.run_dir) if run.cfg.logging.plot else None
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
 
     def on_train_end(self, trainer) -> None:
         plot_losses(self.run_dir, self.run_dir / "loss.png")
+
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        return {"loss plot": str(self.run_dir / "loss.png")}
 
 
 def plot_losses(run_dir: Path, out: Path) -> None:

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.config import ConfigError
-from pretrain.callbacks.base import Callback
+from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
 from pretrain.rundir import metrics_row
 
 
+@dataclass
+class MetricsConfig:
+    """The logger's key of `logging` (pretrain.config.LoggingConfig composes it)."""
+
+    tensorboard: bool = True  # the same scalars in TensorBoard (metrics.jsonl is always written)
+
+
 class MetricsLogger(Callback):
-    """Rank 0's metrics.jsonl and TensorBoard writer."""
+    """Rank 0's metrics.jsonl and TensorBoard writer (`logging.tensorboard`)."""
+
+    name, order, ranks = "metrics", METRICS_ORDER, Ranks.main
+
+    @classmethod
+    def build(cls, run: RunContext) -> MetricsLogger:
+        return cls(run.run_dir, run.cfg.logging.tensorboard, run.cfg.trainer.log_interval)
 
     def __init__(self, run_dir: Path, tensorboard: bool, interval: int):
         self.path = run_dir / "metrics.jsonl"
         self.interval = interval
-        self.writer = None
+        self.writer, self.tensorboard = None, run_dir / "tensorboard"
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.tensorboard))
 
     def on_train_start(self, trainer) -> None:
         # after a crash and resume, drop the rows logged past the checkpoint (they are re-run), and a
@@ -64,3 +78,6 @@ class MetricsLogger(Callback):
     def on_train_end(self, trainer) -> None:
         if self.writer:
             self.writer.close()
+
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        return {"metrics": str(self.path), **({"tensorboard": str(self.tensorboard)} if self.writer else {})}

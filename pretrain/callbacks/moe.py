@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 
-from pretrain.callbacks.base import Callback
+from pretrain.callbacks.base import Callback, RunContext
 
 NAMED_SET = "val_loss/"  # the metric prefix of data.val_sets: each named validation set is one source
 
@@ -21,6 +21,12 @@ class MoEStatsCallback(Callback):
     and is not one. With fewer than two named sets nothing is logged.
     """
 
+    name, order = "moe", 40  # every rank: it all-reduces over DP
+
+    @classmethod
+    def build(cls, run: RunContext) -> MoEStatsCallback | None:
+        return cls(run.cfg.trainer.log_interval) if run.cfg.model.moe.num_experts else None
+
     def __init__(self, interval: int):
         self.interval = interval
         self.source_loads: dict = {}  # source -> layer -> routed assignments per expert, this evaluation
@@ -28,13 +34,13 @@ class MoEStatsCallback(Callback):
     def on_train_start(self, trainer) -> None:
         from models.moe import reset
 
-        reset(trainer.gpt)  # nothing from a forward before training (or before a resume) counts
+        reset(trainer.model)  # nothing from a forward before training (or before a resume) counts
 
     def on_eval_set(self, trainer, key: str) -> None:
         from models.moe import take_eval_loads
 
         # every set is taken (and its counts restarted), so no set's tokens leak into the next one's
-        loads = take_eval_loads(trainer.gpt, parallel_state.get_data_parallel_group())
+        loads = take_eval_loads(trainer.model, parallel_state.get_data_parallel_group())
         if key.startswith(NAMED_SET):
             self.source_loads[key.removeprefix(NAMED_SET)] = loads
 
@@ -42,8 +48,8 @@ class MoEStatsCallback(Callback):
         from models.moe import collect, reset, source_routing_metrics
 
         if metrics["step"] % self.interval == 0 or "val_loss" in metrics:
-            metrics.update(collect(trainer.gpt, parallel_state.get_data_parallel_group()))
+            metrics.update(collect(trainer.model, parallel_state.get_data_parallel_group()))
         if "val_loss" in metrics:
             metrics.update(source_routing_metrics(self.source_loads))
         self.source_loads = {}
-        reset(trainer.gpt)
+        reset(trainer.model)

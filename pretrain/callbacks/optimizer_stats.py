@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from pretrain.callbacks.base import Callback
+from pretrain.callbacks.base import Callback, RunContext
 
 
 class OptimizerStats(Callback):
     """`KeelOptimizer.pop_stats` on logged steps: how often and how hard the spectral bound clipped per
     matrix group, or the spread of QuacK's rate factors."""
+
+    name, order = "optimizer", 30
+
+    @classmethod
+    def build(cls, run: RunContext) -> OptimizerStats | None:
+        optim = run.cfg.optim
+        return cls(run.optimizer, run.cfg.trainer.log_interval) if optim.spectral.enabled or optim.quack else None
 
     def __init__(self, optimizer, interval: int):
         self.optimizer, self.interval = optimizer, interval

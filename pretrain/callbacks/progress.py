@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pretrain.callbacks.base import Callback
+from pretrain.callbacks.base import Callback, Ranks, RunContext
 
 
 class ProgressBar(Callback):
+    """On the terminal (`trainer.progress`)."""
+
+    name, order, ranks = "progress", 110, Ranks.main
+
+    @classmethod
+    def build(cls, run: RunContext) -> ProgressBar | None:
+        return cls(run.cfg.trainer.max_steps) if run.cfg.trainer.progress else None
+
     def __init__(self, max_steps: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

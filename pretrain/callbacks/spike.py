@@ -1,5 +1,5 @@
 """Loss-spike detection by a one-sided z-score against a rolling window of recent non-spike losses,
-and the callback that applies it to every step's loss.
+and the callback that applies it to every step's loss (its keys: `logging.monitors.spike_*`).
 
 `SpikeDetector.observe(step, loss)` runs once per step and returns an event whose `action` is
 "log" (record only), "skip" (drop this update) or "stop" (end the run).  Spikes are kept out of the
@@ -13,8 +13,26 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pretrain.callbacks.base import Callback
-from pretrain.config import SPIKE_MIN_HISTORY, MonitorConfig, SpikeAction
+from models.config import check, check_choices, check_positive, choice, choices
+from pretrain.callbacks.base import Callback, RunContext
+
+SpikeAction = choices("SpikeAction", "log", "skip", "stop")
+SPIKE_MIN_HISTORY = 20  # losses a spike detector needs before it judges one
+
+
+@dataclass
+class SpikeConfig:
+    """The spike detector's keys of `logging.monitors` (pretrain.config.MonitorConfig composes them)."""
+
+    spike_window: int = 50
+    spike_z: float = 6.0
+    spike_action: str = choice(SpikeAction, "log")
+
+    def __post_init__(self):
+        check_choices("logging.monitors", self)
+        check_positive("logging.monitors", self, "spike_z")
+        check(self.spike_window >= SPIKE_MIN_HISTORY,
+              f"logging.monitors.spike_window must be >= {SPIKE_MIN_HISTORY}, got {self.spike_window}")
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,13 @@ class SpikeDetector:
 class SpikeMonitor(Callback):
     """Loss spikes by z-score over a window; the action is log, skip the update, or stop."""
 
-    def __init__(self, cfg: MonitorConfig):
+    name, order = "spike", 10  # every rank: it acts on the update
+
+    @classmethod
+    def build(cls, run: RunContext) -> SpikeMonitor:
+        return cls(run.cfg.logging.monitors)
+
+    def __init__(self, cfg: SpikeConfig):
         self.detector = SpikeDetector(window=cfg.spike_window, z_threshold=cfg.spike_z, action=cfg.spike_action)
         self.event = None
 
@@ -119,3 +143,7 @@ class SpikeMonitor(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state)
+
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        spikes = [r["step"] for r in rows if r.get("spike")]
+        return {"loss spikes": f"flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "none flagged"}

@@ -20,29 +20,52 @@ layers is one batched factorisation, and every value leaves the device in one sy
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.callbacks.stability_stats import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
+from models.config import check, check_positive
 from optim.spectral import init_vectors, megatron_shard_dim, power_iteration
-from pretrain.callbacks.base import Callback
-from pretrain.config import MonitorConfig
+from pretrain.callbacks.base import Callback, RunContext
+from pretrain.callbacks.stability_stats import attention_entropy_from_scores, qk_spectral_stats, split_megatron_qkv
 
 STACK_BYTES = 1 << 28  # fp32 bytes per batch of stacked matrices: bounds the monitor's extra memory
 POWER_ITERS = 3  # per monitored step; the vectors are warm-started, so estimates tighten over steps
+# what the run summary reads from the monitors: (metric, label, the worst is the highest?)
+WORST_READINGS = (("stability/attn_entropy_min", "lowest attention entropy", False),
+                  ("stability/qk_sigma1_max", "highest σ1(W_qᵀW_k)", True),
+                  ("stability/logit_norm", "highest output-logit norm", True))
+
+
+@dataclass
+class StabilityConfig:
+    """The monitors' keys of `logging.monitors` (pretrain.config.MonitorConfig composes them)."""
+
+    interval: int = 50  # stability monitors every n steps; 0 disables
+    batch_rows: int = 1  # rows of the batch the monitors look at
+
+    def __post_init__(self):
+        check(self.interval >= 0, f"logging.monitors.interval must be >= 0 (0 disables), got {self.interval}")
+        check_positive("logging.monitors", self, "batch_rows")
 
 
 class StabilityMonitor(Callback):
+    name, order = "stability", 20  # every rank: it uses collectives
     layout_free = False  # its power-iteration vectors are per tensor-parallel shard
 
-    def __init__(self, gpt: torch.nn.Module, cfg: MonitorConfig):
-        self.gpt, self.cfg = gpt, cfg
-        self.layers = list(gpt.decoder.layers)
-        self.matrices = [(n, p) for n, p in gpt.named_parameters() if p.ndim >= 2]
+    @classmethod
+    def build(cls, run: RunContext) -> StabilityMonitor | None:
+        monitors = run.cfg.logging.monitors
+        return cls(run.model, monitors) if monitors.interval > 0 else None
+
+    def __init__(self, model: torch.nn.Module, cfg: StabilityConfig):
+        self.model, self.cfg = model, cfg
+        self.layers = list(model.decoder.layers)
+        self.matrices = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
         self.batches = _same_shape_batches(self.matrices)
-        self.global_names = {n: _layer_name(n, gpt) for n, _ in self.matrices}  # as logged: model-wide layer numbers
+        self.global_names = {n: _layer_name(n, model) for n, _ in self.matrices}  # as logged: model-wide layer numbers
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.power_state: dict[str, dict] = {}
@@ -68,8 +91,8 @@ class StabilityMonitor(Callback):
         for layer in self.layers:
             core = layer.self_attention.core_attention
             self._hooks.append(core.register_forward_pre_hook(self._capture_qk(layer.layer_number), with_kwargs=True))
-        if getattr(self.gpt, "post_process", False):
-            self._hooks.append(self.gpt.output_layer.register_forward_hook(self._capture_logits))
+        if getattr(self.model, "post_process", False):
+            self._hooks.append(self.model.output_layer.register_forward_hook(self._capture_logits))
 
     def _capture_qk(self, layer_number: int):
         rows = self.cfg.batch_rows
@@ -114,7 +137,7 @@ class StabilityMonitor(Callback):
         dist.all_gather_object(gathered, local)
         merged = {k: v for part in gathered for k, v in part.items()}
         metrics.update(_summarise(merged))
-        metrics["stability/param_norm"] = _param_norm(self.gpt)
+        metrics["stability/param_norm"] = _param_norm(self.model)
 
     def _attention_stats(self) -> dict:
         """0-dim tensors per layer and head: entropy from the captured q/k, then W_qᵀW_k's spectrum."""
@@ -192,6 +215,20 @@ class StabilityMonitor(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.power_state = state["power_state"]
 
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        return {"stability": reading} if (reading := worst_readings(rows)) else {}
+
+
+def worst_readings(rows: list[dict]) -> str | None:
+    """The monitors' worst readings over the run's metrics rows, with their steps (None: none logged)."""
+    parts = []
+    for key, label, highest in WORST_READINGS:
+        seen = [(r[key], r["step"]) for r in rows if isinstance(r.get(key), float)]
+        if seen:
+            value, step = (max if highest else min)(seen)
+            parts.append(f"{label} {value:.2f} (step {step})")
+    return "; ".join(parts) or None
+
 
 def _training_forward_is_plain(trainer) -> bool:
     """Whether the training forward calls each module as the eager model does (so hooks see it all)."""
@@ -220,13 +257,13 @@ def _same_shape_batches(matrices: list) -> list[list]:
     return batches
 
 
-def _layer_name(name: str, gpt) -> str:
+def _layer_name(name: str, model) -> str:
     """Parameter name with the pipeline stage's local layer index made global."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from models.init import global_name
 
-    return global_name(name, get_transformer_layer_offset(gpt.config))
+    return global_name(name, get_transformer_layer_offset(model.config))
 
 
 def _summarise(values: dict) -> dict:
@@ -252,10 +289,10 @@ def _summarise(values: dict) -> dict:
     return out
 
 
-def _param_norm(gpt) -> float:
+def _param_norm(model) -> float:
     """L2 norm of all parameters across the model-parallel group (replicas and shared copies once)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    owned = [p.detach() for p in gpt.parameters()
+    owned = [p.detach() for p in model.parameters()
              if (getattr(p, "tensor_model_parallel", False) or tp_rank == 0) and not getattr(p, "shared", False)]
     norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in owned])
     total = norms.double().square().sum().reshape(1)

@@ -6,7 +6,8 @@ one stops with a line saying what to install instead of failing somewhere inside
    Manager that `filesystem_async.get_write_results_queue` starts on first use and keeps in the module's
    `_results_queue`. Started by megatron, that Manager dies of the SIGTERM that preempts the job (losing
    the checkpoint) and outlives a `kill -9` of the trainer; keel starts it itself, as a helper process
-   that ignores both signals and dies with its parent, and puts its queue in that slot.
+   that ignores both signals and dies with its parent (`pretrain.helper_process`, which imports neither
+   torch nor megatron, so the helper starts fast), and puts its queue in that slot.
 2. `quiet_sync_save_notice`: megatron's synchronous torch_dist save runs through its own async writer and
    then warns (once per process) that this writer is deprecated; keel saves synchronously, so the notice
    says nothing to a user and is dropped while a save runs.
@@ -33,34 +34,20 @@ def require_release() -> None:
                               f"megatron-core {found} is installed; install megatron-core=={WRITTEN_FOR}")
 
 
-def _helper_process() -> None:
-    """Set up a helper process of the trainer's. It ignores SIGTERM and SIGINT: a scheduler signals every
-    process of the job (systemd the process group, torchrun each worker's group) and the trainer, which
-    also gets the signal, still needs its helper to finish the checkpoint. And, on Linux, the kernel kills
-    it when its parent dies (prctl PR_SET_PDEATHSIG), so a `kill -9` of the trainer leaves nothing behind."""
-    import ctypes
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the helper outlives a killed parent, as before
-        pass
-
-
 def results_queue_in_helper() -> None:
-    """megatron's writer results queue, served by a `_helper_process` keel starts (once per process: the
-    slot keeps it)."""
+    """megatron's writer results queue, served by a helper process keel starts and `pretrain.helper_process`
+    sets up (once per process: the slot keeps it)."""
     from multiprocessing import get_context
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from pretrain import helper_process
+
     require_release()
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=get_context("spawn"))
-        manager.start(initializer=_helper_process)
+        manager.start(initializer=helper_process.setup)
         filesystem_async._results_queue = manager.Queue()
 
 

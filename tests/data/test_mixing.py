@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.format import PackedDataset, PackedWriter
-from data.loader import BLEND_BLOCK, MixedLoader, PackedLoader, Source, build_loader
+from data.loader import BLEND_BLOCK, MixedLoader, PackedLoader, WeightedDataset, build_loader
 
 SEQ = 8
 
@@ -22,9 +22,10 @@ def _packed(prefix, source: int, rows: int) -> PackedDataset:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[Source]:
+def sources(tmp_path_factory) -> list[WeightedDataset]:
     root = tmp_path_factory.mktemp("mix")
-    return [Source("new", _packed(root / "new", 1, 37), 0.8), Source("replay", _packed(root / "replay", 2, 11), 0.2)]
+    return [WeightedDataset("new", _packed(root / "new", 1, 37), 0.8),
+            WeightedDataset("replay", _packed(root / "replay", 2, 11), 0.2)]
 
 
 def _stream(loader: PackedLoader, steps: int) -> list[int]:

@@ -12,7 +12,7 @@ from data.format import PackedDataset, PackedWriter, dataset_files
 from data.packing import METHODS, build_plan
 from data.pipeline import pack_compare, pack_documents
 from data.verify import verify_dataset
-from data.sources import InputError, Source
+from data.sources import InputError, DocumentSource
 from data.tokenizer import SentencePieceTokenizer as Tokenizer, train_tokenizer
 
 L = 64
@@ -181,41 +181,42 @@ def test_sources_read_every_format(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(arrow_dir))
     (tmp_path / "d.txt").write_text("one\n\nthree\n")
     for pattern in ["a.jsonl", "b.json", "c.parquet", "arrow/*.arrow"]:
-        docs = list(Source([str(tmp_path / pattern)]))
+        docs = list(DocumentSource([str(tmp_path / pattern)]))
         assert [d.text for d in docs] == ["alpha", "", "gamma"], pattern
-    assert [d.text for d in Source([str(tmp_path / "d.txt")], text_mode="line")] == ["one", "", "three"]
-    assert [d.text for d in Source([str(tmp_path / "d.txt")])] == ["one\n\nthree\n"]
-    assert len(list(Source([str(tmp_path / "*.json*")]))) == 6
+    assert [d.text for d in DocumentSource([str(tmp_path / "d.txt")], text_mode="line")] == ["one", "", "three"]
+    assert [d.text for d in DocumentSource([str(tmp_path / "d.txt")])] == ["one\n\nthree\n"]
+    assert len(list(DocumentSource([str(tmp_path / "*.json*")]))) == 6
 
 
 def test_sources_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(InputError, match="no field 'text'.*--text-field"):
-        Source([str(tmp_path / "a.jsonl")])
-    assert [d.text for d in Source([str(tmp_path / "a.jsonl")], text_field="body")] == ["x"]
+        DocumentSource([str(tmp_path / "a.jsonl")])
+    assert [d.text for d in DocumentSource([str(tmp_path / "a.jsonl")], text_field="body")] == ["x"]
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(InputError, match="not valid UTF-8"):
-        list(Source([str(tmp_path / "bad.txt")]))
+        list(DocumentSource([str(tmp_path / "bad.txt")]))
     with pytest.raises(InputError, match="matches no file"):
-        Source([str(tmp_path / "missing*.jsonl")])
+        DocumentSource([str(tmp_path / "missing*.jsonl")])
     with pytest.raises(InputError, match="subset"):
-        Source(["stdlib:everything"])
+        DocumentSource(["stdlib:everything"])
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="cannot read"):
-        Source([str(tmp_path / "broken.parquet")])
+        DocumentSource([str(tmp_path / "broken.parquet")])
 
 
 def test_stdlib_source_subsets():
-    code = Source(["stdlib:code"])
+    code = DocumentSource(["stdlib:code"])
     first = next(iter(code))
     assert first.text and "/test/" not in f"/{first.name}"
     assert code.describe()["files"] == 0
-    val = next(iter(Source(["stdlib:tests:val"])))
+    val = next(iter(DocumentSource(["stdlib:tests:val"])))
     assert {"test", "tests"} & set(Path(val.name).parts[:-1])
     # the held-out share is the packer's --val-percent (data.val_percent): more held out, more val files
-    names = {p: {d.name for d in Source(["stdlib:code:val"], val_percent=p)} for p in (5.0, 30.0)}
-    assert names[5.0] < names[30.0] and Source(["stdlib:code:val"], val_percent=30.0).describe()["val_percent"] == 30.0
-    assert names[30.0].isdisjoint(d.name for d in Source(["stdlib:code:train"], val_percent=30.0))
+    names = {p: {d.name for d in DocumentSource(["stdlib:code:val"], val_percent=p)} for p in (5.0, 30.0)}
+    assert names[5.0] < names[30.0]
+    assert DocumentSource(["stdlib:code:val"], val_percent=30.0).describe()["val_percent"] == 30.0
+    assert names[30.0].isdisjoint(d.name for d in DocumentSource(["stdlib:code:train"], val_percent=30.0))
     assert code.describe()["val_percent"] == 5.0  # the default, as data.val_percent's
     with pytest.raises(InputError, match=r"held-out share .* --val-percent"):
-        Source(["stdlib:code:val"], val_percent=60)
+        DocumentSource(["stdlib:code:val"], val_percent=60)

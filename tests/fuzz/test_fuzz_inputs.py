@@ -89,13 +89,13 @@ def _corpus_bytes(draw, suffix: str) -> bytes:
 @given(data=st.data(), suffix=st.sampled_from([".jsonl", ".json", ".txt", ".parquet", ".arrow"]),
        skip=st.booleans())
 def test_corpus_readers_give_documents_or_one_line(tmp_path, data, suffix, skip):
-    from data.sources import InputError, Source
+    from data.sources import InputError, DocumentSource
 
     path = tmp_path / f"corpus{suffix}"
     path.write_bytes(_corpus_bytes(data.draw, suffix))
     with no_hang():
         try:
-            docs = list(Source([str(path)], skip_missing_field=skip))
+            docs = list(DocumentSource([str(path)], skip_missing_field=skip))
         except InputError as e:
             one_line(e)
             return

@@ -30,3 +30,14 @@ def test_wsd_holds_then_decays_linearly():
     values = [lr_factor(s, 100, cfg) for s in range(101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert all(math.isfinite(v) for v in values)
+
+
+def test_every_schedule_name_has_a_shape_and_an_unknown_one_is_an_error():
+    from optim.config import ScheduleName
+    from optim.schedule import DECAY
+
+    assert set(DECAY) == set(ScheduleName)
+    cfg = ScheduleConfig(name="wsd")
+    cfg.name = "linear"  # set after the config's own check: no silent fall-through to a shape
+    with pytest.raises(ValueError, match=r"^lr.name='linear' is unknown; choose one of constant, cosine, wsd$"):
+        lr_factor(50, 100, cfg)

@@ -15,16 +15,26 @@ TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
 # MQA at TP=2 (1 KV head < 2 ranks) uses megatron's all-gather in tensor_parallel/mappings.py, which
 # needs that module's CPU redirect in pretrain/cpu_compat.py
 @pytest.mark.parametrize("attention", TYPES)
-def test_tensor_parallel_matches_one_process(tiny_data, tmp_path, attention):
-    # GTA shards KV heads (RoPE key replicated); GLA shards its 2 latents; MLA replicates its latent
-    over = [f"attention={attention}", "trainer.eval_interval=100"]
-    run_keel(tiny_overrides(tiny_data, tmp_path / "one", steps=2) + over)
-    run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=2) + over + ["parallel.tensor=2"], nproc=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
+def test_tensor_parallel_matches_one_process_and_resume_is_exact(tiny_data, tmp_path, attention):
+    # one uninterrupted 4-step run is the reference of both checks
+    over = [f"attention={attention}"]
+    run_keel(tiny_overrides(tiny_data, tmp_path / "straight", steps=4) + over)
+    straight = metrics(tmp_path / "straight")
+    # 1. TP=2 (stop_at keeps the schedule): GTA shards KV heads (RoPE key replicated); GLA shards its 2
+    #    latents; MLA replicates its latent
+    run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=4) + over + ["parallel.tensor=2", "trainer.stop_at=2"],
+             nproc=2)
+    two = metrics(tmp_path / "two")
+    assert len(two) == 2
+    for a, b in zip(straight, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # 2. stopped after step 2 and resumed: bit for bit
+    split = tmp_path / "split"
+    run_keel(tiny_overrides(tiny_data, split, steps=4) + over + ["trainer.stop_at=2", "checkpoint.interval=2"])
+    out = run_keel(tiny_overrides(tiny_data, split, steps=4) + over)
+    assert "resumed from" in out.stdout
+    assert losses(split) == losses(tmp_path / "straight")
 
 
 def test_gla_with_fewer_latents_than_ranks_matches_one_process(tiny_data, tmp_path):
@@ -35,17 +45,6 @@ def test_gla_with_fewer_latents_than_ranks_matches_one_process(tiny_data, tmp_pa
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
-@pytest.mark.parametrize("attention", TYPES)
-def test_resume_is_exact(tiny_data, tmp_path, attention):
-    over = [f"attention={attention}"]
-    run_keel(tiny_overrides(tiny_data, tmp_path / "straight", steps=4) + over)
-    run_keel(tiny_overrides(tiny_data, tmp_path / "split", steps=4) + over + ["trainer.stop_at=2",
-                                                                               "checkpoint.interval=2"])
-    out = run_keel(tiny_overrides(tiny_data, tmp_path / "split", steps=4) + over)
-    assert "resumed from" in out.stdout
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bit for bit
 
 
 def test_generate_from_a_checkpoint(tiny_data, tmp_path):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from optim.spectral import power_iteration
-from pretrain.config import MonitorConfig
-from pretrain.callbacks.stability import StabilityMonitor
+from pretrain.callbacks.stability import StabilityConfig, StabilityMonitor
 from tests.helpers import build_tiny_gpt
 
 
@@ -17,7 +16,7 @@ def test_batched_statistics_equal_per_matrix_ones(megatron_world, attention):
     from pretrain.callbacks.stability import _qk_weights
 
     _, gpt = build_tiny_gpt([f"attention={attention}", "model.num_layers=3"])
-    monitor = StabilityMonitor(gpt, MonitorConfig(interval=1))
+    monitor = StabilityMonitor(gpt, StabilityConfig(interval=1))
     assert len(monitor.batches) < len(monitor.matrices)  # a weight of every layer shares one batch
     lone = {n: {} for n, _ in monitor.matrices}
     trainer, g = SimpleNamespace(step=0), torch.Generator().manual_seed(0)
@@ -48,7 +47,8 @@ def test_batched_statistics_equal_per_matrix_ones(megatron_world, attention):
 
 
 def test_the_run_summary_reads_the_monitors_worst_values_and_the_spikes():
-    from pretrain.run import stability_reading
+    from pretrain.callbacks.spike import SpikeConfig, SpikeMonitor
+    from pretrain.callbacks.stability import worst_readings
 
     rows = [{"step": 1, "loss": 9.0},
             {"step": 5, "loss": 8.0, "stability/attn_entropy_min": 3.5, "stability/qk_sigma1_max": 1.5,
@@ -56,6 +56,9 @@ def test_the_run_summary_reads_the_monitors_worst_values_and_the_spikes():
             {"step": 6, "loss": 12.0, "spike": 1},
             {"step": 10, "loss": 7.0, "stability/attn_entropy_min": 0.5, "stability/qk_sigma1_max": 2.5,
              "stability/logit_norm": 20.0}]
-    assert stability_reading(rows) == ("lowest attention entropy 0.50 (step 10); highest σ1(W_qᵀW_k) 2.50 (step 10); "
-                                       "highest output-logit norm 40.00 (step 5); loss spikes flagged at steps 6")
-    assert stability_reading([{"step": 1, "loss": 9.0}]) is None  # monitors off: no line
+    assert worst_readings(rows) == ("lowest attention entropy 0.50 (step 10); highest σ1(W_qᵀW_k) 2.50 (step 10); "
+                                    "highest output-logit norm 40.00 (step 5)")
+    assert worst_readings([{"step": 1, "loss": 9.0}]) is None  # monitors off: no line
+    spikes = SpikeMonitor(SpikeConfig())
+    assert spikes.summary(rows) == {"loss spikes": "flagged at steps 6"}
+    assert spikes.summary(rows[:2]) == {"loss spikes": "none flagged"}

@@ -93,7 +93,7 @@ def _init_from(trainer, run, tmp_path):
     cfg = dataclasses.replace(trainer.cfg, init_from=str(run))
     checkpoints = run_checkpoints(cfg, tmp_path / "fresh")
     start = starting_point(cfg, checkpoints, trainer.parts.signature)
-    checkpoints.load(start.init_from, trainer.gpt, None, trainer.parts.signature)
+    checkpoints.load(start.init_from, trainer.model, None, trainer.parts.signature)
 
 
 def _generate_and_evaluate(trainer, run, tmp_path):
@@ -196,7 +196,7 @@ def test_torch_reads_checkpoints_through_the_restricted_readers_while_keel_loads
         return megatron_load(*args, **kwargs)
 
     monkeypatch.setattr(dist_checkpointing, "load", load_and_look)
-    load(run_with_checkpoints / "checkpoints" / "step_00000006", trainer.gpt, None, trainer.parts.signature)
+    load(run_with_checkpoints / "checkpoints" / "step_00000006", trainer.model, None, trainer.parts.signature)
     [(read_metadata, load_bytes)] = during_load
     assert read_metadata is safe_pickle._read_metadata and load_bytes.func is safe_pickle._load_bytes
     assert readers() == torch_readers  # torch's own again after the load (and importing keel changes nothing)

@@ -65,7 +65,7 @@ def test_the_tune_stage_is_one_multirun_of_every_type_and_rate_on_the_tuning_see
     assert argv[:4] == ["pretrain/main.py", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
     assert "+experiment=attention_d128" in argv and "+attention_d128=mha,gqa,mqa,gta,gla,mla" in argv
     assert "optim.lr=0.0005,0.001,0.002" in argv and "seed=100" in argv and "hydra.sweep.dir=runs/attention_d128/tune" in argv
-    from tools.experiments.common import REPORTED_SEEDS, TUNING_SEEDS
+    from tools.experiments.seeds import REPORTED_SEEDS, TUNING_SEEDS
 
     assert exp.TUNING_SEED in TUNING_SEEDS and all(s in REPORTED_SEEDS for s in exp.SEEDS) and len(exp.LRS) == 3
 

@@ -130,7 +130,7 @@ def test_rates_are_chosen_on_tuning_seeds_and_types_paired_at_their_choice(tmp_p
 def test_a_reported_seed_among_the_tuning_runs_is_never_used_to_choose(tmp_path):
     """Seed 1 at 2e-3 would make 2e-3 the best rate; only tuning seeds choose, so 1e-3 stays chosen."""
     from tools.experiments import attention_report
-    from tools.experiments.common import load_runs
+    from tools.experiments.runs import load_runs
 
     for lr, seed, loss in [(1e-3, 100, 4.5), (2e-3, 100, 4.6), (2e-3, 1, 1.0)]:
         _fake_run(tmp_path / f"gqa-{lr}-{seed}", "gqa", seed, loss, lr=lr)

@@ -183,6 +183,23 @@ def test_a_stage_whose_runs_completed_is_skipped(setup, tmp_path, monkeypatch, c
     assert launched == [cpt.pretrain_argv()] and not (tmp_path / "pre").exists()
 
 
+def test_the_continual_stages_start_together_and_a_finished_one_is_left_out(setup, tmp_path, monkeypatch):
+    """--stage continual --concurrent (tools/gpu_check.py 42): every stage after pretrain at once, as one run_stage."""
+    stats = {"rows": 100, "content_tokens": 25_000, "duplicated_share": 0.0, "corpus_tokens": 25_000}
+    train = {m: tmp_path / f"x.{m}" for m in cpt.METHODS}
+    for path in train.values():  # packed at this driver's SP capacity
+        settings = {"extra_capacity": cpt.extra_capacity(setup.seq_len)}
+        cpt.Path(f"{path}.json").write_text(json.dumps({"stats": stats, "settings": settings}))
+    s = dataclasses.replace(setup, train=train, pack_prefix=tmp_path / "x", cpt_dir=tmp_path / "cpt")
+    _run(s.cpt_dir / cpt.INIT_RUN, "concat", 1, "completed", {1: 4.2})
+    launched = []
+    monkeypatch.setattr(cpt, "launch", launched.append)
+    cpt.stage_continual(s, jobs=2, dry=False, force=False, concurrent=True)
+    stages = cpt.training_stages(s, 2)
+    wanted = [argv for name in cpt.CONTINUAL[1:] for argv in stages[name].argvs()]  # init has finished
+    assert sorted(launched) == sorted(wanted) and len(wanted) == 4
+
+
 @pytest.mark.parametrize("method", ["concat", "bfd", "sp"])
 def test_presets_compose_and_match_the_pretrained_model(method):
     from pretrain.config import compose_config

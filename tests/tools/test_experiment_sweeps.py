@@ -4,7 +4,7 @@ the local (joblib) launcher runs sweep points side by side into run folders the 
 import pytest
 
 from tests.helpers import ROOT, run_keel, tiny_overrides
-from tools.experiments.common import by_arm, load_runs
+from tools.experiments.runs import by_arm, load_runs
 
 # preset -> the root its report reads (the commands in tools/experiments/*.py and docs/results/*.md)
 REPORT_ROOTS = {"warmup_free_adamw": "runs/warmup_free", "warmup_free_adamw_warmup": "runs/warmup_free",
@@ -54,9 +54,10 @@ def test_local_launcher_runs_two_points_at_once_into_loadable_run_folders(tiny_d
         assert run.name == f"s{seed}" and run.last("val_loss") is not None
         assert (run.folder / "checkpoints" / "step_00000002").is_dir()
     # 2. joblib ran them (it names its jobs main_<index>; the basic launcher numbers them), and at the same
-    #    time: each run was between writing run_info.json and result.json while the other was too
+    #    time: each run was in progress (from Hydra writing its job's config, before keel's imports, to
+    #    result.json) while the other was too
     assert sorted(_job_id(sweep / f"s{s}") for s in (1, 2)) == ["main_0", "main_1"]
-    starts = [(sweep / f"s{s}" / "run_info.json").stat().st_mtime for s in (1, 2)]
+    starts = [(sweep / f"s{s}" / ".hydra" / "config.yaml").stat().st_mtime for s in (1, 2)]
     ends = [(sweep / f"s{s}" / "result.json").stat().st_mtime for s in (1, 2)]
     assert max(starts) < min(ends)
 

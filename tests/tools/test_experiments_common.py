@@ -1,4 +1,4 @@
-"""tools/experiments/common.py against hand-computed numbers: paired seeds, their t interval and their
+"""What tools/experiments/ shares, against hand-computed numbers: paired seeds, their t interval and their
 equivalence test (TOST), summaries, tables, runs read from folders and grouped into arms, and the provenance
 every results JSON needs."""
 
@@ -8,9 +8,11 @@ import threading
 
 import pytest
 
-from tools.experiments import common
 from tests.helpers import COMMIT
-from tools.experiments.common import ExperimentError, by_arm, load_runs, markdown_table, paired, per_seed, summarize
+from tools.experiments import ExperimentError, cli, provenance, seeds, stages, stats, tables
+from tools.experiments.runs import by_arm, load_runs, per_seed
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import markdown_table
 
 T2 = 4.302652729911275  # Student t, 2 degrees of freedom, two-sided 95% (tables: 4.303)
 T2_90 = 2.919985580355516  # two-sided 90% (tables: 2.920): TOST's interval at alpha 0.05
@@ -24,7 +26,7 @@ def t2_cdf(t: float) -> float:
 @pytest.mark.parametrize("confidence, df, table", [(0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 5, 2.5706),
                                                    (0.95, 30, 2.0423), (0.99, 10, 3.1693), (0.90, 4, 2.1318)])
 def test_t_quantile_matches_the_tables(confidence, df, table):
-    assert common.t_quantile(confidence, df) == pytest.approx(table, abs=1e-4)
+    assert stats.t_quantile(confidence, df) == pytest.approx(table, abs=1e-4)
 
 
 def test_paired_differences_whose_interval_covers_zero_show_no_difference():
@@ -104,7 +106,7 @@ def test_summarize():
 
 
 def test_markdown_table_aligns_the_named_columns():
-    table = markdown_table(["arm", "loss"], [["a", "1.00"], ["b", common.fmt(None)]], align="lr")
+    table = markdown_table(["arm", "loss"], [["a", "1.00"], ["b", tables.fmt(None)]], align="lr")
     assert table == "| arm | loss |\n| --- | ---: |\n| a | 1.00 |\n| b | — |"
 
 
@@ -148,7 +150,7 @@ def test_guarded_turns_a_problem_with_the_runs_into_one_line_and_exit_2(capsys):
     def broken():
         raise ExperimentError("no completed runs below x; run the experiment first")
 
-    assert common.guarded(broken) == 2 and common.guarded(lambda: None) == 0
+    assert cli.guarded(broken) == 2 and cli.guarded(lambda: None) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.endswith("error: no completed runs below x; run the experiment first\n")
 
@@ -158,13 +160,13 @@ def test_choices_are_made_on_tuning_seeds_and_comparisons_on_reported_seeds(tmp_
                                  ("b101", 101, "b", 4.1), ("b1", 1, "b", 3.0)]:
         _run(tmp_path / name, seed, "completed", [{"step": 1, "val_loss": val}], arm)
     runs = load_runs(tmp_path)
-    assert [r.name for r in common.tuning_runs(runs)] == ["a100", "a101", "b100", "b101"]
-    assert [r.name for r in common.reported_runs(runs)] == ["b1"]
+    assert [r.name for r in seeds.tuning_runs(runs)] == ["a100", "a101", "b100", "b101"]
+    assert [r.name for r in seeds.reported_runs(runs)] == ["b1"]
     arm = lambda r: r.config["arm"]  # noqa: E731
     # means: a 4.2, b 4.1 -> b, although a holds the single best run
-    assert common.select(by_arm(common.tuning_runs(runs), arm), lambda r: r.last("val_loss")) == "b"
+    assert seeds.select(by_arm(seeds.tuning_runs(runs), arm), lambda r: r.last("val_loss")) == "b"
     with pytest.raises(ExperimentError, match=r"candidate 'b' ran seeds \[1\], outside the tuning seeds 100-199"):
-        common.select(by_arm(runs, arm), lambda r: r.last("val_loss"))
+        seeds.select(by_arm(runs, arm), lambda r: r.last("val_loss"))
     with pytest.raises(ExperimentError, match=r"seeds \[100\] are tuning seeds: .* pair on seeds 1-99"):
         paired({1: 1.0, 100: 2.0}, {1: 1.5, 100: 2.5})
 
@@ -172,16 +174,22 @@ def test_choices_are_made_on_tuning_seeds_and_comparisons_on_reported_seeds(tmp_
 def test_set_overrides_reach_every_training_run_and_only_those(tmp_path, capsys):
     """--set (e.g. trainer.precision=bf16 on a GPU) goes last on each pretrain/main.py command, where it wins,
     in what a stage launches and in what --dry-run prints; a pack or report command is left as it is."""
-    args = common.driver_parser("doc", ("train",)).parse_args(["--set", "trainer.precision=bf16", "trainer.eval_batches=4"])
+    args = cli.driver_parser("doc", ("train",)).parse_args(["--set", "trainer.precision=bf16", "trainer.eval_batches=4"])
     argvs = [["tools/pack.py", "--verify", "x"], ["pretrain/main.py", "-m", "seed=1,2"]]
-    stage = common.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
+    stage = stages.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
     launched = []
-    common.run_stage("train", stage, False, launched.append, args.overrides)
+    stages.run_stage("train", stage, False, launched.append, args.overrides)
     assert launched == [argvs[0], [*argvs[1], "trainer.precision=bf16", "trainer.eval_batches=4"]]
     capsys.readouterr()
-    common.print_commands("train", stage, args.overrides)
+    stages.print_commands("train", stage, args.overrides)
     assert capsys.readouterr().out.splitlines()[1].endswith("seed=1,2 trainer.precision=bf16 trainer.eval_batches=4")
-    assert common.driver_parser("doc", ("train",)).parse_args([]).overrides == []
+    assert cli.driver_parser("doc", ("train",)).parse_args([]).overrides == []
+
+
+def test_stage_names_several_stages_in_the_order_given():
+    parser = cli.driver_parser("doc", ("pack", "train", "report"))
+    assert cli.chosen_stages(parser.parse_args([]), ("pack", "train")) == ("pack", "train")  # all, in order
+    assert cli.chosen_stages(parser.parse_args(["--stage", "report", "pack"]), ("pack", "train")) == ("report", "pack")
 
 
 def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end(tmp_path):
@@ -196,12 +204,12 @@ def test_concurrent_stages_launch_every_multirun_at_once_and_raise_after_all_end
             raise ExperimentError("seed 2 failed")
 
     argvs = [["pretrain/main.py", "-m", f"seed={seed}"] for seed in (1, 2, 3)]
-    stage = common.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
-    args = common.driver_parser("doc", ("train",)).parse_args(["--concurrent", "--set", "trainer.precision=bf16"])
+    stage = stages.TrainingStage(lambda: argvs, lambda: False, lambda: [tmp_path])
+    args = cli.driver_parser("doc", ("train",)).parse_args(["--concurrent", "--set", "trainer.precision=bf16"])
     with pytest.raises(ExperimentError, match="seed 2 failed"):
-        common.run_stage("train", stage, False, launch, args.overrides, args.concurrent)
+        stages.run_stage("train", stage, False, launch, args.overrides, args.concurrent)
     assert sorted(ended) == ["seed=1", "seed=2", "seed=3"]
-    assert not common.driver_parser("doc", ("train",)).parse_args([]).concurrent
+    assert not cli.driver_parser("doc", ("train",)).parse_args([]).concurrent
 
 
 def test_git_revision_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
@@ -242,7 +250,7 @@ def _scored_run(folder, seed: int, revision: str | None = COMMIT, recorded=("val
 def test_results_provenance_records_the_commit_and_each_sets_digest(tmp_path, committed_checkout):
     for seed in (1, 2):
         _scored_run(tmp_path / f"s{seed}", seed)
-    origin = common.results_provenance(load_runs(tmp_path))
+    origin = provenance.results_provenance(load_runs(tmp_path))
     assert origin["provenance"]["git_revision"] == COMMIT and origin["provenance"]["run_git_revisions"] == [COMMIT]
     assert origin["val_digests"] == {"val_loss": ["d-val_loss"], "val_loss/code": ["d-val_loss/code"]}
     assert origin["provenance"]["validation"]["val_loss/code"] == {"digests": ["d-val_loss/code"], "tokens": [64]}
@@ -259,7 +267,7 @@ def test_results_provenance_refuses_runs_from_uncommitted_code_or_without_digest
     _scored_run(tmp_path / "s1", 1)
     _scored_run(tmp_path / "s2", 2, **run)
     with pytest.raises(ExperimentError, match=problem):
-        common.results_provenance(load_runs(tmp_path))
+        provenance.results_provenance(load_runs(tmp_path))
 
 
 def test_results_provenance_refuses_a_report_from_uncommitted_code(tmp_path, monkeypatch):
@@ -269,7 +277,7 @@ def test_results_provenance_refuses_a_report_from_uncommitted_code(tmp_path, mon
     monkeypatch.setattr(rundir, "git_revision", lambda root=rundir.ROOT: COMMIT + "+dirty")
     with pytest.raises(ExperimentError, match=rf"this checkout is at git revision {COMMIT}\+dirty, not a commit: "
                                               "commit .* a results JSON comes from a committed tree"):
-        common.results_provenance(load_runs(tmp_path))
+        provenance.results_provenance(load_runs(tmp_path))
     monkeypatch.setattr(rundir, "git_revision", lambda root=rundir.ROOT: "unknown")  # no git at all
     with pytest.raises(ExperimentError, match="git revision unknown, not a commit"):
-        common.results_provenance(load_runs(tmp_path))
+        provenance.results_provenance(load_runs(tmp_path))

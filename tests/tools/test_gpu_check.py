@@ -1,55 +1,170 @@
-"""tools/gpu_check.sh: sections are named and time-boxed within the budget a lent GPU allows."""
+"""tools/gpu_check.py (run as tools/gpu_check.sh): sections are named and time-boxed within the budget a lent GPU
+allows, and a step past its limit is interrupted, then killed."""
 
-import re
+import importlib
+import json
 import subprocess
+import tarfile
+from pathlib import Path
 
 from tests.helpers import ROOT
+from tools import gpu_check
 
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 
 
-def _sections() -> dict[str, list[int]]:
-    """Each section's step timeouts, read from the script."""
-    text = SCRIPT.read_text()
-    bodies = re.findall(r"^section_(\w+)\(\) \{\n(.*?)^\}", text, flags=re.S | re.M)
-    return {name: [int(t) for t in re.findall(r"^\s*step (\d+) ", body, flags=re.M)] for name, body in bodies}
-
-
-def _setting(name: str) -> int:
-    return int(re.search(rf"^{name}=(\d+)", SCRIPT.read_text(), flags=re.M).group(1))
+def _sections(**env) -> dict[str, gpu_check.Section]:
+    """Each section's table as a call with these settings would run it (no query runs)."""
+    return {name: section(gpu_check.Check(env, dry=True)) for name, section in gpu_check.SECTIONS.items()}
 
 
 def test_each_section_fits_its_budget():
-    budget, triage, install, grace = (_setting(n) for n in ("SECTION_BUDGET", "TRIAGE_BUDGET", "INSTALL_BUDGET",
-                                                              "KILL_GRACE"))
-    sections = _sections()
+    sections, grace = _sections(), gpu_check.KILL_GRACE
     assert set(sections) >= {"triage", "10", "20", "30", "40"}
-    for name, timeouts in sections.items():
-        assert timeouts, f"section {name} has no time-boxed step"
+    for name, section in sections.items():
+        limits = [step.limit_s for step in section.steps]
+        assert limits, f"section {name} has no time-boxed step"
         # each step may run its limit plus the grace between SIGINT and SIGKILL
-        assert sum(timeouts) + grace * len(timeouts) <= (triage if name == "triage" else budget), (name, timeouts)
+        assert sum(limits) + grace * len(limits) <= gpu_check.budget(name), (name, limits)
     # with the install and about two minutes for the machine's start, a section stays under 8 minutes and
     # the triage under 9 (of the 15 a lent GPU gives, so that it can run again once)
-    assert budget + install + grace + 120 <= 8 * 60
-    assert triage + install + grace <= 9 * 60
+    assert gpu_check.SECTION_BUDGET + gpu_check.INSTALL_BUDGET + grace + 120 <= 8 * 60
+    assert gpu_check.TRIAGE_BUDGET + gpu_check.INSTALL_BUDGET + grace <= 9 * 60
 
 
 def test_sections_that_start_many_runs_at_once_do_not_compile_them():
     """16-18 concurrent runs each compiling with inductor's min(32, cores) workers would spend a section's
     time box on compilation; their models are too small to gain from it."""
-    text = SCRIPT.read_text()
-    bodies = dict(re.findall(r"^section_(\w+)\(\) \{\n(.*?)^\}", text, flags=re.S | re.M))
-    concurrent = [name for name, body in bodies.items() if "--concurrent" in body or "--jobs" in body or " &\n" in body]
+    concurrent = {name: [s.argv for s in section.steps if "--concurrent" in s.argv or "--jobs" in s.argv]
+                  for name, section in _sections().items()}
+    concurrent = {name: argvs for name, argvs in concurrent.items() if argvs}
     assert set(concurrent) >= {"41", "42", "43", "44", "45", "46"}
-    for name in concurrent:
-        assert "trainer.compile=false" in bodies[name], name
+    for name, argvs in concurrent.items():
+        assert all("trainer.compile=false" in argv for argv in argvs), name
 
 
-def test_unknown_section_is_one_line_and_nothing_runs():
+def test_the_knobs_shrink_a_claim_section_and_rehearsal_takes_cpu_shapes(tmp_path):
+    wf = _sections(WF_LRS="1e-2", WF_SEEDS="1", WF_STEPS="4", WF_JOBS="2", PRECISION="fp32")["41"].steps[0].argv
+    assert ("--lrs", "1e-2", "--seeds", "1") == wf[wf.index("--lrs"):wf.index("--lrs") + 4]
+    assert {"trainer.max_steps=4", "trainer.precision=fp32", "--concurrent"} <= set(wf)
+    assert wf[wf.index("--jobs") + 1] == "2"
+    triage = _sections(REHEARSAL="1", OUT=str(tmp_path))["triage"]
+    assert all("cuda" not in step.argv for step in triage.steps)
+    assert triage.steps_log == tmp_path / "triage" / "steps.jsonl"
+
+
+def test_every_step_calls_something_that_exists():
+    """A step's script, test files, helper and driver stages exist (a renamed one would only fail on a GPU)."""
+    from tools.experiments import cpt_experiment
+
+    for name, section in _sections().items():
+        for step in section.steps:
+            argv = step.argv
+            if argv[:2] == ("-m", "pytest"):
+                assert all((ROOT / a).is_file() for a in argv if a.startswith("tests/")), (name, step.name)
+            elif argv[:2] == ("-m", "tools.gpu_check"):
+                assert argv[2] in gpu_check.HELPERS, (name, step.name)
+            else:
+                assert (ROOT / argv[0]).is_file(), (name, step.name)
+            if argv[0].startswith("tools/experiments/") and "--stage" in argv:
+                driver = importlib.import_module(f"tools.experiments.{Path(argv[0]).stem}")
+                choices = (*driver.STAGES, *(("continual",) if driver is cpt_experiment else ()))
+                stages = argv[argv.index("--stage") + 1:]
+                stages = stages[:next((i for i, a in enumerate(stages) if a.startswith("-")), len(stages))]
+                assert stages and set(stages) <= set(choices), (name, step.name, stages)
+
+
+def test_validation_holds_at_least_val_tokens_scored_once():
+    line = gpu_check.validation_overrides(1_000_000, "15", 1.0, ["+experiment=width_sweep", "trainer.max_steps=7"])
+    overrides = dict(o.split("=") for o in line.split())
+    from pretrain.config import compose_config
+
+    cfg = compose_config(["+experiment=width_sweep"])
+    row, batches = cfg.trainer.global_batch_size * cfg.data.seq_len, int(overrides["trainer.eval_batches"])
+    assert batches * row >= 1_000_000 > (batches - 1) * row
+    assert overrides["data.val_percent"] == "15" and overrides["trainer.eval_interval"] == "7"
+
+
+def test_unknown_section_or_setting_is_one_line_and_nothing_runs(tmp_path, monkeypatch, capsys):
     proc = subprocess.run(["bash", str(SCRIPT), "99"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no section 99" in proc.stderr
+    assert proc.stdout == ""  # no install, no step
     listing = subprocess.run(["bash", str(SCRIPT), "--list"], capture_output=True, text=True)
     assert listing.returncode == 0 and "10 20 21 22 30 40" in listing.stdout and "triage" in listing.stdout
+    assert "41. warmup-free in bf16" in listing.stdout
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("VAL_TOKENS", "1M")
+    assert gpu_check.main(["41"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "VAL_TOKENS=1M is not a whole number" in err and not (tmp_path / "out").exists()
+    assert gpu_check.main(["--help"]) == 0
+    assert "REHEARSAL=1" in capsys.readouterr().out
+
+
+def test_a_call_runs_its_sections_steps_and_keeps_their_runs(tmp_path, monkeypatch, capsys):
+    """main: a section's old runs removed first, its steps in order into the steps log, its files copied and its run
+    folders archived without checkpoints, all printed into OUT/gpu_check.log; a section without its validation
+    overrides is skipped in one line, and the next one still runs."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "old").mkdir(parents=True)
+    run = runs / "arm-1"
+    monkeypatch.setattr(gpu_check, "install", lambda c: None)  # no wheels to install, no keel to ask for versions
+    monkeypatch.setenv("PY", "bash")
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.delenv("STEPS_LOG", raising=False)
+
+    def section(c: gpu_check.Check) -> gpu_check.Section:
+        train = f"mkdir -p {run}/checkpoints && echo w > {run}/checkpoints/w && echo 4.2 > {run}/metrics.jsonl"
+        return gpu_check.Section("77. a test section", fresh=(str(runs / "old"),), keep={"test_runs": (str(run),)},
+                                 copies={f"{run}/metrics.jsonl": "metrics.jsonl"}, steps=(
+            gpu_check.Step("train", 5, ("-c", f"test ! -e {runs / 'old'} && {train}")),
+            gpu_check.Step("fail", 5, ("-c", "echo broken; exit 3"))))
+
+    def unqueried(c: gpu_check.Check) -> gpu_check.Section:
+        raise gpu_check.NoValidation("no validation overrides for +experiment=x: boom")
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "77", section)
+    monkeypatch.setitem(gpu_check.SECTIONS, "78", unqueried)
+    assert gpu_check.main(["78", "77"]) == 0
+    with tarfile.open(out / "test_runs.tgz") as tar:
+        names = tar.getnames()
+    assert "arm-1/metrics.jsonl" in names and not any("checkpoints" in n for n in names)
+    assert (out / "metrics.jsonl").read_text() == "4.2\n"
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rc"]) for r in rows] == [("train", 0), ("fail", 3)]
+    log = (out / "gpu_check.log").read_text()
+    assert log == capsys.readouterr().out
+    assert "!! section 78 skipped: no validation overrides for +experiment=x: boom" in log
+    assert "== 77. a test section" in log and "broken\n!! exit 3 after at most 5s: fail" in log
+    assert log.splitlines()[-1].startswith("== done")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except FileNotFoundError:
+        return False
+
+
+def test_a_step_past_its_limit_is_interrupted_then_killed_and_logged(tmp_path, monkeypatch, capsys):
+    """SIGINT at the limit reaches the step's whole process group (a step that handles it, as pytest does, still
+    prints its summary); one that ignores it is killed KILL_GRACE seconds later, and nothing a step started
+    outlives it. Each outcome is logged."""
+    monkeypatch.setattr(gpu_check, "KILL_GRACE", 0.2)
+    c = gpu_check.Check({"PY": "bash"})
+    log, pid = tmp_path / "steps.jsonl", tmp_path / "pid"
+    worker = f"(trap '' INT; echo $BASHPID > {pid}; sleep 30) &"  # a run of a multirun, deaf to SIGINT
+    graceful = gpu_check.Step("graceful", 1, ("-c", f"trap 'echo sum\"\"mary; exit 3' INT; {worker} sleep 30 & wait"))
+    stubborn = gpu_check.Step("stubborn", 1, ("-c", "trap '' INT; sleep 30"))
+    quick = gpu_check.Step("quick", 1, ("-c", "echo done; echo 'a Warning line'"))
+    assert [gpu_check.run_step(c, s, log) for s in (graceful, stubborn, quick)] == [124, 137, 0]
+    printed = capsys.readouterr().out
+    assert "summary" in printed and "done" in printed and "a Warning line" not in printed
+    assert "!! exit 124 after at most 1s: graceful" in printed and not _alive(int(pid.read_text()))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["limit_s"], r["rc"]) for r in rows] == [("graceful", 1, 124), ("stubborn", 1, 137),
+                                                                    ("quick", 1, 0)]
+    assert rows[2]["command"] == "-c echo done; echo 'a Warning line'"
 
 
 def test_triage_report_collects_what_each_step_left(tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tests.helpers import ROOT
 from tools.experiments import moe_experiment as moe
 
 
@@ -98,6 +99,21 @@ def test_the_continue_stage_takes_beta_from_the_tuning_runs(setup, tmp_path, mon
     launched.clear()
     moe.stage_training("continue", s, jobs=2, dry=False, force=False)
     assert launched == []  # both arms completed on every reported seed
+
+
+def test_beta_from_an_earlier_report_is_taken_as_chosen_and_a_bad_one_is_one_line(setup, tmp_path, capsys):
+    """tools/gpu_check.py 44 continues at the β = γ docs/results/moe.json's tuning chose, tuning nothing again."""
+    s = dataclasses.replace(setup, pretrain_dir=tmp_path / "pre", continue_dir=tmp_path / "cont",
+                            beta_from=ROOT / "docs" / "results" / "moe.json")
+    tuning = json.loads(s.beta_from.read_text())["tuning"]
+    assert moe.chosen(s) == (tuning["ortho_loss"], tuning["var_loss"])  # no tuning run below tmp_path
+    assert moe.training_stages(s, 3)["continue"].argvs()[1] == moe.continue_argv(moe.chosen(s), moe.SEEDS,
+                                                                                  s.arms_dir, 3)
+    assert not any("/tune" in c for c in moe.commands(s, 3))  # what ran: no tuning stage
+    (tmp_path / "bad.json").write_text(json.dumps({"tuning": {"ortho_loss": 0.1, "var_loss": 1.0}}))
+    assert moe.main(["--stage", "continue", "--beta-from", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its tuning chose β = 0.1 and γ = 1" in err
 
 
 def test_training_without_the_pretrained_run_is_one_line(setup, tmp_path, monkeypatch, capsys):

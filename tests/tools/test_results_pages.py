@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.helpers import ROOT
-from tools.experiments.common import committed
+from tools.experiments.provenance import committed
 
 RESULTS = ROOT / "docs" / "results"
 README = ROOT / "README.md"

@@ -16,7 +16,9 @@ from tests.helpers import COMMIT
 from tools import sweep_report
 from tools.experiments import width_experiment as exp
 from tools.experiments import width_report
-from tools.experiments.common import REPORTED_SEEDS, TUNING_SEEDS, ExperimentError, one_validation_set
+from tools.experiments import ExperimentError
+from tools.experiments.provenance import one_validation_set
+from tools.experiments.seeds import REPORTED_SEEDS, TUNING_SEEDS
 
 EXPONENT = -0.7  # the synthetic trainer's: its optimal LR is OPT_32 * (n / 32)^EXPONENT
 OPT_32 = 2e-2

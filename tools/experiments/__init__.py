@@ -2,5 +2,13 @@
 
 They are not product tools (those are the CLIs in tools/). The runs themselves launch through Hydra
 multirun (`python pretrain/main.py -m ...`, each script's docstring gives the commands); the scripts
-here orchestrate stages and aggregate run folders, with what they share in common.py.
+here orchestrate stages and aggregate run folders. What they share, one concern per module:
+`runs` (run folders, arms and seeds), `seeds` (tuning apart from reported seeds), `stats` (paired seeds,
+TOST, summaries), `tables`, `provenance` (what every results JSON opens with), `stages` (the drivers'
+training stages) and `cli` (the drivers' and reports' command line). Each raises `ExperimentError`.
 """
+
+
+class ExperimentError(ValueError):
+    """A problem an experiment script reports in one line (`cli.guarded`): no runs found, one seed twice in
+    an arm, a stage that failed."""

@@ -1,7 +1,7 @@
 """The GTA/GLA attention-quality experiment of keel issues 7 and 16 at head dimension 128
 (docs/results/attention.md): every type at MLA's parameter count, MLA with QK-norm, the learning rate
 chosen per type on a tuning seed, then every type at its rate on three reported seeds, paired with GQA
-(and GLA with MLA) seed by seed (tools/experiments/common.py).
+(and GLA with MLA) seed by seed (tools/experiments/seeds.py and stats.py).
 
 Four stages, each training stage Hydra multiruns of conf/experiment/attention_d128.yaml with one arm
 file per type (conf/attention_d128/TYPE.yaml: the attention, its FFN width, MLA's QK-norm), so that one
@@ -11,7 +11,7 @@ multirun sweeps the types with their own widths:
            +attention_d128=mha,gqa,mqa,gta,gla,mla optim.lr=5e-4,1e-3,2e-3 seed=100 \\
            hydra.sweep.dir=runs/attention_d128/tune
 2. report-choice: per type the rate with the lowest final validation loss on the tuning seed
-   (attention_report.choose_lrs, i.e. common.select; a diverged run never wins), printed and written to
+   (attention_report.choose_lrs, i.e. seeds.select; a diverged run never wins), printed and written to
    runs/attention_d128/choice.json; a choice on the grid's edge is flagged.
 3. compare: every type at its chosen rate on seeds 1, 2, 3, one multirun per chosen rate (types that
    chose the same rate share it) into runs/attention_d128/compare.
@@ -26,7 +26,7 @@ multirun sweeps the types with their own widths:
 The compare stage always takes its rates from the tune stage's runs (not from choice.json, which is the
 record). A training stage whose runs have all finished is skipped (--force reruns it from scratch);
 otherwise it runs whole: a completed run ends at once, a killed one starts again (the only checkpoint is
-the last step's). The reported seeds never enter a choice: common.select refuses them.
+the last step's). The reported seeds never enter a choice: seeds.select refuses them.
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ from pathlib import Path
 from models.attention import attention_names
 from pretrain.rundir import write_json
 from tools.experiments import attention_report
-from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, driver_parser, guarded,
-                                      launch, load_runs, print_commands, run_stage)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
+from tools.experiments.runs import NoRuns, Run, load_runs
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
 
 PRESET = "attention_d128"  # conf/experiment/attention_d128.yaml, arms in conf/attention_d128/TYPE.yaml
 # the registered types this experiment has an arm for, in the registry's order
 TYPES = tuple(t for t in attention_names() if (ROOT / "conf" / PRESET / f"{t}.yaml").exists())
 LRS = (5e-4, 1e-3, 2e-3)  # the tuning grid, x2 apart around the rate of the earlier runs (1e-3)
-TUNING_SEED = 100  # in common.TUNING_SEEDS
-SEEDS = (1, 2, 3)  # in common.REPORTED_SEEDS
+TUNING_SEED = 100  # in seeds.TUNING_SEEDS
+SEEDS = (1, 2, 3)  # in seeds.REPORTED_SEEDS
 RUNS = Path("runs") / PRESET  # relative to ROOT, where main() runs
 STAGES = ("tune", "report-choice", "compare", "report")
 
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             if stage == "report-choice":
                 stage_choice(args.dry_run)
             elif stage == "report":

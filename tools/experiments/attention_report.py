@@ -9,8 +9,8 @@ then each type at its chosen rate on seeds 1, 2, 3), or the earlier one multirun
 conf/experiment/attention_quality.yaml. Every type has the same parameter count (its FFN is widened).
 
 An arm is a type, marked "+qk-norm" when it ran with attention.qk_norm. Seeds split the work
-(tools/experiments/common.py): on TUNING_SEEDS each arm's learning rate is chosen (`choose_lrs`:
-common.select, the lowest final validation loss; a diverged run never wins) and flagged when it sits
+(tools/experiments/seeds.py and stats.py): on TUNING_SEEDS each arm's learning rate is chosen (`choose_lrs`:
+seeds.select, the lowest final validation loss; a diverged run never wins) and flagged when it sits
 on the edge of the grid; on REPORTED_SEEDS every (arm, rate) gets its final validation loss per seed,
 mean and standard deviation, largest gradient norm per seed, the parameter count (the model is rebuilt
 from the run's config) and the KV cache per token per layer at TP=1 (the type's `cache_elements`,
@@ -29,9 +29,12 @@ import statistics
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 from models.attention import attention_names
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (MISSING, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std, paired,
-                                      per_seed, report_parser, reported_runs, results_provenance, select, summarize,
-                                      t_quantile, tuning_runs)
+from tools.experiments.cli import guarded, report_parser
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.seeds import reported_runs, select, tuning_runs
+from tools.experiments.stats import paired, summarize, t_quantile
+from tools.experiments.tables import MISSING, fmt, markdown_table, mean_std
 
 BF16_BYTES = 2
 FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that failed, not a missing one
@@ -80,7 +83,7 @@ def _arm_order(arm: str) -> tuple[int, str]:
 
 # 1. Tuning seeds: each arm's learning rate
 def choose_lrs(runs: list[Run]) -> dict[str, dict]:
-    """arm -> the rate with the lowest mean final validation loss on tuning seeds (common.select), the grid
+    """arm -> the rate with the lowest mean final validation loss on tuning seeds (seeds.select), the grid
     (rate -> seed -> final loss, None when diverged), each run's largest gradient norm, and whether the
     choice is the grid's lowest or highest rate (then a wider grid could do better)."""
     tuned = tuning_runs(runs)

@@ -3,7 +3,7 @@ BFD vs SP on documents mostly shorter than a row, SP without its sliding window 
 distinct tokens, and a replay arm (issue 15): 80% new domain, 20% original data. SP packs at the paper's
 overlap scaled to the row: extra capacity c = 50 L / 2048 (6 at L = 256; issue 30). Ten seeds; every
 comparison is paired by seed against CT (and SP against BFD and against SP r = 0), with a 95% interval and
-TOST at EQUIVALENCE_MARGIN, fixed before the runs (tools/experiments/common.py).
+TOST at EQUIVALENCE_MARGIN, fixed before the runs (tools/experiments/stats.py).
 
 Eight stages; each training stage is one multirun of pretrain/main.py per arm:
 1. pack: the standard library's test files cut at their functions and methods (`stdlib:tests-defs`
@@ -32,6 +32,7 @@ Eight stages; each training stage is one multirun of pretrain/main.py per arm:
     python tools/experiments/cpt_experiment.py                  # every stage
     python tools/experiments/cpt_experiment.py --dry-run        # print the commands only
     python tools/experiments/cpt_experiment.py --stage report   # re-aggregate existing runs
+    python tools/experiments/cpt_experiment.py --stage pretrain continual --concurrent  # stages 3-7 side by side
 
 A training stage whose runs have all completed is skipped (--force reruns it from scratch); otherwise it
 runs whole: keel resumes a killed run from its last checkpoint, and a completed run ends at once. A stage
@@ -55,9 +56,13 @@ import numpy as np
 
 from data.config import DataConfig
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, by_arm, completed,
-                                      driver_parser, guarded, launch, load_runs, mean_std, paired, per_seed,
-                                      print_commands, results_provenance, run_stage, summarize, with_overrides)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import NoRuns, Run, by_arm, completed, load_runs, per_seed
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, with_overrides
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import mean_std
 
 METHODS = ("concat", "bfd", "sp")
 BASELINE = "concat"  # every arm is compared with CT, seed by seed
@@ -71,7 +76,7 @@ SEEDS = tuple(range(1, 11))
 # The first re-run kept c = 50 at L = 256 (19.5% of a row), and SP truncated 8.8% of the corpus.
 PAPER_EXTRA_CAPACITY, PAPER_SEQ_LEN = 50, 2048
 # TOST margin (nats of final validation loss), fixed before the c-scaled runs: arms within ±0.015 of each
-# other are called equivalent when both one-sided paired t-tests reject at 5% (common.Paired.equivalence).
+# other are called equivalent when both one-sided paired t-tests reject at 5% (stats.Paired.equivalence).
 # 0.015 nats is 1.5% in perplexity, the paper's smallest SP-over-BFD gain on News (GPT-2: 10.28 -> 10.13,
 # 0.0147 nats; Llama-1B 0.044), so equivalence here says SP does not beat BFD by as much as the paper saw
 # there; it cannot rule out a gain as small as Qwen's on Med (6.47 -> 6.43, 0.006). With the first re-run's
@@ -82,6 +87,7 @@ ORIGINAL = "stdlib:code"  # the pretraining domain: replayed from its train spli
 FORGETTING = "val_loss/code"  # the original domain's validation loss (data.val_sets name "code")
 INIT_RUN = "init"  # the pretrained model's validation loss, before continual pretraining
 STAGES = ("pack", "pretrain", "init", "cpt", REPLAY, "ablation", "distinct", "report")  # replay first: issue 15
+CONTINUAL = ("init", "cpt", REPLAY, "ablation", "distinct")  # --stage continual: they need only the pretrained model
 
 
 # --- The experiment's settings, from the presets ----------------------------------------------------
@@ -400,6 +406,22 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overr
     run_stage(name, stage, force, launch, overrides, concurrent)
 
 
+def stage_continual(s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
+                    concurrent: bool = False) -> None:
+    """Every stage after pretrain (CONTINUAL) in order, or with `concurrent` the multiruns of those not done all
+    at once: each needs only the pretrained model (a GPU with room for them all: tools/gpu_check.py 42)."""
+    if dry or not concurrent:
+        for name in CONTINUAL:
+            stage_training(name, s, jobs, dry, force, overrides)
+        return
+    stages = [training_stages(s, jobs)[name] for name in CONTINUAL]
+    together = TrainingStage(lambda: [argv for st in stages if not st.done() for argv in st.argvs()],
+                             lambda: all(st.done() for st in stages),
+                             lambda: [folder for st in stages for folder in st.folders()])
+    check_sp_capacity(s)
+    run_stage("continual", together, force, launch, overrides, concurrent=True)
+
+
 def paired_with_baseline(runs_by_arm: dict[str, dict[int, Run]], key: str, baseline: str = BASELINE,
                          arms: tuple[str, ...] = ARMS) -> dict:
     """arm -> its per-seed final `key` minus `baseline`'s, the mean, its 95% interval, TOST at
@@ -487,7 +509,7 @@ def stage_report(s: Setup, jobs: int, json_path: Path, png_path: Path, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = driver_parser(__doc__, STAGES)
+    p = driver_parser(__doc__, (*STAGES, "continual"))
     p.add_argument("--json", type=Path, default=Path("docs/results/cpt_packing.json"))
     p.add_argument("--png", type=Path, default=Path("docs/results/cpt_packing.png"))
     args = p.parse_args(argv)
@@ -495,12 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         os.chdir(ROOT)
         s = setup(overrides=tuple(args.overrides))
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             if stage == "pack":
                 stage_pack(s, args.dry_run, args.jobs)
             elif stage == "report":
                 if not args.dry_run:
                     stage_report(s, args.jobs, args.json, args.png, args.overrides)
+            elif stage == "continual":
+                stage_continual(s, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent)
             else:
                 stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent)
 

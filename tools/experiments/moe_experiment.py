@@ -18,7 +18,8 @@ runs at once), one per arm:
            model.moe.ortho_loss=0.1 model.moe.var_loss=0.1 seed=100,101 hydra.sweep.dir=runs/moe_continue/tune
 4. continue: aux only (β = γ = 0) and the chosen β = γ (tools/experiments/moe_report.py SELECTION: the
    lowest mean final val_loss over the tuning seeds) on the reported seeds, into runs/moe_continue/arms. The
-   seed sets a continued run's data order; its weights are the pretrained ones.
+   seed sets a continued run's data order; its weights are the pretrained ones. With --beta-from REPORT_JSON
+   the β = γ is the one that report's tuning chose (a re-run elsewhere: tools/gpu_check.py section 44).
 5. report: tools/experiments/moe_report.py over runs/moe_continue, the pretrained run as step 0:
    docs/results/moe.json (provenance, per-arm final validation loss per source, paired differences against
    aux only with 95% intervals, purity and NMI per source and layer, overlap, routing variance, MaxVio) and
@@ -40,6 +41,7 @@ runs that is about 76 CPU-minutes, about 50 minutes on 2 cores (--jobs 2; pretra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -49,12 +51,14 @@ from typing import Callable
 from data.config import DataConfig
 from data.corpus import STDLIB_SUBSETS
 from tools.experiments import moe_report
-from tools.experiments.common import (ROOT, ExperimentError, NoRuns, Run, TrainingStage, completed, driver_parser,
-                                      guarded, launch, load_runs, print_commands, run_stage, with_overrides)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
+from tools.experiments.runs import NoRuns, Run, completed, load_runs
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, with_overrides
 
 BETAS = (0.01, 0.1, 1.0)  # β = γ candidates, continued on the tuning seeds
-TUNING_SEEDS = (100, 101)  # within common.TUNING_SEEDS
-SEEDS = (1, 2, 3)  # reported, within common.REPORTED_SEEDS
+TUNING_SEEDS = (100, 101)  # within seeds.TUNING_SEEDS
+SEEDS = (1, 2, 3)  # reported, within seeds.REPORTED_SEEDS
 BASELINE = (0.0, 0.0)  # aux only: L_o and L_v off
 STAGES = ("pack", "pretrain", "tune", "continue", "report")
 ALL = "all"  # the stdlib subset of val_loss's set: both sources' held-out files
@@ -67,6 +71,7 @@ class Setup:
     val_rows: int  # eval_batches x global_batch_size: the rows each validation set must hold
     pretrain_dir: Path  # moe_pretrain's run_dir, moe_continue's init_from
     continue_dir: Path  # tune/ and arms/ below it
+    beta_from: Path | None = None  # --beta-from: a report whose tuning chose β = γ; None: the tune stage's runs
 
     @property
     def tune_dir(self) -> Path:
@@ -157,7 +162,10 @@ def require_pretrained(s: Setup) -> None:
 
 
 def chosen(s: Setup) -> tuple[float, float]:
-    """The coefficients moe_report.choose picks from the completed tuning runs."""
+    """The coefficients moe_report.choose picks from the completed tuning runs, or with --beta-from, those an
+    earlier report's tuning picked."""
+    if s.beta_from:
+        return reported_choice(s.beta_from)
     if gaps := missing(s.tune_dir, tuning_grid(), TUNING_SEEDS):
         raise ExperimentError(f"{len(gaps)} of the {len(BETAS) * len(TUNING_SEEDS)} tuning runs in {s.tune_dir} have "
                               "not finished (β = γ is chosen from them); run --stage tune first")
@@ -166,6 +174,21 @@ def chosen(s: Setup) -> tuple[float, float]:
         raise ExperimentError(f"every tuning run in {s.tune_dir} diverged; lower the β = γ grid (BETAS) or optim.lr "
                               "in conf/experiment/moe_continue.yaml and rerun --stage tune --force")
     return float(choice["ortho_loss"]), float(choice["var_loss"])
+
+
+def reported_choice(report: Path) -> tuple[float, float]:
+    """β = γ as a results JSON's "tuning" records it (moe_report.choose on its tuning seeds): a re-run
+    elsewhere (the GPU's, tools/gpu_check.py section 44) continues at the choice made there, not chosen again."""
+    try:
+        tuning = json.loads(Path(report).read_text())["tuning"]
+        coeffs = float(tuning["ortho_loss"]), float(tuning["var_loss"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentError(f"{report}: no β = γ chosen on tuning seeds (its \"tuning\": ortho_loss, var_loss; "
+                              f"{type(e).__name__}: {e}); give a report moe_report.py wrote") from None
+    if coeffs[0] != coeffs[1]:
+        raise ExperimentError(f"{report}: its tuning chose β = {coeffs[0]:g} and γ = {coeffs[1]:g}; the arms "
+                              "continue at β = γ")
+    return coeffs
 
 
 def training_stages(s: Setup, jobs: int) -> dict[str, TrainingStage]:
@@ -248,8 +271,8 @@ def commands(s: Setup, jobs: int, overrides: tuple[str, ...] = ()) -> list[str]:
         arms = [BASELINE, chosen(s)]
     except ExperimentError:
         arms = [BASELINE]
-    argvs = [pretrain_argv(), *(continue_argv(c, TUNING_SEEDS, s.tune_dir, jobs) for c in tuning_grid()),
-             *(continue_argv(c, SEEDS, s.arms_dir, jobs) for c in arms)]
+    tuned = [] if s.beta_from else [continue_argv(c, TUNING_SEEDS, s.tune_dir, jobs) for c in tuning_grid()]
+    argvs = [pretrain_argv(), *tuned, *(continue_argv(c, SEEDS, s.arms_dir, jobs) for c in arms)]
     return ["python " + " ".join(with_overrides(a, overrides)) for a in argvs]
 
 
@@ -263,6 +286,7 @@ def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bo
     presets = {f"{p}.yaml": (ROOT / "conf" / "experiment" / f"{p}.yaml").read_text()
                for p in ("moe_specialization", "moe_pretrain", "moe_continue")}
     setup_ = {"betas": list(BETAS), "tuning_seeds": list(TUNING_SEEDS), "reported_seeds": list(SEEDS),
+              "beta_from": str(s.beta_from) if s.beta_from else None,
               "validation_rows": s.val_rows, "val_percent": s.data.val_percent,
               "packed_sets": {str(p): f"stdlib:{sub}:{split}" for p, (sub, split) in packed_sets(s).items()},
               **presets}
@@ -274,16 +298,21 @@ def stage_report(s: Setup, jobs: int, out: Path, name: str, tail: float, dry: bo
 def main(argv: list[str] | None = None) -> int:
     p = driver_parser(__doc__, STAGES, report="moe")
     p.add_argument("--tail", type=float, default=0.2, help="fraction of logged steps averaged for router statistics")
+    p.add_argument("--beta-from", type=Path, metavar="REPORT_JSON",
+                   help="continue at the β = γ this report's tuning chose (e.g. docs/results/moe.json), not tuned "
+                        "again")
     args = p.parse_args(argv)
 
     def run() -> None:
         os.chdir(ROOT)
-        s = setup(tuple(args.overrides))
+        if args.beta_from:  # checked before the presets are composed
+            print(f"β = γ = {reported_choice(args.beta_from)[0]:g}, as {args.beta_from} chose it on its tuning seeds")
+        s = dataclasses.replace(setup(tuple(args.overrides)), beta_from=args.beta_from)
         stages: dict[str, Callable[[], object]] = {
             "pack": lambda: stage_pack(s, args.dry_run, args.force),
             "report": lambda: stage_report(s, args.jobs, args.out, args.name, args.tail, args.dry_run,
                                            args.overrides)}
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             stages.get(stage, lambda: stage_training(stage, s, args.jobs, args.dry_run, args.force, args.overrides, args.concurrent))()
 
     return guarded(run)

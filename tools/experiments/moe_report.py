@@ -15,7 +15,7 @@ this report as its last stage; any MoE run folders can be given (the earlier fro
   variance, MaxVio, ...) averaged over the last `--tail` of logged steps, since single steps are noisy.
   Each also per MoE layer (layerN/...).
 - Every arm against aux only, seed by seed: the mean difference, its 95% interval and a verdict
-  (common.paired).
+  (stats.paired).
 - Expert indices mean nothing across seeds (which expert learns what is arbitrary), so the per-expert
   figures sort each seed's experts by load within each layer first and average rank by rank.
 
@@ -31,16 +31,20 @@ from pathlib import Path
 from typing import Iterable
 
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (ExperimentError, Run, by_arm, fmt, guarded, load_runs, markdown_table, mean_std,
-                                      paired, per_seed, report_parser, reported_runs, results_provenance, select,
-                                      summarize, tuning_runs)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import guarded, report_parser
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.seeds import reported_runs, select, tuning_runs
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import fmt, markdown_table, mean_std
 
 STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")  # training steps, tail means
 ROUTING = ("purity", "source_nmi")  # routing by source, at each evaluation
 DENSE = "dense"
 BASELINE = "aux only"
 SELECTION = ("β = γ: the candidate (an arm with L_o or L_v on) with the lowest mean final val_loss (both sources' "
-             "held-out files) over the tuning seeds (common.select); a candidate that did not complete every tuning "
+             "held-out files) over the tuning seeds (seeds.select); a candidate that did not complete every tuning "
              "seed (one diverged) is out. Aux only is no candidate, and no specialisation statistic takes part, so "
              "nothing reported is selected for.")
 CURVES = ("val_loss", "purity", "source_nmi", "overlap", "routing_var", "maxvio")  # panels, one per key
@@ -127,7 +131,7 @@ def per_arm(arms: dict[str, dict[int, Run]], sources: list[str], tail: float) ->
 
 
 def summarize_arms(metrics: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
-    """arm -> metric -> common.summarize over the arm's seeds."""
+    """arm -> metric -> stats.summarize over the arm's seeds."""
     out = {}
     for arm, by_seed in metrics.items():
         names = dict.fromkeys(k for m in by_seed.values() for k in m)

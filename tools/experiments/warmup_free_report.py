@@ -4,7 +4,7 @@
         --name warmup_free [--tune-at 1e-2]
 
 The runs (docs/results/warmup_free.md) are Hydra multiruns of the warmup_free presets. Seeds split the
-work (tools/experiments/common.py): on TUNING_SEEDS the warmup length of AdamW and the τ of the bound
+work (tools/experiments/seeds.py and stats.py): on TUNING_SEEDS the warmup length of AdamW and the τ of the bound
 are chosen at lr --tune-at, and higher rates are probed; on REPORTED_SEEDS every method runs on one
 learning-rate grid with the chosen values, and only those runs are compared.
 
@@ -20,9 +20,15 @@ NAME.png into --out and prints markdown tables; runs without a result.json are s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pretrain.rundir import pyplot, write_json
-from tools.experiments.common import (Run, by_arm, fmt, guarded, load_runs, markdown_table, paired, per_seed,
-                                      report_parser, reported_runs, results_provenance, select, summarize, tuning_runs)
+from tools.experiments.cli import guarded, report_parser
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.seeds import reported_runs, select, tuning_runs
+from tools.experiments.stats import paired, summarize
+from tools.experiments.tables import fmt, markdown_table
 
 FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
@@ -187,26 +193,29 @@ def plot(runs: list[Run], rows: list[dict], path, curves_at: float) -> None:
     plt.close(fig)
 
 
+def report(roots: list[Path], out: Path, name: str, tune_at: float) -> dict:
+    """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables."""
+    runs = load_runs(*roots, statuses=FINISHED)
+    origin = results_provenance(runs)  # refused before any file is written
+    per_run = [summarize_run(run) for run in runs]
+    chosen = choose(runs, tune_at)
+    rows = grid(runs)
+    methods = per_method(runs, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**origin, "roots": [str(r) for r in roots], "chosen": chosen, "grid": rows, "methods": methods,
+              "runs": per_run}
+    write_json(out / f"{name}.json", result)
+    if rows:
+        plot(runs, rows, out / f"{name}.png", tune_at)
+    print(tables(per_run, rows, methods, chosen))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = report_parser(__doc__, name="warmup_free")
     parser.add_argument("--tune-at", type=float, default=1e-2, help="the rate at which warmup length and τ are chosen")
     args = parser.parse_args(argv)
-
-    def report() -> None:
-        runs = load_runs(*args.roots, statuses=FINISHED)
-        origin = results_provenance(runs)  # refused before any file is written
-        per_run = [summarize_run(run) for run in runs]
-        chosen = choose(runs, args.tune_at)
-        rows = grid(runs)
-        methods = per_method(runs, rows)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.name}.json", {**origin, "roots": [str(r) for r in args.roots],
-                                                    "chosen": chosen, "grid": rows, "methods": methods, "runs": per_run})
-        if rows:
-            plot(runs, rows, args.out / f"{args.name}.png", args.tune_at)
-        print(tables(per_run, rows, methods, chosen))
-
-    return guarded(report)
+    return guarded(lambda: report(args.roots, args.out, args.name, args.tune_at))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,15 @@ from typing import Callable
 from pretrain.rundir import write_json
 from tools import sweep_report
 from tools.experiments import width_report
-from tools.experiments.common import (ROOT, ExperimentError, TrainingStage, driver_parser, guarded, launch,
-                                      print_commands, run_stage)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import chosen_stages, driver_parser, guarded
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
 
 PRESET = "width_sweep"
 WIDTHS = (32, 64, 128, 256, 512)  # head_dim 16: 2 to 32 heads
 SEEDS = (1, 2, 3)  # the grid's, which the fit uses
 TRANSFER_WIDTH = 768  # 48 heads; 1.5x the widest grid width
-TRANSFER_SEEDS = (4, 5, 6)  # reported seeds (common.REPORTED_SEEDS) that the fit never saw
+TRANSFER_SEEDS = (4, 5, 6)  # reported seeds (seeds.REPORTED_SEEDS) that the fit never saw
 BASE_LR = 1e-3  # step k = 0 of the LR grid
 INITIAL_STEPS = 2  # the first grid: the first run's optimum +- 2 steps (a factor 4 in all)
 MAX_EXTRA = 8  # steps added beyond the first grid per width and direction: a factor 16
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         os.chdir(ROOT)
-        for stage in STAGES if args.stage == "all" else (args.stage,):
+        for stage in chosen_stages(args, STAGES):
             if stage == "grid":
                 stage_training("grid", lambda: grid_argvs(args.jobs), args.dry_run, args.force, args.overrides,
                                args.concurrent)

@@ -17,7 +17,7 @@ on a sqrt(2)-spaced LR grid (seeds 1, 2, 3), and at the transfer width on other 
    paper's 0.42, same anchor) against a global-LR search in sqrt(2) steps around the fitted rule's LR. The
    rule's own run is the search's centre point: under sp_width every group gets the same factor, so a
    global run at that peak LR would repeat it. Per seed, the rule's final validation loss minus that of the
-   best searched LR (lowest mean over the seeds), with its 95% interval (common.paired). The best LR is
+   best searched LR (lowest mean over the seeds), with its 95% interval (stats.paired). The best LR is
    picked on the seeds it is compared on, which favours the search: a rule whose interval covers 0 against it
    is a conservative result (no difference shown; that is not equality). The fit's seeds and the transfer's
    are disjoint, so alpha and the anchor were not chosen on the seeds the transfer is reported on.
@@ -34,8 +34,13 @@ from pathlib import Path
 from optim import lr_rules
 from pretrain.rundir import pyplot, write_json
 from tools import sweep_report
-from tools.experiments.common import (REPORTED_SEEDS, ExperimentError, NoRuns, Paired, fmt, guarded, load_runs,
-                                      markdown_table, paired, report_parser, results_provenance)
+from tools.experiments import ExperimentError
+from tools.experiments.cli import guarded, report_parser
+from tools.experiments.provenance import results_provenance
+from tools.experiments.runs import NoRuns, load_runs
+from tools.experiments.seeds import REPORTED_SEEDS
+from tools.experiments.stats import Paired, paired
+from tools.experiments.tables import fmt, markdown_table
 
 FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
 PAPER_ALPHA = lr_rules.PAPER_ALPHA["adamw"]  # 0.42: Adam with trainable LayerNorm (GPT)

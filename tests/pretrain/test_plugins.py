@@ -1,13 +1,18 @@
-"""An attention type added from outside keel is one file, one registration and one YAML: this file
-defines shared-KV attention (one projection per KV head serves as key and value; an option of its own,
-`attention.kv_heads`), registers it, and the type then trains, checkpoints, resumes exactly and decodes
-with its KV cache like keel's own, without a change to keel's files. Registered in this process by a
-fixture (and removed after), and in keel's processes by a plugin module named in KEEL_PLUGINS."""
+"""Extending keel from outside: an attention type and a callback, each one file's worth of code and one
+registration, without a change to keel's files.
+
+This file defines shared-KV attention (one projection per KV head serves as key and value; an option of
+its own, `attention.kv_heads`) and a callback (`LossEMA`: a smoothed loss, with state and a summary
+line). A plugin module named in KEEL_PLUGINS registers both in keel's processes, as a user's package
+would; then the type trains, checkpoints, resumes exactly and decodes with its KV cache like keel's
+own, and the callback runs at its declared place in the order, logs, saves and restores its state with
+the checkpoint and adds its line to the run summary. In this process a fixture registers them (and
+removes them after)."""
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -18,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from models.attention import ATTENTION_TYPES, register
 from models.attention.base import AttentionConfig, check_key_value_heads
 from models.attention.common import apply_rope, divide, rope_angles, tp_size
+from pretrain.callbacks import CALLBACKS, Callback, Ranks, register as register_callback
 from tests.helpers import ROOT, losses, metrics, run_keel, tiny_overrides
 
 
@@ -95,37 +101,82 @@ class SharedKV(AttentionConfig):
         return module.linear_proj(out.flatten(2))[0]
 
 
+class LossEMA(Callback):
+    """An exponential moving average of the training loss, logged as `loss_ema` with every row."""
+
+    name, order, ranks = "loss_ema", 50, Ranks.main  # after the spike detector (10), before the logger (100)
+    decay = 0.9
+
+    def __init__(self):
+        self.ema: float | None = None
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        loss = metrics["loss"]
+        self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
+        metrics["loss_ema"] = self.ema
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = state["ema"]
+
+    def summary(self, rows: list[dict]) -> dict[str, str]:
+        return {"loss ema": f"{self.ema:.4f}"}
+
+
+PLUGIN = """
+from models.attention import register
+from pretrain.callbacks import register as register_callback
+from tests.pretrain.test_plugins import LossEMA, SharedKV
+
+register(SharedKV)
+register_callback(LossEMA)
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    """The plugin module that registers both in keel's processes, the type's YAML on Hydra's search path,
+    and the overrides that select the type."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "plugin").mkdir()
+    (root / "plugin" / "keel_test_plugin.py").write_text(PLUGIN)
+    (root / "conf" / "attention").mkdir(parents=True)
+    (root / "conf" / "attention" / "shared_kv.yaml").write_text("type: shared_kv\nkv_heads: 2\n")
+    return ["attention=shared_kv", f"hydra.searchpath=[file://{root / 'conf'}]"], root / "plugin"
+
+
 @pytest.fixture
-def plugin(tmp_path):
-    """The type registered in this process (and removed after), its YAML on Hydra's search path, and the
-    plugin module that registers it in keel's processes; the overrides that select it."""
+def registered():
+    """Both registered in this process, and removed after."""
     register(SharedKV)
-    (tmp_path / "plugin").mkdir()
-    (tmp_path / "plugin" / "shared_kv_plugin.py").write_text(textwrap.dedent("""
-        from models.attention import register
-        from tests.pretrain.test_attention_plugin import SharedKV
-
-        register(SharedKV)
-    """))
-    (tmp_path / "conf" / "attention").mkdir(parents=True)
-    (tmp_path / "conf" / "attention" / "shared_kv.yaml").write_text("type: shared_kv\nkv_heads: 2\n")
-    yield ["attention=shared_kv", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"], tmp_path / "plugin"
+    register_callback(LossEMA)
+    yield
     ATTENTION_TYPES.pop(SharedKV.name)
+    CALLBACKS.pop(LossEMA.name)
 
 
-def _run_with_plugin(overrides: list[str], plugin_dir, monkeypatch) -> None:
-    """A keel process that imports the plugin first (KEEL_PLUGINS), as a user's own package would be."""
-    with monkeypatch.context() as env:
-        env.setenv("KEEL_PLUGINS", "shared_kv_plugin")
+@pytest.fixture(scope="module")
+def runs(plugin, tiny_data, tmp_path_factory):
+    """Keel processes that import the plugin first (KEEL_PLUGINS): a 6-step run, and the same run stopped
+    at step 3 and resumed; the resumed process's output."""
+    overrides, plugin_dir = plugin
+    whole, halves = tmp_path_factory.mktemp("whole") / "run", tmp_path_factory.mktemp("halves") / "run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KEEL_PLUGINS", "keel_test_plugin")
         env.setenv("PYTHONPATH", f"{plugin_dir}:{ROOT}")  # the plugin, and this test module it imports
-        run_keel(overrides)
+        run_keel(tiny_overrides(tiny_data, whole) + overrides)
+        run_keel(tiny_overrides(tiny_data, halves) + overrides + ["trainer.stop_at=3"])
+        resumed = run_keel(tiny_overrides(tiny_data, halves) + overrides)
+    return whole, halves, resumed.stdout
 
 
-def test_a_type_from_outside_keel_trains_checkpoints_resumes_and_decodes(plugin, tiny_data, tmp_path, megatron_world,
-                                                                         monkeypatch):
+def test_a_type_from_outside_keel_trains_checkpoints_resumes_and_decodes(plugin, registered, runs, megatron_world):
     from pretrain.config import compose_config
 
-    plugin, plugin_dir = plugin
+    plugin, _ = plugin
+    whole, halves, _ = runs
     # 1. composed like keel's own: its YAML, its own option, its rules
     cfg = compose_config(plugin + ["attention.kv_heads=4"])
     assert cfg.attention == SharedKV(kv_heads=4) and cfg.attention.query_groups(cfg.model.heads) == 4
@@ -134,10 +185,6 @@ def test_a_type_from_outside_keel_trains_checkpoints_resumes_and_decodes(plugin,
     with pytest.raises(ValueError, match=r"attention.rope_dim=8 is not an option of attention=shared_kv"):
         compose_config(plugin + ["attention.rope_dim=8"])
     # 2. trains; stopped at step 3 and resumed, it ends where the run that was not stopped ends
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    _run_with_plugin(tiny_overrides(tiny_data, whole) + plugin, plugin_dir, monkeypatch)
-    _run_with_plugin(tiny_overrides(tiny_data, halves) + plugin + ["trainer.stop_at=3"], plugin_dir, monkeypatch)
-    _run_with_plugin(tiny_overrides(tiny_data, halves) + plugin, plugin_dir, monkeypatch)
     assert losses(halves) == losses(whole) and len(losses(whole)) == 6
     assert metrics(whole)[-1]["loss"] < metrics(whole)[0]["loss"]
     # 3. decodes with its own cache layout: cached steps equal one full forward
@@ -153,3 +200,28 @@ def test_a_type_from_outside_keel_trains_checkpoints_resumes_and_decodes(plugin,
     steps = [forward_cached(gpt, tokens[:, :4], cache)] + [forward_cached(gpt, tokens[:, i:i + 1], cache)
                                                            for i in range(4, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-4)
+
+
+def test_a_callback_from_outside_keel_runs_in_its_order_resumes_and_sums_up(registered, runs, tiny_data, tmp_path):
+    from pretrain.callbacks import RunContext, build_callbacks
+    from pretrain.config import compose_config
+
+    whole, halves, resumed = runs
+    # 1. built by name in its declared order: after the spike detector, before rank 0's metrics logger,
+    #    and not at all on another rank
+    cfg = compose_config(tiny_overrides(tiny_data, tmp_path) + ["logging.monitors.interval=0"])
+    main, other = (RunContext(cfg, SimpleNamespace(is_main=rank == 0), tmp_path, None, None) for rank in (0, 1))
+    assert list(build_callbacks(main)) == ["spike", "loss_ema", "metrics"]
+    assert list(build_callbacks(other)) == ["spike"]
+    with pytest.raises(ValueError, match=r"^callback 'spike' is registered already"):
+        register_callback(type("Spike", (LossEMA,), {"name": "spike"}))
+    # 2. in a training run it adds to every row before the logger writes it
+    ema = {r["step"]: r["loss_ema"] for r in metrics(whole)}
+    assert list(ema) == [1, 2, 3, 4, 5, 6] and ema[1] == metrics(whole)[0]["loss"]
+    # 3. its state goes into the checkpoint and comes back: the run stopped at step 3 and resumed smooths
+    #    on from step 3's average, so every step matches the run that was not stopped (bit for bit)
+    assert {r["step"]: r["loss_ema"] for r in metrics(halves)} == ema
+    assert ema[4] != {r["step"]: r["loss"] for r in metrics(halves)}[4]  # what it would log restarted bare
+    # 4. its summary line, among the callbacks' lines in their call order
+    assert f"  loss ema         {ema[6]:.4f}\n" in resumed
+    assert resumed.index("  loss spikes ") < resumed.index("  loss ema ") < resumed.index("  metrics ")

@@ -1,0 +1,584 @@
+"""keel's checks on a lent NVIDIA GPU (bf16, nccl):   bash tools/gpu_check.sh SECTION [SECTION...]
+
+Each section is a function below that returns its table of time-boxed steps (name, limit, command); its
+docstring says what it checks. `bash tools/gpu_check.sh --list` lists them. Numbers group sections by area;
+later work adds its own (21, 31, 41, ...). `triage` runs before any other section until it has run once.
+
+A lent GPU gives about 15 minutes in all, so one call runs one or two sections. A step gets SIGINT at its
+limit, so pytest still prints its summary and writes its report, and SIGKILL KILL_GRACE seconds later (its
+whole process group: nothing a step starts outlives it). The limits of a section's steps, each with
+KILL_GRACE, add up to its budget (SECTION_BUDGET; TRIAGE_BUDGET for the triage; checked by
+tests/tools/test_gpu_check.py), which with the install and the machine's start fits the 8 minutes a section
+may take (9 for the triage). Every step's name, command, limit, exit code and seconds go to the steps log
+($STEPS_LOG, by default $OUT/steps.jsonl; the triage's to $OUT/triage/steps.jsonl), and everything printed
+to $OUT/gpu_check.log.
+
+The claim sections (41-46) call the experiments' drivers in tools/experiments/, whose training runs go many
+at once with trainer.compile=false: their models are a few million parameters, too small to gain from
+compiling, and 16-18 runs compiling at once (inductor starts min(32, cores) workers each) would spend their
+time box. They score at least VAL_TOKENS validation tokens per set, holding out more of the files than the
+CPU runs; the overrides that give that are queried before the section's steps (`--validation`, at most
+QUERY_LIMIT seconds, outside the step budgets). Scored once, after the last step: the reports read final
+losses, and thousands of small evaluation batches would cost a run more than its training.
+
+The image lacks megatron-core and Hydra: `bash tools/fetch_wheels.sh` puts them in .whl/ here, the call
+carries .whl, and the first step installs them with pip --no-index into /tmp/site, as a cluster without
+internet would; this module imports nothing but the standard library, so nothing imports keel's
+dependencies before that install. The copy on the device has no git history: call the script as
+`KEEL_REVISION=<commit> bash tools/gpu_check.sh ...` from a clean, committed tree, so that runs and reports
+record that commit (pretrain.rundir.git_revision) rather than "unknown", which the reports refuse.
+
+Settings from the environment: PY (the interpreter, default this one), OUT (default /tmp/keel-gpu-out),
+PRECISION (default bf16), TIME_SCALE (limits x this: a CPU trial's time), REHEARSAL=1 (the triage at CPU
+shapes), VAL_TOKENS (the claim sections' validation tokens per set), KEEL_REVISION, and each section's knobs
+that shrink it to try it on a CPU first (WF_*, PACK_*, WIDTH_*, MOE_*, ATTN_*; its docstring names them):
+    REHEARSAL=1 PRECISION=fp32 TIME_SCALE=4 PY=.venv/bin/python bash tools/gpu_check.sh triage
+    PRECISION=fp32 TIME_SCALE=4 PY=.venv/bin/python VAL_TOKENS=32768 WF_LRS=1e-2 WF_SEEDS="1 2" WF_STEPS=20 \
+        WF_JOBS=3 bash tools/gpu_check.sh 41
+
+The steps that need keel call this module back, after the install: `--versions`, `--validation TOKENS
+PERCENT FILL OVERRIDES...`, `--prepare OVERRIDES...` and `--run-summary RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, TextIO
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION_BUDGET = 300
+TRIAGE_BUDGET = 490
+INSTALL_BUDGET = 45
+KILL_GRACE = 5
+QUERY_LIMIT = 60
+VAL_TOKENS = 1048576
+SITE = "/tmp/site"  # where the carried wheels go
+STEP_ENV = {"PYTHONPATH": f"{SITE}:{ROOT}", "PYTHONUNBUFFERED": "1", "KEEL_CACHE": "/tmp/keel-cache",
+            "PYTHONWARNINGS": "ignore", "KEEL_DEBUG": "1", "HYDRA_FULL_ERROR": "1"}
+QUIET = ("Warning", "warnings.warn")  # lines left out of the log
+MODEL_286M = ("+experiment=demo", "model.num_layers=24", "model.hidden_size=1024", "model.head_dim=64",
+              "model.max_seq_len=1024", "data.seq_len=1024", "trainer.global_batch_size=16",
+              "trainer.micro_batch_size=8")
+PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
+CLAIM = ("trainer.compile=false",)  # every claim section's training runs (the docstring says why)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    limit_s: int  # SIGINT at limit_s x TIME_SCALE, SIGKILL KILL_GRACE seconds later
+    argv: tuple[str, ...]  # run by PY from the repository root
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    steps: tuple[Step, ...]
+    fresh: tuple[str, ...] = ()  # run folders removed first: a rerun on a warm machine trains again
+    keep: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # OUT/NAME.tgz <- folders, no checkpoints
+    copies: Mapping[str, str] = field(default_factory=dict)  # file -> OUT/NAME after the steps
+    steps_log: Path | None = None  # None: the call's
+
+
+class NoValidation(Exception):
+    """A section's validation overrides could not be queried: the section is skipped."""
+
+
+@dataclass
+class Check:
+    """One call's settings (from the environment), and what the sections ask of it."""
+
+    env: Mapping[str, str]
+    dry: bool = False  # describe the sections only: no query runs (tests/tools/test_gpu_check.py)
+
+    def knob(self, name: str, default: str) -> str:
+        return self.env.get(name) or default
+
+    @property
+    def py(self) -> str:
+        return self.knob("PY", sys.executable)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.knob("OUT", "/tmp/keel-gpu-out"))
+
+    @property
+    def precision(self) -> str:
+        return self.knob("PRECISION", "bf16")
+
+    @property
+    def rehearsal(self) -> bool:
+        return self.knob("REHEARSAL", "0") == "1"
+
+    @property
+    def time_scale(self) -> float:
+        return float(self.knob("TIME_SCALE", "1"))
+
+    @property
+    def steps_log(self) -> Path:
+        return Path(self.knob("STEPS_LOG", str(self.out / "steps.jsonl")))
+
+    def words(self, name: str, default: str = "") -> tuple[str, ...]:
+        """A knob holding several words (extra overrides, rates, seeds)."""
+        return tuple(self.knob(name, default).split())
+
+    def validation(self, percent: int, fill: float, *overrides: str) -> tuple[str, ...]:
+        """The overrides that give a preset's runs at least VAL_TOKENS validation tokens per set, the same rows
+        for every seed and arm, holding out `percent`% of the files; `fill`: the share of a validation row that
+        is text (1 for concat-packed sets)."""
+        if self.dry:
+            return f"data.val_percent={percent}", "trainer.eval_batches=1", "trainer.eval_interval=1"
+        tokens = self.knob("VAL_TOKENS", str(VAL_TOKENS))  # a CPU trial may score fewer
+        argv = [self.py, "-m", "tools.gpu_check", "--validation", tokens, str(percent), str(fill), *overrides]
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **STEP_ENV}, capture_output=True, text=True,
+                                  timeout=QUERY_LIMIT)
+        except subprocess.TimeoutExpired:
+            raise NoValidation(f"no validation overrides for {' '.join(overrides)} in {QUERY_LIMIT}s") from None
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode or not lines:
+            raise NoValidation(f"no validation overrides for {' '.join(overrides)}: {proc.stderr.strip()[-500:]}")
+        return tuple(lines[-1].split())
+
+
+# --- The sections -----------------------------------------------------------------------------------------
+def section_triage(c: Check) -> Section:
+    """everything pending on a GPU in one call of at most 9 minutes, run before any other section until it has
+    run once: the GPU-only tests (compiled decode kernel, CUDA-graph steps, compiled layers), decoding at batch
+    32 x 16k for GQA, MQA, GTA, GLA and MLA (Triton; SDPA for GQA and MQA, with the backend that ran), the 755M
+    step against compiled plain PyTorch and a torch.profiler summary of it; $OUT/triage.json and
+    $OUT/triage.md (a section for BENCHMARKS.md) collect it all. REHEARSAL=1 runs the same steps at CPU shapes."""
+    t, preset = c.out / "triage", "755M"
+    shapes = ("--preset", "memory-bound", "--batch", "32", "--contexts", "16384", "--device", "cuda", "--dtype", "bf16")
+    if c.rehearsal:
+        preset, shapes = "cpu", ("--batch", "2", "--contexts", "64", "--device", "cpu", "--dtype", "fp32")
+    precision = f"trainer.precision={c.precision}"
+    return Section("triage: GPU-only tests, decoding at batch 32 x 16k, the 755M step against compiled plain "
+                   "PyTorch, its profile", steps_log=t / "steps.jsonl", steps=(
+        Step("versions", 10, ("tools/triage_report.py", "--versions", str(c.out))),
+        # 1. what only a GPU runs: the compiled decode kernel, CUDA-graph steps, compiled layers with block masks
+        Step("GPU-only tests", 130, (*PYTEST, f"--junitxml={t / 'tests.xml'}", "tests/models/test_decode_kernels.py",
+                                     "tests/models/test_decode.py", "tests/pretrain/test_compile.py")),
+        # 2. decoding where reading the cache is the cost: the Triton kernel for five types, then torch's SDPA
+        Step("decode", 85, ("tools/bench_decode.py", *shapes, "--steps", "10", "--types", "gqa", "mqa", "gta", "gla",
+                            "mla", "--save", str(t / "decode.json"))),
+        Step("decode sdpa", 30, ("tools/bench_decode.py", *shapes, "--steps", "10", "--types", "gqa", "mqa",
+                                 "--kernel", "sdpa", "--save", str(t / "decode_sdpa.json"))),
+        # 3. the step at 755M against compiled plain PyTorch, then where keel's step spends its time
+        Step("step", 115, ("tools/bench_step.py", "--preset", preset, "--steps", "8", "--json", str(t / "step.json"),
+                           precision)),
+        Step("profile", 70, ("tools/profile_step.py", "--preset", preset, "--steps", "3", "--json",
+                             str(t / "profile.json"), precision)),
+        Step("report", 10, ("tools/triage_report.py", str(c.out)))))
+
+
+def section_10(c: Check) -> Section:
+    """install and smoke: versions, then megatron-core's GPTModel with megatron DDP, the distributed optimizer
+    and bf16 training the smoke model"""
+    return Section("10. smoke: megatron-core GPTModel + DDP + distributed optimizer, bf16", fresh=("/tmp/runs/smoke",),
+                   steps=(
+        Step("smoke", 120, ("pretrain/main.py", "+experiment=smoke", "run_dir=/tmp/runs/smoke",
+                            "optim.distributed=true", f"trainer.precision={c.precision}", "trainer.max_steps=30",
+                            "trainer.progress=false")),
+        Step("smoke losses", 15, ("-m", "tools.gpu_check", "--run-summary", "/tmp/runs/smoke")),
+        Step("tests", 150, (*PYTEST, "tests/pretrain/test_cpu_compat.py", "tests/models/test_gpt.py"))))
+
+
+def section_20(c: Check) -> Section:
+    """step speed: compiled against eager losses, then keel vs plain PyTorch (eager and compiled): ms,
+    tokens/s, MFU and peak memory at 286M and 755M, and the monitors' cost"""
+    precision = f"trainer.precision={c.precision}"
+    return Section("20. step speed: compiled against eager losses (20 steps, bf16), then keel against plain PyTorch "
+                   "eager and compiled, with the monitors' cost (286M, 755M)", steps=(
+        Step("compile test", 75, (*PYTEST, "tests/pretrain/test_compile.py")),
+        Step("step 286M", 95, ("tools/bench_step.py", "--preset", "286M", "--steps", "8", precision)),
+        Step("step 755M", 115, ("tools/bench_step.py", "--preset", "755M", "--steps", "8", precision))))
+
+
+def section_21(c: Check) -> Section:
+    """checkpoints: synchronous against background (checkpoint.async_save) saves"""
+    return Section("21. checkpoints: how long a synchronous and a background save hold training up (286M)", steps=(
+        Step("checkpoint saves", 240, ("tools/bench_checkpoint.py", "--saves", "3", *MODEL_286M)),))
+
+
+def section_22(c: Check) -> Section:
+    """step speed at about 1.5B parameters, and the monitors' parts at 286M"""
+    return Section("22. step speed at about 1.5B parameters (one GPU: bf16 weights, fp32 main parameters and Adam), "
+                   "and the monitors' parts (286M)", steps=(
+        Step("step 1.5B", 195, ("tools/bench_step.py", "--preset", "1.5B", "--steps", "6",
+                                f"trainer.precision={c.precision}")),
+        Step("monitors", 95, ("tools/profile_monitor.py", *MODEL_286M))))
+
+
+def section_30(c: Check) -> Section:
+    """decoding: the split-K Triton kernel and the CUDA-graph step against the PyTorch path, then tokens/s and
+    HBM bandwidth per attention type (bench_decode.py --preset memory-bound)"""
+    bench = ("tools/bench_decode.py", "--preset", "memory-bound", "--device", "cuda", "--dtype", "bf16", "--steps",
+             "10")
+    return Section("30. decoding: kernel checks, then tokens/s and HBM bandwidth at 4 x 2048, batch 32 then 64, "
+                   "4k-32k, bf16", steps=(
+        # from a cold cache: about 30 Triton specialisations, 12 CUDA-graph captures and 45 model builds
+        Step("decode tests", 120, (*PYTEST, "tests/models/test_decode_kernels.py", "tests/models/test_decode.py")),
+        # rows print as measured (batch 32 first), so a cut-off run still logs the issue's batch-32 figures
+        Step("decode", 140, bench),
+        # torch's own SDPA for grouped heads, against the Triton kernel above, at the issue's point
+        Step("decode sdpa", 25, (*bench, "--types", "gqa", "mqa", "--batch", "32", "--contexts", "16384",
+                                 "--kernel", "sdpa"))))
+
+
+def section_40(c: Check) -> Section:
+    """experiments: MoE on the alltoall dispatcher, the spectral bound and monitors, the demo (bf16)"""
+    return Section("40. experiments in bf16: MoE on the alltoall dispatcher, the spectral bound with monitors, the "
+                   "demo", fresh=("/tmp/runs/moe", "/tmp/runs/spec", "/tmp/runs/demo"),
+                   copies={"/tmp/runs/moe/metrics.jsonl": "moe_metrics.jsonl",
+                           "/tmp/runs/demo/metrics.jsonl": "demo_metrics.jsonl"}, steps=(
+        Step("moe", 105, ("pretrain/main.py", "+experiment=moe_specialization", "run_dir=/tmp/runs/moe",
+                          "model.moe.ortho_loss=0.1", "model.moe.var_loss=0.1", "trainer.max_steps=40",
+                          "trainer.eval_interval=20", "trainer.progress=false")),
+        Step("spectral", 65, ("pretrain/main.py", "+experiment=smoke", "run_dir=/tmp/runs/spec",
+                              "optim.spectral.enabled=true", "logging.monitors.interval=5", "trainer.progress=false")),
+        Step("demo", 115, ("pretrain/main.py", "+experiment=demo", "run_dir=/tmp/runs/demo",
+                           "trainer.progress=false"))))
+
+
+def section_41(c: Check) -> Section:
+    """warmup-free claim (docs/results/warmup_free.md) in bf16: AdamW, AdamW + warmup 120 and the spectral bound
+    (τ 0.05, the CPU's choices) at lr 1e-2 and 3e-2 on the reported seeds 1-3, all 18 runs at once on the GPU
+    (tools/experiments/warmup_free_experiment.py), then the paired report. WF_LRS, WF_SEEDS, WF_STEPS and
+    WF_JOBS shrink it to try it on a CPU first."""
+    steps = c.knob("WF_STEPS", "300")
+    val = c.validation(15, 1, "+experiment=warmup_free_adamw_warmup", f"trainer.max_steps={steps}")
+    driver = ("tools/experiments/warmup_free_experiment.py", "--warmup", "120", "--tau", "0.05",
+              "--lrs", *c.words("WF_LRS", "1e-2 3e-2"), "--seeds", *c.words("WF_SEEDS", "1 2 3"))
+    runs = ("--set", f"trainer.precision={c.precision}", *CLAIM, *val,
+            *((f"trainer.max_steps={steps}",) if steps != "300" else ()))  # 300: the presets' (folder names stay short)
+    return Section("41. warmup-free in bf16: AdamW, AdamW + warmup 120, the spectral bound (τ 0.05) at lr 1e-2 and "
+                   "3e-2, seeds 1-3", keep={"warmup_free_runs": ("runs/warmup_free",)}, steps=(
+        Step("runs", 230, (*driver, "--stage", "reported", "--concurrent", "--jobs", c.knob("WF_JOBS", "12"), *runs)),
+        Step("report", 60, (*driver, "--stage", "report", "--out", str(c.out), "--name", "warmup_free_gpu"))))
+
+
+def section_42(c: Check) -> Section:
+    """packing claim (docs/results/packing.md) in bf16: the CPU's driver and presets, every arm and seed (CT,
+    BFD, SP, SP at r = 0, SP at CT's distinct tokens, replay; seeds 1-10), then the paired report. Every
+    training run in bf16, PACK_JOBS of them at once on the GPU; PACK_SET (overrides for every run) and PACK_JOBS
+    shrink it to try it on a CPU first (a trainer.max_steps there also shortens the distinct arm, which the
+    report then takes for SP)."""
+    # 30% of the files held out: each domain's split then holds 1M tokens of text (5% holds 275k and 106k); a
+    # validation row is one document piece, on the CPU about half text and half padding
+    val = c.validation(30, 0.45, "+experiment=cpt_packing")
+    driver = ("tools/experiments/cpt_experiment.py", "--jobs", c.knob("PACK_JOBS", "16"), "--set",
+              f"trainer.precision={c.precision}", *CLAIM, *val, *c.words("PACK_SET"))
+    return Section("42. packing in bf16: CT, BFD, SP, SP at r = 0, SP at CT's distinct tokens and replay, seeds "
+                   "1-10, one pretrained model", keep={"packing_runs": ("runs/cpt_pretrain", "runs/cpt_packing")},
+                   steps=(
+        Step("pack", 95, (*driver, "--stage", "pack")),
+        # every stage after pretrain needs only the pretrained model: they run side by side
+        Step("training", 165, (*driver, "--stage", "pretrain", "continual", "--concurrent")),
+        Step("report", 25, (*driver, "--stage", "report", "--json", str(c.out / "packing_gpu.json"), "--png",
+                            str(c.out / "packing_gpu.png")))))
+
+
+def _width(c: Check) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Sections 43 and 46: (the validation overrides, the width driver with every run's overrides)."""
+    val = c.validation(15, 1, "+experiment=width_sweep")
+    return val, ("tools/experiments/width_experiment.py", "--concurrent", "--jobs", c.knob("WIDTH_JOBS", "4"),
+                 "--set", f"trainer.precision={c.precision}", *CLAIM, *val, *c.words("WIDTH_SET"))
+
+
+def section_43(c: Check) -> Section:
+    """width claim (docs/results/width_scaling.md) in bf16, part 1 of 2 (run `43 46` in one call): the LR grid
+    at widths 32-512 on seeds 1-3, widened until every optimum is bracketed, then the fit. One multirun per
+    width, all at once, WIDTH_JOBS runs each. The driver resumes from the runs on disk, so section 46 finishes
+    what this one's time box cut off. WIDTH_SET and WIDTH_JOBS shrink it to try it on a CPU first."""
+    val, driver = _width(c)
+    return Section("43. width in bf16 (1 of 2): the LR grid at widths 32-512, seeds 1-3, widened until every "
+                   "optimum is bracketed", steps=(
+        Step("prepare", 45, ("-m", "tools.gpu_check", "--prepare", "+experiment=width_sweep", *val)),
+        Step("grid", 215, (*driver, "--stage", "grid")),
+        Step("fit", 25, ("tools/experiments/width_experiment.py", "--stage", "fit"))))
+
+
+def section_46(c: Check) -> Section:
+    """width claim, part 2 of 2: the grid finished if 43 ran out of time, the fit, the transfer to width 768 on
+    seeds 4-6 (the fitted rule and 0.42 against an LR search), then the paired report"""
+    _, driver = _width(c)
+    return Section("46. width in bf16 (2 of 2): the grid's rest, the fit, the transfer to width 768 on seeds 4-6, "
+                   "the report", keep={"width_runs": ("runs/width",)}, steps=(
+        Step("grid", 65, (*driver, "--stage", "grid")),
+        Step("fit", 25, (*driver, "--stage", "fit")),
+        Step("transfer", 145, (*driver, "--stage", "transfer")),
+        Step("report", 45, (*driver, "--stage", "report", "--out", str(c.out), "--name", "width_gpu"))))
+
+
+def section_44(c: Check) -> Section:
+    """MoE claim (docs/results/moe.md) in bf16: pretrain with the auxiliary loss only, continue it with aux only
+    and with L_o + L_v at the β = γ the CPU's tuning seeds chose (docs/results/moe.json, not chosen again), seeds
+    1-3 at once, paired report. MOE_PRETRAIN_STEPS, MOE_STEPS and MOE_SET (overrides for every run) shrink it
+    to try it on a CPU first."""
+    pre_steps, steps = c.knob("MOE_PRETRAIN_STEPS", "1200"), c.knob("MOE_STEPS", "500")
+    # 30% of the files held out: the modules' share then holds the 1M validation tokens too (10% holds 250k)
+    pre = c.validation(30, 1, "+experiment=moe_pretrain", f"trainer.max_steps={pre_steps}")
+    cont = c.validation(30, 1, "+experiment=moe_continue", f"trainer.max_steps={steps}")
+    driver = ("tools/experiments/moe_experiment.py", "--beta-from", "docs/results/moe.json")
+    runs = (f"trainer.precision={c.precision}", *CLAIM, *c.words("MOE_SET"))
+    return Section("44. MoE in bf16: pretrain (aux loss only), then aux only and L_o + L_v (β = γ from "
+                   "docs/results/moe.json) on seeds 1-3", keep={"moe_runs": ("runs/moe_pretrain", "runs/moe_continue")},
+                   steps=(
+        Step("pack", 65, (*driver, "--stage", "pack", "--set", *pre)),
+        Step("pretrain", 75, (*driver, "--stage", "pretrain", "--set", *runs, *pre, f"trainer.max_steps={pre_steps}",
+                              f"checkpoint.interval={pre_steps}")),
+        Step("continue", 105, (*driver, "--stage", "continue", "--concurrent", "--jobs", "3", "--set", *runs, *cont,
+                               f"trainer.max_steps={steps}")),
+        Step("report", 35, (*driver, "--stage", "report", "--out", str(c.out), "--name", "moe_gpu", "--set", *cont))))
+
+
+def section_45(c: Check) -> Section:
+    """GTA/GLA claim (docs/results/attention.md) in bf16: six types at head dim 128, the LR tuned per type on
+    seed 100, every type at its rate on seeds 1-3, then the paired report. The CPU's driver and preset, ATTN_JOBS
+    runs at once per multirun (the compare stage's multiruns, one per chosen rate, all at once); ATTN_SET and
+    ATTN_JOBS shrink it to try it on a CPU first."""
+    val = c.validation(15, 1, "+experiment=attention_d128")
+    driver = ("tools/experiments/attention_experiment.py", "--concurrent", "--jobs", c.knob("ATTN_JOBS", "18"),
+              "--set", f"trainer.precision={c.precision}", *CLAIM, *val, *c.words("ATTN_SET"))
+    return Section("45. GTA/GLA in bf16: six types at head dim 128, LR tuned per type on seed 100, then seeds 1-3 at "
+                   "each type's rate", keep={"attention_runs": ("runs/attention_d128",)}, steps=(
+        Step("prepare", 55, ("-m", "tools.gpu_check", "--prepare", "+experiment=attention_d128", *val)),
+        Step("tune", 105, (*driver, "--stage", "tune")),
+        Step("choice", 10, (*driver, "--stage", "report-choice")),
+        Step("compare", 85, (*driver, "--stage", "compare")),
+        Step("report", 20, (*driver, "--stage", "report", "--out", str(c.out), "--name", "attention_gpu"))))
+
+
+SECTIONS: dict[str, Callable[[Check], Section]] = {
+    "triage": section_triage, "10": section_10, "20": section_20, "21": section_21, "22": section_22,
+    "30": section_30, "40": section_40, "41": section_41, "42": section_42, "43": section_43, "44": section_44,
+    "45": section_45, "46": section_46}
+
+
+def budget(name: str) -> int:
+    return TRIAGE_BUDGET if name == "triage" else SECTION_BUDGET
+
+
+# --- Running steps ------------------------------------------------------------------------------------------
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _relay(stream, log: Callable[[str], None]) -> None:
+    for line in stream:
+        if not any(q in line for q in QUIET):
+            log(line.rstrip("\n"))
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group has ended
+        pass
+
+
+def _wait(proc: subprocess.Popen, limit: float) -> int:
+    """The step's exit code; 124 when it ran past its limit and ended on SIGINT, 137 when it needed SIGKILL."""
+    try:
+        return proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGINT)
+    try:
+        proc.wait(KILL_GRACE)
+        return 124
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+        return 137
+
+
+def run_step(c: Check, step: Step, steps_log: Path) -> int:
+    """One time-boxed step in its own process group; its output in the log, its outcome in `steps_log`."""
+    limit = round(step.limit_s * c.time_scale)
+    start = time.monotonic()
+    proc = subprocess.Popen([c.py, *step.argv], cwd=ROOT, env={**os.environ, **STEP_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    relay = threading.Thread(target=_relay, args=(proc.stdout, say), daemon=True)
+    relay.start()
+    interrupted = False
+    try:
+        rc = _wait(proc, limit)
+    except KeyboardInterrupt:  # the call itself was interrupted: so is its step, which may still save and report
+        interrupted, rc = True, 130
+        _signal_group(proc, signal.SIGINT)
+        try:
+            proc.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        _signal_group(proc, signal.SIGKILL)  # what the step left running
+        relay.join(KILL_GRACE)
+    seconds = round(time.monotonic() - start)
+    command = " ".join(step.argv)
+    if rc:
+        say(f"!! exit {rc} after at most {limit}s: {step.name}: {command}")
+    steps_log.parent.mkdir(parents=True, exist_ok=True)
+    with steps_log.open("a") as f:
+        f.write(json.dumps({"step": step.name, "command": command, "limit_s": limit, "rc": rc, "seconds": seconds})
+                + "\n")
+    if interrupted:
+        raise KeyboardInterrupt
+    return rc
+
+
+def run_section(c: Check, name: str) -> None:
+    try:
+        section = SECTIONS[name](c)
+    except NoValidation as e:
+        say(f"!! section {name} skipped: {e}")
+        return
+    say(f"== {section.title}  ({time.strftime('%H:%M:%S', time.gmtime())})")
+    for folder in section.fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    for step in section.steps:
+        run_step(c, step, section.steps_log or c.steps_log)
+    for source, target in section.copies.items():
+        if Path(source).exists():
+            shutil.copy(source, c.out / target)
+    for archive, folders in section.keep.items():  # the run folders, for the report's page
+        if found := [ROOT / f for f in folders if (ROOT / f).exists()]:
+            with tarfile.open(c.out / f"{archive}.tgz", "w:gz") as tar:
+                for folder in found:
+                    name = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else Path(folder.name)
+                    tar.add(folder, arcname=str(name),
+                            filter=lambda info: None if "checkpoints" in Path(info.name).parts else info)
+
+
+def install(c: Check) -> None:
+    """What the image lacks, from carried wheels only; then what the steps will run on."""
+    if wheels := sorted(str(w.relative_to(ROOT)) for w in (ROOT / ".whl").glob("*.whl")):
+        run_step(c, Step("install", INSTALL_BUDGET, ("-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                                     "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
+                                                     *wheels)), c.steps_log)
+    for argv in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
+                 [c.py, "-m", "tools.gpu_check", "--versions"]):
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **STEP_ENV}, capture_output=True, text=True,
+                                  timeout=QUERY_LIMIT)
+            say((proc.stdout + proc.stderr).strip().splitlines()[-1] if proc.returncode else proc.stdout.strip())
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            pass  # no nvidia-smi: a CPU trial
+
+
+class Tee:
+    """What the call prints, also appended to $OUT/gpu_check.log."""
+
+    def __init__(self, stream: TextIO, file: TextIO):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+# --- The steps that need keel (run after the install) --------------------------------------------------------
+def versions() -> str:
+    import torch
+
+    from pretrain.rundir import git_revision, versions as found
+
+    v = found()
+    return (f"python {v['python']} torch {v['torch']} megatron-core {v['megatron_core']} cuda "
+            f"{torch.cuda.is_available()} keel {git_revision()}")
+
+
+def validation_overrides(tokens: int, percent: str, fill: float, overrides: list[str]) -> str:
+    from pretrain.config import compose_config
+
+    cfg = compose_config([*overrides, f"data.val_percent={percent}"])
+    row = cfg.trainer.global_batch_size * cfg.data.seq_len
+    return (f"data.val_percent={percent} trainer.eval_batches={math.ceil(tokens / (row * fill))} "
+            f"trainer.eval_interval={cfg.trainer.max_steps}")
+
+
+def prepare(overrides: list[str]) -> str:
+    """The tokenizer and packed sets a preset's runs share, built once before a multirun's workers start."""
+    from data.prepare import ensure_packed, ensure_tokenizer
+    from pretrain.config import compose_config
+
+    data = compose_config(overrides).data
+    return str(ensure_packed(data, ensure_tokenizer(data)))
+
+
+def run_summary(run_dir: str) -> str:
+    from pretrain.rundir import read_metrics
+
+    rows = read_metrics(Path(run_dir))
+    if not rows:
+        raise SystemExit(f"keel: no metrics in {run_dir}")
+    return f"loss {rows[0]['loss']} -> {rows[-1]['loss']} val {[r['val_loss'] for r in rows if 'val_loss' in r]}"
+
+
+HELPERS: dict[str, Callable[[list[str]], str]] = {
+    "--versions": lambda args: versions(),
+    "--validation": lambda args: validation_overrides(int(args[0]), args[1], float(args[2]), args[3:]),
+    "--prepare": prepare,
+    "--run-summary": lambda args: run_summary(args[0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in HELPERS:
+        print(HELPERS[argv[0]](argv[1:]))
+        return 0
+    names = " ".join(SECTIONS)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\nsections: {names}")
+        return 0
+    if not argv or argv[0] == "--list":
+        print(f"usage: bash tools/gpu_check.sh SECTION... (sections: {names})")
+        if argv:
+            for section in SECTIONS.values():
+                print(f"  {section(Check(os.environ, dry=True)).title}")
+        return 0 if argv else 2
+    if unknown := [s for s in argv if s not in SECTIONS]:
+        print(f"keel: no section {unknown[0]} in tools/gpu_check.py (sections: {names})", file=sys.stderr)
+        return 2
+    c = Check(os.environ)
+    for knob, kind, example in (("TIME_SCALE", float, "4 for a CPU trial"), ("VAL_TOKENS", int, "32768")):
+        try:
+            kind(c.knob(knob, "1"))
+        except ValueError:
+            print(f"keel: {knob}={c.knob(knob, '')} is not {'a whole' if kind is int else 'a'} number; set it to one "
+                  f"(e.g. {example}) or leave it out", file=sys.stderr)
+            return 2
+    c.out.mkdir(parents=True, exist_ok=True)
+    with (c.out / "gpu_check.log").open("a") as log:
+        tee = Tee(sys.stdout, log)
+        with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+            try:
+                install(c)
+                for name in argv:
+                    run_section(c, name)
+            except KeyboardInterrupt:  # the running step had SIGINT too, and its outcome is logged
+                say("!! interrupted")
+                return 130
+            say(f"== done  ({time.strftime('%H:%M:%S', time.gmtime())})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
