@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from data.corpus import STDLIB, STDLIB_SUBSETS
+from data.errors import DataError
 
 PackMethod = StrEnum("PackMethod", [(m, m) for m in ("sp", "bfd", "concat", "pad")])  # data/packing.py plans each one
 NAMED_CORPORA = (STDLIB, *(f"{STDLIB}:{s}" for s in STDLIB_SUBSETS if s != "all"))  # the running Python's standard library
@@ -18,7 +19,7 @@ NAMED_CORPORA = (STDLIB, *(f"{STDLIB}:{s}" for s in STDLIB_SUBSETS if s != "all"
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise DataError(message)
 
 
 @dataclass

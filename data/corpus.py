@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from data.errors import DataError, DataNotFound
+
 STDLIB = "stdlib"  # the named default corpus: one document per standard-library source file
 # code / tests: the two domains of the continual-pretraining experiment; "-defs": the same files cut at
 # their definitions (see `definitions`), documents mostly shorter than a 256-token row
@@ -28,7 +30,7 @@ def stdlib_files(subset: str = "all") -> list[Path]:
     """
     subset = subset.removesuffix("-defs")
     if subset not in ("all", "code", "tests"):
-        raise ValueError(f"unknown stdlib subset {subset!r}; choose one of {', '.join(STDLIB_SUBSETS)}")
+        raise DataError(f"unknown stdlib subset {subset!r}; choose one of {', '.join(STDLIB_SUBSETS)}")
     root = stdlib_root()
     files = []
     for p in sorted(root.rglob("*.py")):
@@ -103,6 +105,6 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         hits = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else ([pat] if Path(pat).exists() else [])
         hits = [h for h in hits if Path(h).is_file()]
         if not hits:
-            raise FileNotFoundError(f"input {pat!r} matches no file; check the path or quote the glob")
+            raise DataNotFound(f"input {pat!r} matches no file; check the path or quote the glob")
         files.extend(hits)
     return files

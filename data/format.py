@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.errors import DataError, DataNotFound
+
 FORMAT_VERSION = 1
 _SUFFIXES = (".bin", ".idx", ".bounds.bin", ".bounds.idx", ".json")
 _MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's indexed format (indexed_dataset.py)
@@ -40,7 +42,7 @@ def token_dtype(vocab_size: int) -> type[np.number]:
         return np.uint16
     if vocab_size < 2**31:
         return np.int32
-    raise ValueError(f"vocabulary of {vocab_size} tokens does not fit int32; use a smaller tokenizer")
+    raise DataError(f"vocabulary of {vocab_size} tokens does not fit int32; use a smaller tokenizer")
 
 
 def dataset_files(prefix: str | Path) -> list[Path]:
@@ -88,7 +90,7 @@ class PackedWriter:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+            raise DataError(f"seq_len must be at least 2, got {seq_len}")
         self.prefix = str(prefix)
         self.seq_len = seq_len
         self.dtype = token_dtype(vocab_size)
@@ -182,18 +184,18 @@ def read_metadata(path: Path) -> dict:
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a packed dataset's metadata ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "re-pack the corpus with tools/pack.py") from None
+        raise DataError(f"{path} is not a packed dataset's metadata ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "re-pack the corpus with tools/pack.py") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not a packed dataset's metadata; re-pack the "
-                         "corpus with tools/pack.py")
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}, not a packed dataset's metadata; re-pack the "
+                        "corpus with tools/pack.py")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {meta.get('format_version')}, keel reads {FORMAT_VERSION}; "
-                         "re-pack the corpus")
+        raise DataError(f"{path} has format_version {meta.get('format_version')}, keel reads {FORMAT_VERSION}; "
+                        "re-pack the corpus")
     tokenizer = meta.get("tokenizer")
     sizes = (meta.get("seq_len"), tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None)
     if not all(type(size) is int for size in sizes):
-        raise ValueError(f"{path} lacks seq_len or the tokenizer's vocab_size; re-pack the corpus with tools/pack.py")
+        raise DataError(f"{path} lacks seq_len or the tokenizer's vocab_size; re-pack the corpus with tools/pack.py")
     return meta
 
 
@@ -213,7 +215,7 @@ class PackedDataset:
         self.prefix = str(prefix)
         meta_path = Path(f"{self.prefix}.json")
         if not meta_path.exists():
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"packed dataset {self.prefix!r} not found or incomplete (no {meta_path.name}); "
                 "create it with `python tools/pack.py --output PREFIX ...`")
         self.meta = read_metadata(meta_path)
@@ -223,12 +225,12 @@ class PackedDataset:
                                     (f"{self.prefix}.bounds", np.int32, None)):
             problems, _ = check_index(pair, dtype, length)
             if problems:
-                raise ValueError(f"packed dataset {self.prefix} is damaged: {problems[0]}; re-pack it "
-                                 f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
+                raise DataError(f"packed dataset {self.prefix} is damaged: {problems[0]}; re-pack it "
+                                f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
         self.tokens = IndexedDataset(self.prefix)
         self.bounds = IndexedDataset(f"{self.prefix}.bounds")
         if len(self.tokens) != len(self.bounds):
-            raise ValueError(f"{self.prefix}: {len(self.tokens)} rows but {len(self.bounds)} boundary rows; re-pack")
+            raise DataError(f"{self.prefix}: {len(self.tokens)} rows but {len(self.bounds)} boundary rows; re-pack")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -262,9 +264,9 @@ class PackedDataset:
         tokens = np.stack([self.tokens[int(i)] for i in indices]).astype(np.int64)
         if tokens.size and int(tokens.max()) >= self.vocab_size:  # a damaged .bin: never train on it silently
             row = int(indices[int(np.argmax(tokens.max(axis=1)))])
-            raise ValueError(f"{self.prefix}.bin row {row} holds token id {int(tokens.max())}, past the "
-                             f"{self.vocab_size}-token vocabulary; the file is damaged: re-pack it "
-                             f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
+            raise DataError(f"{self.prefix}.bin row {row} holds token id {int(tokens.max())}, past the "
+                            f"{self.vocab_size}-token vocabulary; the file is damaged: re-pack it "
+                            f"(`python tools/pack.py --verify {self.prefix}` lists every problem)")
         doc_ids = np.zeros_like(tokens)
         loss_mask = np.ones(tokens.shape, dtype=np.float32)
         for r, i in enumerate(indices):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.errors import DataError
 from data.format import PackedDataset
 
 
@@ -64,10 +65,10 @@ class PackedLoader:
     def __init__(self, dataset: PackedDataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int):
         if global_batch % (micro_batch * dp_size):
-            raise ValueError(f"trainer.global_batch_size={global_batch} must be a multiple of "
+            raise DataError(f"trainer.global_batch_size={global_batch} must be a multiple of "
                              f"micro_batch_size*data_parallel_size={micro_batch * dp_size}")
         if len(dataset) == 0:
-            raise ValueError(f"dataset {dataset.prefix} has no rows; pack a larger corpus or a shorter seq_len")
+            raise DataError(f"dataset {dataset.prefix} has no rows; pack a larger corpus or a shorter seq_len")
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed = 0
@@ -175,7 +176,7 @@ class MixedLoader(PackedLoader):
         super().__init__(sources[0].dataset, global_batch, micro_batch, dp_rank, dp_size, seed)
         for s in sources:
             if len(s.dataset) == 0:
-                raise ValueError(f"dataset {s.dataset.prefix} (source {s.name}) has no rows; pack a larger corpus")
+                raise DataError(f"dataset {s.dataset.prefix} (source {s.name}) has no rows; pack a larger corpus")
         self.sources = sources
         # 1. megatron's blend of one block: which source each row takes, and its index within that source
         self._source = np.zeros(BLEND_BLOCK, dtype=np.int16)

@@ -14,6 +14,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from data.corpus import stdlib_documents
+from data.errors import DataError, DataNotFound
 from data.format import PackedDataset, dataset_exists, remove_leftovers
 from data.loader import WeightedDataset
 from data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -90,21 +91,21 @@ def open_checked(prefix: str, cfg: DataConfig, tokenizer: Tokenizer, role: str) 
     ds = PackedDataset(prefix)
     packed_with = ds.meta["tokenizer"]
     if "sha256_16" not in packed_with:
-        raise ValueError(f"{role} data {prefix}.json records no tokenizer fingerprint (it was packed by an older "
-                         f"keel), so nothing shows it was packed with {tokenizer.path}; re-pack it with tools/pack.py")
+        raise DataError(f"{role} data {prefix}.json records no tokenizer fingerprint (it was packed by an older "
+                        f"keel), so nothing shows it was packed with {tokenizer.path}; re-pack it with tools/pack.py")
     if ds.vocab_size != tokenizer.vocab_size or packed_with["sha256_16"] != tokenizer.fingerprint():
-        raise ValueError(f"{role} data {prefix} was packed with another tokenizer ({packed_with.get('path')}: "
-                         f"{ds.vocab_size}-token vocabulary, fingerprint {packed_with.get('sha256_16')}) than "
-                         f"{tokenizer.path} ({tokenizer.vocab_size}-token vocabulary, fingerprint "
-                         f"{tokenizer.fingerprint()}); re-pack with this tokenizer or set data.tokenizer to the one it "
-                         "was packed with")
+        raise DataError(f"{role} data {prefix} was packed with another tokenizer ({packed_with.get('path')}: "
+                        f"{ds.vocab_size}-token vocabulary, fingerprint {packed_with.get('sha256_16')}) than "
+                        f"{tokenizer.path} ({tokenizer.vocab_size}-token vocabulary, fingerprint "
+                        f"{tokenizer.fingerprint()}); re-pack with this tokenizer or set data.tokenizer to the one it "
+                        "was packed with")
     if ds.max_token_id() >= tokenizer.vocab_size:
-        raise ValueError(f"{role} data {prefix} holds token id {ds.max_token_id()}, past the "
-                         f"{tokenizer.vocab_size}-token vocabulary of {tokenizer.path}; the data is damaged or was not "
-                         "packed with this tokenizer: re-pack it")
+        raise DataError(f"{role} data {prefix} holds token id {ds.max_token_id()}, past the "
+                        f"{tokenizer.vocab_size}-token vocabulary of {tokenizer.path}; the data is damaged or was not "
+                        "packed with this tokenizer: re-pack it")
     if ds.seq_len != cfg.seq_len:
-        raise ValueError(f"{role} data {prefix} has rows of {ds.seq_len} tokens but data.seq_len={cfg.seq_len}; "
-                         f"set data.seq_len={ds.seq_len} or re-pack")
+        raise DataError(f"{role} data {prefix} has rows of {ds.seq_len} tokens but data.seq_len={cfg.seq_len}; "
+                        f"set data.seq_len={ds.seq_len} or re-pack")
     return ds
 
 
@@ -118,7 +119,7 @@ def training_sources(cfg: DataConfig, tokenizer: Tokenizer, train_prefix: str | 
             dataset = open_checked(s.path, cfg, tokenizer, f"data.sources[{i}]")
             sources.append(WeightedDataset(s.label, dataset, s.weight))
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"data.sources[{i}].path: {e}") from None
+            raise DataNotFound(f"data.sources[{i}].path: {e}") from None
     return sources
 
 
@@ -129,5 +130,5 @@ def validation_sets(cfg: DataConfig, tokenizer: Tokenizer, val_prefix: str) -> t
         try:
             named[v.name] = open_checked(v.path, cfg, tokenizer, f"data.val_sets {v.name}")
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"data.val_sets {v.name}: {e}") from None
+            raise DataNotFound(f"data.val_sets {v.name}: {e}") from None
     return open_checked(val_prefix, cfg, tokenizer, "validation"), named

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data.corpus import STDLIB, STDLIB_SUBSETS, Document, expand_inputs, stdlib_documents
+from data.errors import DataError
 from data.packing import METHODS, UNDERFULL
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,7 +37,7 @@ TEXT_MODES = ("file", "line")
 STDLIB_SPLITS = ("all", "train", "val")
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """A problem with the packer's input or settings; the message names the problem and the fix."""
 
 

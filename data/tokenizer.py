@@ -17,6 +17,8 @@ from typing import Iterable, Protocol
 
 import sentencepiece as spm
 
+from data.errors import TokenizerError, TokenizerNotFound
+
 
 class Tokenizer(Protocol):
     """What keel needs of a tokenizer: the packer, the trainer's checks and the tools use only this."""
@@ -45,7 +47,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """A Hugging Face tokenizer for a folder or a .json file, else a sentencepiece model."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} not found; pass a sentencepiece .model (tools/train_tokenizer.py), "
+        raise TokenizerNotFound(f"tokenizer {path} not found; pass a sentencepiece .model (tools/train_tokenizer.py), "
                                 "a tokenizer.json or a Hugging Face model folder")
     if path.is_dir() or path.suffix == ".json":
         return HFTokenizer(path)
@@ -64,12 +66,12 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | Path):
         path = Path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer {path} not found; train one with `python tools/train_tokenizer.py`")
+            raise TokenizerNotFound(f"tokenizer {path} not found; train one with `python tools/train_tokenizer.py`")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.load(str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"tokenizer {path} is not a valid sentencepiece model ({e}); retrain it") from None
+            raise TokenizerError(f"tokenizer {path} is not a valid sentencepiece model ({e}); retrain it") from None
         self.path = path
         self.vocab_size = self.sp.get_piece_size()
         self.eod = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.vocab_size - 1
@@ -119,8 +121,8 @@ class HFTokenizer:
         # 2. the ids keel needs
         self.vocab_size = len(self.hf)
         if self.hf.eos_token_id is None:
-            raise ValueError(f"tokenizer {self.path} names no end-of-text token (eos_token); pass the model folder "
-                             "whose tokenizer_config.json sets it")
+            raise TokenizerError(f"tokenizer {self.path} names no end-of-text token (eos_token); pass the model folder "
+                                 "whose tokenizer_config.json sets it")
         self.eod = int(self.hf.eos_token_id)
         self.pad = int(self.hf.pad_token_id) if self.hf.pad_token_id is not None else self.eod
         self.bos = self.hf.bos_token_id
@@ -168,8 +170,8 @@ def _load_hf(path: Path):
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
     except Exception as e:  # transformers raises many types (OSError, ValueError, JSON errors) for a bad folder
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"tokenizer {path} is not a Hugging Face tokenizer ({reason}); pass a tokenizer.json, "
-                         "a model folder that holds one, or a sentencepiece .model") from None
+        raise TokenizerError(f"tokenizer {path} is not a Hugging Face tokenizer ({reason}); pass a tokenizer.json, "
+                                 "a model folder that holds one, or a sentencepiece .model") from None
 
 
 def train_tokenizer(texts: Iterable[str], output: str | Path, vocab_size: int,

@@ -1,7 +1,7 @@
 """The model's configuration: architecture and mixture of experts (each attention type owns its own
 config, in models/attention/).
 
-Each dataclass validates itself in `__post_init__` and raises one `ValueError` line naming the fix.
+Each dataclass validates itself in `__post_init__` and raises one `ConfigError` line naming the fix.
 Derived sizes (heads from `hidden_size` and the fixed `head_dim`, the FFN width) are properties, never
 stored, so Hydra's schema defaults can not freeze them. Choice fields draw their values from one
 `StrEnum` each (which tools reuse); members compare equal to their strings.
@@ -28,10 +28,15 @@ RopeScaling = choices("RopeScaling", "none", "llama3")
 Recompute = choices("Recompute", "none", "selective", "full")  # activation recompute, megatron's granularities
 
 
+class ConfigError(ValueError):
+    """A setting keel cannot run with (of the model, the optimizer, the run): the message is the one line
+    the user sees. Every config above the data layer fails with it (data/ has its own, `data.errors`)."""
+
+
 def check(ok: bool, message: str) -> None:
-    """The one way keel's configs fail: a ValueError whose message is the line the user sees."""
+    """The one way keel's configs fail: a ConfigError whose message is the line the user sees."""
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def choice(kind: type[StrEnum], default: str):

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from models.attention import ATTENTION_TYPES, AttentionConfig
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SUPPORTED = ("LlamaForCausalLM, or MistralForCausalLM without sliding window: RMSNorm, SwiGLU (silu), RoPE "
@@ -37,7 +37,7 @@ _LAYER = {
 EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(ConfigError):
     """A model keel cannot convert; the message says what it can."""
 
 

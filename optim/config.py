@@ -60,7 +60,7 @@ class OptimConfig:
     width_exponent: Optional[float] = None  # alpha; None: the paper's value for the optimizer
     layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
-    quack: bool = False  # per-head query/key learning rates ∝ 1/‖W_K‖, 1/‖W_Q‖ (optim/quack.py)
+    quack: bool = False  # per-head query/key learning rates ∝ 1/‖W_K‖, 1/‖W_Q‖ (optim/rules/quack.py)
 
     def __post_init__(self):
         check_choices("optim", self)

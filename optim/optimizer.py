@@ -1,33 +1,23 @@
 """The whole optimizer: megatron-core's optimizer over the DDP-wrapped model, the per-group peak
-learning rates, and keel's update rule (the spectral bound or QuacK) that acts after megatron's step.
+learning rates, and keel's update rule (`optim.rules`) that acts after megatron's step.
 
 `build_optimizer` returns one `KeelOptimizer`; the trainer and checkpoints use only its methods.
 Parameters fall into four groups by their megatron-core names (`optim.lr_rules.param_group`), each with
-its own peak LR; norms and biases get no weight decay.
+its own peak LR; norms and biases get no weight decay. What this needs of megatron's internals is in
+`optim.megatron_private`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
 from models.config import ModelConfig
 from optim.config import OptimConfig, OptimizerName
 from optim.lr_rules import GROUPS, param_group, peak_lrs
-
-
-class UpdateRule(Protocol):
-    """Something that runs megatron's step and then reshapes the update it made (optim/bounded.py,
-    optim/quack.py). Its state is tensors and numbers, saved beside the trainer's."""
-
-    def step(self, inner_step) -> tuple: ...
-    def pop_stats(self) -> dict[str, float]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+from optim.megatron_private import chained, patch_fully_reshardable_load, prepare_to_load, restore_adam_steps
+from optim.rules import UpdateRule, build_rule
 
 
 class KeelOptimizer:
@@ -60,10 +50,7 @@ class KeelOptimizer:
     # ---- checkpoints: megatron's sharded state, and keel's own (the update rule's) --------------
     def sharded_state_dict(self, model_sharded: dict, is_loading: bool) -> dict:
         if is_loading:
-            # a fresh distributed optimizer has no state yet, and its state_dict() needs one to shape
-            for opt in self._chained():
-                if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-                    opt._init_optimizer_states_with_dummy_values()
+            prepare_to_load(self.megatron)
         # fully_reshardable: the distributed optimizer's state in each parameter's own shape (gathered on
         # DP rank 0 when saving), so a checkpoint resumes at any TP/PP/DP layout
         return self.megatron.sharded_state_dict(model_sharded, is_loading=is_loading,
@@ -74,16 +61,8 @@ class KeelOptimizer:
         """Load megatron's optimizer state; returns the checkpoint's `optim.lr` when it differs from this
         run's (the new rate applies from the next step, as `set_lr` sets every group's rate each step)."""
         saved_lr = self._match_rate(state)
-        # torch's Adam keeps a "step" tensor per parameter, which megatron 0.19.2's fully reshardable
-        # load then looks up among the loaded tensors, where it never is (distrib_optimizer.py:1223,
-        # a KeyError): such a key is passed as "nothing to copy", and the steps are restored below
-        for opt in self._chained():
-            if isinstance(opt, DistributedOptimizer):
-                copy_states = opt._set_main_param_and_optimizer_states
-                opt._set_main_param_and_optimizer_states = (
-                    lambda param, tensors, copy_states=copy_states: copy_states(param, {"step": None, **tensors}))
         self.megatron.load_state_dict(state)
-        self._restore_adam_steps()
+        restore_adam_steps(self.megatron)
         return saved_lr
 
     def _match_rate(self, state) -> float | None:
@@ -97,26 +76,6 @@ class KeelOptimizer:
             saved.add(group.get("max_lr"))
             group.update(rate)
         return next(iter(saved)) if saved and saved != {rate["max_lr"]} else None
-
-    def _restore_adam_steps(self) -> None:
-        """Give every parameter its own, correct Adam step after loading a distributed optimizer.
-
-        Without apex/TE megatron-core keeps the step in each param group, and on load either leaves the
-        step of its dummy initialisation in the per-parameter state or shares one tensor across all
-        parameters, which torch's AdamW then increments once per parameter."""
-        for opt in self._chained():
-            for group in opt.optimizer.param_groups:
-                if group.get("step") is None:
-                    continue
-                # the fused kernel reads each step from the parameter's device
-                device = None if not group.get("fused") else group["params"][0].device
-                for p in group["params"]:
-                    if p in opt.optimizer.state:
-                        opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
-                                                                      device=device)
-
-    def _chained(self) -> list:
-        return chained(self.megatron)
 
     def state_dict(self) -> dict:
         return {"rule": self.rule.state_dict()} if self.rule else {}
@@ -139,13 +98,6 @@ def _saved_param_groups(state):
             yield from _saved_param_groups(value)
 
 
-def chained(megatron_optimizer) -> list:
-    """The optimizers inside megatron's optimizer: a ChainedOptimizer's parts, or the optimizer itself."""
-    if isinstance(megatron_optimizer, ChainedOptimizer):
-        return list(megatron_optimizer.chained_optimizers)
-    return [megatron_optimizer]
-
-
 def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.nn.Module, dtype: torch.dtype,
                     tp_group=None) -> KeelOptimizer:
     """megatron's optimizer over `ddp_model` (each param group's peak LR is `optim.lr * lr_mult`), with
@@ -156,16 +108,8 @@ def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.
     for group in megatron.param_groups:
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
     use_fused_adam(megatron)
-    rule = None
-    if cfg.spectral.enabled:
-        from optim.bounded import SpectralBoundRule
-
-        rule = SpectralBoundRule(megatron, gpt, cfg.spectral, tp_group)
-    elif cfg.quack:
-        from optim.quack import QuackRule
-
-        rule = QuackRule(megatron, gpt)
-    return KeelOptimizer(megatron, peaks, cfg.lr, rule)
+    patch_fully_reshardable_load()
+    return KeelOptimizer(megatron, peaks, cfg.lr, build_rule(cfg, megatron, gpt, tp_group))
 
 
 def use_fused_adam(megatron) -> None:

@@ -16,7 +16,7 @@ from typing import Optional, get_type_hints
 
 from data.config import DataConfig
 from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
-from models.config import ModelConfig, check, check_choices, check_positive, choice, choices
+from models.config import ConfigError, ModelConfig, check, check_choices, check_positive, choice, choices
 from optim.config import OptimConfig, ScheduleConfig
 from pretrain.callbacks.loss_plot import LossPlotConfig
 from pretrain.callbacks.metrics import MetricsConfig
@@ -77,7 +77,7 @@ class TrainerConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
-    async_save: bool = False  # write in the background, publish when done (pretrain/checkpoint.py AsyncSaver)
+    async_save: bool = False  # write in the background, publish when done (pretrain/checkpoint/async_save.py)
 
     def __post_init__(self):
         check_positive("checkpoint", self, "interval", "keep_last")
@@ -154,8 +154,8 @@ def import_plugins() -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ValueError(f"{PLUGINS} names {name!r}, which cannot be imported ({e}); "
-                             "put it on PYTHONPATH") from None
+            raise ConfigError(f"{PLUGINS} names {name!r}, which cannot be imported ({e}); "
+                              "put it on PYTHONPATH") from None
 
 
 def schema() -> type[KeelConfig]:
@@ -197,7 +197,7 @@ def compose_config(overrides: list[str]) -> KeelConfig:
         try:
             raw = compose("config", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:  # a malformed or impossible override
-            raise ValueError(_first_lines(e)) from None
+            raise ConfigError(_first_lines(e)) from None
         return to_config(raw, overrides)
 
 
@@ -265,7 +265,7 @@ def _leaves(values: dict, prefix: str):
 
 
 def to_config(raw, overrides: list[str] | None = None) -> KeelConfig:
-    """Resolve a Hydra DictConfig into validated dataclasses; a bad value raises one clear ValueError.
+    """Resolve a Hydra DictConfig into validated dataclasses; a bad value raises one clear ConfigError.
     With `overrides` (the command line that composed `raw`), init_from's model and tokenizer come first;
     a saved, resolved config passes None."""
     from omegaconf import OmegaConf
@@ -275,17 +275,17 @@ def to_config(raw, overrides: list[str] | None = None) -> KeelConfig:
         adopt_init_from(raw, overrides)
     unknown = unknown_keys(raw, schema())
     if unknown:
-        raise ValueError(unknown[0])
+        raise ConfigError(unknown[0])
     try:
         composed = OmegaConf.to_object(raw)  # a KeelSchema whose attention is now the chosen type's config
         return KeelConfig(**{f.name: getattr(composed, f.name) for f in fields(KeelConfig)})
     except OmegaConfBaseException as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, ValueError) and not isinstance(cause, OmegaConfBaseException):
-            raise ValueError(str(cause)) from None
+            raise ConfigError(str(cause)) from None
         key = getattr(e, "full_key", None)
         first = str(e).splitlines()[0]
-        raise ValueError(f"{key}: {first}" if key else first) from None
+        raise ConfigError(f"{key}: {first}" if key else first) from None
 
 
 def unknown_keys(node, schema: type, prefix: str = "") -> list[str]:

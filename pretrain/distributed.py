@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from models.config import ConfigError
 from pretrain import cpu_compat
 from pretrain.config import ParallelConfig
 
@@ -38,12 +39,12 @@ def check_world(parallel: ParallelConfig, world_size: int) -> int:
     """Data-parallel size, or a one-line error when the parallel sizes do not divide the world."""
     model_parallel = parallel.tensor * parallel.pipeline
     if world_size % model_parallel:
-        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline="
-                         f"{model_parallel}; launch a multiple of {model_parallel} processes")
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline="
+                          f"{model_parallel}; launch a multiple of {model_parallel} processes")
     dp = world_size // model_parallel
     if parallel.expert > 1 and (dp * parallel.tensor) % parallel.expert:
-        raise ValueError(f"parallel.expert={parallel.expert} must divide data*tensor parallel size "
-                         f"{dp * parallel.tensor}")
+        raise ConfigError(f"parallel.expert={parallel.expert} must divide data*tensor parallel size "
+                          f"{dp * parallel.tensor}")
     return dp
 
 

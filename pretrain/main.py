@@ -17,18 +17,16 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> float | None:
-    from pretrain.run import ConfigError, run
+    from pretrain.errors import bad_input_is_one_line
+    from pretrain.run import run
 
     # a joblib launcher worker (hydra/launcher=local) makes loky's its default start method, which the
     # process megatron's checkpoint writer starts cannot resolve: use the platform's own
     if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
         multiprocessing.set_start_method(None, force=True)
 
-    try:
+    with bad_input_is_one_line():  # config, data, tokenizer, checkpoint; anything else shows its traceback
         return run(raw)
-    except ConfigError as e:
-        print(f"keel: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def check_command_line(args: list[str]) -> None:
@@ -37,12 +35,10 @@ def check_command_line(args: list[str]) -> None:
     if any(a.startswith("-") for a in args):
         return
     from pretrain.config import compose_config
+    from pretrain.errors import bad_input_is_one_line
 
-    try:
+    with bad_input_is_one_line():
         compose_config(args)
-    except ValueError as e:
-        print(f"keel: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":  # required: megatron's checkpoint writer starts worker processes

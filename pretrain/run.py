@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from contextlib import contextmanager
@@ -13,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.config import ConfigError
 from pretrain.rundir import git_revision, read_metrics, versions, write_json
-
-
-class ConfigError(ValueError):
-    """A configuration or input problem, reported as one line before anything heavy starts."""
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -51,21 +47,18 @@ def model_signature(cfg, vocab_size: int) -> dict:
 
 
 def run(raw) -> float | None:
+    """Train as `raw` (Hydra's composed config) says. Bad input raises keel's own errors
+    (`pretrain.errors.BAD_INPUT`), which the entry point prints as one line; anything else is a bug."""
+    from pretrain.checkpoint.storage import STORAGE_ERRNOS, storage_problem
     from pretrain.config import command_line_overrides, to_config
+    from pretrain.errors import BAD_INPUT
 
-    try:
-        cfg = to_config(raw, command_line_overrides())  # init_from brings its model unless the command line says
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cfg = to_config(raw, command_line_overrides())  # init_from brings its model unless the command line says
     try:
         return _run(cfg)
-    except (ValueError, OSError) as e:
-        if isinstance(e, ConfigError) or os.environ.get("KEEL_DEBUG"):
+    except OSError as e:
+        if isinstance(e, BAD_INPUT) or e.errno not in STORAGE_ERRNOS:
             raise
-        if isinstance(e, FileNotFoundError) or not isinstance(e, OSError):
-            raise ConfigError(str(e).splitlines()[0]) from e
-        from pretrain.checkpoint import storage_problem
-
         # a full disk or a file-size limit outside a checkpoint save (metrics, plots): one line too
         raise ConfigError(storage_problem(e, Path(e.filename or resolve_run_dir(cfg)))) from e
 
@@ -97,7 +90,7 @@ def hold_run_dir(run_dir: Path, world):
     if world.is_main:
         try:
             outcome[1] = lock.acquire()
-        except ValueError as e:
+        except ConfigError as e:
             outcome[0] = str(e)
     if world.size > 1:
         dist.broadcast_object_list(outcome, src=0)
@@ -136,8 +129,9 @@ def prepare_data(cfg, world) -> RunData:
     return RunData(tokenizer, train_prefix, val_prefix, training_sources(cfg.data, tokenizer, train_prefix), val, val_sets)
 
 
-def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
-    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks."""
+def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None, checkpoints=None):
+    """Every component, validated and wired into a Trainer: data, model, optimizer, callbacks, and the
+    run's `Checkpoints` (a new one for run_dir/checkpoints unless given)."""
     from megatron.core import parallel_state
 
     from data.loader import build_loader, validation_loader
@@ -163,7 +157,15 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None):
     callbacks = build_callbacks(RunContext(cfg, world, run_dir, built.gpt, optimizer))
     return Trainer(cfg, Components(world=world, built=built, optimizer=optimizer, train=loader, val=val_loader,
                                    val_sets=dict(zip(data.val_sets, val_sets)), callbacks=callbacks, run_dir=run_dir,
-                                   signature=model_signature(cfg, data.tokenizer.vocab_size)))
+                                   signature=model_signature(cfg, data.tokenizer.vocab_size),
+                                   checkpoints=checkpoints or run_checkpoints(cfg, run_dir)))
+
+
+def run_checkpoints(cfg, run_dir: Path):
+    """The run's checkpoints folder, kept and written as `cfg.checkpoint` says."""
+    from pretrain.checkpoint import Checkpoints
+
+    return Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep_last, background=cfg.checkpoint.async_save)
 
 
 @dataclass
@@ -176,26 +178,26 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-def starting_point(cfg, run_dir: Path, signature: dict) -> Start:
-    """Resuming this run_dir's newest good checkpoint wins over init_from; either is verified and
-    checked against the model before anything is built. Collective over all ranks."""
+def starting_point(cfg, checkpoints, signature: dict) -> Start:
+    """Resuming the run's newest good checkpoint (in `checkpoints`) wins over init_from; either is
+    verified and checked against the model before anything is built. Collective over all ranks."""
     from pretrain import checkpoint
 
-    selected = checkpoint.select_resume(run_dir / "checkpoints")
+    selected = checkpoints.select_resume()
     start = Start(notes=list(selected.notes))
     if selected.path is not None:
         checkpoint.check_compatible(checkpoint.read_meta(selected.path), signature, selected.path)
         start.resume_from = selected.path
         if cfg.init_from:
-            start.notes.append(f"init_from={cfg.init_from} is ignored: {run_dir} already has checkpoints, and a run "
-                               "resumes its own (use a new run_dir to start from init_from)")
+            start.notes.append(f"init_from={cfg.init_from} is ignored: {checkpoints.root.parent} already has "
+                               "checkpoints, and a run resumes its own (use a new run_dir to start from init_from)")
     elif cfg.init_from:
         path = checkpoint.resolve(cfg.init_from)
         problem = checkpoint.verify(path)
         if problem:
             raise checkpoint.CheckpointError(f"init_from checkpoint {path} failed verification ({problem}); "
                                              "point init_from at a good checkpoint")
-        checkpoint.mark_verified(path)
+        checkpoints.mark_verified(path)
         checkpoint.check_compatible(checkpoint.read_meta(path), signature, path)
         start.init_from = path
     return start
@@ -242,12 +244,12 @@ def write_run_info(run_dir: Path, info: dict) -> None:
 
 
 def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
-    from pretrain import checkpoint
     from pretrain.trainer import Preempted, TrainingStopped
 
     # 1. the data and the starting checkpoint are checked before the model exists
     data = prepare_data(cfg, world)
-    start = starting_point(cfg, run_dir, model_signature(cfg, data.tokenizer.vocab_size))
+    checkpoints = run_checkpoints(cfg, run_dir)
+    start = starting_point(cfg, checkpoints, model_signature(cfg, data.tokenizer.vocab_size))
     start.notes[:0] = notes
     validation = validation_record(cfg, data)
     start.notes += [f"evaluation scores {v['rows']} rows of {v['path']}, which holds {v['set_rows']}: some rows count "
@@ -261,12 +263,12 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
             "tokenizer": data.tokenizer.describe(), "command": " ".join(sys.argv),
             "resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
     # 2. build, then resume exactly or start from pretrained weights (continual pretraining)
-    trainer = build_trainer(cfg, world, run_dir, data)
+    trainer = build_trainer(cfg, world, run_dir, data, checkpoints)
     if start.resume_from is not None:
         start.notes += trainer.resume(start.resume_from)
         start.notes.append(f"resumed from {start.resume_from} at step {trainer.step}")
     elif start.init_from is not None:
-        checkpoint.load(start.init_from, trainer.model, None, trainer.parts.signature)
+        checkpoints.load(start.init_from, trainer.model, None, trainer.parts.signature)
         start.notes.append(f"initialised weights from {start.init_from}")
     for note in start.notes:
         _say(world, note)
@@ -282,7 +284,7 @@ def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
         except Preempted as e:
             status, exit_code = "preempted", e.exit_code
             _say(world, f"keel: {e}")
-        except (ValueError, OSError) as e:  # a save the disk refused, bad data met mid-run: the result says so
+        except Exception as e:  # bad data met mid-run, a save the disk refused, a bug: the result says so
             if world.is_main:
                 write_result(run_dir, cfg, "failed", trainer.step, read_metrics(run_dir), start, error=str(e))
             raise

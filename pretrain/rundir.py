@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from models.config import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its git revision is the code's
 
 
@@ -102,7 +104,12 @@ def find_run_folder(path: Path) -> Path | None:
 
 
 def read_run_info(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "run_info.json").read_text())
+    path = Path(run_dir) / "run_info.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"{path} is not a run's description ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                          "point at a keel run folder, or restore the file") from None
 
 
 def metrics_row(line: str) -> dict | None:
@@ -136,7 +143,7 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Hold the lock; returns a note when it was left by a process that died holding it. Raises
-        ValueError (one line naming the holder) when another run holds it."""
+        ConfigError (one line naming the holder) when another run holds it."""
         import fcntl
         import os
         import socket
@@ -148,8 +155,8 @@ class RunLock:
         except BlockingIOError:
             holder = self._holder(fd)
             os.close(fd)
-            raise ValueError(f"{self.path.parent} is in use by another keel run ({holder}); wait for it to end or "
-                             "stop it, or choose another run_dir") from None
+            raise ConfigError(f"{self.path.parent} is in use by another keel run ({holder}); wait for it to end or "
+                              "stop it, or choose another run_dir") from None
         previous = self._holder(fd) if os.fstat(fd).st_size else None  # released cleanly: emptied
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)

@@ -23,8 +23,8 @@ from models.attention.flex import document_block_mask
 from models.compile import CompiledLayers, eager, is_compile_error
 from optim.optimizer import KeelOptimizer
 from optim.schedule import lr_factor
-from pretrain import checkpoint
 from pretrain.callbacks import Callback
+from pretrain.checkpoint import Checkpoints, Snapshot, derive_rng
 from pretrain.config import KeelConfig
 from pretrain.mfu import mfu
 
@@ -55,6 +55,7 @@ class Components:
     callbacks: dict[str, Callback]  # by name, in call order
     run_dir: Path
     signature: dict  # the model's shape, checked against every checkpoint
+    checkpoints: Checkpoints  # run_dir/checkpoints: saves, loads, what was verified, the save in flight
     val_sets: dict[str, PackedLoader] = field(default_factory=dict)  # more validation sets: val_loss/NAME
 
 
@@ -72,7 +73,7 @@ class Trainer:
         self.cfg, self.parts = cfg, parts
         self.signal_received: int | None = None
         self._pid = os.getpid()  # a process forked from this one (megatron's async writer) inherits the handler
-        self.saver = checkpoint.AsyncSaver() if cfg.checkpoint.async_save else None
+        self.checkpoints = parts.checkpoints
         self.world, self.optimizer, self.loader, self.callbacks = parts.world, parts.optimizer, parts.train, parts.callbacks
         self.model, self.ddp = parts.built.gpt, parts.built.ddp  # the bare GPT and its DDP wrapper
         self.flops_per_token = parts.built.flops_per_token(cfg.data.seq_len)
@@ -253,18 +254,17 @@ class Trainer:
                 "distributed_optimizer": self.cfg.optim.distributed}
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.parts.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                               {"trainer": self.state_dict()}, self.parts.signature, self.cfg.checkpoint.keep_last,
-                               self.layout, self.saver)
+        return self.checkpoints.save(Snapshot(self.step, self.model, self.optimizer, {"trainer": self.state_dict()},
+                                              self.parts.signature, self.layout))
 
     def resume(self, path: Path) -> list[str]:
         """Restore everything from `path`; returns notes on what a new layout could not carry over."""
-        extra = checkpoint.load(path, self.model, self.optimizer, self.parts.signature, self.layout)
-        state = extra["trainer"]
-        notes = [] if extra["saved_lr"] is None else [
-            f"optim.lr is {self.cfg.optim.lr:g}, the checkpoint's run had {extra['saved_lr']:g}: the new rate applies "
+        restored = self.checkpoints.load(path, self.model, self.optimizer, self.parts.signature, self.layout)
+        state = restored.state["trainer"]
+        notes = [] if restored.saved_lr is None else [
+            f"optim.lr is {self.cfg.optim.lr:g}, the checkpoint's run had {restored.saved_lr:g}: the new rate applies "
             f"from step {state['step'] + 1} on"]
-        if extra["same_layout"]:
+        if restored.same_layout:
             self.load_state_dict(state)
             return notes
         # another layout: counters, data position and layout-free callback state carry over; the RNG is
@@ -273,15 +273,11 @@ class Trainer:
         state = {**state, "optimizer": self.optimizer.state_dict(),
                  "callbacks": {k: v for k, v in state["callbacks"].items() if k not in fresh}}
         self.load_state_dict(state)
-        checkpoint.derive_rng(self.cfg.seed, self.step)
+        derive_rng(self.cfg.seed, self.step)
         kept = "" if not fresh else f"; {', '.join(fresh)} restart their state"
         rule = "; the optimizer's update rule restarts its vectors" if self.optimizer.rule else ""
         return notes + [f"resharded {path} to tp={self.world.tp} pp={self.world.pp} dp={self.world.dp}: RNG "
                         f"re-derived from seed and step{kept}{rule}"]
-
-    def _finish_saving(self) -> None:
-        if self.saver:
-            self.saver.wait()
 
     # ---- preemption: finish the step, checkpoint, exit with 128 + the signal --------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -339,11 +335,11 @@ class Trainer:
                 if signum or self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
                     path = self.save_checkpoint()
                     if signum:
-                        self._finish_saving()
+                        self.checkpoints.wait()
                         raise Preempted(signum, self.step, path)
-                elif self.saver:
-                    self.saver.poll()  # publish a background save once every rank has written it
-            self._finish_saving()
+                else:
+                    self.checkpoints.poll()  # publish a background save once every rank has written it
+            self.checkpoints.wait()
         finally:
             self._end_callbacks()
 

@@ -88,10 +88,10 @@ def build_tiny_gpt(overrides: list[str] | None = None, vocab_size: int = 128, de
 
 def assert_index_admitted(run_dir: Path) -> None:
     """Every checkpoint of a run: megatron's shard index (`.metadata`) reads through keel's allowlist
-    (pretrain.safe_pickle) into exactly what an unrestricted pickle.load gives."""
+    (pretrain.checkpoint.safe_pickle) into exactly what an unrestricted pickle.load gives."""
     import pickle
 
-    from pretrain.safe_pickle import read_metadata
+    from pretrain.checkpoint.safe_pickle import read_metadata
 
     folders = sorted((Path(run_dir) / "checkpoints").glob("step_????????"))
     assert folders, f"no checkpoint in {run_dir}"

@@ -32,10 +32,8 @@ def _waits(trainer, saves: int, after: int, sync) -> tuple[float, float]:
         trainer.save_checkpoint()
         for _ in range(after):  # steps during which a background writer works
             trainer.train_step()
-            if trainer.saver:
-                trainer.saver.poll()
-        if trainer.saver:
-            trainer.saver.wait()
+            trainer.checkpoints.poll()
+        trainer.checkpoints.wait()
         sync()
         extra.append((time.perf_counter() - t) * 1e3 - (1 + after) * plain[-1])
     return statistics.median(plain), statistics.median(extra)

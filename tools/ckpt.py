@@ -1,4 +1,4 @@
-"""Check keel checkpoints offline, as every load does (pretrain/manifest.py).
+"""Check keel checkpoints offline, as every load does (pretrain/checkpoint/manifest.py).
 
 Each folder must hold exactly the files its manifest lists (plain names, each a kind keel or
 megatron-core writes), each with its checksum; the manifest's signature must verify when
@@ -27,7 +27,8 @@ def checkpoints_at(path: Path) -> list[Path]:
         return [p for _, p in checkpoint.step_dirs(path / "checkpoints")]
     if path.is_dir() and ((path / checkpoint.MANIFEST).exists() or (path / checkpoint.META).exists()):
         return [path]
-    raise FileNotFoundError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N folder")
+    raise checkpoint.CheckpointError(f"no checkpoint at {path}; point at a run folder, its checkpoints/ or a step_N "
+                                     "folder")
 
 
 def verify(paths: list[Path]) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return verify(args.paths)
-    except FileNotFoundError as e:
+    except checkpoint.CheckpointError as e:
         print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from data.errors import DataError, TokenizerError
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
+from tools.hf_folder import FolderError
 
 DEFAULT_SEQ_LEN = 1024
 
@@ -75,7 +77,7 @@ def score(model: Model, tokenizer, texts: Iterable[str], seq_len: int, batch_siz
         nll, tokens = nll + loss, tokens + n
     # 2. per token (nats) and per byte (bits)
     if not tokens:
-        raise ValueError("the input holds no text to evaluate; check --input")
+        raise DataError("the input holds no text to evaluate; check --input")
     return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes, "tokens": tokens, "bytes": nbytes}
 
 
@@ -119,8 +121,8 @@ def load(checkpoint: str, allow_pickle: bool) -> Model:
         return keel_model(checkpoint)
     if (path / "config.json").exists():
         return hf_model(path, allow_pickle)
-    raise FileNotFoundError(f"{path} is neither a keel run or checkpoint (no run_info.json) nor a Hugging Face model "
-                            "folder (no config.json); check --checkpoint")
+    raise FolderError(f"{path} is neither a keel run or checkpoint (no run_info.json) nor a Hugging Face model "
+                      "folder (no config.json); check --checkpoint")
 
 
 def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, seq_len: int | None = None,
@@ -134,7 +136,7 @@ def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, s
     model = load(checkpoint, allow_pickle)
     tok = load_tokenizer(tokenizer) if tokenizer else model.tokenizer
     if tok is None:
-        raise ValueError(f"{checkpoint} holds no tokenizer.json; pass --tokenizer")
+        raise TokenizerError(f"{checkpoint} holds no tokenizer.json; pass --tokenizer")
     check_vocabulary(tok.vocab_size, model.vocab, f"tokenizer {tok.path}", checkpoint)
     seq_len = seq_len or min(model.max_positions, DEFAULT_SEQ_LEN)
     return score(model, tok, (d.text for d in source), seq_len, batch_size)

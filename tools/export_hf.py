@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from models.config import ConfigError
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 from tools.hf_folder import atomic_folder, in_world_of_one
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ExportError(ValueError):
+class ExportError(ConfigError):
     """An export keel refuses; the message is one line."""
 
 

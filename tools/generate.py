@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from data.errors import DataError
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
+from pretrain.checkpoint.errors import CheckpointError
 
 
 def run_folder(step_dir: Path) -> Path:
@@ -28,7 +30,7 @@ def run_folder(step_dir: Path) -> Path:
 
     found = find_run_folder(step_dir)
     if found is None:
-        raise FileNotFoundError(f"no run_info.json above {step_dir}; point --checkpoint at a keel run folder")
+        raise CheckpointError(f"no run_info.json above {step_dir}; point --checkpoint at a keel run folder")
     return found
 
 
@@ -91,7 +93,7 @@ def _generate(args, dtype: torch.dtype) -> None:
     gpt, tok, step_dir = loaded.gpt, loaded.tokenizer, loaded.step_dir
     ids = [tok.encode(text) for text in args.prompt]
     if not all(ids):
-        raise ValueError("a prompt encodes to no tokens; pass --prompt with some text")
+        raise DataError("a prompt encodes to no tokens; pass --prompt with some text")
     prompt, lengths = right_pad(ids, device=args.device)
     out = generate(gpt, prompt, args.max_new_tokens, args.temperature, args.top_k,
                    torch.Generator().manual_seed(args.seed), eos=tok.eod, lengths=lengths,

@@ -20,12 +20,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from pretrain.checkpoint.errors import CheckpointError
+from pretrain.errors import BAD_INPUT, one_line
+
 SAFE_INDEX, SAFE_FILE = "model.safetensors.index.json", "model.safetensors"
 PICKLE_INDEX, PICKLE_FILES = "pytorch_model.bin.index.json", ("pytorch_model.bin", "model.pt", "pytorch_model.pt")
 ALLOW_PICKLE = "--allow-pickle"
 
 
-class FolderError(ValueError):
+class FolderError(CheckpointError):
     """A Hugging Face folder keel cannot read; the message is the line the user sees."""
 
 
@@ -179,6 +182,6 @@ def in_world_of_one(tool: str, work: Callable[[], object]) -> tuple[int, object]
     try:
         with world_of_one():
             return 0, work()
-    except (ValueError, FileNotFoundError) as e:  # keel's input, config, checkpoint and folder errors
-        print(f"{tool}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except BAD_INPUT as e:  # keel's config, data, tokenizer, checkpoint and folder errors; a bug shows its traceback
+        print(f"{tool}: error: {one_line(e)}", file=sys.stderr)
         return 2, None

@@ -80,7 +80,7 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
     from megatron.core import parallel_state
 
     from models.builder import build_initialised_gpt
-    from pretrain import checkpoint
+    from pretrain.checkpoint import Checkpoints, Snapshot
     from pretrain.run import model_signature
     from pretrain.rundir import git_revision, write_json
 
@@ -97,7 +97,8 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
     with atomic_folder(output) as tmp:
         tok_path = output / tok.save(tmp / "tokenizer").relative_to(tmp)
         cfg.data.tokenizer = str(tok_path)
-        checkpoint.save(tmp / "checkpoints", 0, gpt, None, {}, model_signature(cfg, tok.vocab_size), keep_last=1)
+        weights_only = Snapshot(0, gpt, signature=model_signature(cfg, tok.vocab_size))
+        Checkpoints(tmp / "checkpoints", keep_last=1).save(weights_only)
         write_json(tmp / "run_info.json", {
             "config": asdict(cfg), "tokenizer": {**tok.describe(), "path": str(tok_path)},
             "imported_from": {"path": str(hf_dir.absolute()), "architecture": hf["architectures"][0],

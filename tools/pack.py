@@ -13,6 +13,7 @@ import argparse
 import errno
 import sys
 
+from data.errors import DataError
 from data.packing import METHODS, UNDERFULL
 from data.sources import TEXT_MODES, InputError, DocumentSource, check_settings
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -72,7 +73,7 @@ def _load_tokenizer(path: str) -> Tokenizer:
         from data.format import token_dtype
 
         token_dtype(tok.vocab_size)
-    except (FileNotFoundError, ValueError) as e:
+    except DataError as e:  # a tokenizer keel cannot use, or a vocabulary the format cannot hold
         raise InputError(str(e)) from None
     return tok
 

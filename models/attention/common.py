@@ -16,6 +16,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
+from models.config import ConfigError
+
 
 def rope_table(table: torch.Tensor, rot_dim: int) -> torch.Tensor:
     """The model's RoPE table [s, b|1, 1, d] reduced to a `rot_dim`-wide RoPE with its own frequencies.
@@ -27,7 +29,7 @@ def rope_table(table: torch.Tensor, rot_dim: int) -> torch.Tensor:
     if rot_dim == width:
         return table
     if width % rot_dim or rot_dim % 2:
-        raise ValueError(f"RoPE width {rot_dim} must be even and divide the head dimension {width}")
+        raise ConfigError(f"RoPE width {rot_dim} must be even and divide the head dimension {width}")
     half = table[..., : width // 2]
     sub = half[..., :: width // rot_dim]
     return torch.cat([sub, sub], dim=-1)
@@ -36,7 +38,7 @@ def rope_table(table: torch.Tensor, rot_dim: int) -> torch.Tensor:
 def rope_angles(rotary_pos_emb, who: str) -> torch.Tensor:
     """The angle table megatron passes to self-attention (a tensor, or a (q, k) pair of one table)."""
     if rotary_pos_emb is None:
-        raise ValueError(f"{who} needs model.position_embedding=rope")
+        raise ConfigError(f"{who} needs model.position_embedding=rope")
     return rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
 
 
@@ -137,7 +139,7 @@ def replicated_linear(in_features: int, out_features: int, config) -> torch.nn.L
 
 def divide(a: int, b: int, what: str) -> int:
     if a % b:
-        raise ValueError(f"{what}: {a} is not divisible by {b}")
+        raise ConfigError(f"{what}: {a} is not divisible by {b}")
     return a // b
 
 

@@ -28,7 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from models.attention.base import AttentionConfig, Layout, check_key_value_heads
 from models.attention.common import (QKNorm, apply_rope, divide, own_attention_spec, replicated,
                                      replicated_linear, rope_angles, rope_table, tp_size)
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 
 
 class GroupedTiedAttention(MegatronModule):
@@ -40,7 +40,7 @@ class GroupedTiedAttention(MegatronModule):
         d, n = config.kv_channels, tp_size()
         self.head_dim, self.rope_dim, self.tied = d, rope_dim, tied
         if not 0 < rope_dim <= d:
-            raise ValueError(f"attention.rope_dim={rope_dim} must be in (0, head_dim={d}]")
+            raise ConfigError(f"attention.rope_dim={rope_dim} must be in (0, head_dim={d}]")
         self.heads = divide(config.num_attention_heads, n, "GTA query heads over tensor-parallel ranks")
         self.kv_heads = divide(config.num_query_groups, n, "GTA KV heads over tensor-parallel ranks")
         linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,

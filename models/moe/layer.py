@@ -17,6 +17,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from models.config import ConfigError
 from models.moe.losses import attach_loss, orthogonality_loss
 from models.moe.router import KeelRouter
 
@@ -55,8 +56,8 @@ class KeelMoELayer(MoELayer):
         # every local expert sees the whole token set only without expert/tensor parallelism
         self.sees_all_experts = self.ep_group.size() == 1 and self.experts.tp_group.size() == 1
         if ortho_coeff > 0 and not self.sees_all_experts:
-            raise ValueError("model.moe.ortho_loss needs parallel.expert=1 and parallel.tensor=1: each token's "
-                             "selected experts must be on one rank")
+            raise ConfigError("model.moe.ortho_loss needs parallel.expert=1 and parallel.tensor=1: each token's "
+                              "selected experts must be on one rank")
         self.ortho_coeff = ortho_coeff
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):

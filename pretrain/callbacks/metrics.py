@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.config import ConfigError
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
 from pretrain.rundir import metrics_row
 
@@ -50,7 +51,7 @@ class MetricsLogger(Callback):
             row = metrics_row(line)
             if row is None:
                 if i < last:
-                    raise ValueError(f"{self.path} line {i + 1} is not a metrics row (a JSON object with an integer "
+                    raise ConfigError(f"{self.path} line {i + 1} is not a metrics row (a JSON object with an integer "
                                      "step); repair or remove that line to resume")
                 print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
                 continue

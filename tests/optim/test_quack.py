@@ -1,9 +1,9 @@
-"""QuacK's per-head query/key learning rates (optim/quack.py)."""
+"""QuacK's per-head query/key learning rates (optim/rules/quack.py)."""
 
 import pytest
 import torch
 
-from optim.quack import head_norms, rate_factors, row_scales
+from optim.rules.quack import head_norms, rate_factors, row_scales
 from pretrain.config import compose_config
 from tests.helpers import build_tiny_gpt, losses, metrics, run_keel, tiny_overrides
 

@@ -65,7 +65,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_data, megatron_world, tmp_pa
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert "torch.compile failed" not in capfd.readouterr().err
     # one fused AdamW kernel over the fp32 main parameters on a GPU; torch's per-parameter loop on CPU
-    from optim.optimizer import chained
+    from optim.megatron_private import chained
 
     assert {bool(g.get("fused")) for o in chained(trainer.optimizer.megatron) for g in o.optimizer.param_groups} == {GPU}
     _assert_rows_match(rows, eager_rows, LOSS_REL, MONITOR_REL)

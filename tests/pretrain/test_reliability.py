@@ -331,11 +331,12 @@ def test_file_size_limit_names_the_cause_and_the_path_and_a_failing_plot_masks_n
 def test_a_malformed_metrics_row_is_one_line_naming_file_and_line(tmp_path):
     from types import SimpleNamespace
 
+    from models.config import ConfigError
     from pretrain.callbacks.metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, tensorboard=False, interval=1)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{}\n{"step": 2, "loss": 1.9}\n')
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'metrics.jsonl'} line 3 is not a metrics row .*; repair or "
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'metrics.jsonl'} line 3 is not a metrics row .*; repair or "
                                          "remove that line to resume$"):
         logger.on_train_start(SimpleNamespace(step=2))
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n')  # a torn or bad last line

@@ -81,18 +81,19 @@ def trainer(run_with_checkpoints, tiny_data, tmp_path_factory, megatron_world):
 
 
 def _resume(trainer, run, tmp_path):
-    from pretrain import checkpoint
+    from pretrain.checkpoint import Checkpoints
 
-    trainer.resume(checkpoint.select_resume(run / "checkpoints").path)
+    trainer.checkpoints = Checkpoints(run / "checkpoints", keep_last=2)  # what this process has not verified
+    trainer.resume(trainer.checkpoints.select_resume().path)
 
 
 def _init_from(trainer, run, tmp_path):
-    from pretrain import checkpoint
-    from pretrain.run import starting_point
+    from pretrain.run import run_checkpoints, starting_point
 
     cfg = dataclasses.replace(trainer.cfg, init_from=str(run))
-    start = starting_point(cfg, tmp_path / "fresh", trainer.parts.signature)
-    checkpoint.load(start.init_from, trainer.model, None, trainer.parts.signature)
+    checkpoints = run_checkpoints(cfg, tmp_path / "fresh")
+    start = starting_point(cfg, checkpoints, trainer.parts.signature)
+    checkpoints.load(start.init_from, trainer.model, None, trainer.parts.signature)
 
 
 def _generate_and_evaluate(trainer, run, tmp_path):
@@ -154,7 +155,7 @@ def test_resuming_forged_checkpoints_stops_in_one_line_and_runs_nothing(run_with
 #      optimizer are read through it in tests/pretrain/test_train_e2e.py and test_moe_e2e.py
 #      (tests.helpers.assert_index_admitted), and every resume reads through it
 def test_the_index_allowlist_refuses_any_other_class(run_with_checkpoints, tmp_path):
-    from pretrain.safe_pickle import RefusedPickle, read_metadata
+    from pretrain.checkpoint.safe_pickle import RefusedPickle, read_metadata
     from tests.helpers import assert_index_admitted
 
     assert_index_admitted(run_with_checkpoints)
@@ -177,14 +178,28 @@ def test_the_index_allowlist_refuses_any_other_class(run_with_checkpoints, tmp_p
     assert not (tmp_path / "marker").exists()
 
 
-def test_torch_reads_checkpoints_through_the_restricted_readers():
+def test_torch_reads_checkpoints_through_the_restricted_readers_while_keel_loads(run_with_checkpoints, trainer,
+                                                                                   monkeypatch):
+    from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    from pretrain import checkpoint, safe_pickle  # noqa: F401  (importing checkpoint installs them)
+    from pretrain.checkpoint import load, safe_pickle
 
-    assert FileSystemReader.read_metadata is safe_pickle._read_metadata
-    assert DefaultLoadPlanner.load_bytes is safe_pickle._load_bytes
+    def readers():
+        return FileSystemReader.read_metadata, DefaultLoadPlanner.__dict__["load_bytes"]
+
+    torch_readers, during_load, megatron_load = readers(), [], dist_checkpointing.load
+
+    def load_and_look(*args, **kwargs):
+        during_load.append(readers())
+        return megatron_load(*args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "load", load_and_look)
+    load(run_with_checkpoints / "checkpoints" / "step_00000006", trainer.model, None, trainer.parts.signature)
+    [(read_metadata, load_bytes)] = during_load
+    assert read_metadata is safe_pickle._read_metadata and load_bytes.func is safe_pickle._load_bytes
+    assert readers() == torch_readers  # torch's own again after the load (and importing keel changes nothing)
 
 
 # ---- the manifest: exactly the folder, plain names, signed with a key -----------------------------------
@@ -217,7 +232,7 @@ def test_the_manifest_lists_exactly_the_folder_by_plain_names(run_with_checkpoin
 
 def test_with_a_key_manifests_are_signed_and_a_forged_one_is_refused(run_with_checkpoints, tmp_path, monkeypatch):
     from pretrain.checkpoint import CheckpointError, verify, write_manifest
-    from pretrain.manifest import signing_key
+    from pretrain.checkpoint.manifest import signing_key
 
     folder = _copy(run_with_checkpoints, tmp_path)
     assert verify(folder, collective=False) is None  # written without a key: as before

@@ -191,10 +191,11 @@ def _big_tokenizer(folder):
     (_big_tokenizer, "tokenizer .* has 400 tokens but .* predicts 320"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, llama, megatron_world, edit, message):
+    from pretrain.errors import BAD_INPUT
     from tools.import_hf import import_model
 
     folder = _variant(tmp_path, llama, edit)
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(BAD_INPUT, match=message) as e:  # keel's kinds of bad input: the CLI's one line
         import_model(folder, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
@@ -209,14 +210,15 @@ def test_pickled_weights_load_with_allow_pickle(tmp_path, llama, megatron_world)
 def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_world, hf_tok):
     from dataclasses import asdict
 
-    from pretrain import checkpoint
+    from pretrain.checkpoint import Checkpoints, Snapshot
     from pretrain.rundir import write_json
     from pretrain.run import model_signature
     from tests.helpers import build_tiny_gpt
     from tools.export_hf import export_model
 
     cfg, gpt = build_tiny_gpt(["attention=gta", "model.final_norm=true", f"data.tokenizer={hf_tok}"], vocab_size=VOCAB)
-    checkpoint.save(tmp_path / "run" / "checkpoints", 1, gpt, None, {}, model_signature(cfg, VOCAB), keep_last=1)
+    Checkpoints(tmp_path / "run" / "checkpoints", keep_last=1).save(
+        Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
     write_json(tmp_path / "run" / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}},
                default=str)
     with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face Llama equivalent; export takes dense "

@@ -1,5 +1,5 @@
 """The warmup-free experiment (docs/results/warmup_free.md): does AdamW need warmup at high learning rates,
-and does the spectral update bound (optim/bounded.py) without warmup replace it?
+and does the spectral update bound (optim/rules/spectral_bound.py) without warmup replace it?
 
 Three stages; each training stage is Hydra multiruns of the warmup_free presets, --jobs runs at once, one
 folder per preset and overrides below the stage's folder (the presets' hydra.sweep.subdir):

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from optim.bounded import main_copy, rescale_main_copy
+from models.config import ConfigError
+from optim.rules.main_params import main_copy, rescale_main_copy
 
 
 def qkv_layout(attention) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dim) of megatron's fused linear_qkv on this rank."""
     if not hasattr(attention, "linear_qkv"):
-        raise ValueError(f"optim.quack needs megatron's fused linear_qkv (attention mha, gqa or mqa); "
-                         f"{type(attention).__name__} has separate projections")
+        raise ConfigError(f"optim.quack needs megatron's fused linear_qkv (attention mha, gqa or mqa); "
+                          f"{type(attention).__name__} has separate projections")
     return (attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition,
             attention.hidden_size_per_attention_head)
 
@@ -61,7 +62,8 @@ def row_scales(s_q: torch.Tensor, s_k: torch.Tensor, heads: int, head_dim: int) 
 
 
 class QuackRule:
-    """An update rule of `KeelOptimizer`: after megatron's step, rescale each layer's query and key updates."""
+    """An update rule (`optim.rules.UpdateRule`): after megatron's step, rescale each layer's query and key
+    updates."""
 
     def __init__(self, megatron_optimizer, model: torch.nn.Module):
         self.optimizer = megatron_optimizer

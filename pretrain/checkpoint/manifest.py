@@ -8,10 +8,11 @@
 3. the folder holds exactly the files it lists, no more and no fewer, each of a kind keel or
    megatron-core writes (nothing else in the folder is ever read);
 4. every file has its size and checksum (the ranks share the hashing);
-5. megatron's shard index (`.metadata`) reads through `pretrain.safe_pickle`'s allowlist.
+5. megatron's shard index (`.metadata`) reads through `safe_pickle`'s allowlist.
 
 Resume, `init_from`, tools/generate.py, evaluate.py, export_hf.py and `tools/ckpt.py verify` all pass
-through it (`pretrain.checkpoint.load` calls `require_verified`). Without a key, the manifest proves
+through it (`pretrain.checkpoint.load` calls `require_verified`; a run's `Checkpoints` remembers what it
+verified or wrote itself, so a folder is hashed once per run). Without a key, the manifest proves
 integrity (damage, truncation, a missing or extra file), not authenticity: whoever can write the folder
 can write a matching manifest, and then the restricted readers are what keeps a forged file from running
 code.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pretrain.safe_pickle import RefusedPickle, is_plain_name, read_metadata
+from pretrain.checkpoint.errors import CheckpointError
+from pretrain.checkpoint.safe_pickle import RefusedPickle, is_plain_name, read_metadata
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # 1: keel on megatron-core 0.16.1 and before the manifest (pickled extras)
@@ -38,10 +40,6 @@ DCP_INDEX = ".metadata"
 # keel's state per rank and keel's description
 _KINDS = re.compile(r"^(\.metadata|metadata\.json|__\d+_\d+\.distcp|keel_rank\d{5}\.safetensors|meta\.json)$")
 _HASH_CHUNK = 8 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint keel will not load, or cannot write; the message is the one line the user sees."""
 
 
 # ---- the signing key ---------------------------------------------------------------------------------
@@ -173,24 +171,10 @@ def verify(folder: Path, collective: bool = True) -> str | None:
     return None
 
 
-_VERIFIED: set[Path] = set()  # checkpoints this process wrote or verified: they need not be hashed again
-
-
-def mark_verified(folder: Path) -> None:
-    _VERIFIED.add(Path(folder).resolve())
-
-
-def is_verified(folder: Path) -> bool:
-    return Path(folder).resolve() in _VERIFIED
-
-
 def require_verified(folder: Path, collective: bool = True) -> None:
     """The gate before anything of `folder` is deserialised: a checkpoint that fails verification is one
-    line. Every loader calls it; a folder this process has written or verified passes at once."""
-    if is_verified(folder):
-        return
+    line. Every loader calls it (through `Checkpoints.require_verified` in a run)."""
     problem = verify(folder, collective)
     if problem is not None:
         raise CheckpointError(f"checkpoint {folder} failed verification ({problem}); nothing of it was loaded: "
                               "use a good checkpoint (`python tools/ckpt.py verify` checks one)")
-    mark_verified(folder)

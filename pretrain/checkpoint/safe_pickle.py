@@ -12,20 +12,24 @@ format, which reads pickles in two places:
    `*.distcp` shards, with `torch.load(weights_only=False)` (`DefaultLoadPlanner.load_bytes`): keel
    reads them with `weights_only=True`.
 
-`install()` puts both readers in place of torch's, once per process; `pretrain.checkpoint` calls it on
-import, so every keel process that loads a checkpoint has them.
+`restricted_readers()` puts both readers in place of torch's while a checkpoint loads
+(`pretrain.checkpoint.io` wraps every load in it) and gives torch its own back afterwards.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from contextlib import contextmanager
+from functools import partialmethod
 from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.errors import CheckpointError
 
-class RefusedPickle(ValueError):
+
+class RefusedPickle(CheckpointError):
     """A checkpoint file holds something keel will not unpickle; the message is the line the user sees,
     `reason` the few words that say what (after the file's name)."""
 
@@ -103,7 +107,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# ---- torch's readers, replaced --------------------------------------------------------------------------
+# ---- torch's readers, replaced while a checkpoint loads ------------------------------------------------
 def _read_metadata(self, *args, **kwargs):
     """`FileSystemReader.read_metadata`, with `MetadataUnpickler` in place of `pickle.load`."""
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -115,10 +119,10 @@ def _read_metadata(self, *args, **kwargs):
     return metadata
 
 
-def _load_bytes(self, read_item, value: io.BytesIO) -> None:
+def _load_bytes(self, read_item, value: io.BytesIO, *, torch_load_bytes) -> None:
     """`DefaultLoadPlanner.load_bytes`, fed only what `torch.load(weights_only=True)` admits (tensors,
     numbers, strings, plain containers): the object is loaded that way, saved again and handed to torch's
-    own method, whose `weights_only=False` then meets nothing but those types."""
+    own method (`torch_load_bytes`), whose `weights_only=False` then meets nothing but those types."""
     try:
         loaded = torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -127,19 +131,23 @@ def _load_bytes(self, read_item, value: io.BytesIO) -> None:
     clean = io.BytesIO()
     torch.save(loaded, clean)
     clean.seek(0)
-    _TORCH_LOAD_BYTES(self, read_item, clean)
+    torch_load_bytes(self, read_item, clean)
 
 
-def install() -> None:
-    """Replace torch's two pickle readers for distributed checkpoints by the restricted ones (idempotent)."""
+@contextmanager
+def restricted_readers():
+    """torch's two pickle readers for distributed checkpoints replaced by the restricted ones inside the
+    block, torch's own restored after it (re-entrant: an inner block changes nothing)."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    global _TORCH_LOAD_BYTES
-    if DefaultLoadPlanner.load_bytes is not _load_bytes:
-        _TORCH_LOAD_BYTES = DefaultLoadPlanner.load_bytes
+    torch_read_metadata, torch_load_bytes = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
+    if torch_read_metadata is _read_metadata:
+        yield
+        return
     FileSystemReader.read_metadata = _read_metadata
-    DefaultLoadPlanner.load_bytes = _load_bytes
-
-
-_TORCH_LOAD_BYTES = None  # torch's own DefaultLoadPlanner.load_bytes, once install() replaced it
+    DefaultLoadPlanner.load_bytes = partialmethod(_load_bytes, torch_load_bytes=torch_load_bytes)
+    try:
+        yield
+    finally:
+        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = torch_read_metadata, torch_load_bytes

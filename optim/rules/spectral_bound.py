@@ -17,11 +17,13 @@ import torch
 
 from optim.config import SpectralConfig
 from optim.lr_rules import param_group
+from optim.rules.main_params import main_copy, rescale_main_copy
 from optim.spectral import bound_update, default_group_name, megatron_shard_dim
 
 
 class SpectralBoundRule:
-    """An update rule of `KeelOptimizer`: after megatron's step, pull each bounded matrix back to the bound."""
+    """An update rule (`optim.rules.UpdateRule`): after megatron's step, pull each bounded matrix back to
+    the bound."""
 
     def __init__(self, megatron_optimizer, model: torch.nn.Module, cfg: SpectralConfig, tp_group=None):
         self.optimizer, self.cfg, self.tp_group = megatron_optimizer, cfg, tp_group
@@ -69,40 +71,3 @@ class SpectralBoundRule:
 
     def load_state_dict(self, state: dict) -> None:
         self.spectral_state = {n: {"w": dict(s["w"]), "dw": dict(s["dw"]), "steps": s["steps"]} for n, s in state.items()}
-
-
-def main_copy(p: torch.Tensor) -> torch.Tensor | None:
-    """A snapshot of the fp32 main parameter when it is a separate tensor (bf16 training)."""
-    main = getattr(p, "main_param", None)
-    if main is None or main.data_ptr() == p.data_ptr():
-        return None
-    return main.detach().clone()
-
-
-def rescale_main_copy(optimizer, p: torch.Tensor, main_old: torch.Tensor | None, keep: torch.Tensor) -> None:
-    """Give p's fp32 main copy the rescaled update its model parameter got: main = lerp(main, main_old,
-    keep), where `keep` (1 - the update's scale) is 0-dim or shaped like p. Nothing to do without a
-    separate main copy. Under the distributed optimizer the copy is a flat shard of p, so a per-element
-    `keep` is cut to the shard's range."""
-    if main_old is None:
-        return
-    if keep.ndim:
-        start, end = _main_range(optimizer, p)
-        keep = keep.expand_as(p).reshape(-1)[start:end].view_as(main_old)
-    p.main_param.lerp_(main_old, keep)
-
-
-def _main_range(optimizer, p: torch.Tensor) -> tuple[int, int]:
-    """The flat range of `p` that its fp32 main copy holds: a shard under the distributed optimizer
-    (megatron's per-parameter range map), else the whole parameter."""
-    if getattr(p, "main_param_sharded", False):
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-        from optim.optimizer import chained
-
-        for opt in chained(optimizer):
-            if isinstance(opt, DistributedOptimizer) and p in opt.model_param_gbuf_map:
-                r = opt._get_model_param_range_map(p)["param"]
-                return r.start, r.end
-        raise RuntimeError("a sharded main parameter that no distributed optimizer owns")
-    return 0, p.numel()

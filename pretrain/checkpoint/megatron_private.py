@@ -1,0 +1,68 @@
+"""Everything keel's checkpointing does with megatron-core's private API, in one place, for the one
+release it was read from (`WRITTEN_FOR`): each function first checks the installed release, so another
+one stops with a line saying what to install instead of failing somewhere inside megatron.
+
+1. `results_queue_in_helper`: megatron's checkpoint writer sends its results through a multiprocessing
+   Manager that `filesystem_async.get_write_results_queue` starts on first use and keeps in the module's
+   `_results_queue`. Started by megatron, that Manager dies of the SIGTERM that preempts the job (losing
+   the checkpoint) and outlives a `kill -9` of the trainer; keel starts it itself, as a helper process
+   that ignores both signals and dies with its parent (`pretrain.helper_process`, which imports neither
+   torch nor megatron, so the helper starts fast), and puts its queue in that slot.
+2. `quiet_sync_save_notice`: megatron's synchronous torch_dist save runs through its own async writer and
+   then warns (once per process) that this writer is deprecated; keel saves synchronously, so the notice
+   says nothing to a user and is dropped while a save runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from pretrain.checkpoint.errors import CheckpointError
+
+WRITTEN_FOR = "0.19.2"  # the megatron-core release whose private names this module uses
+_SAVE_LOGGER = "megatron.core.dist_checkpointing.strategies.torch"
+_SYNC_SAVE_NOTICE = "MCore's async save is deprecated"
+
+
+def require_release() -> None:
+    """One line when the installed megatron-core is not the release this module was written for."""
+    from pretrain.cpu_compat import installed_version
+
+    if (found := installed_version()) != WRITTEN_FOR:
+        raise CheckpointError(f"{__name__} uses megatron-core {WRITTEN_FOR}'s private checkpoint API, and "
+                              f"megatron-core {found} is installed; install megatron-core=={WRITTEN_FOR}")
+
+
+def results_queue_in_helper() -> None:
+    """megatron's writer results queue, served by a helper process keel starts and `pretrain.helper_process`
+    sets up (once per process: the slot keeps it)."""
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from pretrain import helper_process
+
+    require_release()
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=get_context("spawn"))
+        manager.start(initializer=helper_process.setup)
+        filesystem_async._results_queue = manager.Queue()
+
+
+class _DropSyncSaveNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_SYNC_SAVE_NOTICE)
+
+
+@contextmanager
+def quiet_sync_save_notice():
+    """Inside the block, megatron's notice that its async writer is deprecated is dropped."""
+    require_release()
+    logger, notice = logging.getLogger(_SAVE_LOGGER), _DropSyncSaveNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
