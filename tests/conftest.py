@@ -12,6 +12,13 @@ from pretrain import cpu_compat
 cpu_compat.apply()
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with end-to-end runs (marked slow) first, each kept whole: xdist then hands the short tests
+    out last, and its workers finish together instead of one waiting on another's minute-long run."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: order kept within each
+
+
 @pytest.fixture
 def committed_checkout(monkeypatch):
     """Reports write a results JSON only from a committed tree (provenance.results_provenance); a test that runs one
