@@ -405,12 +405,20 @@ def _wait(proc: subprocess.Popen, limit: float) -> int:
         return 137
 
 
+def _sigint_by_default() -> None:
+    """In the step's process, before it runs: SIGINT as the default. A process started with SIGINT ignored
+    (a background job of a script, an xdist worker) passes that on, and a shell or Python step could then
+    neither catch the SIGINT at its limit nor die of it, only be killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_step(c: Check, step: Step, steps_log: Path) -> int:
     """One time-boxed step in its own process group; its output in the log, its outcome in `steps_log`."""
     limit = round(step.limit_s * c.time_scale)
     start = time.monotonic()
     proc = subprocess.Popen([c.py, *step.argv], cwd=ROOT, env={**os.environ, **STEP_ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                            preexec_fn=_sigint_by_default)
     relay = threading.Thread(target=_relay, args=(proc.stdout, say), daemon=True)
     relay.start()
     interrupted = False
