@@ -1,5 +1,6 @@
 """Everything keel's optimizer does with megatron-core's optimizer internals, in one place, for the one
-release it was read from (`WRITTEN_FOR`): another release stops with one line saying what to install.
+release it was read from (`models.megatron_release.PINNED`): another release stops with one line saying what
+to install.
 
 1. `chained`: the torch-level optimizers inside megatron's (a ChainedOptimizer holds one per group set).
 2. `main_param_range`: the flat range of a parameter that its fp32 main copy holds under the distributed
@@ -21,19 +22,13 @@ import functools
 
 import torch
 
+from models import megatron_release
 from models.config import ConfigError
-
-WRITTEN_FOR = "0.19.2"  # the megatron-core release whose optimizer internals this module uses
 
 
 def require_release() -> None:
     """One line when the installed megatron-core is not the release this module was written for."""
-    import megatron.core
-
-    found = megatron.core.__version__.split("+")[0]  # without the git sha a checkout install appends
-    if found != WRITTEN_FOR:
-        raise ConfigError(f"{__name__} uses megatron-core {WRITTEN_FOR}'s optimizer internals, and megatron-core "
-                          f"{found} is installed; install megatron-core=={WRITTEN_FOR}")
+    megatron_release.require(__name__, "optimizer internals", ConfigError)
 
 
 def chained(megatron_optimizer) -> list:

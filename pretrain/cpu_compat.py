@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-MEGATRON_VERSION = "0.19.2"
+from models import megatron_release
 
 # module -> the functions in it whose CUDA tensors, device queries or waits are redirected
 CUDA_CALL_SITES: dict[str, tuple[str, ...]] = {
@@ -156,13 +156,6 @@ def _patch_attr(module_name: str, qualname: str, wrap) -> None:
     setattr(owner, attr, wrap(getattr(owner, attr)))
 
 
-def installed_version() -> str:
-    """megatron-core's release, without the `+<git sha>` it appends when installed inside a git checkout."""
-    import megatron.core
-
-    return megatron.core.__version__.split("+")[0]
-
-
 def silence_import_warnings() -> None:
     """megatron-core's notices about missing apex/TransformerEngine/absl, its deprecations and its
     rank guesses say nothing to a keel user. Each filter is scoped to megatron's modules (or, for the
@@ -179,9 +172,7 @@ def apply() -> None:
     """Apply the CPU redirects once; a no-op when CUDA is available."""
     global _applied
     silence_import_warnings()
-    if installed_version() != MEGATRON_VERSION:
-        raise RuntimeError(f"keel supports megatron-core {MEGATRON_VERSION} (its CPU redirects and MoE layer target "
-                           f"that release), found {installed_version()}; install megatron-core=={MEGATRON_VERSION}")
+    megatron_release.require(__name__, "CUDA call sites (the CPU redirects)", RuntimeError)
     if _applied or torch.cuda.is_available():
         return
     for name in CUDA_CALL_SITES:

@@ -1,5 +1,5 @@
 """Everything keel's checkpointing does with megatron-core's private API, in one place, for the one
-release it was read from (`WRITTEN_FOR`): each function first checks the installed release, so another
+release it was read from (`models.megatron_release.PINNED`): each function first checks the installed release, so another
 one stops with a line saying what to install instead of failing somewhere inside megatron.
 
 1. `results_queue_in_helper`: megatron's checkpoint writer sends its results through a multiprocessing
@@ -18,20 +18,16 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
+from models import megatron_release
 from pretrain.checkpoint.errors import CheckpointError
 
-WRITTEN_FOR = "0.19.2"  # the megatron-core release whose private names this module uses
 _SAVE_LOGGER = "megatron.core.dist_checkpointing.strategies.torch"
 _SYNC_SAVE_NOTICE = "MCore's async save is deprecated"
 
 
 def require_release() -> None:
     """One line when the installed megatron-core is not the release this module was written for."""
-    from pretrain.cpu_compat import installed_version
-
-    if (found := installed_version()) != WRITTEN_FOR:
-        raise CheckpointError(f"{__name__} uses megatron-core {WRITTEN_FOR}'s private checkpoint API, and "
-                              f"megatron-core {found} is installed; install megatron-core=={WRITTEN_FOR}")
+    megatron_release.require(__name__, "private checkpoint API", CheckpointError)
 
 
 def results_queue_in_helper() -> None:

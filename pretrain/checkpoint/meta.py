@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models import megatron_release
 from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.manifest import FORMAT
 
@@ -14,9 +15,7 @@ FIRST_RELEASE = "0.16.1"  # keel's first checkpoints did not record the release:
 
 
 def write_meta(folder: Path, step: int, signature: dict, layout: dict, world_size: int) -> None:
-    from pretrain.cpu_compat import MEGATRON_VERSION
-
-    meta = {"format": FORMAT, "step": step, "model": signature, "megatron_core": MEGATRON_VERSION,
+    meta = {"format": FORMAT, "step": step, "model": signature, "megatron_core": megatron_release.PINNED,
             "world_size": world_size, "layout": layout}
     (folder / META).write_text(json.dumps(meta, indent=2))
 
@@ -32,12 +31,10 @@ def read_meta(folder: Path) -> dict:
 
 
 def check_release(meta: dict, path: Path) -> None:
-    from pretrain.cpu_compat import MEGATRON_VERSION
-
     written_by = meta.get("megatron_core", FIRST_RELEASE)
-    if written_by != MEGATRON_VERSION:
+    if written_by != megatron_release.PINNED:
         raise CheckpointError(f"checkpoint {path} was written with megatron-core {written_by}; this keel reads "
-                              f"checkpoints of megatron-core {MEGATRON_VERSION} only: train anew or use the keel "
+                              f"checkpoints of megatron-core {megatron_release.PINNED} only: train anew or use the keel "
                               "release that wrote it")
 
 

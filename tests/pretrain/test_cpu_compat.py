@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import megatron_release
 from pretrain import cpu_compat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,8 +33,8 @@ def _resolve(module_name: str, qualname: str):
 
 def test_pinned_megatron_version():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"megatron-core=={cpu_compat.MEGATRON_VERSION}" in deps
-    assert cpu_compat.installed_version() == cpu_compat.MEGATRON_VERSION == "0.19.2"
+    assert f"megatron-core=={megatron_release.PINNED}" in deps
+    assert megatron_release.installed() == megatron_release.PINNED
 
 
 SITES = [(m, q) for m, qs in cpu_compat.CUDA_CALL_SITES.items() for q in qs]
