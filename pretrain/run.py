@@ -31,13 +31,20 @@ def seed_everything(seed: int) -> None:
 
 
 def model_signature(cfg, vocab_size: int) -> dict:
-    """The model's shape, for a tokenizer of `vocab_size` tokens. Padded vocabulary rows, a final norm and
-    QK-norm appear only when present, so checkpoints written before those options existed still match."""
+    """The model's shape, for a tokenizer of `vocab_size` tokens. Padded vocabulary rows, a final norm,
+    QK-norm, QKV biases, a per-layer MoE placement (model.moe.layers) and a shared expert appear only when
+    present, so checkpoints written before those options existed still match."""
     m, a = cfg.model, cfg.attention
     vocab, padded = m.vocab_rows(vocab_size)
     optional = {"padded_vocab_size": padded} if padded != vocab else {}
     optional |= {"final_norm": True} if m.final_norm else {}
     optional |= {"qk_norm": True} if a.qk_norm else {}
+    optional |= {"qkv_bias": True} if a.qkv_bias else {}
+    moe = m.moe
+    if moe.num_experts and moe.layers is not None:
+        optional["moe_layers"] = moe.moe_layers(m.num_layers)
+    if moe.num_experts and moe.shared_expert_size is not None:
+        optional["moe_shared_expert"] = [moe.shared_expert_size, moe.shared_expert_gate]
     return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.heads,
             "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab,
             "attention": a.type, "num_query_groups": a.query_groups(m.heads), "activation": m.activation,
