@@ -1,6 +1,8 @@
-"""tools/import_hf.py, tools/export_hf.py and tools/evaluate.py on tiny Llama models built here from a
-config (nothing is downloaded): logits equal to transformers' at TP=1, TP=2 and PP=2, an exact
-keel -> HF -> keel round trip, equal evaluation of a folder and its import, and one-line errors."""
+"""tools/import_hf.py, tools/export_hf.py and tools/evaluate.py on tiny models of every family keel
+converts (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE), built here from transformers'
+config classes (nothing is downloaded): logits equal to transformers' at TP=1, and at TP=2 (dense), PP=2
+(Llama) and EP=2 (MoE) in one torchrun world; export -> transformers reload in the family's own class; an
+exact HF -> keel -> HF -> keel round trip; equal evaluation of a folder and its import; one-line refusals."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, child_env
-from tests.hf_helpers import (VOCAB, hf_logits, keel_logits, llama_config, relative_error, tiny_llama,
+from tests.hf_helpers import (VOCAB, hf_logits, keel_logits, llama_config, relative_error, tiny_family, tiny_llama,
                               tiny_tokenizer)
 
-TOL = 1e-4  # max|Δ| / max|logit|, fp32
+TOL = 1e-5  # max|Δ| / max|logit|, fp32
+DENSE, MOE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM"), ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,18 @@ def imported(llama, tmp_path_factory, megatron_world):
     from tools.import_hf import import_model
 
     return import_model(llama, tmp_path_factory.mktemp("imp") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, hf_tok, megatron_world):
+    """Each new family's tiny model (tests/hf_helpers.py's family_config) and its import."""
+    from tools.import_hf import import_model
+
+    out = {}
+    for arch in DENSE + MOE:
+        folder = tiny_family(tmp_path_factory.mktemp(arch), hf_tok, arch)
+        out[arch] = folder, import_model(folder, tmp_path_factory.mktemp("imp") / arch)
+    return out
 
 
 def _tokens(b: int = 2, s: int = 100) -> torch.Tensor:  # past original_max_position_embeddings=64
@@ -72,18 +87,61 @@ def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_worl
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
 
 
-def test_tp2_and_pp2_logits_equal_transformers(llama, imported, tmp_path):
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_each_family_imports_with_transformers_logits(families, arch):
+    folder, ckpt = families[arch]
+    loaded = _keel(ckpt)
+    assert relative_error(keel_logits(loaded.gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
+    cfg = loaded.cfg
+    info = json.loads((ckpt / "run_info.json").read_text())
+    assert info["imported_from"]["architecture"] == arch
+    m, a = cfg.model, cfg.attention
+    assert (a.qkv_bias, a.qk_norm) == (arch.startswith("Qwen2"), arch.startswith("Qwen3"))
+    assert m.kv_channels == (24 if arch.startswith("Qwen3") else 16) and m.rotary_base == 1e6
+    placement = {"MixtralForCausalLM": [1, 1, 1]}.get(arch, [1, 0, 1])  # Qwen's mlp_only_layers=[1]
+    assert m.moe.moe_layers(m.num_layers) == (placement if arch in MOE else [0, 0, 0])
+    assert m.moe.norm_topk == (arch != "Qwen2MoeForCausalLM") and m.moe.shared_expert_size == (
+        56 if arch == "Qwen2MoeForCausalLM" else None)
+
+
+def test_parallel_layouts_give_transformers_logits(llama, imported, families, tmp_path):
+    """One 2-process world for every family: TP=2 (dense), PP=2 (Llama), EP=2 (MoE)."""
     torch.save(_tokens(), tmp_path / "tokens.pt")
+    jobs = [f"tp2:llama={imported}", f"pp2:llama={imported}"] + [f"tp2:{a}={families[a][1]}" for a in DENSE]
+    jobs += [f"ep2:{a}={families[a][1]}" for a in MOE]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(imported), str(tmp_path / "tokens.pt"),
-           str(tmp_path / "out.pt")]
+           str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(tmp_path / "tokens.pt"),
+           str(tmp_path / "out.pt"), *jobs]
     proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out, reference = torch.load(tmp_path / "out.pt"), hf_logits(llama, _tokens())
-    for logits in (out["tp2"], out["pp2"]):
-        assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL
+    out = torch.load(tmp_path / "out.pt")
+    assert set(out) == {job.split("=")[0] for job in jobs}
+    for job in jobs:
+        key, name = job.split("=")[0], job.split("=")[0].split(":")[1]
+        reference = hf_logits(llama if name == "llama" else families[name][0], _tokens())
+        logits = out[key]
+        assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL, key
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
+
+
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_each_family_exports_as_itself_and_round_trips_exactly(families, arch, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tools.export_hf import export_model
+    from tools.import_hf import import_model
+
+    folder, ckpt = families[arch]
+    exported = export_model(ckpt, tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(str(exported), output_loading_info=True)
+    assert type(model).__name__ == arch and not any(info.values())  # no missing, unexpected or mismatched
+    original, written = load_file(folder / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert set(written) == set(original) and all(torch.equal(t, original[k]) for k, t in written.items())
+    assert relative_error(hf_logits(exported, _tokens()), hf_logits(folder, _tokens())) == 0
+    again = {k: p for k, p in _keel(import_model(exported, tmp_path / "again")).gpt.named_parameters()}
+    assert all(torch.equal(p, again[k]) for k, p in _keel(ckpt).gpt.named_parameters())
 
 
 def test_keel_to_hf_to_keel_reproduces_the_weights_exactly(llama, imported, tmp_path, megatron_world):
@@ -178,12 +236,26 @@ def _big_tokenizer(folder):
 
 @pytest.mark.parametrize("edit, message", [
     (_config_edit(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "cannot import GPT2LMHeadModel; keel imports "
-                                                                          "LlamaForCausalLM"),
+                                                                          "Llama, Mistral, Qwen2/Qwen2.5, Qwen3, Mixtral"),
     (_config_edit(architectures=["KeelForCausalLM"], model_type="keel_custom", auto_map={"AutoConfig": "x.Config"}),
      "describes KeelForCausalLM, which transformers cannot read without remote code"),
     (_config_edit(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
-     "cannot import a model with a sliding window of 16; keel imports LlamaForCausalLM"),
-    (_config_edit(hidden_act="gelu", attention_bias=True), "cannot import a model with activation gelu, biases"),
+     "cannot import MistralForCausalLM with a sliding window of 16 in use; keel imports Llama"),
+    # transformers 5 says it per layer (config.layer_types), from use_sliding_window and max_window_layers
+    (_config_edit(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=16,
+                  max_window_layers=1), "cannot import Qwen2ForCausalLM with a sliding window of 16 in use"),
+    (_config_edit(architectures=["Qwen3ForCausalLM"], model_type="qwen3", sliding_window=16, use_sliding_window=True,
+                  layer_types=["full_attention", "sliding_attention"]),
+     "cannot import Qwen3ForCausalLM with a sliding window of 16 in use"),
+    (_config_edit(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                   "original_max_position_embeddings": 32}),
+     "cannot import Qwen3MoeForCausalLM with rope type yarn; keel imports"),
+    (_config_edit(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=4,
+                  shared_expert_intermediate_size=0), "cannot import Qwen2MoeForCausalLM with a shared expert of "
+                                                      r"width 0 \(keel imports one of width > 0 with its sigmoid gate"),
+    (_config_edit(hidden_act="gelu", attention_bias=True),
+     "cannot import LlamaForCausalLM with activation gelu, biases on the output or MLP projections"),
     (_swap_shard, r"tensor model.embed_tokens.weight has shape \[320, 32\], config.json implies \[320, 64\]"),
     (_pickle_only, r"has only pickled weights \(pytorch_model.bin\).* pass --allow-pickle"),
     (_index_names("weights.bin"), r"names shard weights.bin, which is not a safetensors file .* pass --allow-pickle"),
@@ -221,8 +293,8 @@ def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_
         Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
     write_json(tmp_path / "run" / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}},
                default=str)
-    with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face Llama equivalent; export takes dense "
-                                         r"mha/gqa/mqa models \(GTA, GLA, MLA and MoE") as e:
+    with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face equivalent; export takes "
+                                         r"mha/gqa/mqa attention \(GTA, GLA, MLA checkpoints stay in keel\)") as e:
         export_model(tmp_path / "run", tmp_path / "hf")
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
 
