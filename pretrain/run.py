@@ -325,7 +325,7 @@ def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], s
     if status != "failed" and (final_loss is None or (evals and final_val is None)):
         status = "diverged"  # ended on a non-finite loss
     result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
-              "final_loss": final_loss, "final_val_loss": final_val,
+              "final_loss": final_loss, "final_val_loss": final_val, "initial_val_loss": initial_val_loss(rows),
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
     if start is not None:
         result.update({"resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
@@ -345,12 +345,20 @@ def precision(cfg, world) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" or (p == "auto" and world.device.type == "cuda") else torch.float32
 
 
+def initial_val_loss(rows: list[dict]) -> float | None:
+    """The validation loss before the first step (trainer.eval_at_start), or None."""
+    return next((r["val_loss"] for r in rows if r.get("step") == 0 and isinstance(r.get("val_loss"), float)), None)
+
+
 def summary(run_dir: Path, trainer, val: list[float], rows: list[dict]) -> str:
     """How the run went: the validation loss, then each callback's lines (in call order), then where
     the run's files are."""
     from pretrain.checkpoint import latest
 
     entries = [("validation loss", f"{val[0]:.4f} -> {val[-1]:.4f}")] if val else []
+    start = initial_val_loss(rows)
+    if start is not None:
+        entries.append(("before step 1", f"val_loss {start:.4f} (step 0)"))
     for callback in trainer.callbacks.values():
         entries += callback.summary(rows).items()
     entries += [("run folder", run_dir), ("checkpoint", latest(run_dir / "checkpoints"))]

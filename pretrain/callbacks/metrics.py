@@ -71,6 +71,9 @@ class MetricsLogger(Callback):
                     self.writer.add_scalar(k, v, metrics["step"])
             self.writer.flush()
 
+    def on_start_eval(self, trainer, metrics: dict) -> None:
+        self._write(metrics)
+
     def on_step_end(self, trainer, metrics: dict) -> None:
         if metrics["step"] % self.interval == 0 or "val_loss" in metrics:
             self._write(metrics)
