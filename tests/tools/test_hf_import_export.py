@@ -279,24 +279,47 @@ def test_pickled_weights_load_with_allow_pickle(tmp_path, llama, megatron_world)
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(llama, _tokens())) <= TOL
 
 
-def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_world, hf_tok):
+def _keel_run(folder, overrides: list[str], hf_tok):
+    """A run folder holding a keel model built from scratch (keel's init, trained zero steps), and the model."""
     from dataclasses import asdict
 
     from pretrain.checkpoint import Checkpoints, Snapshot
     from pretrain.rundir import write_json
     from pretrain.run import model_signature
     from tests.helpers import build_tiny_gpt
+
+    cfg, gpt = build_tiny_gpt(overrides + ["model.final_norm=true", f"data.tokenizer={hf_tok}"], vocab_size=VOCAB)
+    Checkpoints(folder / "checkpoints", keep_last=1).save(Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
+    write_json(folder / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}}, default=str)
+    return gpt
+
+
+def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_world, hf_tok):
     from tools.export_hf import export_model
 
-    cfg, gpt = build_tiny_gpt(["attention=gta", "model.final_norm=true", f"data.tokenizer={hf_tok}"], vocab_size=VOCAB)
-    Checkpoints(tmp_path / "run" / "checkpoints", keep_last=1).save(
-        Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
-    write_json(tmp_path / "run" / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}},
-               default=str)
+    _keel_run(tmp_path / "run", ["attention=gta"], hf_tok)
     with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face equivalent; export takes "
                                          r"mha/gqa/mqa attention \(GTA, GLA, MLA checkpoints stay in keel\)") as e:
         export_model(tmp_path / "run", tmp_path / "hf")
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("overrides, arch", [
+    (["model.moe.num_experts=4", "model.moe.top_k=2"], "MixtralForCausalLM"),
+    (["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "model.moe.norm_topk=false",
+      "attention.qk_norm=true"], "Qwen3MoeForCausalLM"),
+])
+def test_an_moe_trained_from_scratch_exports_as_the_family_that_holds_it(tmp_path, megatron_world, hf_tok,
+                                                                          overrides, arch):
+    from transformers import AutoModelForCausalLM
+
+    from tools.export_hf import export_model
+
+    gpt = _keel_run(tmp_path / "run", overrides, hf_tok)
+    out = export_model(tmp_path / "run", tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert type(model).__name__ == arch and not any(info.values())
+    assert relative_error(hf_logits(out, _tokens(s=48)), keel_logits(gpt, _tokens(s=48))) <= TOL
 
 
 def test_init_from_an_import_brings_its_architecture_and_tokenizer_unless_the_command_line_says(imported):
