@@ -55,7 +55,7 @@ class MetricsLogger(Callback):
                                      "step); repair or remove that line to resume")
                 print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
                 continue
-            if row["step"] <= trainer.step:
+            if row["step"] <= trainer.step and trainer.step > 0:  # a start at step 0 re-runs its step-0 validation
                 rows.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
