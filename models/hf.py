@@ -183,7 +183,7 @@ def export_family(model: ModelConfig, attention: AttentionConfig, recorded: str 
         return FAMILIES[fits[0]]
     nearest = min(order, key=lambda arch: len(reasons[arch]))
     raise UnsupportedModel(f"no Hugging Face family keel writes holds this model exactly; the nearest, {nearest}, "
-                           f"lacks {', '.join(reasons[nearest])}")
+                           f"cannot hold its {', '.join(reasons[nearest])}")
 
 
 def family_problems(family: Family, model: ModelConfig, attention: AttentionConfig) -> list[str]:
@@ -203,7 +203,7 @@ def family_problems(family: Family, model: ModelConfig, attention: AttentionConf
              f"shared expert {moe.shared_expert_size}"),
             (family.shared_expert and not moe.shared_expert_gate, "a shared expert without its sigmoid gate"),
             (family.moe == "mixtral" and moe.ffn_hidden_size not in (None, model.ffn_size),
-             "experts narrower than the dense FFN size"),
+             f"experts of width {moe.ffn_hidden_size} beside model.ffn_hidden_size={model.ffn_size}"),
         ]
     return [what for bad, what in problems if bad]
 
