@@ -338,3 +338,21 @@ def test_init_from_an_import_brings_its_architecture_and_tokenizer_unless_the_co
     mine = compose_config([f"init_from={imported}", "model.max_seq_len=96", "data.seq_len=64", "data.tokenizer=t"])
     assert mine.model.max_seq_len == 96 and mine.model.hidden_size == 64 and mine.data.tokenizer == "t"
     assert compose_config(["data.seq_len=64"]).model.num_layers == 4  # conf/model/small.yaml without init_from
+
+
+def test_qwen_moe_placement_and_the_sliding_window_rules():
+    from transformers import MistralConfig, Qwen2Config, Qwen2MoeConfig
+
+    from models.hf import moe_placement, sliding_window
+
+    # Qwen: MoE at every decoder_sparse_step-th layer counting from 1, unless listed in mlp_only_layers
+    assert moe_placement({"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}) == [0, 1, 0, 0, 0, 1]
+    assert moe_placement({"num_hidden_layers": 3, "decoder_sparse_step": 1, "mlp_only_layers": []}) == [1, 1, 1]
+    # use_sliding_window=false: Qwen's sliding_window and max_window_layers are present but not in use
+    assert sliding_window(Qwen2Config(num_hidden_layers=4, sliding_window=32, max_window_layers=2).to_dict()) is None
+    assert sliding_window(Qwen2MoeConfig(num_hidden_layers=4, sliding_window=32).to_dict()) is None
+    used = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=32, max_window_layers=2)
+    assert used.layer_types[2:] == ["sliding_attention"] * 2 and sliding_window(used.to_dict()) == 32
+    # Mistral applies its window whenever it is shorter than the positions it takes
+    assert sliding_window(MistralConfig(sliding_window=64, max_position_embeddings=128).to_dict()) == 64
+    assert sliding_window(MistralConfig(sliding_window=128, max_position_embeddings=128).to_dict()) is None
