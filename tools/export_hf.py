@@ -8,8 +8,8 @@ class is the family recorded at import (run_info.json's `imported_from`, followe
 of continued runs); a model keel trained from scratch is written as the first family that holds it exactly
 (models/hf.py's EXPORT_ORDER: Llama for a dense model, Mixtral or Qwen3-MoE for an MoE). MHA/GQA/MQA
 models with RoPE, RMSNorm, SwiGLU and a final norm export; GTA/GLA/MLA, and models no family holds (say,
-an MoE with dense layers and no QK-norm), are refused in one line. A run whose tokenizer is a sentencepiece model exports with
---without-tokenizer (transformers cannot read keel's sentencepiece models as they are).
+an MoE with dense layers and no QK-norm), are refused in one line. A run whose tokenizer is a sentencepiece
+model exports with --without-tokenizer (transformers cannot read keel's sentencepiece models as they are).
 
 The folder is written under a temporary name and renamed when complete. Exit codes: 0 done, 2 a bad
 input (one line on stderr).

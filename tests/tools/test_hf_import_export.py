@@ -19,7 +19,8 @@ from tests.hf_helpers import (VOCAB, hf_logits, keel_logits, llama_config, relat
                               tiny_tokenizer)
 
 TOL = 1e-5  # max|Δ| / max|logit|, fp32
-DENSE, MOE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM"), ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+DENSE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +239,8 @@ def _big_tokenizer(folder):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_config_edit(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "cannot import GPT2LMHeadModel; keel imports "
-                                                                          "Llama, Mistral, Qwen2/Qwen2.5, Qwen3, Mixtral"),
+    (_config_edit(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+     "cannot import GPT2LMHeadModel; keel imports Llama, Mistral, Qwen2/Qwen2.5, Qwen3, Mixtral"),
     (_config_edit(architectures=["KeelForCausalLM"], model_type="keel_custom", auto_map={"AutoConfig": "x.Config"}),
      "describes KeelForCausalLM, which transformers cannot read without remote code"),
     (_config_edit(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
@@ -346,7 +347,8 @@ def test_qwen_moe_placement_and_the_sliding_window_rules():
     from models.hf import moe_placement, sliding_window
 
     # Qwen: MoE at every decoder_sparse_step-th layer counting from 1, unless listed in mlp_only_layers
-    assert moe_placement({"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}) == [0, 1, 0, 0, 0, 1]
+    every_second = {"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    assert moe_placement(every_second) == [0, 1, 0, 0, 0, 1]
     assert moe_placement({"num_hidden_layers": 3, "decoder_sparse_step": 1, "mlp_only_layers": []}) == [1, 1, 1]
     # use_sliding_window=false: Qwen's sliding_window and max_window_layers are present but not in use
     assert sliding_window(Qwen2Config(num_hidden_layers=4, sliding_window=32, max_window_layers=2).to_dict()) is None
