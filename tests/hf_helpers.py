@@ -11,8 +11,9 @@ VOCAB = 300  # the tiny tokenizer's size; the model may predict more rows
 SPECIALS = ["<s>", "</s>", "<pad>"]
 
 
-def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> Path:
-    """A byte-level BPE trained on a few stdlib files, BOS first like Llama's, saved as transformers does."""
+def tiny_tokenizer(folder: Path, vocab: int = VOCAB, bos: bool = True) -> Path:
+    """A byte-level BPE trained on a few stdlib files, saved as transformers does: BOS first like Llama's, or
+    (bos=False) none, like Qwen's, whose documents only end with their EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,8 +25,10 @@ def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([d.text for _, d in zip(range(30), stdlib_documents("code", "train"))], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+                                 pad_token="<pad>")
     hf.save_pretrained(str(folder))
     return folder
 

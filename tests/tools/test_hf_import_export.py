@@ -44,12 +44,13 @@ def imported(llama, tmp_path_factory, megatron_world):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, hf_tok, megatron_world):
-    """Each new family's tiny model (tests/hf_helpers.py's family_config) and its import."""
+    """Each new family's tiny model (tests/hf_helpers.py's family_config) and its import; the Qwen families
+    with a tokenizer that, like Qwen's, has no BOS."""
     from tools.import_hf import import_model
 
-    out = {}
+    no_bos, out = tiny_tokenizer(tmp_path_factory.mktemp("tok_no_bos"), bos=False), {}
     for arch in DENSE + MOE:
-        folder = tiny_family(tmp_path_factory.mktemp(arch), hf_tok, arch)
+        folder = tiny_family(tmp_path_factory.mktemp(arch), no_bos if arch.startswith("Qwen") else hf_tok, arch)
         out[arch] = folder, import_model(folder, tmp_path_factory.mktemp("imp") / arch)
     return out
 
@@ -138,6 +139,7 @@ def test_each_family_exports_as_itself_and_round_trips_exactly(families, arch, t
     exported = export_model(ckpt, tmp_path / "hf")
     model, info = AutoModelForCausalLM.from_pretrained(str(exported), output_loading_info=True)
     assert type(model).__name__ == arch and not any(info.values())  # no missing, unexpected or mismatched
+    assert (model.config.bos_token_id is None) == arch.startswith("Qwen") and model.config.eos_token_id == 1
     original, written = load_file(folder / "model.safetensors"), load_file(exported / "model.safetensors")
     assert set(written) == set(original) and all(torch.equal(t, original[k]) for k, t in written.items())
     assert relative_error(hf_logits(exported, _tokens()), hf_logits(folder, _tokens())) == 0
