@@ -100,7 +100,6 @@ class MoEConfig:
         for name in ("aux_loss_coeff", "z_loss", "ortho_loss", "var_loss"):
             check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
 
-
     def moe_layers(self, num_layers: int) -> list[int]:
         """One 0 (dense) or 1 (MoE) per layer: `layers`, or every `every`-th layer from layer 0 (megatron's
         moe_layer_freq convention); all 0 without experts."""
