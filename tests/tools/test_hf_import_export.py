@@ -79,6 +79,7 @@ def test_imported_logits_equal_transformers_at_one_process(llama, imported):
 def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_world, kv_heads, tie, cls):
     import transformers
 
+    from tools.export_hf import export_model
     from tools.import_hf import import_model
 
     config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(
@@ -87,6 +88,9 @@ def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_worl
     folder = tiny_llama(tmp_path / "hf", hf_tok, config, cls=getattr(transformers, cls))
     ckpt = import_model(folder, tmp_path / "ckpt")
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
+    exported = export_model(ckpt, tmp_path / "out")  # a Mistral goes back out as a Mistral (keel once wrote Llama)
+    assert json.loads((exported / "config.json").read_text())["architectures"] == [cls]
+    assert relative_error(hf_logits(exported, _tokens()), hf_logits(folder, _tokens())) == 0
 
 
 @pytest.mark.parametrize("arch", DENSE + MOE)
