@@ -36,10 +36,9 @@ class BuiltModel:
 def layer_specs(model: ModelConfig, attention: AttentionConfig) -> list:
     """One spec per layer: the attention type and (dense or MoE) MLP are chosen here, not in model code."""
     moe = model.moe
-    mlp = moe_spec(moe.ortho_loss, moe.var_loss) if moe.num_experts else None
-    # megatron's moe_layer_freq convention: layer i (0-based) is MoE when i % every == 0
-    return [layer_spec(attention, model.normalization, mlp if mlp and i % moe.every == 0 else None, model=model)
-            for i in range(model.num_layers)]
+    mlp = moe_spec(moe.ortho_loss, moe.var_loss)
+    return [layer_spec(attention, model.normalization, mlp if is_moe else None, model=model)
+            for is_moe in moe.moe_layers(model.num_layers)]
 
 
 def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_size: int, seed: int,

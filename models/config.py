@@ -66,7 +66,15 @@ class MoEConfig:
     num_experts: int = 0  # 0: dense MLP everywhere
     top_k: int = 2
     every: int = 1  # every n-th layer is MoE (1: all layers)
+    # which layers are MoE, one 0/1 per layer (1: MoE), as Qwen's mlp_only_layers/decoder_sparse_step place
+    # them; None: every `every`-th layer, from layer 0. The other layers keep the dense MLP of model.ffn_hidden_size
+    layers: Optional[list[int]] = None
     ffn_hidden_size: Optional[int] = None  # per expert; None: the dense FFN size
+    # the top-k routing weights: True renormalises them to sum to 1 (softmax over the top-k logits: Mixtral,
+    # Qwen3-MoE with norm_topk_prob); False keeps each expert's softmax over all experts (Qwen2-MoE)
+    norm_topk: bool = True
+    shared_expert_size: Optional[int] = None  # a shared expert of this FFN width beside the routed ones; None: none
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(w . x) (Qwen2-MoE)
     aux_loss: str = choice(AuxLoss, "switch")
     aux_loss_coeff: float = 1e-2
     z_loss: float = 0.0
@@ -81,9 +89,25 @@ class MoEConfig:
         if self.num_experts:
             check(1 <= self.top_k <= self.num_experts,
                   f"model.moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        check_positive("model.moe", self, "every", "ffn_hidden_size", "capacity_factor")
+        check_positive("model.moe", self, "every", "ffn_hidden_size", "capacity_factor", "shared_expert_size")
+        check(self.layers is None or set(self.layers) <= {0, 1},
+              f"model.moe.layers={self.layers} must hold one 0 (dense) or 1 (MoE) per layer")
+        check(not self.shared_expert_gate or self.shared_expert_size is not None,
+              "model.moe.shared_expert_gate needs model.moe.shared_expert_size (the shared expert it gates)")
+        if self.num_experts:
+            check(self.top_k > 1 or not self.norm_topk,
+                  "model.moe.top_k=1 needs model.moe.norm_topk=false (a renormalised top-1 weight is always 1)")
         for name in ("aux_loss_coeff", "z_loss", "ortho_loss", "var_loss"):
             check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """One 0 (dense) or 1 (MoE) per layer: `layers`, or every `every`-th layer from layer 0 (megatron's
+        moe_layer_freq convention); all 0 without experts."""
+        if not self.num_experts:
+            return [0] * num_layers
+        if self.layers is not None:
+            return list(self.layers)
+        return [int(i % self.every == 0) for i in range(num_layers)]
 
 
 @dataclass
@@ -111,8 +135,10 @@ class RopeScalingConfig:
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
-    head_dim: int = 32  # fixed under width scaling: heads = hidden_size // head_dim
-    num_heads: Optional[int] = None  # None: derived from hidden_size and head_dim
+    head_dim: int = 32  # each head's width (kv_channels); fixed under width scaling: heads = hidden_size // head_dim
+    # None: derived from hidden_size and head_dim; set, heads * head_dim may differ from hidden_size (Qwen3-0.6B:
+    # hidden 1024, 16 heads of 128)
+    num_heads: Optional[int] = None
     ffn_hidden_size: Optional[int] = None  # None: derived from hidden_size (8/3 h for SwiGLU, 4 h otherwise)
     max_seq_len: int = 2048
     position_embedding: str = choice(PositionEmbedding, "rope")
@@ -145,8 +171,11 @@ class ModelConfig:
             check(self.hidden_size % self.head_dim == 0,
                   f"model.hidden_size={self.hidden_size} is not divisible by model.head_dim={self.head_dim}; "
                   "choose a multiple of the head dimension")
-        check(self.heads >= 1 and self.hidden_size % self.heads == 0,
-              f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.heads}")
+        check(self.heads >= 1, f"model.hidden_size={self.hidden_size} is narrower than model.head_dim={self.head_dim}")
+        moe = self.moe
+        check(moe.layers is None or len(moe.layers) == self.num_layers,
+              f"model.moe.layers has {len(moe.layers or [])} entries for model.num_layers={self.num_layers}; "
+              "give one 0/1 per layer")
 
     def loss_chunk_tokens(self, device) -> int:
         return self.loss_chunk if self.loss_chunk is not None else (8192 if device.type == "cuda" else 0)
@@ -157,8 +186,8 @@ class ModelConfig:
 
     @property
     def kv_channels(self) -> int:
-        """Per-head width actually used (equals head_dim unless num_heads is set explicitly)."""
-        return self.hidden_size // self.heads
+        """Each head's width: megatron's kv_channels."""
+        return self.head_dim
 
     def vocab_rows(self, tokenizer_vocab: int) -> tuple[int, int]:
         """(tokens the model predicts, rows of its embedding and output after padding). Padded rows

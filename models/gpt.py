@@ -49,7 +49,8 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         # QK-norm in megatron's SelfAttention (its spec holds the norm; megatron also sums the gains'
         # gradients over TP ranks by this flag); keel's own modules take theirs from their spec
         qk_layernorm=attention.qk_norm and attention.megatron_qk_layernorm,
-        **moe_fields(model.moe, model.ffn_size), **recompute_fields(model.recompute),
+        add_qkv_bias=attention.qkv_bias,  # biases of q, k and v only (Qwen2), in megatron's fused linear_qkv
+        **moe_fields(model.moe, model.ffn_size, model.num_layers), **recompute_fields(model.recompute),
     )
 
 
@@ -63,7 +64,7 @@ def recompute_fields(recompute: str) -> dict:
     return {}
 
 
-def moe_fields(moe: MoEConfig, ffn_size: int) -> dict:
+def moe_fields(moe: MoEConfig, ffn_size: int, num_layers: int) -> dict:
     """megatron's MoE settings from `model.moe` (empty for a dense model). MoE with TP>1 is refused by
     the run config (megatron's MoE with TP needs sequence parallelism, which keel keeps off)."""
     if not moe.num_experts:
@@ -76,7 +77,11 @@ def moe_fields(moe: MoEConfig, ffn_size: int) -> dict:
         moe_router_load_balancing_type=balance, moe_aux_loss_coeff=moe.aux_loss_coeff if balance != "none" else 0.0,
         moe_z_loss_coeff=moe.z_loss or None, moe_router_dtype="fp32",
         moe_expert_capacity_factor=moe.capacity_factor, moe_token_drop_policy=moe.drop_policy,
-        moe_layer_freq=moe.every, moe_grouped_gemm=False)
+        moe_layer_freq=moe.moe_layers(num_layers), moe_grouped_gemm=False,
+        # norm_topk: softmax over the top-k logits (= the top-k softmax values renormalised); else the
+        # softmax over all experts, top-k taken after it
+        moe_router_pre_softmax=not moe.norm_topk,
+        moe_shared_expert_intermediate_size=moe.shared_expert_size, moe_shared_expert_gate=moe.shared_expert_gate)
 
 
 def mlp_spec():

@@ -50,6 +50,9 @@ class TrainerConfig:
     micro_batch_size: int = 4
     eval_interval: int = 50
     eval_batches: int = 4
+    # validate once before the first step (a step-0 row in metrics.jsonl): the starting loss on every validation
+    # set; None: when the run starts from init_from (continual pretraining), not from scratch
+    eval_at_start: Optional[bool] = None
     log_interval: int = 1
     max_skipped_steps: int = 5  # stop after this many non-finite steps in a row
     precision: str = choice(Precision, "auto")

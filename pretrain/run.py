@@ -31,13 +31,20 @@ def seed_everything(seed: int) -> None:
 
 
 def model_signature(cfg, vocab_size: int) -> dict:
-    """The model's shape, for a tokenizer of `vocab_size` tokens. Padded vocabulary rows, a final norm and
-    QK-norm appear only when present, so checkpoints written before those options existed still match."""
+    """The model's shape, for a tokenizer of `vocab_size` tokens. Padded vocabulary rows, a final norm,
+    QK-norm, QKV biases, a per-layer MoE placement (model.moe.layers) and a shared expert appear only when
+    present, so checkpoints written before those options existed still match."""
     m, a = cfg.model, cfg.attention
     vocab, padded = m.vocab_rows(vocab_size)
     optional = {"padded_vocab_size": padded} if padded != vocab else {}
     optional |= {"final_norm": True} if m.final_norm else {}
     optional |= {"qk_norm": True} if a.qk_norm else {}
+    optional |= {"qkv_bias": True} if a.qkv_bias else {}
+    moe = m.moe
+    if moe.num_experts and moe.layers is not None:
+        optional["moe_layers"] = moe.moe_layers(m.num_layers)
+    if moe.num_experts and moe.shared_expert_size is not None:
+        optional["moe_shared_expert"] = [moe.shared_expert_size, moe.shared_expert_gate]
     return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.heads,
             "head_dim": m.kv_channels, "ffn_hidden_size": m.ffn_size, "vocab_size": vocab,
             "attention": a.type, "num_query_groups": a.query_groups(m.heads), "activation": m.activation,
@@ -318,7 +325,7 @@ def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], s
     if status != "failed" and (final_loss is None or (evals and final_val is None)):
         status = "diverged"  # ended on a non-finite loss
     result = {"status": status, "step": step, "max_steps": cfg.trainer.max_steps,
-              "final_loss": final_loss, "final_val_loss": final_val,
+              "final_loss": final_loss, "final_val_loss": final_val, "initial_val_loss": initial_val_loss(rows),
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
     if start is not None:
         result.update({"resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
@@ -338,12 +345,20 @@ def precision(cfg, world) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" or (p == "auto" and world.device.type == "cuda") else torch.float32
 
 
+def initial_val_loss(rows: list[dict]) -> float | None:
+    """The validation loss before the first step (trainer.eval_at_start), or None."""
+    return next((r["val_loss"] for r in rows if r.get("step") == 0 and isinstance(r.get("val_loss"), float)), None)
+
+
 def summary(run_dir: Path, trainer, val: list[float], rows: list[dict]) -> str:
     """How the run went: the validation loss, then each callback's lines (in call order), then where
     the run's files are."""
     from pretrain.checkpoint import latest
 
     entries = [("validation loss", f"{val[0]:.4f} -> {val[-1]:.4f}")] if val else []
+    start = initial_val_loss(rows)
+    if start is not None:
+        entries.append(("before step 1", f"val_loss {start:.4f} (step 0)"))
     for callback in trainer.callbacks.values():
         entries += callback.summary(rows).items()
     entries += [("run folder", run_dir), ("checkpoint", latest(run_dir / "checkpoints"))]

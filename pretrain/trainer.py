@@ -219,6 +219,12 @@ class Trainer:
         self.ddp.train()
         return total / batches
 
+    @property
+    def evaluates_at_start(self) -> bool:
+        """trainer.eval_at_start, by default on for a run that starts from init_from."""
+        at_start = self.cfg.trainer.eval_at_start
+        return at_start if at_start is not None else self.cfg.init_from is not None
+
     def validate(self) -> dict[str, float]:
         """val_loss, then val_loss/NAME for each named set; each callback's `on_eval_set` runs right after
         each set is scored (the MoE statistics take what the routers counted on that set alone)."""
@@ -323,6 +329,8 @@ class Trainer:
         stop = t.stop_at or t.max_steps
         try:
             self._call("on_train_start")
+            if self.step == 0 and self.evaluates_at_start:
+                self._call("on_start_eval", {"step": 0, **self.validate()})
             while self.step < stop:
                 metrics = self.train_step()
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:

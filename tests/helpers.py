@@ -64,7 +64,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}  # not the step-0 validation row
 
 
 # the world's device: megatron's RoPE puts its frequencies on the GPU whenever CUDA exists, so a model

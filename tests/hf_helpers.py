@@ -11,8 +11,9 @@ VOCAB = 300  # the tiny tokenizer's size; the model may predict more rows
 SPECIALS = ["<s>", "</s>", "<pad>"]
 
 
-def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> Path:
-    """A byte-level BPE trained on a few stdlib files, BOS first like Llama's, saved as transformers does."""
+def tiny_tokenizer(folder: Path, vocab: int = VOCAB, bos: bool = True) -> Path:
+    """A byte-level BPE trained on a few stdlib files, saved as transformers does: BOS first like Llama's, or
+    (bos=False) none, like Qwen's, whose documents only end with their EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,8 +25,10 @@ def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([d.text for _, d in zip(range(30), stdlib_documents("code", "train"))], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+                                 pad_token="<pad>")
     hf.save_pretrained(str(folder))
     return folder
 
@@ -39,6 +42,35 @@ def llama_config(vocab: int = VOCAB, tie: bool = False, kv_heads: int = 2, rope:
                   num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=3e-6,
                   tie_word_embeddings=tie, rope_parameters=rope, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return LlamaConfig(**{**values, **extra})
+
+
+def family_config(arch: str, vocab: int = 320, **extra):
+    """A tiny config of one of keel's Hugging Face families, each with what sets it apart: Qwen2 biases on
+    q/k/v and tied embeddings; Qwen3 head_dim 24 with hidden 64 and 4 heads (not hidden / heads); the MoE
+    families 4 experts top-2, Qwen's with a dense layer (mlp_only_layers) and Qwen2-MoE's gated shared expert."""
+    import transformers
+
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=3e-6, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=0, eos_token_id=1,
+                pad_token_id=2)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[1])
+    own = {"Qwen2ForCausalLM": dict(tie_word_embeddings=True, use_sliding_window=False, sliding_window=32,
+                                    max_window_layers=1),
+           "Qwen3ForCausalLM": dict(head_dim=24),
+           "MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+           "Qwen3MoeForCausalLM": dict(moe, head_dim=24, norm_topk_prob=True),
+           "Qwen2MoeForCausalLM": dict(moe, shared_expert_intermediate_size=56, norm_topk_prob=False,
+                                       decoder_sparse_step=1)}[arch]
+    return getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**base, **own, **extra},
+                                                                         architectures=[arch])
+
+
+def tiny_family(folder: Path, tokenizer: Path | None, arch: str, seed: int = 0, **extra) -> Path:
+    """A randomly initialised tiny model of family `arch` (family_config), saved like tiny_llama."""
+    import transformers
+
+    return tiny_llama(folder, tokenizer, family_config(arch, **extra), seed=seed, cls=getattr(transformers, arch))
 
 
 def tiny_llama(folder: Path, tokenizer: Path | None, config=None, seed: int = 0, shard_size: str | None = None,

@@ -536,7 +536,8 @@ def run_summary(run_dir: str) -> str:
     rows = read_metrics(Path(run_dir))
     if not rows:
         raise SystemExit(f"keel: no metrics in {run_dir}")
-    return f"loss {rows[0]['loss']} -> {rows[-1]['loss']} val {[r['val_loss'] for r in rows if 'val_loss' in r]}"
+    trained = [r for r in rows if "loss" in r]  # a step-0 validation row (init_from) has no training loss
+    return f"loss {trained[0]['loss']} -> {trained[-1]['loss']} val {[r['val_loss'] for r in rows if 'val_loss' in r]}"
 
 
 HELPERS: dict[str, Callable[[list[str]], str]] = {

@@ -1,4 +1,5 @@
-"""Import a Hugging Face Llama or Mistral model as a keel checkpoint, for continual pretraining.
+"""Import a Hugging Face model (Llama, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) as a keel
+checkpoint, for continual pretraining.
 
     python tools/import_hf.py --model HF_DIR --output CKPT_DIR [--tokenizer T] [--vocab-multiple 128]
     python pretrain/main.py init_from=CKPT_DIR data.tokenizer=CKPT_DIR/tokenizer data.sources=... ...
@@ -10,8 +11,9 @@ tools/export_hf.py all take it:
   its `model` and `attention` from here, so the architecture is never typed by hand;
 - `tokenizer/`: the model's tokenizer (HF_DIR's, or --tokenizer).
 
-Supported: LlamaForCausalLM, and MistralForCausalLM without sliding window (models/hf.py says what that
-covers). Weights come from safetensors only, unless --allow-pickle. Everything is written under a
+Supported: the families of models/hf.py (`FAMILIES`), each without a sliding window in use; the family is
+recorded in run_info.json (`imported_from.architecture`) and tools/export_hf.py writes it back. Weights
+come from safetensors only, unless --allow-pickle. Everything is written under a
 temporary name and renamed when complete. Exit codes: 0 done, 2 a bad input (one line on stderr).
 """
 
@@ -40,18 +42,19 @@ def resolve(hf_dir: Path, tokenizer_path: str | None, vocab_multiple: int, allow
     from data.config import DataConfig
     from data.tokenizer import load_tokenizer
     from models.attention import attention_config
-    from models.config import ModelConfig, RopeScalingConfig, check_vocabulary
-    from models.hf import hf_shapes, keel_architecture
+    from models.config import ModelConfig, MoEConfig, RopeScalingConfig, check_vocabulary
+    from models.hf import family_of, hf_shapes, keel_architecture
     from pretrain.config import KeelConfig
 
     # 1. the architecture, from config.json
     hf = read_config(check_folder(hf_dir))
     model, attention = keel_architecture(hf, vocab_multiple)
-    model = ModelConfig(**{**model, "rope_scaling": RopeScalingConfig(**model["rope_scaling"])})
+    model = ModelConfig(**{**model, "rope_scaling": RopeScalingConfig(**model["rope_scaling"]),
+                           "moe": MoEConfig(**model["moe"])})
     attention = attention_config(attention)
     # 2. the weights: every tensor config.json implies, with its shape (headers only)
     weights = Weights(hf_dir, allow_pickle)
-    weights.check_shapes(hf_shapes(model, attention))
+    weights.check_shapes(hf_shapes(family_of(hf), model, attention))
     # 3. the tokenizer must fit the model's vocabulary
     tokenizer = load_tokenizer(tokenizer_path or hf_dir)
     check_vocabulary(tokenizer.vocab_size, model.vocab_size, f"tokenizer {tokenizer.path}", str(hf_dir))
@@ -61,13 +64,13 @@ def resolve(hf_dir: Path, tokenizer_path: str | None, vocab_multiple: int, allow
 
 
 @torch.no_grad()
-def load_weights(gpt: torch.nn.Module, weights: Weights, cfg) -> None:
+def load_weights(gpt: torch.nn.Module, weights: Weights, family, cfg) -> None:
     """Copy HF's tensors into the keel model of a world of one (every parameter, exactly once)."""
     from models.hf import to_keel
 
     params = dict(gpt.named_parameters())
     _, padded = cfg.model.vocab_rows(cfg.model.vocab_size)
-    for name, tensor in to_keel(weights.get, cfg.model, cfg.attention, padded):
+    for name, tensor in to_keel(weights.get, family, cfg.model, cfg.attention, padded):
         params.pop(name).copy_(tensor)
     if params:
         raise RuntimeError(f"keel parameters without a Hugging Face tensor: {sorted(params)}")
@@ -80,6 +83,7 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
     from megatron.core import parallel_state
 
     from models.builder import build_initialised_gpt
+    from models.hf import family_of
     from pretrain.checkpoint import Checkpoints, Snapshot
     from pretrain.run import model_signature
     from pretrain.rundir import git_revision, write_json
@@ -92,7 +96,8 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
     cfg, weights, tok, hf = resolve(hf_dir, tokenizer, vocab_multiple, allow_pickle)
     # 2. keel's model with HF's weights
     gpt = build_initialised_gpt(cfg.model, cfg.attention, tok.vocab_size, cfg.seed).eval()
-    load_weights(gpt, weights, cfg)
+    family = family_of(hf)
+    load_weights(gpt, weights, family, cfg)
     # 3. checkpoint, tokenizer and run_info.json under a temporary name; renamed when complete
     with atomic_folder(output) as tmp:
         tok_path = output / tok.save(tmp / "tokenizer").relative_to(tmp)
@@ -101,7 +106,7 @@ def import_model(hf_dir: str | Path, output: str | Path, tokenizer: str | None =
         Checkpoints(tmp / "checkpoints", keep_last=1).save(weights_only)
         write_json(tmp / "run_info.json", {
             "config": asdict(cfg), "tokenizer": {**tok.describe(), "path": str(tok_path)},
-            "imported_from": {"path": str(hf_dir.absolute()), "architecture": hf["architectures"][0],
+            "imported_from": {"path": str(hf_dir.absolute()), "architecture": family.architecture,
                               "dtype": str(hf.get("dtype"))},
             "git_revision": git_revision(), "command": " ".join(sys.argv)}, default=str)
     return output

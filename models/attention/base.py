@@ -34,6 +34,7 @@ class AttentionConfig:
 
     type: str = "gqa"
     qk_norm: bool = False
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), none on the output
 
     name: ClassVar[str] = ""  # the registered type's name (the value of `type`)
     # what some of keel asks besides the methods: megatron's fused linear_qkv (QuacK's per-head factors
@@ -45,6 +46,8 @@ class AttentionConfig:
     def __post_init__(self):
         check(self.type == self.name, f"attention.type={self.type!r} does not name {type(self).__name__} ({self.name})")
         check_positive("attention", self, *self.sizes())
+        check(not self.qkv_bias or self.fused_qkv,
+              f"attention.qkv_bias needs megatron's fused linear_qkv (mha, gqa or mqa), not attention={self.type}")
 
     def sizes(self) -> tuple[str, ...]:
         """Its integer size fields, each checked to be positive when set."""

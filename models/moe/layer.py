@@ -14,6 +14,7 @@ import torch
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -79,9 +80,12 @@ class KeelMoELayer(MoELayer):
 
 
 def moe_spec(ortho_coeff: float = 0.0, var_coeff: float = 0.0) -> ModuleSpec:
-    """The MLP spec of an MoE layer: local linears, sequential experts, keel's router and layer."""
+    """The MLP spec of an MoE layer: local linears, sequential experts, keel's router and layer, and
+    megatron's shared expert (built only when config.moe_shared_expert_intermediate_size is set; L_o and the
+    statistics see the routed experts alone)."""
     expert = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return ModuleSpec(
         module=KeelMoELayer, params={"ortho_coeff": ortho_coeff},
         submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP, submodules=expert),
+                                 shared_experts=partial(SharedExpertMLP, submodules=expert),
                                  router=partial(KeelRouter, var_coeff=var_coeff)))

@@ -76,6 +76,10 @@ class Callback:
     def on_eval(self, trainer, metrics: dict) -> None:
         """After a validation pass; `metrics` holds `val_loss`."""
 
+    def on_start_eval(self, trainer, metrics: dict) -> None:
+        """After the validation before the first step (trainer.eval_at_start): `metrics` holds step 0 and
+        the validation losses only (no training loss); add to it to have it logged."""
+
     def on_train_end(self, trainer) -> None:
         """Once, also when training stops early."""
 

@@ -55,7 +55,7 @@ class MetricsLogger(Callback):
                                      "step); repair or remove that line to resume")
                 print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
                 continue
-            if row["step"] <= trainer.step:
+            if row["step"] <= trainer.step and trainer.step > 0:  # a start at step 0 re-runs its step-0 validation
                 rows.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
@@ -70,6 +70,9 @@ class MetricsLogger(Callback):
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, metrics["step"])
             self.writer.flush()
+
+    def on_start_eval(self, trainer, metrics: dict) -> None:
+        self._write(metrics)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if metrics["step"] % self.interval == 0 or "val_loss" in metrics:

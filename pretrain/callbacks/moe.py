@@ -44,6 +44,13 @@ class MoEStatsCallback(Callback):
         if key.startswith(NAMED_SET):
             self.source_loads[key.removeprefix(NAMED_SET)] = loads
 
+    def on_start_eval(self, trainer, metrics: dict) -> None:
+        from models.moe import reset, source_routing_metrics
+
+        metrics.update(source_routing_metrics(self.source_loads))  # routing by source of the starting model
+        self.source_loads = {}
+        reset(trainer.model)
+
     def on_step_end(self, trainer, metrics: dict) -> None:
         from models.moe import collect, reset, source_routing_metrics
 

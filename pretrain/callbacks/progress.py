@@ -33,5 +33,8 @@ class ProgressBar(Callback):
     def on_eval(self, trainer, metrics: dict) -> None:
         self.progress.console.print(f"step {metrics['step']}: val_loss {metrics['val_loss']:.4f}")
 
+    def on_start_eval(self, trainer, metrics: dict) -> None:
+        self.on_eval(trainer, metrics)
+
     def on_train_end(self, trainer) -> None:
         self.progress.stop()

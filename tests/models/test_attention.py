@@ -140,13 +140,17 @@ def test_qk_norm_normalises_queries_and_keys_and_trains_its_gains(megatron_world
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
 
 
-def test_a_qk_norm_model_is_not_exported_to_llama():
-    from models.hf import UnsupportedModel, check_exportable
+def test_a_qk_norm_model_exports_as_qwen3_not_llama():
+    from models.hf import UnsupportedModel, export_family
     from pretrain.config import compose_config
 
     cfg = compose_config(["attention=gqa", "attention.qk_norm=true"])
-    with pytest.raises(UnsupportedModel, match=r"QK-norm \(attention.qk_norm=true\)"):
-        check_exportable(cfg.model, cfg.attention)
+    assert export_family(cfg.model, cfg.attention).architecture == "Qwen3ForCausalLM"
+    assert export_family(cfg.model, cfg.attention, "LlamaForCausalLM").architecture == "Qwen3ForCausalLM"
+    cfg = compose_config(["attention=gqa", "model.moe.num_experts=4", "model.moe.every=2"])
+    with pytest.raises(UnsupportedModel, match=r"^no Hugging Face family keel writes holds this model exactly; the "
+                                               r"nearest, .* cannot hold its"):
+        export_family(cfg.model, cfg.attention)
 
 
 def _qk_norm_gradients(tp: int, types: list[str]) -> list[dict]:

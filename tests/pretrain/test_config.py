@@ -63,6 +63,14 @@ def test_width_knob_keeps_head_dim():
         assert cfg.model.ffn_size == -(-8 * width // 3 // 8) * 8
 
 
+def test_head_dim_is_independent_of_hidden_over_heads_and_moe_layers_place_experts():
+    cfg = compose_config(["model.hidden_size=64", "model.num_heads=4", "model.head_dim=24", "model.num_layers=3",
+                          "model.moe.num_experts=4", "model.moe.layers=[1,0,1]"])
+    assert (cfg.model.heads, cfg.model.kv_channels) == (4, 24)  # Qwen3's shape: 4 heads of 24 on a width of 64
+    assert cfg.model.moe.moe_layers(3) == [1, 0, 1]
+    assert compose_config(["model.moe.num_experts=4", "model.moe.every=2"]).model.moe.moe_layers(4) == [1, 0, 1, 0]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.hidden_size=100"], "not divisible by model.head_dim"),
     (["model.hidden_size=96", "model.head_dim=32", "parallel.tensor=2"], "does not divide the 3 attention heads"),
@@ -78,6 +86,12 @@ def test_width_knob_keeps_head_dim():
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1)"),
     (["model.moe.num_experts=4", "parallel.tensor=2"], "model.moe needs parallel.tensor=1"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; choose one of auto, fp32, bf16"),
+    (["model.num_layers=3", "model.moe.num_experts=4", "model.moe.layers=[1,0]"],
+     "model.moe.layers has 2 entries for model.num_layers=3; give one 0/1 per layer"),
+    (["model.moe.num_experts=4", "model.moe.layers=[1,2,1,1]"], "must hold one 0 (dense) or 1 (MoE) per layer"),
+    (["model.moe.num_experts=4", "model.moe.shared_expert_gate=true"], "shared_expert_gate needs model.moe.shared_exp"),
+    (["model.moe.num_experts=4", "model.moe.top_k=1"], "model.moe.top_k=1 needs model.moe.norm_topk=false"),
+    (["attention=gta", "attention.qkv_bias=true"], "attention.qkv_bias needs megatron's fused linear_qkv"),
     *BAD_VALUES,
 ])
 def test_config_errors_are_one_clear_line(overrides, message):

@@ -134,7 +134,12 @@ def test_init_from_loads_weights_only(tiny_data, tmp_path, straight):
     cont = tmp_path / "cont"
     out = run_keel(tiny_overrides(tiny_data, cont, steps=3) + [f"init_from={pre}"])
     assert "initialised weights from" in out.stdout and "step_00000006" in out.stdout
-    assert metrics(cont)[0]["step"] == 1  # fresh schedule and data position
+    start, first = metrics(cont)[:2]
+    assert first["step"] == 1  # fresh schedule and data position
+    # validated before step 1 (trainer.eval_at_start, on for init_from): the loaded weights' own validation
+    # loss, which the pretraining run logged at its step 6 on the same validation rows
+    assert start["step"] == 0 and "loss" not in start
+    assert abs(start["val_loss"] - next(r["val_loss"] for r in metrics(pre) if r["step"] == 6)) < 1e-6
     # step 1's loss is taken before any update: a fresh run of any length has the straight run's
     assert losses(cont)[1] < losses(pre)[1]  # but pretrained weights
 

@@ -1,9 +1,11 @@
-"""Logits of an imported keel checkpoint at TP=2, then at PP=2, in one 2-process torchrun world
-(tests/tools/test_hf_import_export.py launches it):
+"""Logits of imported keel checkpoints at several parallel layouts, in one 2-process torchrun world
+(tests/tools/test_hf_import_export.py launches it once for every family):
 
-    torchrun --standalone --nproc-per-node 2 tests/tools/hf_parallel_worker.py CKPT TOKENS.pt OUT.pt
+    torchrun --standalone --nproc-per-node 2 tests/tools/hf_parallel_worker.py TOKENS.pt OUT.pt \
+        LAYOUT:NAME=CKPT [LAYOUT:NAME=CKPT ...]
 
-Rank 0 writes {"tp2": logits, "pp2": logits}, each [b, s, padded vocabulary].
+LAYOUT is tp2, pp2 or ep2 (expert parallelism over the two ranks, each seeing the same tokens). Rank 0
+writes {"LAYOUT:NAME": logits}, each [b, s, padded vocabulary].
 """
 
 from __future__ import annotations
@@ -46,20 +48,28 @@ def layout_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor | None:
     return logits if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
+LAYOUTS = {"tp2": {"tensor": 2}, "pp2": {"pipeline": 2}, "ep2": {"expert": 2}}
+
+
 def main() -> None:
     from megatron.core import parallel_state as ps
 
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
-    ckpt, tokens_file, out_file = sys.argv[1:]
+    tokens_file, out_file, *jobs = sys.argv[1:]
     tokens = torch.load(tokens_file)
+    by_layout: dict[str, list[tuple[str, str]]] = {}
+    for job in jobs:
+        layout, rest = job.split(":", 1)
+        by_layout.setdefault(layout, []).append(tuple(rest.split("=", 1)))
     results = {}
-    for name, layout in (("tp2", {"tensor": 2}), ("pp2", {"pipeline": 2})):
-        distributed.init(ParallelConfig(backend="gloo", **layout))  # the process group stays, the layout changes
-        logits = layout_logits(ckpt, tokens)
-        if logits is not None:
-            results[name] = logits
+    for layout, checkpoints in by_layout.items():
+        distributed.init(ParallelConfig(backend="gloo", **LAYOUTS[layout]))  # the process group stays
+        for name, ckpt in checkpoints:
+            logits = layout_logits(ckpt, tokens)
+            if logits is not None and (layout != "ep2" or dist.get_rank() == 0):
+                results[f"{layout}:{name}"] = logits
         ps.destroy_model_parallel()
     # the last pipeline stage holds the PP logits: gather everything on rank 0
     gathered = [None] * dist.get_world_size()

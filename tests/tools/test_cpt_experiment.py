@@ -135,6 +135,9 @@ def test_aggregate_mean_spread_and_band():
     assert c["curve"]["min"] == pytest.approx([3.0, 2.0]) and c["curve"]["max"] == pytest.approx([3.2, 2.4])
     assert c["curve_with_init"]["step"] == [0, 25, 50] and c["curve_with_init"]["mean"][0] == 4.0
     assert rep["methods"]["bfd"]["final_step"] == 25  # only steps every seed evaluated
+    # runs that validated before step 1 (init_from's step-0 row) hold their own step 0: nothing is prepended
+    own = cpt.aggregate({"concat": {1: {0: 4.1, 25: 3.0}, 2: {0: 4.1, 25: 3.2}}}, init_loss=4.0)["methods"]["concat"]
+    assert own["curve"]["step"] == [0, 25] and "curve_with_init" not in own
     ranking = rep["ranking_by_mean_final_val_loss"]
     assert ranking.index("sp") < ranking.index("concat")
 

@@ -1,6 +1,8 @@
-"""tools/import_hf.py, tools/export_hf.py and tools/evaluate.py on tiny Llama models built here from a
-config (nothing is downloaded): logits equal to transformers' at TP=1, TP=2 and PP=2, an exact
-keel -> HF -> keel round trip, equal evaluation of a folder and its import, and one-line errors."""
+"""tools/import_hf.py, tools/export_hf.py and tools/evaluate.py on tiny models of every family keel
+converts (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE), built here from transformers'
+config classes (nothing is downloaded): logits equal to transformers' at TP=1, and at TP=2 (dense), PP=2
+(Llama) and EP=2 (MoE) in one torchrun world; export -> transformers reload in the family's own class; an
+exact HF -> keel -> HF -> keel round trip; equal evaluation of a folder and its import; one-line refusals."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, child_env
-from tests.hf_helpers import (VOCAB, hf_logits, keel_logits, llama_config, relative_error, tiny_llama,
+from tests.hf_helpers import (VOCAB, hf_logits, keel_logits, llama_config, relative_error, tiny_family, tiny_llama,
                               tiny_tokenizer)
 
-TOL = 1e-4  # max|Δ| / max|logit|, fp32
+TOL = 1e-5  # max|Δ| / max|logit|, fp32
+DENSE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,19 @@ def imported(llama, tmp_path_factory, megatron_world):
     from tools.import_hf import import_model
 
     return import_model(llama, tmp_path_factory.mktemp("imp") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, hf_tok, megatron_world):
+    """Each new family's tiny model (tests/hf_helpers.py's family_config) and its import; the Qwen families
+    with a tokenizer that, like Qwen's, has no BOS."""
+    from tools.import_hf import import_model
+
+    no_bos, out = tiny_tokenizer(tmp_path_factory.mktemp("tok_no_bos"), bos=False), {}
+    for arch in DENSE + MOE:
+        folder = tiny_family(tmp_path_factory.mktemp(arch), no_bos if arch.startswith("Qwen") else hf_tok, arch)
+        out[arch] = folder, import_model(folder, tmp_path_factory.mktemp("imp") / arch)
+    return out
 
 
 def _tokens(b: int = 2, s: int = 100) -> torch.Tensor:  # past original_max_position_embeddings=64
@@ -62,6 +79,7 @@ def test_imported_logits_equal_transformers_at_one_process(llama, imported):
 def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_world, kv_heads, tie, cls):
     import transformers
 
+    from tools.export_hf import export_model
     from tools.import_hf import import_model
 
     config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(
@@ -70,20 +88,67 @@ def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_worl
     folder = tiny_llama(tmp_path / "hf", hf_tok, config, cls=getattr(transformers, cls))
     ckpt = import_model(folder, tmp_path / "ckpt")
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
+    exported = export_model(ckpt, tmp_path / "out")  # a Mistral goes back out as a Mistral (keel once wrote Llama)
+    assert json.loads((exported / "config.json").read_text())["architectures"] == [cls]
+    assert relative_error(hf_logits(exported, _tokens()), hf_logits(folder, _tokens())) == 0
 
 
-def test_tp2_and_pp2_logits_equal_transformers(llama, imported, tmp_path):
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_each_family_imports_with_transformers_logits(families, arch):
+    folder, ckpt = families[arch]
+    loaded = _keel(ckpt)
+    assert relative_error(keel_logits(loaded.gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
+    cfg = loaded.cfg
+    info = json.loads((ckpt / "run_info.json").read_text())
+    assert info["imported_from"]["architecture"] == arch
+    m, a = cfg.model, cfg.attention
+    assert (a.qkv_bias, a.qk_norm) == (arch.startswith("Qwen2"), arch.startswith("Qwen3"))
+    assert m.kv_channels == (24 if arch.startswith("Qwen3") else 16) and m.rotary_base == 1e6
+    placement = {"MixtralForCausalLM": [1, 1, 1]}.get(arch, [1, 0, 1])  # Qwen's mlp_only_layers=[1]
+    assert m.moe.moe_layers(m.num_layers) == (placement if arch in MOE else [0, 0, 0])
+    assert m.moe.norm_topk == (arch != "Qwen2MoeForCausalLM") and m.moe.shared_expert_size == (
+        56 if arch == "Qwen2MoeForCausalLM" else None)
+
+
+def test_parallel_layouts_give_transformers_logits(llama, imported, families, tmp_path):
+    """One 2-process world for every family: TP=2 (dense), PP=2 (Llama), EP=2 (MoE)."""
     torch.save(_tokens(), tmp_path / "tokens.pt")
+    jobs = [f"tp2:llama={imported}", f"pp2:llama={imported}"] + [f"tp2:{a}={families[a][1]}" for a in DENSE]
+    jobs += [f"ep2:{a}={families[a][1]}" for a in MOE]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(imported), str(tmp_path / "tokens.pt"),
-           str(tmp_path / "out.pt")]
+           str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(tmp_path / "tokens.pt"),
+           str(tmp_path / "out.pt"), *jobs]
     proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out, reference = torch.load(tmp_path / "out.pt"), hf_logits(llama, _tokens())
-    for logits in (out["tp2"], out["pp2"]):
-        assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL
+    out = torch.load(tmp_path / "out.pt")
+    assert set(out) == {job.split("=")[0] for job in jobs}
+    for job in jobs:
+        key, name = job.split("=")[0], job.split("=")[0].split(":")[1]
+        reference = hf_logits(llama if name == "llama" else families[name][0], _tokens())
+        logits = out[key]
+        assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL, key
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
+
+
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_each_family_exports_as_itself_and_round_trips_exactly(families, arch, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tools.export_hf import export_model
+    from tools.import_hf import import_model
+
+    folder, ckpt = families[arch]
+    exported = export_model(ckpt, tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(str(exported), output_loading_info=True)
+    assert type(model).__name__ == arch and not any(info.values())  # no missing, unexpected or mismatched
+    assert (model.config.bos_token_id is None) == arch.startswith("Qwen") and model.config.eos_token_id == 1
+    original, written = load_file(folder / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert set(written) == set(original) and all(torch.equal(t, original[k]) for k, t in written.items())
+    assert relative_error(hf_logits(exported, _tokens()), hf_logits(folder, _tokens())) == 0
+    again = {k: p for k, p in _keel(import_model(exported, tmp_path / "again")).gpt.named_parameters()}
+    assert all(torch.equal(p, again[k]) for k, p in _keel(ckpt).gpt.named_parameters())
 
 
 def test_keel_to_hf_to_keel_reproduces_the_weights_exactly(llama, imported, tmp_path, megatron_world):
@@ -104,17 +169,20 @@ def test_keel_to_hf_to_keel_reproduces_the_weights_exactly(llama, imported, tmp_
     assert all(torch.equal(p, again[k]) for k, p in _keel(imported).gpt.named_parameters())
 
 
-def test_evaluate_gives_the_same_loss_on_the_folder_and_its_import(llama, imported, tmp_path, megatron_world):
+@pytest.mark.parametrize("name", ["llama", "Qwen2MoeForCausalLM"])  # logits of every family: above
+def test_evaluate_gives_the_same_loss_on_the_folder_and_its_import(llama, imported, families, name, tmp_path):
+    from data.corpus import stdlib_documents
     from tools.evaluate import evaluate
 
+    folder, ckpt = (llama, imported) if name == "llama" else families[name]
     corpus = tmp_path / "held_out.jsonl"
-    from data.corpus import stdlib_documents
-
     docs = [d.text[:3000] for _, d in zip(range(6), stdlib_documents("tests", "val"))]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    hf, keel = evaluate(str(llama), [str(corpus)], seq_len=48), evaluate(str(imported), [str(corpus)], seq_len=48)
+    hf, keel = evaluate(str(folder), [str(corpus)], seq_len=48), evaluate(str(ckpt), [str(corpus)], seq_len=48)
     assert hf["tokens"] == keel["tokens"] > 1000 and hf["bytes"] == keel["bytes"] == sum(len(t.encode()) for t in docs)
     assert abs(hf["loss"] - keel["loss"]) < 1e-5 and abs(hf["bits_per_byte"] - keel["bits_per_byte"]) < 1e-5
+    if name != "llama":
+        return
     big = tiny_tokenizer(tmp_path / "big", vocab=400)
     with pytest.raises(ValueError, match=r"^tokenizer .*big has 400 tokens but .* predicts 320; use the model's own"):
         evaluate(str(imported), [str(corpus)], tokenizer=str(big))
@@ -177,13 +245,27 @@ def _big_tokenizer(folder):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_config_edit(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "cannot import GPT2LMHeadModel; keel imports "
-                                                                          "LlamaForCausalLM"),
+    (_config_edit(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+     "cannot import GPT2LMHeadModel; keel imports Llama, Mistral, Qwen2/Qwen2.5, Qwen3, Mixtral"),
     (_config_edit(architectures=["KeelForCausalLM"], model_type="keel_custom", auto_map={"AutoConfig": "x.Config"}),
      "describes KeelForCausalLM, which transformers cannot read without remote code"),
     (_config_edit(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
-     "cannot import a model with a sliding window of 16; keel imports LlamaForCausalLM"),
-    (_config_edit(hidden_act="gelu", attention_bias=True), "cannot import a model with activation gelu, biases"),
+     "cannot import MistralForCausalLM with a sliding window of 16 in use; keel imports Llama"),
+    # transformers 5 says it per layer (config.layer_types), from use_sliding_window and max_window_layers
+    (_config_edit(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=16,
+                  max_window_layers=1), "cannot import Qwen2ForCausalLM with a sliding window of 16 in use"),
+    (_config_edit(architectures=["Qwen3ForCausalLM"], model_type="qwen3", sliding_window=16, use_sliding_window=True,
+                  layer_types=["full_attention", "sliding_attention"]),
+     "cannot import Qwen3ForCausalLM with a sliding window of 16 in use"),
+    (_config_edit(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                   "original_max_position_embeddings": 32}),
+     "cannot import Qwen3MoeForCausalLM with rope type yarn; keel imports"),
+    (_config_edit(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=4,
+                  shared_expert_intermediate_size=0), "cannot import Qwen2MoeForCausalLM with a shared expert of "
+                                                      r"width 0 \(keel imports one of width > 0 with its sigmoid gate"),
+    (_config_edit(hidden_act="gelu", attention_bias=True),
+     "cannot import LlamaForCausalLM with activation gelu, biases on the output or MLP projections"),
     (_swap_shard, r"tensor model.embed_tokens.weight has shape \[320, 32\], config.json implies \[320, 64\]"),
     (_pickle_only, r"has only pickled weights \(pytorch_model.bin\).* pass --allow-pickle"),
     (_index_names("weights.bin"), r"names shard weights.bin, which is not a safetensors file .* pass --allow-pickle"),
@@ -207,24 +289,47 @@ def test_pickled_weights_load_with_allow_pickle(tmp_path, llama, megatron_world)
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(llama, _tokens())) <= TOL
 
 
-def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_world, hf_tok):
+def _keel_run(folder, overrides: list[str], hf_tok):
+    """A run folder holding a keel model built from scratch (keel's init, trained zero steps), and the model."""
     from dataclasses import asdict
 
     from pretrain.checkpoint import Checkpoints, Snapshot
     from pretrain.rundir import write_json
     from pretrain.run import model_signature
     from tests.helpers import build_tiny_gpt
+
+    cfg, gpt = build_tiny_gpt(overrides + ["model.final_norm=true", f"data.tokenizer={hf_tok}"], vocab_size=VOCAB)
+    Checkpoints(folder / "checkpoints", keep_last=1).save(Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
+    write_json(folder / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}}, default=str)
+    return gpt
+
+
+def test_export_refuses_attention_without_a_llama_equivalent(tmp_path, megatron_world, hf_tok):
     from tools.export_hf import export_model
 
-    cfg, gpt = build_tiny_gpt(["attention=gta", "model.final_norm=true", f"data.tokenizer={hf_tok}"], vocab_size=VOCAB)
-    Checkpoints(tmp_path / "run" / "checkpoints", keep_last=1).save(
-        Snapshot(1, gpt, signature=model_signature(cfg, VOCAB)))
-    write_json(tmp_path / "run" / "run_info.json", {"config": asdict(cfg), "tokenizer": {"path": str(hf_tok)}},
-               default=str)
-    with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face Llama equivalent; export takes dense "
-                                         r"mha/gqa/mqa models \(GTA, GLA, MLA and MoE") as e:
+    _keel_run(tmp_path / "run", ["attention=gta"], hf_tok)
+    with pytest.raises(ValueError, match=r"^attention=gta has no Hugging Face equivalent; export takes "
+                                         r"mha/gqa/mqa attention \(GTA, GLA, MLA checkpoints stay in keel\)") as e:
         export_model(tmp_path / "run", tmp_path / "hf")
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("overrides, arch", [
+    (["model.moe.num_experts=4", "model.moe.top_k=2"], "MixtralForCausalLM"),
+    (["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "model.moe.norm_topk=false",
+      "attention.qk_norm=true"], "Qwen3MoeForCausalLM"),
+])
+def test_an_moe_trained_from_scratch_exports_as_the_family_that_holds_it(tmp_path, megatron_world, hf_tok,
+                                                                          overrides, arch):
+    from transformers import AutoModelForCausalLM
+
+    from tools.export_hf import export_model
+
+    gpt = _keel_run(tmp_path / "run", overrides, hf_tok)
+    out = export_model(tmp_path / "run", tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert type(model).__name__ == arch and not any(info.values())
+    assert relative_error(hf_logits(out, _tokens(s=48)), keel_logits(gpt, _tokens(s=48))) <= TOL
 
 
 def test_init_from_an_import_brings_its_architecture_and_tokenizer_unless_the_command_line_says(imported):
@@ -240,3 +345,22 @@ def test_init_from_an_import_brings_its_architecture_and_tokenizer_unless_the_co
     mine = compose_config([f"init_from={imported}", "model.max_seq_len=96", "data.seq_len=64", "data.tokenizer=t"])
     assert mine.model.max_seq_len == 96 and mine.model.hidden_size == 64 and mine.data.tokenizer == "t"
     assert compose_config(["data.seq_len=64"]).model.num_layers == 4  # conf/model/small.yaml without init_from
+
+
+def test_qwen_moe_placement_and_the_sliding_window_rules():
+    from transformers import MistralConfig, Qwen2Config, Qwen2MoeConfig
+
+    from models.hf import moe_placement, sliding_window
+
+    # Qwen: MoE at every decoder_sparse_step-th layer counting from 1, unless listed in mlp_only_layers
+    every_second = {"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    assert moe_placement(every_second) == [0, 1, 0, 0, 0, 1]
+    assert moe_placement({"num_hidden_layers": 3, "decoder_sparse_step": 1, "mlp_only_layers": []}) == [1, 1, 1]
+    # use_sliding_window=false: Qwen's sliding_window and max_window_layers are present but not in use
+    assert sliding_window(Qwen2Config(num_hidden_layers=4, sliding_window=32, max_window_layers=2).to_dict()) is None
+    assert sliding_window(Qwen2MoeConfig(num_hidden_layers=4, sliding_window=32).to_dict()) is None
+    used = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=32, max_window_layers=2)
+    assert used.layer_types[2:] == ["sliding_attention"] * 2 and sliding_window(used.to_dict()) == 32
+    # Mistral applies its window whenever it is shorter than the positions it takes
+    assert sliding_window(MistralConfig(sliding_window=64, max_position_embeddings=128).to_dict()) == 64
+    assert sliding_window(MistralConfig(sliding_window=128, max_position_embeddings=128).to_dict()) is None

@@ -153,3 +153,19 @@ def test_report_problems_are_one_line_and_exit_2(tmp_path, capsys):
     assert moe_report.main(bad) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no finished run" in err
+
+
+def test_curves_take_the_runs_own_step_0_over_the_pretrained_runs_last_value():
+    from pathlib import Path
+
+    from tools.experiments.runs import Run
+
+    def run(rows):
+        return Run("r", Path("."), {}, "completed", rows, {})
+
+    later = [run([{"step": 5, "val_loss": 3.0}]), run([{"step": 5, "val_loss": 3.2}])]
+    assert moe_report.band(later, "val_loss", start=4.0)["step"] == [0, 5]  # the pretrained model's, prepended
+    own = [run([{"step": 0, "val_loss": 4.1}, {"step": 5, "val_loss": 3.0}]),
+           run([{"step": 0, "val_loss": 4.1}, {"step": 5, "val_loss": 3.2}])]
+    band = moe_report.band(own, "val_loss", start=4.0)
+    assert band["step"] == [0, 5] and band["mean"][0] == 4.1  # init_from's step-0 validation, not prepended again

@@ -275,7 +275,7 @@ def aggregate(curves: dict[str, dict[int, dict[int, float]]], init_loss: float |
         final = summarize(by_seed[seed][steps[-1]] for seed in sorted(by_seed))
         final["perplexity_of_mean"] = math.exp(final["mean"])
         out[method] = {"seeds": sorted(by_seed), "final_step": steps[-1], "final_val_loss": final, "curve": curve}
-        if init_loss is not None:
+        if init_loss is not None and steps[0] != 0:  # runs that validated before step 1 hold their own step 0
             out[method]["curve_with_init"] = {k: [0 if k == "step" else init_loss] + v for k, v in curve.items()}
     ranking = sorted(out, key=lambda m: out[m]["final_val_loss"]["mean"])
     return {"methods": out, "ranking_by_mean_final_val_loss": ranking}

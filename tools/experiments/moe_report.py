@@ -215,7 +215,8 @@ def summary(result: dict, out: Path, name: str) -> str:
 
 
 def band(runs: Iterable[Run], key: str, start: float | None = None) -> dict | None:
-    """Mean, min and max over seeds of `key` at the steps every seed logged; `start` adds step 0."""
+    """Mean, min and max over seeds of `key` at the steps every seed logged; `start` adds step 0, unless the
+    runs logged their own (the validation before step 1 of an init_from run)."""
     series = [run.series(key) for run in runs]
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     if not steps:
@@ -223,7 +224,9 @@ def band(runs: Iterable[Run], key: str, start: float | None = None) -> dict | No
     at = [[s[t] for s in series] for t in steps]
     out = {"step": steps, "mean": [statistics.fmean(v) for v in at], "min": [min(v) for v in at],
            "max": [max(v) for v in at]}
-    return {k: [0 if k == "step" else start, *v] for k, v in out.items()} if start is not None else out
+    if start is None or steps[0] == 0:
+        return out
+    return {k: [0 if k == "step" else start, *v] for k, v in out.items()}
 
 
 def plot_curves(report: dict, out: Path) -> None:
