@@ -21,11 +21,14 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from data.errors import DataError, DataNotFound
+
+if TYPE_CHECKING:  # torch only where a batch is made: a staged pack's tokenize tasks start without it
+    import torch
 
 FORMAT_VERSION = 1
 _SUFFIXES = (".bin", ".idx", ".bounds.bin", ".bounds.idx", ".json")
@@ -287,6 +290,8 @@ class PackedDataset:
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Tokens, per-token document ids and a loss mask for a list of rows."""
+        import torch
+
         tokens = np.stack([self.tokens[int(i)] for i in indices]).astype(np.int64)
         if tokens.size and int(tokens.max()) >= self.vocab_size:  # a damaged .bin: never train on it silently
             row = int(indices[int(np.argmax(tokens.max(axis=1)))])
