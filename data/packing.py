@@ -274,8 +274,11 @@ def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) 
     ends = np.cumsum(length)
     total = int(ends[-1]) if ends.size else 0
     starts = ends - length
-    # 1. Sub-piece boundaries: every piece start and every row start.
-    bounds = np.union1d(starts, np.arange(0, total, seq_len))
+    # 1. Sub-piece boundaries: every piece start and every row start. Both are sorted, so a stable sort
+    #    merges them in linear time (np.union1d's hashing unique took 10 s on 2M pieces).
+    bounds = np.concatenate([starts, np.arange(0, total, seq_len)])
+    bounds.sort(kind="stable")
+    bounds = bounds[np.concatenate([[True], bounds[1:] != bounds[:-1]])] if bounds.size else bounds
     owner = np.searchsorted(ends, bounds, side="right")
     sizes = np.diff(np.append(bounds, total))
     # 2. Row r begins at the boundary equal to r * seq_len.
@@ -297,10 +300,25 @@ def truncate(plan: Plan, seq_len: int) -> tuple[Plan, int]:
                 np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)), cut
 
 
+@numba.njit(cache=True)
+def _group_stably(keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """Positions 0..n-1 grouped by key, in order within each key: a stable counting sort, O(n + keys)."""
+    starts = np.zeros(n_keys + 1, np.int64)
+    for k in keys:
+        starts[k + 1] += 1
+    for k in range(n_keys):
+        starts[k + 1] += starts[k]
+    out = np.empty(keys.shape[0], np.int64)
+    for i in range(keys.shape[0]):
+        out[starts[keys[i]]] = i
+        starts[keys[i]] += 1
+    return out
+
+
 def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, bins: np.ndarray, order: np.ndarray) -> Plan:
     """One row per bin, its items in placement order (longest first), as the reference concatenates them."""
-    placed = order[np.argsort(bins[order], kind="stable")]
     per_bin = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
+    placed = order[_group_stably(bins[order], per_bin.size)]
     return Plan(src[placed], length[placed], doc[placed], np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int64))
 
 
