@@ -413,10 +413,22 @@ def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.nd
     return covered.sum(), split.sum(), overlapped.sum(), truncated_docs
 
 
+def _by_document(plan: Plan, n_docs: int) -> np.ndarray:
+    """Pieces by document, then by start. A counting sort by document keeps the plan's order within one,
+    which is start order in every method's plan (O(N), where np.lexsort took most of the plan stage);
+    a plan that is not gets the full sort."""
+    order = _group_stably(plan.doc, n_docs)
+    doc, src = plan.doc[order], plan.src[order]
+    if (np.diff(src)[doc[1:] == doc[:-1]] >= 0).all():
+        return order
+    return np.lexsort((plan.src, plan.doc))
+
+
 def plan_stats(plan: Plan, offsets: np.ndarray, seq_len: int) -> dict:
     """Token and document accounting: content = corpus + duplicated - truncated, by construction."""
+    offsets = np.asarray(offsets, np.int64)
     covered, split, overlapped, truncated_docs = _coverage(
-        plan.src, plan.length, plan.doc, np.lexsort((plan.src, plan.doc)), np.asarray(offsets, np.int64))
+        plan.src, plan.length, plan.doc, _by_document(plan, offsets.size - 1), offsets)
     corpus = int(offsets[-1] - offsets[0])
     content = int(plan.length.sum())
     output = plan.rows * seq_len
