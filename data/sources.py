@@ -245,7 +245,9 @@ class DocumentSource:
         shards = []
         for lo in range(0, len(self._items), files_per_shard):
             shard = copy.copy(self)
-            shard._items, shard.skipped, shard._description = self._items[lo:lo + files_per_shard], [], {}
+            items = [(kind, str(Path(v).resolve()) if kind == "file" else v)  # the same files from any folder
+                     for kind, v in self._items[lo:lo + files_per_shard]]
+            shard._items, shard.skipped, shard._description = items, [], {}
             shards.append(shard)
         return shards
 

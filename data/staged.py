@@ -33,7 +33,7 @@ from data.format import PackedWriter, check_index, dataset_exists, remove_datase
 from data.packing import Plan
 from data.pipeline import (packed_metadata, pack_settings, plan_corpus, require_documents, row_order, tokenize_corpus,
                            write_rows, _progress)
-from data.sources import DocumentSource, InputError
+from data.sources import DocumentSource, InputError, check_settings
 from data.tokenizer import load_tokenizer
 
 _CORPUS_STATS = ("documents", "empty_documents", "corpus_tokens", "text_tokens", "replacement_char_documents",
@@ -341,14 +341,16 @@ def pack_staged(source: DocumentSource, tokenizer, seq_len: int, method: str, ou
                 seed: int = 0, retries: int = 2, progress: bool = True, metadata: dict | None = None) -> dict:
     """Run ``stages`` of a staged pack under ``executor`` (data/executors.py); returns the plan's record (its
     ``stats`` are the table's) and, once written, the output's metadata as ``meta``."""
-    work = Path(work)
+    check_settings(seq_len, method, overlap_ratio, extra_capacity, underfull, workers)
+    work, output = Path(work).resolve(), str(Path(output).resolve())  # the same files from every node
     shards = source.split(files_per_shard)
     fingerprint = tokenizer.fingerprint()
     plan_task = PlanTask(work, len(shards), fingerprint, method, seq_len, overlap_ratio, extra_capacity, underfull,
                          seed, parts)
     run = dict(retries=retries, progress=progress)
     if "tokenize" in stages:
-        run_stage(executor, "tokenize", [TokenizeTask(work, i, s, str(tokenizer.path), fingerprint, workers)
+        model = str(Path(tokenizer.path).resolve())
+        run_stage(executor, "tokenize", [TokenizeTask(work, i, s, model, fingerprint, workers)
                                          for i, s in enumerate(shards)], unit="shards", **run)
     record = {}
     if "plan" in stages:
