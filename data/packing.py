@@ -267,24 +267,42 @@ class Plan:
                     np.concatenate(ptrs))
 
 
+@numba.njit(cache=True)
+def _rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int):
+    """Pieces laid end to end, cut at every row start: (src, length, doc, row_ptr), in one pass each to
+    count and to fill (a sort of the boundaries and two searchsorted took 4 s on 10M pieces)."""
+    # 1. Count: a piece holding k tokens from stream position pos is cut at each row start inside it.
+    n, pos = 0, 0
+    for i in range(length.shape[0]):
+        k = length[i]
+        if k > 0:
+            n += (pos + k - 1) // seq_len - pos // seq_len + 1
+            pos += k
+    rows = -(-pos // seq_len)
+    out_src = np.empty(n, np.int64)
+    out_len = np.empty(n, np.int64)
+    out_doc = np.empty(n, np.int64)
+    row_ptr = np.empty(rows + 1, np.int64)
+    row_ptr[rows] = n
+    # 2. Fill; a sub-piece that starts at a multiple of seq_len starts its row.
+    j, pos = 0, 0
+    for i in range(length.shape[0]):
+        done = 0
+        while done < length[i]:
+            take = min(length[i] - done, seq_len - pos % seq_len)
+            if pos % seq_len == 0:
+                row_ptr[pos // seq_len] = j
+            out_src[j], out_len[j], out_doc[j] = src[i] + done, take, doc[i]
+            j += 1
+            done += take
+            pos += take
+    return out_src, out_len, out_doc, row_ptr
+
+
 def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) -> Plan:
     """Lay pieces end to end and cut the stream into rows of seq_len; the last row may be short."""
-    keep = length > 0
-    src, length, doc = src[keep], length[keep], doc[keep]
-    ends = np.cumsum(length)
-    total = int(ends[-1]) if ends.size else 0
-    starts = ends - length
-    # 1. Sub-piece boundaries: every piece start and every row start. Both are sorted, so a stable sort
-    #    merges them in linear time (np.union1d's hashing unique took 10 s on 2M pieces).
-    bounds = np.concatenate([starts, np.arange(0, total, seq_len)])
-    bounds.sort(kind="stable")
-    bounds = bounds[np.concatenate([[True], bounds[1:] != bounds[:-1]])] if bounds.size else bounds
-    owner = np.searchsorted(ends, bounds, side="right")
-    sizes = np.diff(np.append(bounds, total))
-    # 2. Row r begins at the boundary equal to r * seq_len.
-    rows = -(-total // seq_len)
-    row_ptr = np.searchsorted(bounds, np.arange(rows + 1, dtype=np.int64) * seq_len)
-    return Plan(src[owner] + bounds - starts[owner], sizes, doc[owner], row_ptr.astype(np.int64))
+    as64 = (np.ascontiguousarray(a, dtype=np.int64) for a in (src, length, doc))
+    return Plan(*_rechunk(*as64, seq_len))
 
 
 def truncate(plan: Plan, seq_len: int) -> tuple[Plan, int]:
