@@ -117,6 +117,7 @@ class TokenizeTask:
         Path(f"{prefix}.json").unlink(missing_ok=True)  # a stale or damaged shard is no longer complete
         remove_leftovers(prefix)  # of a run of this shard that was killed
         tokens = Path(temporary_name(f"{prefix}.tokens"))
+        cpu = time.process_time()
         try:
             corpus = tokenize_corpus(self.source, tok, tokens, workers=self.workers, progress=False)
             lengths = _save_array(Path(f"{prefix}.lengths.npy"), np.diff(corpus.offsets))
@@ -125,7 +126,7 @@ class TokenizeTask:
             raise
         record = {"shard": self.index, "inputs": self.source.names(), "tokenizer": tok.describe(),
                   "dtype": np.dtype(corpus.dtype).name, "rows_missing_text_field": len(self.source.skipped),
-                  "skipped_rows": self.source.skipped[:1], **corpus.stats}
+                  "skipped_rows": self.source.skipped[:1], "cpu_seconds": time.process_time() - cpu, **corpus.stats}
         os.replace(tokens, f"{prefix}.tokens")
         os.replace(lengths, f"{prefix}.lengths.npy")
         _write_json(Path(f"{prefix}.json"), record)
@@ -267,7 +268,7 @@ class WriteTask:
         prefix = part_prefix(self.work, self.key, self.part)
         if part_problem(prefix, self.key) is None:
             return {**_read_json(Path(f"{prefix}.json")), "skipped": True}
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         record, plan, order = read_plan(self.work, self.key)
         records = read_shards(self.work, record["shards"], record["tokenizer"]["sha256_16"])
         remove_leftovers(prefix)  # of a run of this part that was killed
@@ -278,7 +279,8 @@ class WriteTask:
             with _progress(False) as bar:
                 tokens = write_rows(plan, ShardedStream(self.work, records), writer, tok["pad"], order[lo:hi], bar)
             return writer.finalize({"tokenizer": tok, "plan": self.key, "part": self.part, "first_row": lo,
-                                    "tokens": tokens, "seconds": time.perf_counter() - start})
+                                    "tokens": tokens, "seconds": time.perf_counter() - start,
+                                    "cpu_seconds": time.process_time() - cpu})
         except BaseException:
             writer.abort()
             raise

@@ -199,7 +199,7 @@ def bench_staged(tokenizer_path: str, jobs: list[int], files: int) -> dict[int, 
         inputs = _staged_corpus(Path(d), files)
         print(f"\n## staged pack (sp, L={SEQ_LEN}) of stdlib as {files} JSON-lines files, local executor")
         print(f"{'jobs':>5} {'tokenize s':>11} {'tokens/s':>11} {'plan s':>7} {'write+merge s':>14} {'tokens/s':>11} "
-              f"{'total s':>8}")
+              f"{'total s':>8} {'tokenize tok/CPU-s':>18} {'write tok/CPU-s':>16}")
         for j in jobs:
             executor, seconds = LocalExecutor(j), {}
             try:
@@ -211,34 +211,36 @@ def bench_staged(tokenizer_path: str, jobs: list[int], files: int) -> dict[int, 
             finally:
                 executor.close()
             tokens = record["meta"]["stats"]["corpus_tokens"]
+            cpu = {stage: sum(json.loads(p.read_text())["cpu_seconds"] for p in Path(f"{d}/work{j}").glob(pattern))
+                   for stage, pattern in (("tokenize", "shards/*.json"), ("write", "parts/*/*.json"))}
             rates[j] = {"tokens": tokens, "tokenize": tokens / seconds["tokenize"], "plan_s": seconds["plan"],
-                        "write": tokens / seconds["write"], "bytes": Path(f"{d}/out{j}.bin").stat().st_size}
+                        "write": tokens / seconds["write"], "tokenize_per_cpu_s": tokens / cpu["tokenize"],
+                        "write_per_cpu_s": tokens / cpu["write"]}
             print(f"{j:5} {seconds['tokenize']:11.2f} {rates[j]['tokenize']:11,.0f} {seconds['plan']:7.2f} "
-                  f"{seconds['write']:14.2f} {rates[j]['write']:11,.0f} {sum(seconds.values()):8.2f}")
+                  f"{seconds['write']:14.2f} {rates[j]['write']:11,.0f} {sum(seconds.values()):8.2f} "
+                  f"{rates[j]['tokenize_per_cpu_s']:18,.0f} {rates[j]['write_per_cpu_s']:16,.0f}")
     return rates
 
 
 def cluster_estimate(rates: dict[int, dict], plan: dict[str, dict], nodes: list[int], cores: int,
                      corpus_tokens: float = 1e12) -> None:
-    """Wall time of a corpus on N nodes of C cores from the rates of one job here, scaled by the 1-to-2 job
-    efficiency measured here; the plan from the plan stage's time per length; the merge one sequential copy."""
+    """Wall time of a corpus on N nodes of C cores: tokens per CPU-second of the tasks here (per core, and far
+    less disturbed by a shared machine than wall time) times N x C, assuming the stages scale with cores (each
+    task is independent); the plan from the plan stage's CPU time per length; the merge one sequential copy."""
     one = rates[min(rates)]
-    two = rates.get(2, one)
-    eff_tok = min(1.0, two["tokenize"] / (2 * one["tokenize"])) if 2 in rates else 1.0
-    eff_write = min(1.0, two["write"] / (2 * one["write"])) if 2 in rates else 1.0
     sp = plan.get("sp") or next(iter(plan.values()))
     docs = corpus_tokens / sp["mean_length"]
     plan_s = sp["total_s"] * docs / sp["lengths"]
     plan_gb = sp["peak_gb"] * docs / sp["lengths"]
     merge_s = corpus_tokens * 2 / 1e9  # uint16 tokens copied once at ~1 GB/s (a parallel file system does more)
-    print(f"\n## estimate: {corpus_tokens:.0e} tokens on N nodes of {cores} cores (per-core rates of 1 job: tokenize "
-          f"{one['tokenize']:,.0f} tokens/s, write {one['write']:,.0f} tokens/s; 1->2 job efficiency: tokenize "
-          f"{eff_tok:.0%}, write {eff_write:.0%}; plan {docs:.2e} documents of ~{sp['mean_length']:.0f} tokens on "
-          f"one node: {plan_s / 60:.0f} min, ~{plan_gb:.0f} GB; merge at 1 GB/s: {merge_s / 3600:.1f} h)")
+    print(f"\n## estimate: {corpus_tokens:.0e} tokens on N nodes of {cores} cores (per core: tokenize "
+          f"{one['tokenize_per_cpu_s']:,.0f} tokens/s, write {one['write_per_cpu_s']:,.0f} tokens/s; plan "
+          f"{docs:.2e} documents of ~{sp['mean_length']:.0f} tokens on one node: {plan_s / 60:.0f} min, "
+          f"~{plan_gb:.0f} GB; merge at 1 GB/s: {merge_s / 3600:.1f} h)")
     print(f"{'nodes':>6} {'tokenize h':>11} {'plan h':>7} {'write h':>8} {'merge h':>8} {'total h':>8}")
     for n in nodes:
-        tok_h = corpus_tokens / (one["tokenize"] * eff_tok * n * cores) / 3600
-        write_h = corpus_tokens / (one["write"] * eff_write * n * cores) / 3600
+        tok_h = corpus_tokens / (one["tokenize_per_cpu_s"] * n * cores) / 3600
+        write_h = corpus_tokens / (one["write_per_cpu_s"] * n * cores) / 3600
         total = tok_h + plan_s / 3600 + write_h + merge_s / 3600
         print(f"{n:6} {tok_h:11.2f} {plan_s / 3600:7.2f} {write_h:8.2f} {merge_s / 3600:8.2f} {total:8.2f}")
 
