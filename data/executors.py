@@ -12,6 +12,7 @@ import multiprocessing as mp
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -47,9 +48,14 @@ class LocalExecutor:
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, tasks):
-        if self._pool is None or self._pool._broken:  # a killed worker breaks the pool: start a new one to retry
+        if self._pool is None:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("fork"))
-        return [self._pool.submit(_call, t) for t in tasks]
+        try:
+            return [self._pool.submit(_call, t) for t in tasks]
+        except BrokenProcessPool:  # a killed worker breaks the pool: retries go to a new one
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            return self.submit(tasks)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -49,7 +49,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A record, or None when it is missing or unreadable (records are renamed into place whole, so an unreadable
+    one was damaged after: its task is redone)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _save_array(path: Path, array: np.ndarray) -> Path:
@@ -126,7 +132,7 @@ class TokenizeTask:
             raise
         record = {"shard": self.index, "inputs": self.source.names(), "tokenizer": tok.describe(),
                   "dtype": np.dtype(corpus.dtype).name, "rows_missing_text_field": len(self.source.skipped),
-                  "skipped_rows": self.source.skipped[:1], "cpu_seconds": time.process_time() - cpu, **corpus.stats}
+                  "cpu_seconds": time.process_time() - cpu, **corpus.stats}
         os.replace(tokens, f"{prefix}.tokens")
         os.replace(lengths, f"{prefix}.lengths.npy")
         _write_json(Path(f"{prefix}.json"), record)

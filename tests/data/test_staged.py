@@ -15,7 +15,7 @@ from data.format import dataset_files
 from data.packing import METHODS
 from data.pipeline import pack_documents
 from data.sources import DocumentSource, InputError
-from data.staged import pack_staged, shard_prefix
+from data.staged import TokenizeTask, pack_staged, shard_prefix
 from data.tokenizer import load_tokenizer, train_tokenizer
 from data.verify import verify_dataset
 
@@ -174,5 +174,10 @@ def test_damaged_or_missing_shards_are_one_line(corpus, tmp_path, capsys):
     assert pack.main([*args, "--stage", "tokenize"]) == 0
     assert tokens.stat().st_size == record["corpus_tokens"] * 2
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+    # a node whose tokenizer file differs from the one the pack started with refuses to tokenize
+    task = TokenizeTask(tmp_path / "work", 0, DocumentSource(corpus["inputs"]).split(1)[0], str(corpus["tok"].path),
+                        fingerprint="0" * 16)
+    with pytest.raises(InputError, match=f"shard 00000 .*has fingerprint {corpus['tok'].fingerprint()}"):
+        task()
     with pytest.raises(InputError, match="--compare and --work-dir"):
         pack._pack_staged(pack.build_parser().parse_args([*args, "--compare"]), corpus["tok"], None, {})
