@@ -263,8 +263,8 @@ class Plan:
         for p in plans:
             ptrs.append(p.row_ptr[1:] + base)
             base += p.src.size
-        return Plan(*(np.concatenate([getattr(p, f) for p in plans]).astype(np.int64) for f in ("src", "length", "doc")),
-                    np.concatenate(ptrs))
+        return Plan(*(np.concatenate([getattr(p, f) for p in plans]).astype(np.int64, copy=False)
+                      for f in ("src", "length", "doc")), np.concatenate(ptrs))
 
 
 @numba.njit(cache=True)
@@ -305,17 +305,40 @@ def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) 
     return Plan(*_rechunk(*as64, seq_len))
 
 
+@numba.njit(cache=True)
+def _truncate(src: np.ndarray, length: np.ndarray, doc: np.ndarray, row_ptr: np.ndarray, seq_len: int):
+    """Each row's pieces up to seq_len tokens: one pass to count what stays, one to fill."""
+    rows = row_ptr.shape[0] - 1
+    n = 0
+    for r in range(rows):
+        pos = 0
+        for p in range(row_ptr[r], row_ptr[r + 1]):
+            if length[p] > 0 and pos < seq_len:
+                n += 1
+            pos += length[p]
+    out_src = np.empty(n, np.int64)
+    out_len = np.empty(n, np.int64)
+    out_doc = np.empty(n, np.int64)
+    out_ptr = np.empty(rows + 1, np.int64)
+    j, cut = 0, 0
+    for r in range(rows):
+        out_ptr[r] = j
+        pos = 0
+        for p in range(row_ptr[r], row_ptr[r + 1]):
+            kept = min(max(seq_len - pos, 0), length[p])
+            cut += length[p] - kept
+            if kept > 0:
+                out_src[j], out_len[j], out_doc[j] = src[p], kept, doc[p]
+                j += 1
+            pos += length[p]
+    out_ptr[rows] = j
+    return out_src, out_len, out_doc, out_ptr, cut
+
+
 def truncate(plan: Plan, seq_len: int) -> tuple[Plan, int]:
     """Cut every row to seq_len tokens from its end; returns the plan and the tokens cut."""
-    before = np.cumsum(plan.length) - plan.length  # tokens in earlier pieces of the stream ...
-    row_of = np.repeat(np.arange(plan.rows), np.diff(plan.row_ptr))
-    before -= before[plan.row_ptr[:-1]][row_of]  # ... minus those of earlier rows
-    kept = np.clip(seq_len - before, 0, plan.length)
-    cut = int((plan.length - kept).sum())
-    nonzero = kept > 0
-    per_row = np.bincount(row_of[nonzero], minlength=plan.rows)
-    return Plan(plan.src[nonzero], kept[nonzero], plan.doc[nonzero],
-                np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)), cut
+    *arrays, cut = _truncate(plan.src, plan.length, plan.doc, plan.row_ptr, seq_len)
+    return Plan(*arrays), int(cut)
 
 
 @numba.njit(cache=True)
