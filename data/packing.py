@@ -100,13 +100,19 @@ def _ffd(ordered: np.ndarray, capacity: int, size: int) -> np.ndarray:
     return bins
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """Bin index of every item (in input order) under first-fit-decreasing; O(N log B)."""
+def _placed_ffd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(placement order, the bin of each item in that order) under first-fit-decreasing."""
     lengths = _check(lengths, capacity)
     if lengths.size == 0:
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     order, ordered = _decreasing_order(lengths, capacity)
-    return _in_input_order(_ffd(ordered, capacity, _pow2_at_least(_max_bins(lengths, capacity))), order)
+    return order, _ffd(ordered, capacity, _pow2_at_least(_max_bins(lengths, capacity)))
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index of every item (in input order) under first-fit-decreasing; O(N log B)."""
+    order, bins = _placed_ffd(lengths, capacity)
+    return _in_input_order(bins, order)
 
 
 @numba.njit(cache=True)
@@ -209,18 +215,19 @@ def _bfd(ordered: np.ndarray, capacity: int, max_bins: int, size: int) -> np.nda
     return bins
 
 
-def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """Bin index of every item (in input order) under best-fit-decreasing; O(N (log B + log C))."""
+def _placed_bfd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(placement order, the bin of each item in that order) under best-fit-decreasing."""
     lengths = _check(lengths, capacity)
     if lengths.size == 0:
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     order, ordered = _decreasing_order(lengths, capacity)
-    return _in_input_order(_bfd(ordered, capacity, _max_bins(lengths, capacity), _pow2_at_least(capacity + 1)), order)
+    return order, _bfd(ordered, capacity, _max_bins(lengths, capacity), _pow2_at_least(capacity + 1))
 
 
-def placement_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """Item indices in the order the decreasing algorithms place them (length desc, then position)."""
-    return _decreasing_order(_check(lengths, capacity), capacity)[0]
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index of every item (in input order) under best-fit-decreasing; O(N (log B + log C))."""
+    order, bins = _placed_bfd(lengths, capacity)
+    return _in_input_order(bins, order)
 
 
 # --- Packing plans: which token ranges form each row --------------------------------------------
@@ -356,10 +363,11 @@ def _group_stably(keys: np.ndarray, n_keys: int) -> np.ndarray:
     return out
 
 
-def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, bins: np.ndarray, order: np.ndarray) -> Plan:
-    """One row per bin, its items in placement order (longest first), as the reference concatenates them."""
+def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.ndarray, bins: np.ndarray) -> Plan:
+    """One row per bin, its items in placement order (longest first), as the reference concatenates them.
+    ``order``: the items in placement order; ``bins``: the bin of each, in that order."""
     per_bin = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
-    placed = order[_group_stably(bins[order], per_bin.size)]
+    placed = order[_group_stably(bins, per_bin.size)]
     return Plan(src[placed], length[placed], doc[placed], np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int64))
 
 
@@ -375,15 +383,15 @@ def _stage1(offsets: np.ndarray, seq_len: int, join: int) -> tuple[Plan, tuple[n
     return chunks, (offsets[pdoc] + pstart, plen, pdoc)
 
 
-def _binned(pool: tuple[np.ndarray, np.ndarray, np.ndarray], capacity: int, algorithm) -> Plan:
+def _binned(pool: tuple[np.ndarray, np.ndarray, np.ndarray], capacity: int, placed_bins) -> Plan:
     src, length, doc = pool
-    return bins_to_plan(src, length, doc, algorithm(length, capacity), placement_order(length, capacity))
+    return bins_to_plan(src, length, doc, *placed_bins(length, capacity))
 
 
 def plan_sp(offsets: np.ndarray, seq_len: int, overlap_ratio: float, extra_capacity: int, underfull: str) -> Plan:
     """Seamless Packing: sliding window, FFD into L+c bins, cut to L, underfull bins re-chunked or padded."""
     chunks, pool = _stage1(offsets, seq_len, max_join(seq_len, overlap_ratio))
-    binned, _ = truncate(_binned(pool, seq_len + extra_capacity, first_fit_decreasing), seq_len)
+    binned, _ = truncate(_binned(pool, seq_len + extra_capacity, _placed_ffd), seq_len)
     if underfull == "pad":
         return Plan.concat([chunks, binned])
     full = binned.row_content() == seq_len
@@ -394,7 +402,7 @@ def plan_sp(offsets: np.ndarray, seq_len: int, overlap_ratio: float, extra_capac
 def plan_bfd(offsets: np.ndarray, seq_len: int) -> Plan:
     """Best-fit-decreasing (Ding et al. 2024): documents over L split into L-token pieces, bins padded."""
     chunks, pool = _stage1(offsets, seq_len, 0)
-    return Plan.concat([chunks, _binned(pool, seq_len, best_fit_decreasing)])
+    return Plan.concat([chunks, _binned(pool, seq_len, _placed_bfd)])
 
 
 def plan_concat(offsets: np.ndarray, seq_len: int) -> Plan:
