@@ -17,14 +17,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from data.errors import DataError, DataNotFound
+
+if TYPE_CHECKING:  # torch only where a batch is made: a staged pack's tokenize tasks start without it
+    import torch
 
 FORMAT_VERSION = 1
 _SUFFIXES = (".bin", ".idx", ".bounds.bin", ".bounds.idx", ".json")
@@ -79,6 +83,16 @@ def remove_leftovers(prefix: str | Path) -> list[Path]:
     return found
 
 
+def _append_indexed(builder, prefix: str, lengths: np.ndarray) -> None:
+    """megatron's `IndexedDatasetBuilder.add_index` for a checked dataset of one document per row, less its
+    `gc.collect()` per call (0.5 s each with torch loaded: minutes over the parts of a large corpus)."""
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(offset + 1, offset + lengths.size + 1))
+    with open(f"{prefix}.bin", "rb") as f:
+        shutil.copyfileobj(f, builder.data_file)
+
+
 class PackedWriter:
     """Streams rows to disk under temporary names; `finalize` renames them into place.
 
@@ -115,6 +129,21 @@ class PackedWriter:
         self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self._bounds.add_document(bounds, [len(bounds)])
         self.rows += 1
+
+    def add_dataset(self, prefix: str | Path) -> None:
+        """Append every row of the packed dataset ``prefix`` (a part of a staged pack) by copying its files."""
+        meta = read_metadata(Path(f"{prefix}.json"))
+        if meta["seq_len"] != self.seq_len or meta.get("dtype") != np.dtype(self.dtype).name:
+            raise DataError(f"{prefix} has rows of {meta['seq_len']} {meta.get('dtype')} tokens, this dataset "
+                            f"{self.seq_len} {np.dtype(self.dtype).name}; merge only parts of one plan")
+        for builder, pair, dtype, length in ((self._tokens, str(prefix), self.dtype, self.seq_len),
+                                             (self._bounds, f"{prefix}.bounds", np.int32, None)):
+            problems, lengths = check_index(pair, dtype, length)
+            if problems:
+                raise DataError(f"cannot merge {prefix}: {problems[0]}")
+            _append_indexed(builder, pair, lengths)
+        self.rows += int(meta["rows"])
+        self.max_token_id = max(self.max_token_id, int(meta["max_token_id"]))
 
     def finalize(self, metadata: dict) -> dict:
         """Write the index files and metadata, then rename everything into place (JSON last)."""
@@ -261,6 +290,8 @@ class PackedDataset:
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Tokens, per-token document ids and a loss mask for a list of rows."""
+        import torch
+
         tokens = np.stack([self.tokens[int(i)] for i in indices]).astype(np.int64)
         if tokens.size and int(tokens.max()) >= self.vocab_size:  # a damaged .bin: never train on it silently
             row = int(indices[int(np.argmax(tokens.max(axis=1)))])

@@ -104,7 +104,8 @@ def _progress(enabled: bool):
 
 def tokenize_corpus(documents: Iterable[Document], tokenizer: Tokenizer, path: str | Path, *,
                     workers: int = 1, progress: bool = True) -> TokenizedCorpus:
-    """Stream documents through the tokenizer into ``path``; the caller removes the file."""
+    """Stream documents through the tokenizer into ``path``; the caller removes the file. The documents
+    may all be empty (one shard of a corpus): `require_documents` checks a whole corpus."""
     dtype = token_dtype(tokenizer.vocab_size)
     parts, docs, tokens, replaced = [], 0, 0, 0
     start = time.perf_counter()
@@ -125,13 +126,16 @@ def tokenize_corpus(documents: Iterable[Document], tokenizer: Tokenizer, path: s
                        info=f"{docs:,} docs {docs / dt:,.0f} docs/s  {tokens:,} tokens {tokens / dt:,.0f} tokens/s")
     lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     nonempty = lengths[lengths > 0]
-    if nonempty.size == 0:
-        raise InputError(f"nothing to pack: the input has {lengths.size} documents, all empty; "
-                         "check --input (and --text-field for structured files)")
     stats = {"documents": int(nonempty.size), "empty_documents": int(lengths.size - nonempty.size),
              "corpus_tokens": int(nonempty.sum()), "text_tokens": int(nonempty.sum() - nonempty.size),
              "replacement_char_documents": int(replaced), "tokenize_seconds": time.perf_counter() - start}
     return TokenizedCorpus(Path(path), np.concatenate([[0], np.cumsum(nonempty)]).astype(np.int64), dtype, stats)
+
+
+def require_documents(stats: dict) -> None:
+    if stats["documents"] == 0:
+        raise InputError(f"nothing to pack: the input has {stats['empty_documents']} documents, all empty; "
+                         "check --input (and --text-field for structured files)")
 
 
 @contextmanager
@@ -141,18 +145,27 @@ def tokenized(documents: Iterable[Document], tokenizer: Tokenizer, output: str |
     path = Path(temporary_name(f"{output}.tokens"))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        yield tokenize_corpus(documents, tokenizer, path, workers=workers, progress=progress)
+        corpus = tokenize_corpus(documents, tokenizer, path, workers=workers, progress=progress)
+        require_documents(corpus.stats)
+        yield corpus
     finally:
         path.unlink(missing_ok=True)
 
 
 # --- Stage B: plan and write --------------------------------------------------------------------
-def _write_rows(plan: Plan, stream: np.ndarray, writer: PackedWriter, pad: int, seed: int, bar) -> None:
-    """Rows in a seeded random order, so neighbouring rows don't come from the same size class."""
-    seq_len = writer.seq_len
+def row_order(rows: int, seed: int) -> np.ndarray:
+    """The order rows are written in: seeded and random, so neighbouring rows don't come from the same size class.
+    A staged pack writes contiguous slices of this one permutation (data/staged.py)."""
+    return np.random.default_rng(seed).permutation(rows)
+
+
+def write_rows(plan: Plan, stream, writer: PackedWriter, pad: int, order: np.ndarray, bar) -> int:
+    """Rows ``order`` of the plan, in that order; ``stream[a:b]`` gives the corpus's tokens a..b. Returns the
+    content tokens written."""
+    seq_len, content = writer.seq_len, 0
     buf = np.empty(seq_len, dtype=stream.dtype)
-    task = bar.add_task("write", total=plan.rows, info=f"{plan.rows:,} rows")
-    for n, r in enumerate(np.random.default_rng(seed).permutation(plan.rows)):
+    task = bar.add_task("write", total=order.size, info=f"{order.size:,} rows")
+    for n, r in enumerate(order):
         pos, starts = 0, []
         for p in range(plan.row_ptr[r], plan.row_ptr[r + 1]):
             s, k = plan.src[p], plan.length[p]
@@ -161,9 +174,11 @@ def _write_rows(plan: Plan, stream: np.ndarray, writer: PackedWriter, pad: int, 
             pos += k
         buf[pos:] = pad
         writer.add_row(buf, starts, pos)
+        content += int(pos)
         if n % 1024 == 0:
             bar.update(task, completed=n)
-    bar.update(task, completed=plan.rows)
+    bar.update(task, completed=order.size)
+    return content
 
 
 def _shares(stats: dict) -> dict:
@@ -185,6 +200,30 @@ def _timings(corpus_tokens: int, tokenize: float, plan: float, write: float) -> 
             "packer_tokens_per_s": round(corpus_tokens / max(plan, 1e-9))}
 
 
+def plan_corpus(method: str, offsets: np.ndarray, corpus_stats: dict, seq_len: int, overlap_ratio: float,
+                extra_capacity: int, underfull: str) -> tuple[Plan, dict]:
+    """The plan from the documents' lengths alone, and the statistics of corpus and plan (the table's)."""
+    plan = build_plan(method, offsets, seq_len, overlap_ratio, extra_capacity, underfull)
+    stats = {**corpus_stats, **plan_stats(plan, offsets, seq_len)}
+    stats.update(_shares(stats))
+    return plan, stats
+
+
+def pack_settings(seq_len: int, overlap_ratio: float, extra_capacity: int, underfull: str, seed: int,
+                  workers: int) -> dict:
+    return {"seq_len": seq_len, "overlap_ratio": overlap_ratio, "extra_capacity": extra_capacity,
+            "underfull": underfull, "seed": seed, "workers": workers,
+            "row_order": "numpy default_rng(seed).permutation", "eod_after_each_document": True}
+
+
+def packed_metadata(tokenizer: dict, method: str, settings: dict, stats: dict, seconds: tuple[float, float, float],
+                    metadata: dict | None) -> dict:
+    """A packed dataset's JSON (less what the writer adds): ``seconds`` are tokenize, plan and write."""
+    stats = {**stats, **_timings(stats["corpus_tokens"], *seconds)}
+    stats.pop("tokenize_seconds", None)
+    return {"tokenizer": tokenizer, "method": method, "settings": settings, "stats": stats, **(metadata or {})}
+
+
 def pack_tokenized(corpus: TokenizedCorpus, tokenizer: Tokenizer, seq_len: int, method: str, output: str | Path, *,
                    overlap_ratio: float = 0.3, extra_capacity: int = 50, underfull: str = "concat",
                    workers: int = 1, seed: int = 0, overwrite: bool = False, progress: bool = True,
@@ -192,23 +231,18 @@ def pack_tokenized(corpus: TokenizedCorpus, tokenizer: Tokenizer, seq_len: int, 
     """Plan ``method`` over a tokenized corpus and write the packed dataset; returns its metadata."""
     check_settings(seq_len, method, overlap_ratio, extra_capacity, underfull, workers)
     check_output(output, overwrite)
-    settings = {"seq_len": seq_len, "overlap_ratio": overlap_ratio, "extra_capacity": extra_capacity,
-                "underfull": underfull, "seed": seed, "workers": workers,
-                "row_order": "numpy default_rng(seed).permutation", "eod_after_each_document": True}
+    settings = pack_settings(seq_len, overlap_ratio, extra_capacity, underfull, seed, workers)
     # 1. Plan from the lengths alone.
     t0 = time.perf_counter()
-    plan = build_plan(method, corpus.offsets, seq_len, overlap_ratio, extra_capacity, underfull)
-    stats = {**corpus.stats, **plan_stats(plan, corpus.offsets, seq_len)}
+    plan, stats = plan_corpus(method, corpus.offsets, corpus.stats, seq_len, overlap_ratio, extra_capacity, underfull)
     t1 = time.perf_counter()
     # 2. Write under temporary names; any failure (a full disk included) leaves no complete-looking dataset.
     writer = PackedWriter(output, seq_len, tokenizer.vocab_size)
     try:
         with _progress(progress) as bar:
-            _write_rows(plan, corpus.stream(), writer, tokenizer.pad, seed, bar)
-        stats.update(_shares(stats))
-        stats.update(_timings(stats["corpus_tokens"], stats.pop("tokenize_seconds"), t1 - t0, time.perf_counter() - t1))
-        meta = {"tokenizer": tokenizer.describe(), "method": method, "settings": settings, "stats": stats,
-                **(metadata or {})}
+            write_rows(plan, corpus.stream(), writer, tokenizer.pad, row_order(plan.rows, seed), bar)
+        meta = packed_metadata(tokenizer.describe(), method, settings, stats,
+                               (stats["tokenize_seconds"], t1 - t0, time.perf_counter() - t1), metadata)
         if overwrite:
             remove_dataset(output)  # just before the rename, so a failed run keeps the old dataset
         return writer.finalize(meta)

@@ -20,6 +20,7 @@ so nothing is copied into the datasets cache.
 from __future__ import annotations
 
 import codecs
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -231,6 +232,24 @@ class DocumentSource:
                 yield from _file_documents(value, self.text_field, self.text_mode,
                                            self.skipped if self.skip_missing_field else None)
         self.describe()
+
+    def names(self) -> list[str]:
+        """Each input file (or stdlib corpus) in the order the documents are read."""
+        return [value if kind == "file" else ":".join((STDLIB, *value)) for kind, value in self._items]
+
+    def split(self, files_per_shard: int) -> list["DocumentSource"]:
+        """Contiguous slices of the inputs in the order they are read, ``files_per_shard`` each: the shards a
+        staged pack tokenizes apart (data/staged.py). A stdlib corpus is one input."""
+        if files_per_shard < 1:
+            raise InputError(f"files per shard must be >= 1, got {files_per_shard}; e.g. --files-per-shard 1")
+        shards = []
+        for lo in range(0, len(self._items), files_per_shard):
+            shard = copy.copy(self)
+            items = [(kind, str(Path(v).resolve()) if kind == "file" else v)  # the same files from any folder
+                     for kind, v in self._items[lo:lo + files_per_shard]]
+            shard._items, shard.skipped, shard._description = items, [], {}
+            shards.append(shard)
+        return shards
 
     def describe(self) -> dict:
         """The inputs, for the packed data's metadata. The same dict object is returned each time, and

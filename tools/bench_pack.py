@@ -8,13 +8,24 @@
    over encode-alone, both best of 2; "(plan+write)/tokenize": the packing phases over the
    tokenization phase of the same run, which a busy shared machine disturbs less).
 
+3. Staged packing (data/staged.py): the stdlib corpus as JSON-lines files, packed through the three
+   stages under the local executor with 1 and 2 jobs; tokens/s per stage (wall time of the stage), and
+   from the rates of one job the wall time of a 1T-token corpus on N nodes of C cores.
+4. The plan stage end to end (sliding windows, bins, statistics, row order), per method, on synthetic
+   document lengths, each in a fresh process so that its peak memory (max RSS) is its own.
+
     python tools/bench_pack.py [--sizes 1000000 10000000] [--python-sizes 10000 20000 50000]
+    python tools/bench_pack.py --only staged plan --plan-sizes 10000000 100000000 --nodes 1 8 64 --cores 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -80,16 +91,23 @@ def bench_binpacking(sizes: list[int], python_sizes: list[int]) -> None:
         print(f"{n:11,} {int(bins.max()) + 1:10,} {t_ffd:12.3f} {t_bfd:12.3f} {py}")
 
 
+def stdlib_tokenizer(path: str):
+    """The tokenizer at `path`, trained on stdlib (vocab 8192) first if it is missing."""
+    from data.corpus import stdlib_documents
+    from data.tokenizer import load_tokenizer, train_tokenizer
+
+    if not Path(path).exists():
+        train_tokenizer((d.text for d in stdlib_documents("all", "train")), path, 8192)
+    return load_tokenizer(path)
+
+
 def bench_end_to_end(tokenizer_path: str, workers: list[int]) -> None:
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (its import is start-up, not packing)
 
     from data.corpus import stdlib_documents
     from data.pipeline import pack_documents
-    from data.tokenizer import load_tokenizer, train_tokenizer
 
-    if not Path(tokenizer_path).exists():
-        train_tokenizer((d.text for d in stdlib_documents("all", "train")), tokenizer_path, 8192)
-    tok = load_tokenizer(tokenizer_path)
+    tok = stdlib_tokenizer(tokenizer_path)
     docs = list(stdlib_documents())  # read once, so both sides time tokenization and packing only
     t_sp, _ = timed(lambda: [tok.encode_batch([d.text for d in docs[i:i + 256]]) for i in range(0, len(docs), 256)],
                     repeat=2)
@@ -108,6 +126,125 @@ def bench_end_to_end(tokenizer_path: str, workers: list[int]) -> None:
                       f"{(s['plan'] + s['write']) / s['tokenize']:21.2%}")
 
 
+def synthetic_document_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """Documents, not pool items: lognormal(6, 1) tokens uncapped (mean ~665; ~5% longer than L are windowed)."""
+    return np.maximum(np.random.default_rng(seed).lognormal(6.0, 1.0, n).astype(np.int64), 1)
+
+
+def plan_one(method: str, n: int) -> dict:
+    """The plan stage of data/staged.py on n synthetic lengths, in this process: CPU seconds (one thread: on an idle
+    machine the wall time; on this shared one far less disturbed by the neighbours) and peak memory."""
+    from data.packing import build_plan, plan_stats
+    from data.pipeline import row_order
+
+    warm = np.concatenate([[0], np.cumsum(synthetic_document_lengths(1000))])
+    plan_stats(build_plan(method, warm, SEQ_LEN), warm, SEQ_LEN)  # compile (or load the cache) outside the timings
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the interpreter and its modules
+    lengths = synthetic_document_lengths(n)
+    t0 = time.process_time()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    plan = build_plan(method, offsets, SEQ_LEN)
+    t1 = time.process_time()
+    plan_stats(plan, offsets, SEQ_LEN)
+    t2 = time.process_time()
+    row_order(plan.rows, 0)
+    t3 = time.process_time()
+    return {"method": method, "lengths": n, "rows": plan.rows, "plan_s": t1 - t0, "stats_s": t2 - t1,
+            "order_s": t3 - t2, "total_s": t3 - t0, "mean_length": float(lengths.mean()),
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before}
+
+
+def bench_plan_stage(sizes: list[int], methods: list[str]) -> dict[str, dict]:
+    print(f"\n## plan stage end to end, L={SEQ_LEN}, synthetic lognormal(6, 1) document lengths (one process "
+          "each; CPU seconds; peak GB: max RSS above the process's before the lengths)")
+    print(f"{'method':>7} {'lengths':>12} {'windows+bins s':>15} {'stats s':>8} {'order s':>8} {'total s':>8} "
+          f"{'s per 10M':>10} {'peak GB':>8} {'1B: est. s':>11} {'1B: est. GB':>12}")
+    largest = {}
+    for n in sizes:
+        for m in methods:
+            out = subprocess.run([sys.executable, __file__, "--plan-one", m, str(n)], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            scale = 1e9 / n
+            print(f"{m:>7} {n:12,} {r['plan_s']:15.2f} {r['stats_s']:8.2f} {r['order_s']:8.2f} {r['total_s']:8.2f} "
+                  f"{r['total_s'] * 1e7 / n:10.2f} {r['peak_gb']:8.2f} {r['total_s'] * scale:11.0f} "
+                  f"{r['peak_gb'] * scale:12.0f}")
+            largest[m] = r
+    return largest
+
+
+def _staged_corpus(folder: Path, files: int) -> list[str]:
+    """The stdlib corpus as `files` JSON-lines files, documents in the order the stdlib corpus reads them."""
+    from data.corpus import stdlib_documents
+
+    docs = [d.text for d in stdlib_documents()]
+    paths = []
+    for k in range(files):
+        path = folder / f"stdlib-{k:03d}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[k::files]))
+        paths.append(str(path))
+    return paths
+
+
+def bench_staged(tokenizer_path: str, jobs: list[int], files: int) -> dict[int, dict]:
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (its import is start-up, not packing)
+
+    from data.executors import LocalExecutor
+    from data.sources import DocumentSource
+    from data.staged import pack_staged
+
+    tok = stdlib_tokenizer(tokenizer_path)
+    rates = {}
+    with tempfile.TemporaryDirectory() as d:
+        inputs = _staged_corpus(Path(d), files)
+        print(f"\n## staged pack (sp, L={SEQ_LEN}) of stdlib as {files} JSON-lines files, local executor")
+        print(f"{'jobs':>5} {'tokenize s':>11} {'tokens/s':>11} {'plan s':>7} {'write+merge s':>14} {'tokens/s':>11} "
+              f"{'total s':>8} {'tokenize tok/CPU-s':>18} {'write tok/CPU-s':>16}")
+        for j in jobs:
+            executor, seconds = LocalExecutor(j), {}
+            try:
+                for stage in ("tokenize", "plan", "write"):
+                    t = time.perf_counter()
+                    record = pack_staged(DocumentSource(inputs), tok, SEQ_LEN, "sp", f"{d}/out{j}", f"{d}/work{j}",
+                                         executor, stages=(stage,), parts=files, progress=False)
+                    seconds[stage] = time.perf_counter() - t
+            finally:
+                executor.close()
+            tokens = record["meta"]["stats"]["corpus_tokens"]
+            cpu = {stage: sum(json.loads(p.read_text())["cpu_seconds"] for p in Path(f"{d}/work{j}").glob(pattern))
+                   for stage, pattern in (("tokenize", "shards/*.json"), ("write", "parts/*/*.json"))}
+            rates[j] = {"tokens": tokens, "tokenize": tokens / seconds["tokenize"], "plan_s": seconds["plan"],
+                        "write": tokens / seconds["write"], "tokenize_per_cpu_s": tokens / cpu["tokenize"],
+                        "write_per_cpu_s": tokens / cpu["write"]}
+            print(f"{j:5} {seconds['tokenize']:11.2f} {rates[j]['tokenize']:11,.0f} {seconds['plan']:7.2f} "
+                  f"{seconds['write']:14.2f} {rates[j]['write']:11,.0f} {sum(seconds.values()):8.2f} "
+                  f"{rates[j]['tokenize_per_cpu_s']:18,.0f} {rates[j]['write_per_cpu_s']:16,.0f}")
+    return rates
+
+
+def cluster_estimate(rates: dict[int, dict], plan: dict[str, dict], nodes: list[int], cores: int,
+                     corpus_tokens: float = 1e12) -> None:
+    """Wall time of a corpus on N nodes of C cores: tokens per CPU-second of the tasks here (per core, and far
+    less disturbed by a shared machine than wall time) times N x C, assuming the stages scale with cores (each
+    task is independent); the plan from the plan stage's CPU time per length; the merge one sequential copy."""
+    one = rates[min(rates)]
+    sp = plan.get("sp") or next(iter(plan.values()))
+    docs = corpus_tokens / sp["mean_length"]
+    plan_s = sp["total_s"] * docs / sp["lengths"]
+    plan_gb = sp["peak_gb"] * docs / sp["lengths"]
+    merge_s = corpus_tokens * 2 / 1e9  # uint16 tokens copied once at ~1 GB/s (a parallel file system does more)
+    print(f"\n## estimate: {corpus_tokens:.0e} tokens on N nodes of {cores} cores (per core: tokenize "
+          f"{one['tokenize_per_cpu_s']:,.0f} tokens/s, write {one['write_per_cpu_s']:,.0f} tokens/s; plan "
+          f"{docs:.2e} documents of ~{sp['mean_length']:.0f} tokens on one node: {plan_s / 60:.0f} min, "
+          f"~{plan_gb:.0f} GB; merge at 1 GB/s: {merge_s / 3600:.1f} h)")
+    print(f"{'nodes':>6} {'tokenize h':>11} {'plan h':>7} {'write h':>8} {'merge h':>8} {'total h':>8}")
+    for n in nodes:
+        tok_h = corpus_tokens / (one["tokenize_per_cpu_s"] * n * cores) / 3600
+        write_h = corpus_tokens / (one["write_per_cpu_s"] * n * cores) / 3600
+        total = tok_h + plan_s / 3600 + write_h + merge_s / 3600
+        print(f"{n:6} {tok_h:11.2f} {plan_s / 3600:7.2f} {write_h:8.2f} {merge_s / 3600:8.2f} {total:8.2f}")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -115,12 +252,28 @@ def main() -> None:
     p.add_argument("--python-sizes", type=int, nargs="+", default=[10_000, 20_000, 50_000])
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="trained on stdlib (vocab 8192) if missing")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--only", nargs="+", choices=("binpacking", "end-to-end", "staged", "plan"),
+                   default=["binpacking", "end-to-end", "staged", "plan"])
+    p.add_argument("--files", type=int, default=8, help="staged: the stdlib corpus as this many files (shards)")
+    p.add_argument("--plan-sizes", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    p.add_argument("--plan-methods", nargs="+", default=["sp", "bfd", "concat", "pad"])
+    p.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--cores", type=int, default=64, help="estimate: cores per node")
+    p.add_argument("--plan-one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plan_one:  # a child of bench_plan_stage
+        print(json.dumps(plan_one(args.plan_one[0], int(args.plan_one[1]))))
+        return
     print(f"# bench_pack: {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}")
-    bench_binpacking(args.sizes, args.python_sizes)
-    if not args.skip_end_to_end:
+    if "binpacking" in args.only:
+        bench_binpacking(args.sizes, args.python_sizes)
+    if "end-to-end" in args.only:
         bench_end_to_end(args.tokenizer, args.workers)
+    plan = bench_plan_stage(args.plan_sizes, args.plan_methods) if "plan" in args.only else {}
+    if "staged" in args.only:
+        rates = bench_staged(args.tokenizer, args.workers, args.files)
+        if plan:
+            cluster_estimate(rates, plan, args.nodes, args.cores)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     python tools/pack.py --input stdlib --tokenizer tok.model --seq-len 2048 --method sp --output out/stdlib
     python tools/pack.py --input 'shards/*.jsonl' --text-field text ... --compare   # all four methods
     python tools/pack.py --verify out/stdlib.sp out/stdlib.bfd                      # re-check datasets
+    python tools/pack.py ... --work-dir work/c --executor slurm --executor-option slurm_partition=cpu
+        # in three restartable stages (tokenize shards, plan, write parts and merge): rerun to resume
+
+With --work-dir the rows are byte-identical to a one-process pack of the same corpus, method and seed.
 
 Exit codes: 0 done, 1 --verify found problems, 2 bad input or settings (one line on stderr).
 """
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+from pathlib import Path
 
 from data.errors import DataError
+from data.executors import EXECUTORS, STAGES
 from data.packing import METHODS, UNDERFULL
 from data.sources import TEXT_MODES, InputError, DocumentSource, check_settings
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -57,7 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="pack with all four methods and compare")
     p.add_argument("--verify", nargs="+", metavar="PREFIX", help="check existing packed datasets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+    g = p.add_argument_group("staged packing, past one machine (data/staged.py; README: packing on a Slurm cluster)")
+    g.add_argument("--work-dir", help="pack in stages that keep their files here; a rerun resumes where it stopped")
+    g.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run one stage, or all in order")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local processes, Slurm job arrays (submitit; submitit-local: its local processes), or Ray")
+    g.add_argument("--executor-option", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="to submitit's update_parameters (slurm_partition=cpu cpus_per_task=8 timeout_min=240 "
+                        "slurm_array_parallelism=64 mem_gb=32) or Ray (address=auto num_cpus=4)")
+    g.add_argument("--jobs", type=int, default=0, help="local executor: tasks at once (0: one per CPU core)")
+    g.add_argument("--files-per-shard", type=int, default=1, help="input files tokenized by one task")
+    g.add_argument("--parts", type=int, default=0, help="output parts written in parallel (0: one per shard)")
+    g.add_argument("--retries", type=int, default=2, help="times a failed task is run again")
     return p
+
+
+def _options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs, numbers as numbers."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--executor-option {pair!r} is not KEY=VALUE; e.g. --executor-option timeout_min=240")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return options
 
 
 def _require(args: argparse.Namespace) -> None:
@@ -87,7 +123,7 @@ def _print_table(metas: dict[str, dict]) -> None:
     for method in metas:
         table.add_column(method, justify="right")
     for key, label, fmt in _TABLE_ROWS:
-        table.add_row(label, *(fmt.format(m["stats"][key]) for m in metas.values()))
+        table.add_row(label, *(fmt.format(m["stats"][key]) if key in m["stats"] else "-" for m in metas.values()))
     Console(width=max(Console().width, 100)).print(table)  # pipes default to 80 columns
 
 
@@ -103,6 +139,8 @@ def _pack(args: argparse.Namespace) -> None:
                     skip_missing_field=args.skip_missing_field, val_percent=args.val_percent)
     from data import pipeline  # imports torch and megatron-core: only once the cheap checks passed
 
+    if args.work_dir:
+        return _pack_staged(args, tok, source, settings)
     outputs = pipeline.compare_outputs(args.output, methods) if args.compare else {args.method: args.output}
     for out in outputs.values():
         pipeline.check_output(out, args.overwrite)
@@ -119,6 +157,39 @@ def _pack(args: argparse.Namespace) -> None:
               f"(--skip-missing-field; first: {source.skipped[0]})")
     for method, out in outputs.items():
         print(f"wrote {out}.{{bin,idx,bounds.bin,bounds.idx,json}} ({metas[method]['rows']:,} rows)")
+
+
+def _pack_staged(args: argparse.Namespace, tok: Tokenizer, source: DocumentSource, settings: dict) -> None:
+    from data import executors, staged
+
+    if args.compare:
+        raise InputError("--compare and --work-dir: pack one --method per run; the tokenized shards are reused")
+    if args.jobs < 0 or args.parts < 0 or args.retries < 0:
+        raise InputError("--jobs, --parts and --retries must be >= 0")
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "write" in stages:
+        staged.check_staged_output(args.output, args.work_dir, args.overwrite)
+    executor = executors.make_executor(args.executor, jobs=args.jobs or os.cpu_count() or 1,
+                                       folder=Path(args.work_dir) / "logs", options=_options(args.executor_option))
+    try:
+        record = staged.pack_staged(
+            source, tok, args.seq_len, args.method, args.output, args.work_dir, executor, stages=stages,
+            files_per_shard=args.files_per_shard, parts=args.parts, workers=args.workers, seed=args.seed,
+            retries=args.retries, progress=not args.no_progress, metadata={"source": source.describe()}, **settings)
+    finally:
+        executor.close()
+    if "meta" in record:
+        _print_table({args.method: record["meta"]})
+        print(f"wrote {args.output}.{{bin,idx,bounds.bin,bounds.idx,json}} ({record['meta']['rows']:,} rows)")
+    elif "plan" in stages:
+        _print_table({args.method: record})
+        print(f"planned {record['stats']['rows']:,} rows in {len(record['part_bounds']) - 1} parts: "
+              f"{Path(args.work_dir) / 'plans' / record['key']}")
+    else:
+        print(f"tokenized into {Path(args.work_dir) / 'shards'}")
+    if record.get("rows_missing_text_field"):
+        print(f"skipped {record['rows_missing_text_field']:,} rows without the field {args.text_field!r} "
+              "(--skip-missing-field)")
 
 
 def _verify(prefixes: list[str]) -> int:
@@ -147,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args.verify)
         _pack(args)
         return 0
-    except InputError as e:
+    except DataError as e:  # bad input or settings, or a staged task that failed on every attempt
         print(f"pack.py: error: {e}", file=sys.stderr)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)

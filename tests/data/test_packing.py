@@ -138,3 +138,21 @@ def test_rechunk_and_truncate():
     cut, n = truncate(Plan(np.array([0, 10, 20]), np.array([3, 3, 3]), np.array([0, 1, 2]),
                            np.array([0, 2, 3])), 4)
     assert n == 2 and cut.length.tolist() == [3, 1, 3] and cut.row_ptr.tolist() == [0, 2, 3]
+
+
+def test_rechunk_cuts_the_stream_every_l_tokens():
+    """Against the stream itself, token by token: every row is the next L tokens, every piece one document's run."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n, seq_len = int(rng.integers(0, 12)), int(rng.integers(1, 9))
+        length = rng.integers(0, 20, n) * (rng.random(n) < 0.8)
+        src, doc = rng.integers(0, 1000, n) * 100, rng.permutation(n)
+        tokens = [(s + t, d) for s, k, d in zip(src, length, doc) for t in range(k)]
+        plan = rechunk(src, length, doc, seq_len)
+        assert plan.rows == -(-len(tokens) // seq_len)
+        for r in range(plan.rows):
+            pieces = range(plan.row_ptr[r], plan.row_ptr[r + 1])
+            got = [(plan.src[p] + t, plan.doc[p]) for p in pieces for t in range(plan.length[p])]
+            assert got == tokens[r * seq_len:(r + 1) * seq_len]
+            docs = [plan.doc[p] for p in pieces]  # cut only where a row or a piece starts: no two runs of one piece
+            assert all(plan.length[p] > 0 for p in pieces) and all(a != b for a, b in zip(docs, docs[1:]))
