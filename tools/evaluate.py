@@ -1,6 +1,8 @@
-"""Held-out loss of a keel checkpoint or a Hugging Face model folder on a corpus.
+"""Held-out loss of a keel checkpoint or a Hugging Face model folder on a corpus, or a keel checkpoint's
+scores on downstream tasks with lm-evaluation-harness.
 
     python tools/evaluate.py --checkpoint (RUN_OR_CKPT | HF_DIR) --input CORPUS... [--tokenizer T] [--json]
+    python tools/evaluate.py --checkpoint RUN_OR_CKPT --tasks hellaswag,arc_easy,my_task.yaml [--limit N] [--json]
 
 Reports the mean loss per predicted token (nats), bits per byte (the summed loss in bits over the
 corpus' UTF-8 bytes, which compares models with different tokenizers fairly), and the tokens and
@@ -12,6 +14,11 @@ then EOD; Hugging Face tokenizers: their template, e.g. BOS first, then EOD) and
 once, from its own document only. CORPUS is files, globs or stdlib[:SUBSET[:SPLIT]] (as
 tools/pack.py --input). A keel checkpoint is run as keel runs it (one process); a Hugging Face
 folder through transformers (local files only, no remote code, safetensors unless --allow-pickle).
+
+With --tasks (lm-eval task names, or paths of task YAML files), lm-eval scores the checkpoint directly
+through keel's adapter (pretrain/downstream.py: log-likelihoods from keel's forward, generation from its
+KV-cache decoding; the `eval` extra installs lm-eval) and prints lm-eval's table, or with --json its
+results. A Hugging Face folder is lm-eval's own: `lm_eval --model hf --model_args pretrained=HF_DIR`.
 Exit codes: 0 done, 2 a bad input (one line on stderr).
 """
 
@@ -142,10 +149,34 @@ def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, s
     return score(model, tok, (d.text for d in source), seq_len, batch_size)
 
 
+def evaluate_tasks(checkpoint: str, tasks: list[str], limit: float | None = None, num_fewshot: int | None = None,
+                   batch_size: int = 8, max_gen_toks: int = 256, bootstrap_iters: int = 100000) -> dict:
+    """lm-eval's results for a keel checkpoint on `tasks`; needs a megatron world of one."""
+    from pretrain.downstream import KeelLM, run_tasks, task_manager
+    from pretrain.rundir import find_run_folder
+    from tools.generate import load_model
+
+    if find_run_folder(Path(checkpoint)) is None:
+        raise FolderError(f"{checkpoint} is not a keel run or checkpoint (no run_info.json); --tasks scores keel "
+                          "checkpoints (a Hugging Face folder: lm_eval --model hf --model_args pretrained=DIR)")
+    manager = task_manager(tasks)  # task files checked before the model loads
+    loaded = load_model(checkpoint)
+    lm = KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len, batch_size, max_gen_toks)
+    return run_tasks(lm, tasks, limit, num_fewshot, bootstrap_iters, manager).results
+
+
+REPORTED = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")  # --json: lm-eval's keys
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="keel run folder or checkpoint, or a Hugging Face model folder")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="files, globs or stdlib[:SUBSET[:SPLIT]]")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="files, globs or stdlib[:SUBSET[:SPLIT]]")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML paths (instead of --input)")
+    p.add_argument("--limit", type=float, help="--tasks: examples per task (a fraction when below 1)")
+    p.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples; default: each task's own")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="--tasks: new tokens when a task names none")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="--tasks: lm-eval's bootstrap for stderrs")
     p.add_argument("--tokenizer", help="default: the checkpoint's own")
     p.add_argument("--seq-len", type=int, help=f"window length; default: min(model's maximum, {DEFAULT_SEQ_LEN})")
     p.add_argument("--batch-size", type=int, default=8)
@@ -155,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 2:
         p.error("--seq-len must be at least 2")
+    if bool(args.input) == bool(args.tasks):
+        p.error("pass either --input (held-out loss) or --tasks (lm-eval), not both")
+    if args.tasks:
+        return _report_tasks(args)
 
     from tools.hf_folder import in_world_of_one
 
@@ -167,6 +202,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.checkpoint}: loss {result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte "
               f"over {result['tokens']:,} tokens and {result['bytes']:,} bytes")
+    return 0
+
+
+def _report_tasks(args) -> int:
+    from tools.hf_folder import in_world_of_one
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    code, results = in_world_of_one("evaluate.py", lambda: evaluate_tasks(
+        args.checkpoint, tasks, limit, args.num_fewshot, args.batch_size, args.max_gen_toks, args.bootstrap_iters))
+    if code:
+        return code
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if args.json:
+        print(json.dumps({k: results[k] for k in REPORTED if k in results}, default=handle_non_serializable))
+    else:
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
     return 0
 
 
