@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install keel (editable) with its test extras, at the
-# tested versions of tools/constraints.txt. Idempotent: it does nothing when pyproject.toml and the
-# constraints have not changed since the last install.
+# Create .venv in the repository root and install keel (editable) with its test extras and the optional
+# extras the tests cover (eval: lm-eval; wandb), at the tested versions of tools/constraints.txt.
+# Idempotent: it does nothing when pyproject.toml and the constraints have not changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,6 @@ fi
 stamp=.venv/.keel-installed
 want=$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt -e '.[test,launchers]'
+  .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt -e '.[test,launchers,eval,wandb]'
   echo "$want" > "$stamp"
 fi
