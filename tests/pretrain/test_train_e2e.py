@@ -49,13 +49,39 @@ def test_every_seed_scores_the_same_validation_rows(tiny_data, tmp_path, straigh
     assert metrics(other)[0]["loss"] != metrics(straight[0])[0]["loss"]  # the seed did change the run
 
 
-def test_resume_is_exact(tiny_data, tmp_path, straight):
+def test_resume_is_exact_with_downstream_tasks_wandb_and_a_profile(tiny_data, tmp_path, straight):
+    """The split run also scores lm-eval tasks every 3 steps (logging.downstream), logs to W&B offline and
+    traces step 2 (trainer.profile): none of it changes a loss bit, and each carries over the resume."""
+    from tests.lm_eval_helpers import write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks")
+    extra = [f"logging.downstream.tasks=[{tasks['mc']},{tasks['gen']}]", "logging.downstream.interval=3",
+             "logging.downstream.limit=3", "logging.wandb.enabled=true", "logging.wandb.mode=offline",
+             "trainer.profile.start=2", "trainer.profile.steps=1"]
     straight, split = straight[0], tmp_path / "split"
-    run_keel(tiny_overrides(tiny_data, split, steps=6) + ["trainer.stop_at=3"])
+    run_keel(tiny_overrides(tiny_data, split, steps=6) + extra + ["trainer.stop_at=3"])
     assert max(losses(split)) == 3 and (split / "checkpoints" / "step_00000003").exists()
-    out = run_keel(tiny_overrides(tiny_data, split, steps=6))
+    out = run_keel(tiny_overrides(tiny_data, split, steps=6) + extra)
     assert "resumed from" in out.stdout
     assert losses(split) == losses(straight)  # bit for bit
+    # 1. the tasks' metrics in the rows of steps 3 and 6 only; the time of both in the summary (state resumed)
+    rows = metrics(split)
+    evaluated = [r for r in rows if "downstream_time_s" in r]
+    assert [r["step"] for r in evaluated] == [3, 6]
+    for r in evaluated:
+        scores = [r["downstream/keel_mc/acc"], r["downstream/keel_mc/acc_norm"], r["downstream/keel_gen/exact_match"]]
+        assert all(0 <= v <= 1 for v in scores) and "tokens_per_s" in r
+    assert f"({sum(r['downstream_time_s'] for r in evaluated):.0f} s in all)" in out.stdout
+    # 2. W&B: one run id kept in the run folder, both offline parts logged into it, the rows in its files
+    run_id = (split / "wandb_run_id").read_text().strip()
+    parts = sorted((split / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+    first, second = [(p / f"run-{run_id}.wandb").read_bytes() for p in parts]
+    assert b"downstream/keel_mc/acc" in first and b"downstream/keel_mc/acc" in second
+    assert json.dumps(rows[0]["loss"]).encode() in first and json.dumps(rows[-1]["val_loss"]).encode() in second
+    # 3. the profiler's window: one trace of step 2
+    [trace] = (split / "profile").iterdir()
+    assert trace.name == "trace_rank0_steps2-2.json" and json.loads(trace.read_text())["traceEvents"]
 
 
 def test_resume_after_kill_9_is_exact(tiny_data, tmp_path):
