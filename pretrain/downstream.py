@@ -112,7 +112,8 @@ class KeelLM(TemplateLM):
                 n = min(len(cont), len(rows[i]))
                 predicted = row_logprobs[len(rows[i]) - n:len(rows[i])]
                 target = torch.tensor(cont[-n:], device=predicted.device)
-                out[i] = (float(predicted.gather(-1, target[:, None]).sum()), bool((predicted.argmax(-1) == target).all()))
+                greedy = bool((predicted.argmax(-1) == target).all())
+                out[i] = (float(predicted.gather(-1, target[:, None]).sum()), greedy)
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, out[i])
         return out
@@ -231,7 +232,8 @@ def task_manager(tasks: list[str]):
     for p in paths:
         if not Path(p).is_file():
             raise ConfigError(f"task file {p} not found; pass an lm-eval task name or the path of a task YAML")
-    return TaskManager(include_defaults=len(paths) < len(tasks), include_path=sorted({str(Path(p).parent) for p in paths}) or None)
+    folders = sorted({str(Path(p).parent) for p in paths}) or None
+    return TaskManager(include_defaults=len(paths) < len(tasks), include_path=folders)
 
 
 def run_tasks(lm: KeelLM, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,

@@ -26,12 +26,16 @@ TEXTS = [  # rolling log-likelihoods: long enough for several windows of a 64- o
 ]
 
 
+PERPLEXITIES = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
 def _task(folder: Path, name: str, rows: list[dict], **config) -> Path:
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = folder / f"{name}.yaml"
-    path.write_text(json.dumps({"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-                                "test_split": "test", **config}))
+    files = {"data_files": {"test": str(data)}}
+    path.write_text(json.dumps({"task": name, "dataset_path": "json", "dataset_kwargs": files, "test_split": "test",
+                                **config}))
     return path
 
 
@@ -43,9 +47,8 @@ def write_tasks(folder: Path) -> dict[str, Path]:
                     doc_to_choice="{{choices}}", doc_to_target="answer",
                     metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]),
         "gen": _task(folder, "keel_gen", GENERATION, output_type="generate_until", doc_to_text="{{prompt}}",
-                     doc_to_target="{{answer}}", generation_kwargs={"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
-                     metric_list=[{"metric": "exact_match"}]),
+                     doc_to_target="{{answer}}", metric_list=[{"metric": "exact_match"}],
+                     generation_kwargs={"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
         "rolling": _task(folder, "keel_rolling", TEXTS, output_type="loglikelihood_rolling", doc_to_text="",
-                         doc_to_target="{{text}}", metric_list=[{"metric": "word_perplexity"},
-                                                               {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}]),
+                         doc_to_target="{{text}}", metric_list=[{"metric": m} for m in PERPLEXITIES]),
     }

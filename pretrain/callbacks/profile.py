@@ -53,7 +53,8 @@ class StepProfiler(Callback):
         if step != self.settings.start:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+        kinds = torch.profiler.ProfilerActivity
+        activities = [kinds.CPU, kinds.CUDA] if self.cuda else [kinds.CPU]
         self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
         self.profiler.__enter__()
         self.first = step
