@@ -26,6 +26,14 @@ TEXTS = [  # rolling log-likelihoods: long enough for several windows of a 64- o
 ]
 
 
+def choice_requests() -> list:
+    """lm-eval's requests for every choice of MULTIPLE_CHOICE after its question, and one with no context."""
+    from lm_eval.api.instance import Instance
+
+    pairs = [(d["question"], c) for d in MULTIPLE_CHOICE for c in d["choices"]] + [("", "import os")]
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
 PERPLEXITIES = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 

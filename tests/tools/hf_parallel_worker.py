@@ -1,9 +1,11 @@
 """Logits of an imported keel checkpoint at TP=2, then at PP=2, in one 2-process torchrun world
-(tests/tools/test_hf_import_export.py launches it):
+(tests/tools/test_hf_import_export.py launches it), and at TP=2 the log-likelihoods keel's lm-eval
+adapter gives the tiny multiple-choice task's requests (tests/lm_eval_helpers.py):
 
     torchrun --standalone --nproc-per-node 2 tests/tools/hf_parallel_worker.py CKPT TOKENS.pt OUT.pt
 
-Rank 0 writes {"tp2": logits, "pp2": logits}, each [b, s, padded vocabulary].
+Rank 0 writes {"tp2": logits, "pp2": logits, "tp2_loglikelihoods": [(logprob, greedy), ...]}, the logits
+[b, s, padded vocabulary].
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ def layout_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor | None:
     return logits if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
+def adapter_loglikelihoods(ckpt: str) -> list[tuple[float, bool]]:
+    """keel's lm-eval adapter (pretrain/downstream.py) at this world's TP layout, on every TP rank."""
+    from pretrain.downstream import KeelLM
+    from tests.lm_eval_helpers import choice_requests
+    from tools.generate import load_model
+
+    loaded = load_model(ckpt)
+    return KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len, batch_size=4).loglikelihood(
+        choice_requests())
+
+
 def main() -> None:
     from megatron.core import parallel_state as ps
 
@@ -60,6 +73,10 @@ def main() -> None:
         logits = layout_logits(ckpt, tokens)
         if logits is not None:
             results[name] = logits
+        if name == "tp2":
+            scores = adapter_loglikelihoods(ckpt)
+            if dist.get_rank() == 0:
+                results["tp2_loglikelihoods"] = scores
         ps.destroy_model_parallel()
     # the last pipeline stage holds the PP logits: gather everything on rank 0
     gathered = [None] * dist.get_world_size()

@@ -72,7 +72,9 @@ def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_worl
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
 
 
-def test_tp2_and_pp2_logits_equal_transformers(llama, imported, tmp_path):
+def test_tp2_and_pp2_logits_and_the_lm_eval_adapter_equal_one_process(llama, imported, tmp_path):
+    """An import's logits at TP=2 and at PP=2 equal transformers', and keel's lm-eval adapter at TP=2 gives
+    the log-likelihoods it gives at one process."""
     torch.save(_tokens(), tmp_path / "tokens.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(imported), str(tmp_path / "tokens.pt"),
@@ -84,6 +86,14 @@ def test_tp2_and_pp2_logits_equal_transformers(llama, imported, tmp_path):
     for logits in (out["tp2"], out["pp2"]):
         assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
+    from pretrain.downstream import KeelLM
+    from tests.lm_eval_helpers import choice_requests
+
+    loaded = _keel(imported)  # one process: the module's megatron world of one
+    one = KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len).loglikelihood(choice_requests())
+    assert len(out["tp2_loglikelihoods"]) == len(one) > 10
+    for (tp2, greedy2), (ref, greedy) in zip(out["tp2_loglikelihoods"], one):
+        assert tp2 == pytest.approx(ref, rel=1e-5) and greedy2 == greedy
 
 
 def test_keel_to_hf_to_keel_reproduces_the_weights_exactly(llama, imported, tmp_path, megatron_world):

@@ -13,7 +13,7 @@ import torch
 from tests.helpers import build_tiny_gpt
 from tests.hf_helpers import keel_logits, llama_config, tiny_llama
 from tests.hf_helpers import tiny_tokenizer as hf_tokenizer
-from tests.lm_eval_helpers import GENERATION, MULTIPLE_CHOICE, TEXTS, write_tasks
+from tests.lm_eval_helpers import GENERATION, TEXTS, choice_requests, write_tasks
 
 pytest.importorskip("lm_eval", reason="the eval extra (tools/setup.sh installs it)")
 
@@ -55,9 +55,9 @@ def test_loglikelihoods_equal_keels_own_forward(sp_model):
     gpt, tok = sp_model
     lm = _lm(sp_model)
     assert lm.prefix_token_id == tok.eod  # no BOS: a text follows EOD, as in keel's packed data
-    pairs = [(d["question"], c) for d in MULTIPLE_CHOICE for c in d["choices"]] + [("", "import os")]
-    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
-    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+    requests = choice_requests()
+    got = lm.loglikelihood(requests)
+    for (context, continuation), (logprob, greedy) in zip((r.args for r in requests), got):
         head = tok.encode(context) if context else [tok.eod]
         whole = tok.encode(context + continuation) if context else [tok.eod] + tok.encode(continuation)
         expected, expected_greedy = _score(gpt, whole, len(head))
