@@ -78,7 +78,7 @@ class DownstreamEval(Callback):
         group = parallel_state.get_data_parallel_group() if run.world.dp > 1 else None
         self.lm = KeelLM(run.model, ensure_tokenizer(run.cfg.data), run.cfg.model.max_seq_len, settings.batch_size,
                          settings.max_gen_toks, run.cfg.seed, group)
-        self.seconds = 0.0  # spent on evaluations so far, over resumes
+        self.evaluations, self.seconds = 0, 0.0  # so far, over resumes
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
@@ -95,15 +95,15 @@ class DownstreamEval(Callback):
                 result = run_tasks(self.lm, s.tasks, s.limit, s.num_fewshot, bootstrap_iters=0, manager=self.manager)
         finally:
             trainer.ddp.train()
-        self.seconds += result.seconds
+        self.evaluations, self.seconds = self.evaluations + 1, self.seconds + result.seconds
         metrics.update(result.metrics(PREFIX))
         metrics["downstream_time_s"] = result.seconds
 
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds}
+        return {"evaluations": self.evaluations, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seconds = state["seconds"]
+        self.evaluations, self.seconds = state["evaluations"], state["seconds"]
 
     def summary(self, rows: list[dict]) -> dict[str, str]:
         last = next((r for r in reversed(rows) if "downstream_time_s" in r), None)
@@ -111,4 +111,4 @@ class DownstreamEval(Callback):
             return {"downstream": "no evaluation"}
         scores = ", ".join(f"{k.removeprefix(PREFIX)} {v:.4f}" for k, v in last.items()
                            if k.startswith(PREFIX) and "_stderr" not in k)
-        return {"downstream": f"step {last['step']}: {scores} ({self.seconds:.0f} s in all)"}
+        return {"downstream": f"step {last['step']}: {scores} ({self.evaluations} evaluations, {self.seconds:.0f} s)"}

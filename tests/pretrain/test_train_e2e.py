@@ -71,7 +71,7 @@ def test_resume_is_exact_with_downstream_tasks_wandb_and_a_profile(tiny_data, tm
     for r in evaluated:
         scores = [r["downstream/keel_mc/acc"], r["downstream/keel_mc/acc_norm"], r["downstream/keel_gen/exact_match"]]
         assert all(0 <= v <= 1 for v in scores) and "tokens_per_s" in r
-    assert f"({sum(r['downstream_time_s'] for r in evaluated):.0f} s in all)" in out.stdout
+    assert f"(2 evaluations, {sum(r['downstream_time_s'] for r in evaluated):.0f} s)" in out.stdout
     # 2. W&B: one run id kept in the run folder, both offline parts logged into it, the rows in its files
     run_id = (split / "wandb_run_id").read_text().strip()
     parts = sorted((split / "wandb").glob("offline-run-*"))
