@@ -41,7 +41,7 @@ def _task(folder: Path, name: str, rows: list[dict], **config) -> Path:
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = folder / f"{name}.yaml"
-    files = {"data_files": {"test": str(data)}}
+    files = {"data_files": {"test": str(data)}, "cache_dir": str(folder / "datasets_cache")}  # not ~/.cache
     path.write_text(json.dumps({"task": name, "dataset_path": "json", "dataset_kwargs": files, "test_split": "test",
                                 **config}))
     return path
