@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.config import ConfigError
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
-from pretrain.callbacks.trackers import TensorBoard, Tracker, Wandb, WandbConfig, build_trackers
+from pretrain.callbacks.trackers import Tracker, WandbConfig, build_trackers
 from pretrain.rundir import metrics_row
 
 
@@ -79,10 +79,4 @@ class MetricsLogger(Callback):
             tracker.finish({"loss_plot": plot} if plot.is_file() else {})
 
     def summary(self, rows: list[dict]) -> dict[str, str]:
-        lines = {"metrics": str(self.path)}
-        for t in self.trackers:
-            if isinstance(t, TensorBoard):
-                lines["tensorboard"] = str(t.folder)
-            elif isinstance(t, Wandb):
-                lines["wandb"] = f"run {t.run_id} ({t.folder})"
-        return lines
+        return {"metrics": str(self.path), **{k: v for t in self.trackers for k, v in t.summary().items()}}

@@ -22,6 +22,9 @@ class Tracker(Protocol):
     def finish(self, files: dict[str, Path]) -> None:
         """Training ended: attach the run's images (name -> PNG that exists), then close."""
 
+    def summary(self) -> dict[str, str]:
+        """Its lines of the run's closing summary: where to look."""
+
 
 class TensorBoard:
     """The numeric scalars as TensorBoard events in run_dir/tensorboard."""
@@ -40,6 +43,9 @@ class TensorBoard:
 
     def finish(self, files: dict[str, Path]) -> None:
         self.writer.close()
+
+    def summary(self) -> dict[str, str]:
+        return {"tensorboard": str(self.folder)}
 
 
 @dataclass
@@ -97,6 +103,9 @@ class Wandb:
         if images:
             self.run.log(images)
         self.run.finish()
+
+    def summary(self) -> dict[str, str]:
+        return {"wandb": f"run {self.run_id} ({self.folder})"}
 
 
 def build_trackers(cfg, run_dir: Path) -> list[Tracker]:
