@@ -81,39 +81,59 @@ class KeelLM(TemplateLM):
 
     # ---- log-likelihoods --------------------------------------------------------------------------
     @torch.no_grad()
-    def logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """Log-probabilities [b, longest, vocab] (fp32) of the next token after each prefix of each row;
-        rows are right-padded, which a causal model never sees from the real tokens."""
+    def token_scores(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row, log p(row[j + 1] | row[:j + 1]) (fp32) and whether row[j + 1] is the most likely
+        token, [b, longest - 1] each, on every rank of the model's replica. Rows are right-padded, which a
+        causal model never sees from the real tokens. The forward is megatron's schedule, as validation's:
+        at PP > 1 the batch goes through the stages in PP micro-batches, and the last stage sends the scores
+        to the others."""
+        from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
         from models.attention.common import tp_group, tp_size
+        from pretrain.trainer import run_schedule
 
-        width = max(map(len, rows))
-        tokens = torch.tensor([r + [self.keel_tokenizer.pad] * (width - len(r)) for r in rows], device=self.device)
-        positions = torch.arange(width, device=self.device).expand_as(tokens)
-        logits = self.gpt(tokens, positions, None)  # [b, s, vocab / TP]
-        if tp_size() > 1:
-            logits = gather_from_tensor_model_parallel_region(logits, group=tp_group())
-        return torch.log_softmax(logits[..., :self.gpt.unpadded_vocab_size].float(), dim=-1)
+        # 1. rows right-padded, then as many pad rows as make PP micro-batches of one size
+        pp, pad = ps.get_pipeline_model_parallel_world_size(), self.keel_tokenizer.pad
+        width, micro = max(map(len, rows)), -(-len(rows) // pp)
+        padded = [r + [pad] * (width - len(r)) for r in rows] + [[pad] * width] * (micro * pp - len(rows))
+        tokens = torch.tensor(padded, device=self.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        positions = torch.arange(width - 1, device=self.device).expand(micro, -1)
+
+        def forward_step(data_iterator, model):
+            return model(next(data_iterator), positions, None), None  # no loss: the schedule keeps the logits
+
+        # 2. the last stage's logits, the vocabulary-parallel shards gathered, scored against the targets
+        outputs = run_schedule(self.gpt, forward_step, list(inputs.split(micro)), width - 1, micro, forward_only=True)
+        scores = torch.zeros(2, *targets.shape, device=self.device)
+        if ps.is_pipeline_last_stage():
+            logits = torch.cat(outputs)
+            if tp_size() > 1:
+                logits = gather_from_tensor_model_parallel_region(logits, group=tp_group())
+            logprobs = torch.log_softmax(logits[..., :self.gpt.unpadded_vocab_size].float(), dim=-1)
+            scores[0] = logprobs.gather(-1, targets[..., None])[..., 0]
+            scores[1] = logprobs.argmax(-1) == targets
+        if pp > 1:
+            dist.broadcast(scores, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group())
+        return scores[0, :len(rows)], scores[1, :len(rows)].bool()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation) for each
         (key, context ids, continuation ids); the longest inputs first, batch_size rows per forward."""
-        # 1. each request as one row: context + continuation less its last token, the last max_length kept
-        rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in requests]
+        # 1. each request as one row: context + continuation, the last max_length + 1 kept
+        rows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            logprobs = self.logprobs([rows[i] for i in batch])
-            # 2. the continuation's tokens are the last ones predicted from each row
-            for row_logprobs, i in zip(logprobs, batch):
+            logprobs, greedy = self.token_scores([rows[i] for i in batch])
+            # 2. the continuation's tokens are the last ones each row predicts
+            for row_logprobs, row_greedy, i in zip(logprobs, greedy, batch):
                 key, _, cont = requests[i]
-                n = min(len(cont), len(rows[i]))
-                predicted = row_logprobs[len(rows[i]) - n:len(rows[i])]
-                target = torch.tensor(cont[-n:], device=predicted.device)
-                greedy = bool((predicted.argmax(-1) == target).all())
-                out[i] = (float(predicted.gather(-1, target[:, None]).sum()), greedy)
+                end = len(rows[i]) - 1
+                n = min(len(cont), end)
+                out[i] = (float(row_logprobs[end - n:end].sum()), bool(row_greedy[end - n:end].all()))
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, out[i])
         return out
@@ -138,8 +158,13 @@ class KeelLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations from keel's KV-cache decoding (models/inference), batched among requests that
         share their generation settings; each cut at EOD and at the first of its `until` strings."""
+        from megatron.core import parallel_state as ps
+
         from models.inference import generate, right_pad
 
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            raise ConfigError("generation tasks need pipeline parallel size 1 (keel has no pipeline-parallel "
+                              "decoding); score them with --pp 1, log-likelihood tasks at any --pp")
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
