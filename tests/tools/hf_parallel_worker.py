@@ -1,11 +1,13 @@
-"""Logits of an imported keel checkpoint at TP=2, then at PP=2, in one 2-process torchrun world
-(tests/tools/test_hf_import_export.py launches it), and at TP=2 the log-likelihoods keel's lm-eval
-adapter gives the tiny multiple-choice task's requests (tests/lm_eval_helpers.py):
+"""An imported keel checkpoint at TP=2, PP=2 and DP=2, in one 2-process torchrun world
+(tests/tools/test_hf_import_export.py launches it): its logits at TP=2 and PP=2, the log-likelihoods keel's
+lm-eval adapter gives the tiny multiple-choice task's requests there (tests/lm_eval_helpers.py), and what
+`tools/evaluate.py --tasks` prints at each layout:
 
-    torchrun --standalone --nproc-per-node 2 tests/tools/hf_parallel_worker.py CKPT TOKENS.pt OUT.pt
+    torchrun --standalone --nproc-per-node 2 tests/tools/hf_parallel_worker.py CKPT TOKENS.pt TASKS_DIR OUT.pt
 
-Rank 0 writes {"tp2": logits, "pp2": logits, "tp2_loglikelihoods": [(logprob, greedy), ...]}, the logits
-[b, s, padded vocabulary].
+Rank 0 writes {"tp2": logits, "pp2": logits, "tp2_loglikelihoods": [(logprob, greedy), ...], "pp2_...": ...,
+"LAYOUT_cli": [(exit code, stdout, stderr) of each rank], "pp2_generation": the same for a generation task},
+the logits [b, s, padded vocabulary].
 """
 
 from __future__ import annotations
@@ -59,24 +61,48 @@ def adapter_loglikelihoods(ckpt: str) -> list[tuple[float, bool]]:
         choice_requests())
 
 
+def evaluate_cli(*args: str) -> list[tuple[int, str, str]]:
+    """Each rank's exit code, stdout and stderr of tools/evaluate.py in this world."""
+    import contextlib
+    import io
+
+    from tools.evaluate import main as evaluate
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = evaluate(list(args))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (code, out.getvalue(), err.getvalue()))
+    return gathered
+
+
 def main() -> None:
     from megatron.core import parallel_state as ps
 
     from pretrain import distributed
     from pretrain.config import ParallelConfig
 
-    ckpt, tokens_file, out_file = sys.argv[1:]
+    ckpt, tokens_file, tasks_dir, out_file = sys.argv[1:]
     tokens = torch.load(tokens_file)
+    task = {kind: f"{tasks_dir}/keel_{kind}.yaml" for kind in ("mc", "gen", "rolling")}
     results = {}
-    for name, layout in (("tp2", {"tensor": 2}), ("pp2", {"pipeline": 2})):
+    layouts = (("tp2", {"tensor": 2}, ["--tp", "2"], "mc gen rolling"),
+               ("pp2", {"pipeline": 2}, ["--pp", "2"], "mc rolling"),
+               ("dp2", {}, [], "mc gen rolling"))
+    for name, layout, flags, kinds in layouts:
         distributed.init(ParallelConfig(backend="gloo", **layout))  # the process group stays, the layout changes
-        logits = layout_logits(ckpt, tokens)
-        if logits is not None:
-            results[name] = logits
-        if name == "tp2":
+        if layout:  # 1. the logits, and the adapter's log-likelihoods on every rank of the replica
+            logits = layout_logits(ckpt, tokens)
+            if logits is not None:
+                results[name] = logits
             scores = adapter_loglikelihoods(ckpt)
             if dist.get_rank() == 0:
-                results["tp2_loglikelihoods"] = scores
+                results[f"{name}_loglikelihoods"] = scores
+        # 2. tools/evaluate.py --tasks at this layout
+        cli = ["--checkpoint", ckpt, "--json", "--bootstrap-iters", "0", *flags, "--tasks"]
+        results[f"{name}_cli"] = evaluate_cli(*cli, ",".join(task[k] for k in kinds.split()))
+        if name == "pp2":
+            results["pp2_generation"] = evaluate_cli(*cli, task["gen"])
         ps.destroy_model_parallel()
     # the last pipeline stage holds the PP logits: gather everything on rank 0
     gathered = [None] * dist.get_world_size()

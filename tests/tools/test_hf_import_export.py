@@ -72,28 +72,53 @@ def test_mha_tied_mistral_and_mqa_import_exactly(tmp_path, hf_tok, megatron_worl
     assert relative_error(keel_logits(_keel(ckpt).gpt, _tokens()), hf_logits(folder, _tokens())) <= TOL
 
 
-def test_tp2_and_pp2_logits_and_the_lm_eval_adapter_equal_one_process(llama, imported, tmp_path):
-    """An import's logits at TP=2 and at PP=2 equal transformers', and keel's lm-eval adapter at TP=2 gives
-    the log-likelihoods it gives at one process."""
+def test_tp2_pp2_and_dp2_logits_and_lm_eval_scores_equal_one_process(llama, imported, tmp_path, capsys):
+    """An import's logits at TP=2 and at PP=2 equal transformers'; keel's lm-eval adapter there gives the
+    log-likelihoods it gives at one process; `tools/evaluate.py --tasks` at TP=2, PP=2 (log-likelihood tasks;
+    a generation task is one line) and DP=2 prints, on the first rank only, the scores of one process."""
+    from tests.lm_eval_helpers import choice_requests, write_tasks
+
+    pytest.importorskip("lm_eval", reason="the eval extra (tools/setup.sh installs it)")
+    tasks = write_tasks(tmp_path / "tasks")
     torch.save(_tokens(), tmp_path / "tokens.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(imported), str(tmp_path / "tokens.pt"),
-           str(tmp_path / "out.pt")]
+           str(tmp_path / "tasks"), str(tmp_path / "out.pt")]
     proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out, reference = torch.load(tmp_path / "out.pt"), hf_logits(llama, _tokens())
     for logits in (out["tp2"], out["pp2"]):
         assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
     from pretrain.downstream import KeelLM
-    from tests.lm_eval_helpers import choice_requests
+    from tools.evaluate import main as evaluate
 
+    # 1. the adapter's log-likelihoods of each request
     loaded = _keel(imported)  # one process: the module's megatron world of one
     one = KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len).loglikelihood(choice_requests())
-    assert len(out["tp2_loglikelihoods"]) == len(one) > 10
-    for (tp2, greedy2), (ref, greedy) in zip(out["tp2_loglikelihoods"], one):
-        assert tp2 == pytest.approx(ref, rel=1e-5) and greedy2 == greedy
+    for name in ("tp2", "pp2"):
+        assert len(out[f"{name}_loglikelihoods"]) == len(one) > 10
+        for (got, got_greedy), (ref, greedy) in zip(out[f"{name}_loglikelihoods"], one):
+            assert got == pytest.approx(ref, rel=1e-5) and got_greedy == greedy
+    # 2. every metric of every task, printed by the first rank alone
+    capsys.readouterr()
+    assert evaluate(["--checkpoint", str(imported), "--json", "--bootstrap-iters", "0", "--tasks",
+                     ",".join(str(p) for p in tasks.values())]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    for name, kinds in (("tp2", {"keel_mc", "keel_gen", "keel_rolling"}), ("pp2", {"keel_mc", "keel_rolling"}),
+                        ("dp2", {"keel_mc", "keel_gen", "keel_rolling"})):
+        (code0, printed, _), (code1, silent, _) = out[f"{name}_cli"]
+        assert code0 == code1 == 0 and silent == ""
+        results = json.loads(printed.strip().splitlines()[-1])["results"]
+        assert set(results) == kinds
+        for task in kinds:
+            scores = {k: v for k, v in single[task].items() if isinstance(v, float)}
+            assert scores and scores.keys() <= results[task].keys()
+            assert all(results[task][k] == pytest.approx(v, rel=1e-5) for k, v in scores.items()), (name, task)
+    for code, printed, err in out["pp2_generation"]:
+        [line] = [x for x in err.splitlines() if x.startswith("evaluate.py:")]  # lm-eval's own warnings aside
+        assert code == 2 and printed == "" and line.startswith("evaluate.py: error: generation tasks need pipeline")
 
 
 def test_keel_to_hf_to_keel_reproduces_the_weights_exactly(llama, imported, tmp_path, megatron_world):
