@@ -103,7 +103,7 @@ def tool_world(parallel: ParallelConfig | None = None):
                 parallel_state.get_pipeline_model_parallel_world_size())
         if parallel_state.model_parallel_is_initialized() and held != (parallel.tensor, parallel.pipeline):
             raise ConfigError(f"this process group runs TP={held[0]}, PP={held[1]}, not the TP={parallel.tensor}, "
-                              f"PP={parallel.pipeline} asked for")
+                              f"PP={parallel.pipeline} asked for; ask for its layout")
         yield
         return
     init(parallel)

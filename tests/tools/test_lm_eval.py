@@ -178,6 +178,7 @@ def test_evaluate_cli_prints_lm_evals_results(keel_and_hf, keel_results, tasks, 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "missing.yaml"], r"task file missing.yaml not found; pass an lm-eval task name or the path"),
     (["--tasks", "x.yaml", "--checkpoint-is-hf"], r"is not a keel run or checkpoint .*lm_eval --model hf"),
+    (["--tasks", "x.yaml", "--tp", "2"], r"this process group runs TP=1, PP=1, not the TP=2, PP=1 asked for"),
 ])
 def test_cli_bad_inputs_are_one_line(keel_and_hf, tmp_path, capsys, args, message):
     import re
