@@ -1,6 +1,6 @@
 """keel as an lm-evaluation-harness model: downstream tasks scored on a keel GPT directly, no export.
 
-`KeelLM` is lm-eval's `TemplateLM` over a bare KeelGPT (this rank's tensor-parallel share; one pipeline
+`KeelLM` is lm-eval's `TemplateLM` over a bare KeelGPT (this rank's tensor-parallel share of its pipeline
 stage) and the checkpoint's own tokenizer. `run_tasks` hands it to `lm_eval.simple_evaluate`.
 
 Its conventions are those of lm-eval's Hugging Face backend, so that an exported folder scores the same:
@@ -9,8 +9,10 @@ Its conventions are those of lm-eval's Hugging Face backend, so that an exported
 - an empty context, and the first window of a rolling log-likelihood, is conditioned on BOS when the
   tokenizer adds one, else on EOD, which precedes every document in keel's packed data;
 - generation stops at EOD or at any of the request's `until` strings; greedy unless the request samples.
-Data-parallel ranks split the requests (lm-eval's rank and world size are the DP group's); the TP ranks of
-one replica run the same requests, and their logits are gathered, so every rank sees the whole vocabulary.
+Data-parallel ranks split the requests (lm-eval's rank and world size are the DP group's); the TP and PP
+ranks of one replica run the same requests. Log-likelihoods run at any TP and PP: the forward is megatron's
+schedule, as validation's, the last stage gathers the TP ranks' logits and sends each token's score to the
+other stages. Generation (keel's KV-cache decoding) runs at any TP and needs PP = 1.
 """
 
 from __future__ import annotations
