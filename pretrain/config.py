@@ -18,8 +18,10 @@ from data.config import DataConfig
 from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
 from models.config import ConfigError, ModelConfig, check, check_choices, check_positive, choice, choices
 from optim.config import OptimConfig, ScheduleConfig
+from pretrain.callbacks.downstream import DownstreamConfig
 from pretrain.callbacks.loss_plot import LossPlotConfig
 from pretrain.callbacks.metrics import MetricsConfig
+from pretrain.callbacks.profile import ProfileConfig
 from pretrain.callbacks.spike import SpikeConfig
 from pretrain.callbacks.stability import StabilityConfig
 
@@ -61,6 +63,7 @@ class TrainerConfig:
     # torch.compile each transformer layer (models/compile.py). None: on with a GPU, off on CPU, where
     # inductor's compile (about 35 s for the smoke model on 2 cores) outlasts a whole smoke run
     compile: Optional[bool] = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # a window of steps traced (callbacks/profile.py)
 
     def compile_on(self, device) -> bool:
         return self.compile if self.compile is not None else device.type == "cuda"
@@ -98,9 +101,11 @@ class MonitorConfig(SpikeConfig, StabilityConfig):
 
 @dataclass
 class LoggingConfig(LossPlotConfig, MetricsConfig):
-    """`logging`: the callbacks' keys (tensorboard, plot, monitors), each defined beside its callback."""
+    """`logging`: the callbacks' keys (tensorboard, wandb, plot, monitors, downstream), each defined beside its
+    callback."""
 
     monitors: MonitorConfig = field(default_factory=MonitorConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 @dataclass

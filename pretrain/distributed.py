@@ -91,13 +91,22 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def world_of_one():
-    """A megatron world of one process (gloo) for a tool's work: the caller's own when it has one (a test's,
-    which must outlive the work), else one made for the block and shut down after it."""
-    if dist.is_initialized() and dist.get_world_size() == 1:
+def tool_world(parallel: ParallelConfig | None = None):
+    """The megatron world for a tool's work at `parallel`'s layout (default: one process, gloo): the
+    caller's own when it has one (a test's, which must outlive the work; its layout must be the one asked
+    for), else torchrun's processes, or this one alone, initialised for the block and shut down after it."""
+    from megatron.core import parallel_state
+
+    parallel = parallel or ParallelConfig(backend="gloo")
+    if dist.is_initialized():
+        held = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+        if parallel_state.model_parallel_is_initialized() and held != (parallel.tensor, parallel.pipeline):
+            raise ConfigError(f"this process group runs TP={held[0]}, PP={held[1]}, not the TP={parallel.tensor}, "
+                              f"PP={parallel.pipeline} asked for; ask for its layout")
         yield
         return
-    init(ParallelConfig(backend="gloo"))
+    init(parallel)
     try:
         yield
     finally:

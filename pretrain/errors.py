@@ -40,3 +40,15 @@ def bad_input_is_one_line(program: str = "keel"):
             raise
         print(f"{program}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def require_extra(module: str, extra: str):
+    """`module` imported, or a one-line ConfigError naming the optional extra that installs it (keel's core
+    install leaves out what only some runs use: lm-evaluation-harness, W&B)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{module} is not installed ({one_line(e)}); install keel's {extra} extra: "
+                          f"pip install -e '.[{extra}]'") from None

@@ -59,6 +59,17 @@ class Components:
     val_sets: dict[str, PackedLoader] = field(default_factory=dict)  # more validation sets: val_loss/NAME
 
 
+def run_schedule(model: torch.nn.Module, forward_step, microbatches: list, seq_length: int, micro_batch_size: int,
+                 forward_only: bool) -> list:
+    """megatron's forward(-backward) schedule for this world's pipeline layout over `microbatches` (one
+    shape): what the forward step's loss function gives for each, or the model's output where the step
+    gives no loss function, on the last pipeline stage; nothing on the others."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+
+
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     """Per-token loss: the schedule sums token losses; finalize_model_grads divides by all tokens."""
     loss_sum = (output.float() * loss_mask).sum()
@@ -80,7 +91,6 @@ class Trainer:
         self.step = 0
         self.skipped_in_row = 0
         self.skipped_total = 0
-        self.forward_backward = get_forward_backward_func()
         self.microbatches: list[dict] = []
         # per-layer torch.compile (on by default on a GPU; trainer.compile); None runs eagerly
         self.compiled = CompiledLayers(self.model.decoder.layers) if cfg.trainer.compile_on(self.world.device) else None
@@ -136,10 +146,8 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def _schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
-        return self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(microbatches), model=[self.ddp],
-            num_microbatches=len(microbatches), seq_length=self.cfg.data.seq_len,
-            micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only)
+        return run_schedule(self.ddp, self._forward_step, microbatches, self.cfg.data.seq_len,
+                            self.cfg.trainer.micro_batch_size, forward_only)
 
     @property
     def forward_is_plain(self) -> bool:

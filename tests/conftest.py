@@ -3,9 +3,15 @@ Helpers that tests import live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from pretrain import cpu_compat
+# nothing is downloaded in a test: the Hugging Face hub and datasets libraries (lm-eval's HF backend
+# asks the hub for model info otherwise) read these when they are first imported
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from pretrain import cpu_compat  # noqa: E402
 
 # every test process (and each xdist worker) sees megatron-core with keel's CPU redirects, whichever
 # test happens to run first

@@ -1,6 +1,9 @@
-"""Held-out loss of a keel checkpoint or a Hugging Face model folder on a corpus.
+"""Held-out loss of a keel checkpoint or a Hugging Face model folder on a corpus, or a keel checkpoint's
+scores on downstream tasks with lm-evaluation-harness.
 
     python tools/evaluate.py --checkpoint (RUN_OR_CKPT | HF_DIR) --input CORPUS... [--tokenizer T] [--json]
+    [torchrun --nproc-per-node N] tools/evaluate.py --checkpoint RUN_OR_CKPT --tasks hellaswag,my_task.yaml \
+        [--tp T] [--pp P] [--limit N] [--json]
 
 Reports the mean loss per predicted token (nats), bits per byte (the summed loss in bits over the
 corpus' UTF-8 bytes, which compares models with different tokenizers fairly), and the tokens and
@@ -12,6 +15,14 @@ then EOD; Hugging Face tokenizers: their template, e.g. BOS first, then EOD) and
 once, from its own document only. CORPUS is files, globs or stdlib[:SUBSET[:SPLIT]] (as
 tools/pack.py --input). A keel checkpoint is run as keel runs it (one process); a Hugging Face
 folder through transformers (local files only, no remote code, safetensors unless --allow-pickle).
+
+With --tasks (lm-eval task names, or paths of task YAML files), lm-eval scores the checkpoint directly
+through keel's adapter (pretrain/downstream.py: log-likelihoods from keel's forward, generation from its
+KV-cache decoding; the `eval` extra installs lm-eval) and prints lm-eval's table, or with --json its
+results. Under torchrun it runs at keel's own layout: --tp for every task, --pp for log-likelihood tasks
+(a generation task at --pp > 1 is refused in one line: keel has no pipeline-parallel decoding), and
+the data-parallel ranks (N / (T * P)) share the requests; the first rank prints. A Hugging Face folder
+is lm-eval's own: `lm_eval --model hf --model_args pretrained=HF_DIR`.
 Exit codes: 0 done, 2 a bad input (one line on stderr).
 """
 
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,10 +154,42 @@ def evaluate(checkpoint: str, inputs: list[str], tokenizer: str | None = None, s
     return score(model, tok, (d.text for d in source), seq_len, batch_size)
 
 
+def evaluate_tasks(checkpoint: str, tasks: list[str], limit: float | None = None, num_fewshot: int | None = None,
+                   batch_size: int = 8, max_gen_toks: int = 256, bootstrap_iters: int = 100000) -> dict:
+    """lm-eval's results for a keel checkpoint on `tasks`, at this megatron world's layout (the data-parallel
+    ranks share the requests); on the first rank (None on the others)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from pretrain.downstream import KeelLM, run_tasks, task_manager
+    from pretrain.rundir import find_run_folder
+    from tools.generate import load_model
+
+    if find_run_folder(Path(checkpoint)) is None:
+        raise FolderError(f"{checkpoint} is not a keel run or checkpoint (no run_info.json); --tasks scores keel "
+                          "checkpoints (a Hugging Face folder: lm_eval --model hf --model_args pretrained=DIR)")
+    manager = task_manager(tasks)  # task files checked before the model loads
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    loaded = load_model(checkpoint, device)
+    group = parallel_state.get_data_parallel_group() if parallel_state.get_data_parallel_world_size() > 1 else None
+    lm = KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len, batch_size, max_gen_toks, group=group)
+    return run_tasks(lm, tasks, limit, num_fewshot, bootstrap_iters, manager).results
+
+
+REPORTED = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")  # --json: lm-eval's keys
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="keel run folder or checkpoint, or a Hugging Face model folder")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="files, globs or stdlib[:SUBSET[:SPLIT]]")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="files, globs or stdlib[:SUBSET[:SPLIT]]")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML paths (instead of --input)")
+    p.add_argument("--limit", type=float, help="--tasks: examples per task (a fraction when below 1)")
+    p.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples; default: each task's own")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="--tasks: new tokens when a task names none")
+    p.add_argument("--tp", type=int, default=1, help="--tasks: tensor-parallel size (under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="--tasks: pipeline-parallel size, log-likelihood tasks only")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="--tasks: lm-eval's bootstrap for stderrs")
     p.add_argument("--tokenizer", help="default: the checkpoint's own")
     p.add_argument("--seq-len", type=int, help=f"window length; default: min(model's maximum, {DEFAULT_SEQ_LEN})")
     p.add_argument("--batch-size", type=int, default=8)
@@ -155,10 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 2:
         p.error("--seq-len must be at least 2")
+    if min(args.tp, args.pp) < 1:
+        p.error("--tp and --pp must be at least 1")
+    if bool(args.input) == bool(args.tasks):
+        p.error("pass either --input (held-out loss) or --tasks (lm-eval), not both")
+    if args.tasks:
+        return _report_tasks(args)
+    if (args.tp, args.pp) != (1, 1):
+        p.error("--tp and --pp apply to --tasks; the held-out loss runs one process")
 
-    from tools.hf_folder import in_world_of_one
+    from tools.hf_folder import in_tool_world
 
-    code, result = in_world_of_one("evaluate.py", lambda: evaluate(
+    code, result = in_tool_world("evaluate.py", lambda: evaluate(
         args.checkpoint, args.input, args.tokenizer, args.seq_len, args.batch_size, args.allow_pickle, args.text_field))
     if code:
         return code
@@ -167,6 +219,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.checkpoint}: loss {result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte "
               f"over {result['tokens']:,} tokens and {result['bytes']:,} bytes")
+    return 0
+
+
+def _report_tasks(args) -> int:
+    from pretrain.config import ParallelConfig
+    from tools.hf_folder import in_tool_world
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    code, results = in_tool_world("evaluate.py", lambda: evaluate_tasks(
+        args.checkpoint, tasks, limit, args.num_fewshot, args.batch_size, args.max_gen_toks, args.bootstrap_iters),
+        ParallelConfig(tensor=args.tp, pipeline=args.pp))
+    if code or results is None or int(os.environ.get("RANK", "0")):  # lm-eval's results: on the first rank
+        return code
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if args.json:
+        print(json.dumps({k: results[k] for k in REPORTED if k in results}, default=handle_non_serializable))
+    else:
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
     return 0
 
 

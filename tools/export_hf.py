@@ -25,7 +25,7 @@ import torch
 
 from models.config import ConfigError
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
-from tools.hf_folder import atomic_folder, in_world_of_one
+from tools.hf_folder import atomic_folder, in_tool_world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--without-tokenizer", action="store_true", help="write no tokenizer files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
-    code, out = in_world_of_one("export_hf.py", lambda: export_model(
+    code, out = in_tool_world("export_hf.py", lambda: export_model(
         args.checkpoint, args.output, args.dtype, not args.without_tokenizer, args.overwrite))
     if code:
         return code

@@ -79,10 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graph for the one-token step")
     args = p.parse_args(argv)
 
-    from tools.hf_folder import in_world_of_one
+    from tools.hf_folder import in_tool_world
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    code, _ = in_world_of_one("generate.py", lambda: _generate(args, dtype))  # a bad checkpoint: one line, exit 2
+    code, _ = in_tool_world("generate.py", lambda: _generate(args, dtype))  # a bad checkpoint: one line, exit 2
     return code
 
 

@@ -174,13 +174,14 @@ def atomic_folder(output: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def in_world_of_one(tool: str, work: Callable[[], object]) -> tuple[int, object]:
-    """(exit code, result) of `work` run in a megatron world of one process (gloo): the caller's, when it
-    has one (a test), else one made for it; a bad input is one line on stderr and exit code 2."""
-    from pretrain.distributed import world_of_one
+def in_tool_world(tool: str, work: Callable[[], object], parallel=None) -> tuple[int, object]:
+    """(exit code, result) of `work` run in a megatron world at `parallel`'s layout (default: one process,
+    gloo; pretrain.distributed.tool_world): the caller's, when it has one (a test), else one made for it; a
+    bad input is one line on stderr and exit code 2."""
+    from pretrain.distributed import tool_world
 
     try:
-        with world_of_one():
+        with tool_world(parallel):
             return 0, work()
     except BAD_INPUT as e:  # keel's config, data, tokenizer, checkpoint and folder errors; a bug shows its traceback
         print(f"{tool}: error: {one_line(e)}", file=sys.stderr)

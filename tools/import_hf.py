@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
-from tools.hf_folder import FolderError, Weights, atomic_folder, check_folder, in_world_of_one, read_config
+from tools.hf_folder import FolderError, Weights, atomic_folder, check_folder, in_tool_world, read_config
 
 DEFAULT_VOCAB_MULTIPLE = 128  # padded rows divide by any power-of-two tensor-parallel size up to 128
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true", help="also read pickled *.bin/*.pt weights (weights_only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
-    code, out = in_world_of_one("import_hf.py", lambda: import_model(
+    code, out = in_tool_world("import_hf.py", lambda: import_model(
         args.model, args.output, args.tokenizer, args.vocab_multiple, args.allow_pickle, args.overwrite))
     if code:
         return code

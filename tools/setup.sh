@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install keel (editable) with the extras its tests use (slurm:
-# submitit, whose local backend runs the staged packer's tests), at the
-# tested versions of tools/constraints.txt. Idempotent: it does nothing when pyproject.toml and the
-# constraints have not changed since the last install.
+# Create .venv in the repository root and install keel (editable) with its test extras and the optional
+# extras the tests cover (slurm: submitit, whose local backend runs the staged packer's tests; eval:
+# lm-eval; wandb), at the tested versions of tools/constraints.txt. Idempotent: it does nothing when
+# pyproject.toml and the constraints have not changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,6 @@ fi
 stamp=.venv/.keel-installed
 want=$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt -e '.[test,launchers,slurm]'
+  .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt -e '.[test,launchers,slurm,eval,wandb]'
   echo "$want" > "$stamp"
 fi

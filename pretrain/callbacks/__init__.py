@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from models.config import check
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
+from pretrain.callbacks.downstream import DownstreamEval
 from pretrain.callbacks.loss_plot import LossPlot
 from pretrain.callbacks.metrics import MetricsLogger
 from pretrain.callbacks.moe import MoEStatsCallback
 from pretrain.callbacks.optimizer_stats import OptimizerStats
+from pretrain.callbacks.profile import StepProfiler
 from pretrain.callbacks.progress import ProgressBar
 from pretrain.callbacks.spike import SpikeMonitor
 from pretrain.callbacks.stability import StabilityMonitor
 
 __all__ = ["CALLBACKS", "METRICS_ORDER", "Callback", "Ranks", "RunContext", "build_callbacks", "register"]
 
-KEEL_CALLBACKS = (SpikeMonitor, StabilityMonitor, OptimizerStats, MoEStatsCallback, MetricsLogger, ProgressBar,
-                  LossPlot)
+KEEL_CALLBACKS = (StepProfiler, SpikeMonitor, StabilityMonitor, OptimizerStats, MoEStatsCallback, DownstreamEval,
+                  MetricsLogger, ProgressBar, LossPlot)
 CALLBACKS: dict[str, type[Callback]] = {}  # every registered callback by name: keel's, then any added
 
 

@@ -19,7 +19,9 @@ class LossPlotConfig:
 class LossPlot(Callback):
     """`loss.png` in the run folder: training loss and validation loss against the step (`logging.plot`)."""
 
-    name, order, ranks = "loss_plot", 120, Ranks.main
+    # before the metrics logger (METRICS_ORDER), whose trackers attach the plot when training ends; it
+    # reads only metrics.jsonl, whose rows are written by then
+    name, order, ranks = "loss_plot", 90, Ranks.main
 
     @classmethod
     def build(cls, run: RunContext) -> LossPlot | None:

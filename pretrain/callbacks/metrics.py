@@ -1,14 +1,16 @@
-"""Metrics: one JSON object per logged step in `metrics.jsonl`, and the same scalars in TensorBoard."""
+"""Metrics: one JSON object per logged step in `metrics.jsonl`, and the same row in each tracker
+(TensorBoard, Weights & Biases: trackers.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.config import ConfigError
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
+from pretrain.callbacks.trackers import Tracker, WandbConfig, build_trackers
 from pretrain.rundir import metrics_row
 
 
@@ -17,25 +19,22 @@ class MetricsConfig:
     """The logger's key of `logging` (pretrain.config.LoggingConfig composes it)."""
 
     tensorboard: bool = True  # the same scalars in TensorBoard (metrics.jsonl is always written)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 class MetricsLogger(Callback):
-    """Rank 0's metrics.jsonl and TensorBoard writer (`logging.tensorboard`)."""
+    """Rank 0's metrics.jsonl, and the trackers `logging` turns on (TensorBoard, W&B)."""
 
     name, order, ranks = "metrics", METRICS_ORDER, Ranks.main
 
     @classmethod
     def build(cls, run: RunContext) -> MetricsLogger:
-        return cls(run.run_dir, run.cfg.logging.tensorboard, run.cfg.trainer.log_interval)
+        return cls(run.run_dir, run.cfg.trainer.log_interval, build_trackers(run.cfg, run.run_dir))
 
-    def __init__(self, run_dir: Path, tensorboard: bool, interval: int):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, interval: int, trackers: list[Tracker] = ()):
+        self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         self.interval = interval
-        self.writer, self.tensorboard = None, run_dir / "tensorboard"
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tensorboard))
+        self.trackers = list(trackers)
 
     def on_train_start(self, trainer) -> None:
         # after a crash and resume, drop the rows logged past the checkpoint (they are re-run), and a
@@ -65,11 +64,9 @@ class MetricsLogger(Callback):
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.writer:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, metrics["step"])
-            self.writer.flush()
+        row = {k: v for k, v in metrics.items() if k != "step"}
+        for tracker in self.trackers:
+            tracker.log(row, metrics["step"])
 
     def on_start_eval(self, trainer, metrics: dict) -> None:
         self._write(metrics)
@@ -79,8 +76,10 @@ class MetricsLogger(Callback):
             self._write(metrics)
 
     def on_train_end(self, trainer) -> None:
-        if self.writer:
-            self.writer.close()
+        # the loss plot (pretrain/callbacks/loss_plot.py) is drawn by now: it runs first
+        plot = self.run_dir / "loss.png"
+        for tracker in self.trackers:
+            tracker.finish({"loss_plot": plot} if plot.is_file() else {})
 
     def summary(self, rows: list[dict]) -> dict[str, str]:
-        return {"metrics": str(self.path), **({"tensorboard": str(self.tensorboard)} if self.writer else {})}
+        return {"metrics": str(self.path), **{k: v for t in self.trackers for k, v in t.summary().items()}}

@@ -334,7 +334,7 @@ def test_a_malformed_metrics_row_is_one_line_naming_file_and_line(tmp_path):
     from models.config import ConfigError
     from pretrain.callbacks.metrics import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, tensorboard=False, interval=1)
+    logger = MetricsLogger(tmp_path, interval=1)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{}\n{"step": 2, "loss": 1.9}\n')
     with pytest.raises(ConfigError, match=f"^{tmp_path / 'metrics.jsonl'} line 3 is not a metrics row .*; repair or "
                                          "remove that line to resume$"):

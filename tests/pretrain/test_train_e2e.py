@@ -17,11 +17,27 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_data, tmp_path_factory):
-    """One uninterrupted 6-step run, shared as the reference of the tests below."""
+def downstream(tmp_path_factory) -> list[str]:
+    """lm-eval tasks every 2 steps (logging.downstream): 3 examples of each of the tiny tasks (multiple
+    choice, generation, rolling log-likelihood; tests/lm_eval_helpers.py)."""
+    from tests.lm_eval_helpers import write_tasks
+
+    tasks = write_tasks(tmp_path_factory.mktemp("tasks"))
+    return [f"logging.downstream.tasks=[{tasks['mc']},{tasks['gen']},{tasks['rolling']}]",
+            "logging.downstream.interval=2", "logging.downstream.limit=3"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory, downstream):
+    """One uninterrupted 6-step run, with lm-eval tasks in the loop, shared as the reference of the tests below."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    out = run_keel(tiny_overrides(tiny_data, run, steps=6) + ["logging.plot=true", "logging.tensorboard=true"])
+    out = run_keel(tiny_overrides(tiny_data, run, steps=6) + downstream +
+                   ["logging.plot=true", "logging.tensorboard=true"])
     return run, out
+
+
+def _downstream_scores(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k.startswith("downstream/")}
 
 
 def test_smoke_trains_logs_and_checkpoints(straight):
@@ -49,13 +65,38 @@ def test_every_seed_scores_the_same_validation_rows(tiny_data, tmp_path, straigh
     assert metrics(other)[0]["loss"] != metrics(straight[0])[0]["loss"]  # the seed did change the run
 
 
-def test_resume_is_exact(tiny_data, tmp_path, straight):
+def test_resume_is_exact_with_downstream_tasks_wandb_and_a_profile(tiny_data, tmp_path, straight, downstream):
+    """The split run, like the straight one, scores lm-eval tasks every 2 steps (logging.downstream); it also
+    logs to W&B offline and traces step 2 (trainer.profile): none of it changes a loss bit, and each carries
+    over the resume."""
+    extra = downstream + ["logging.wandb.enabled=true", "logging.wandb.mode=offline", "trainer.profile.start=2",
+                          "trainer.profile.steps=1"]
     straight, split = straight[0], tmp_path / "split"
-    run_keel(tiny_overrides(tiny_data, split, steps=6) + ["trainer.stop_at=3"])
+    run_keel(tiny_overrides(tiny_data, split, steps=6) + extra + ["trainer.stop_at=3"])
     assert max(losses(split)) == 3 and (split / "checkpoints" / "step_00000003").exists()
-    out = run_keel(tiny_overrides(tiny_data, split, steps=6))
+    out = run_keel(tiny_overrides(tiny_data, split, steps=6) + extra)
     assert "resumed from" in out.stdout
     assert losses(split) == losses(straight)  # bit for bit
+    # 1. the tasks' metrics in the rows of steps 2, 4 and 6 only, those of the straight run bit for bit; the
+    #    time of all three in the summary (the callback's state resumed)
+    rows = metrics(split)
+    evaluated = [r for r in rows if "downstream_time_s" in r]
+    assert [r["step"] for r in evaluated] == [2, 4, 6]
+    for r, reference in zip(evaluated, [r for r in metrics(straight) if "downstream_time_s" in r]):
+        scores = [r["downstream/keel_mc/acc"], r["downstream/keel_mc/acc_norm"], r["downstream/keel_gen/exact_match"]]
+        assert all(0 <= v <= 1 for v in scores) and r["downstream/keel_rolling/word_perplexity"] > 1
+        assert _downstream_scores(r) == _downstream_scores(reference) and "tokens_per_s" in r
+    assert f"(3 evaluations, {sum(r['downstream_time_s'] for r in evaluated):.0f} s)" in out.stdout
+    # 2. W&B: one run id kept in the run folder, both offline parts logged into it, the rows in its files
+    run_id = (split / "wandb_run_id").read_text().strip()
+    parts = sorted((split / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+    first, second = [(p / f"run-{run_id}.wandb").read_bytes() for p in parts]
+    assert b"downstream/keel_mc/acc" in first and b"downstream/keel_mc/acc" in second
+    assert json.dumps(rows[0]["loss"]).encode() in first and json.dumps(rows[-1]["val_loss"]).encode() in second
+    # 3. the profiler's window: one trace of step 2
+    [trace] = (split / "profile").iterdir()
+    assert trace.name == "trace_rank0_steps2-2.json" and json.loads(trace.read_text())["traceEvents"]
 
 
 def test_resume_after_kill_9_is_exact(tiny_data, tmp_path):
@@ -86,7 +127,7 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("parallel, rel", [
-    (["parallel.tensor=1"], 1e-5),  # DP=2
+    (["parallel.tensor=1", "downstream"], 1e-5),  # DP=2, with the straight run's lm-eval tasks at step 2
     (["parallel.tensor=2"], 1e-4),
     (["parallel.pipeline=2"], 1e-4),
     (["optim.distributed=true"], 1e-5),  # DP=2 with the distributed optimizer
@@ -95,8 +136,10 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     # DP=2, 2 micro-batches a rank: each bucket reduced once, during the last backward
     (["parallel.overlap_grad_reduce=true", "optim.distributed=true", "trainer.micro_batch_size=2"], 1e-5),
 ])
-def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
+def test_two_processes_match_one(tiny_data, tmp_path, straight, downstream, parallel, rel):
     # the first two steps of the same 6-step schedule (stop_at keeps the schedule)
+    with_tasks = "downstream" in parallel
+    parallel = [p for p in parallel if p != "downstream"] + (downstream if with_tasks else [])
     two = tiny_overrides(tiny_data, tmp_path / "two", steps=6) + ["trainer.stop_at=2"] + parallel
     run_keel(two, nproc=2)
     assert_index_admitted(tmp_path / "two")  # the allowlist admits this layout's shard index
@@ -105,6 +148,10 @@ def test_two_processes_match_one(tiny_data, tmp_path, straight, parallel, rel):
     for a, b in zip(one, other):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
+    # the data-parallel ranks shared the tasks' requests; rank 0 logged the scores of one process
+    scores = _downstream_scores(other[1])
+    assert len(scores) == len(_downstream_scores(one[1])) > 5 if with_tasks else not scores
+    assert all(v == pytest.approx(one[1][k], rel=rel) for k, v in scores.items()), (scores, one[1])
 
 
 def test_distributed_optimizer_resume_is_exact_and_takes_a_new_learning_rate(tiny_data, tmp_path):

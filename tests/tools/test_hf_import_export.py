@@ -110,25 +110,61 @@ def test_each_family_imports_with_transformers_logits(families, arch):
         56 if arch == "Qwen2MoeForCausalLM" else None)
 
 
-def test_parallel_layouts_give_transformers_logits(llama, imported, families, tmp_path):
-    """One 2-process world for every family: TP=2 (dense), PP=2 (Llama), EP=2 (MoE)."""
+def test_parallel_layouts_give_transformers_logits_and_lm_eval_scores(llama, imported, families, tmp_path, capsys):
+    """One 2-process world for every family: its logits at TP=2 (dense), PP=2 (Llama) and EP=2 (MoE) equal
+    transformers'. On the Llama import, keel's lm-eval adapter at TP=2 and PP=2 gives the log-likelihoods it
+    gives at one process; `tools/evaluate.py --tasks` at TP=2, PP=2 (log-likelihood tasks; a generation task
+    is one line) and DP=2 prints, on the first rank only, the scores of one process."""
+    from tests.lm_eval_helpers import choice_requests, write_tasks
+
+    pytest.importorskip("lm_eval", reason="the eval extra (tools/setup.sh installs it)")
+    tasks = write_tasks(tmp_path / "tasks")
     torch.save(_tokens(), tmp_path / "tokens.pt")
     jobs = [f"tp2:llama={imported}", f"pp2:llama={imported}"] + [f"tp2:{a}={families[a][1]}" for a in DENSE]
-    jobs += [f"ep2:{a}={families[a][1]}" for a in MOE]
+    jobs += [f"ep2:{a}={families[a][1]}" for a in MOE] + [f"dp2:llama={imported}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(tmp_path / "tokens.pt"),
-           str(tmp_path / "out.pt"), *jobs]
+           str(tmp_path / "tasks"), str(tmp_path / "out.pt"), *jobs]
     proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = torch.load(tmp_path / "out.pt")
-    assert set(out) == {job.split("=")[0] for job in jobs}
+    jobs = [job for job in jobs if not job.startswith("dp2:")]  # DP=2 scores lm-eval tasks only
+    assert {key for key in out if ":" in key} == {job.split("=")[0] for job in jobs}
     for job in jobs:
         key, name = job.split("=")[0], job.split("=")[0].split(":")[1]
         reference = hf_logits(llama if name == "llama" else families[name][0], _tokens())
         logits = out[key]
         assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL, key
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
+    from pretrain.downstream import KeelLM
+    from tools.evaluate import main as evaluate
+
+    # 1. the adapter's log-likelihoods of each request
+    loaded = _keel(imported)  # one process: the module's megatron world of one
+    one = KeelLM(loaded.gpt, loaded.tokenizer, loaded.cfg.model.max_seq_len).loglikelihood(choice_requests())
+    for name in ("tp2", "pp2"):
+        assert len(out[f"{name}_loglikelihoods"]) == len(one) > 10
+        for (got, got_greedy), (ref, greedy) in zip(out[f"{name}_loglikelihoods"], one):
+            assert got == pytest.approx(ref, rel=1e-5) and got_greedy == greedy
+    # 2. every metric of every task, printed by the first rank alone
+    capsys.readouterr()
+    assert evaluate(["--checkpoint", str(imported), "--json", "--bootstrap-iters", "0", "--tasks",
+                     ",".join(str(p) for p in tasks.values())]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    for name, kinds in (("tp2", {"keel_mc", "keel_gen", "keel_rolling"}), ("pp2", {"keel_mc", "keel_rolling"}),
+                        ("dp2", {"keel_mc", "keel_gen", "keel_rolling"})):
+        (code0, printed, _), (code1, silent, _) = out[f"{name}_cli"]
+        assert code0 == code1 == 0 and silent == ""
+        results = json.loads(printed.strip().splitlines()[-1])["results"]
+        assert set(results) == kinds
+        for task in kinds:
+            scores = {k: v for k, v in single[task].items() if isinstance(v, float)}
+            assert scores and scores.keys() <= results[task].keys()
+            assert all(results[task][k] == pytest.approx(v, rel=1e-5) for k, v in scores.items()), (name, task)
+    for code, printed, err in out["pp2_generation"]:
+        [line] = [x for x in err.splitlines() if x.startswith("evaluate.py:")]  # lm-eval's own warnings aside
+        assert code == 2 and printed == "" and line.startswith("evaluate.py: error: generation tasks need pipeline")
 
 
 @pytest.mark.parametrize("arch", DENSE + MOE)

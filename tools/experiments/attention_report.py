@@ -103,10 +103,10 @@ def choose_lrs(runs: list[Run]) -> dict[str, dict]:
 def summarize_arms(runs: list[Run]) -> list[dict]:
     """One row per (arm, lr) of the completed runs on reported seeds, in the registry's order: seeds, final losses,
     mean, std, largest gradient norm per seed and the model's facts."""
-    from pretrain.distributed import world_of_one
+    from pretrain.distributed import tool_world
 
     arms = by_arm((r for r in reported_runs(runs) if r.status == "completed"), arm_of)
-    with world_of_one():  # the model is rebuilt for its parameter count
+    with tool_world():  # the model is rebuilt for its parameter count
         rows, facts = [], {}
         for (arm, lr), by_seed in sorted(arms.items(), key=lambda kv: (_arm_order(kv[0][0]), kv[0][1])):
             losses = per_seed(by_seed, final_val)
