@@ -3,7 +3,7 @@
 Both sort items by length, longest first, ties by input position (a stable counting sort), then
 place them one at a time, exactly as the textbook algorithms do:
 
-- first fit: the lowest-numbered open bin with room; a segment tree over the bins' remaining
+- first fit: the lowest-numbered open bin with room; a 16-ary tree over the bins' remaining
   capacities (max per node) finds it by descending to the leftmost leaf with enough room. Bins not
   yet opened sit in the tree at full capacity, so "no open bin fits" needs no special case.
 - best fit: the bin with the least room that still fits, ties to the lowest bin number. Bins are
@@ -76,26 +76,44 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+_FANOUT = 16  # children per node of the first-fit tree: 16 int32 rooms are one 64-byte cache line
+
+
 @numba.njit(cache=True)
-def _ffd(ordered: np.ndarray, capacity: int, size: int) -> np.ndarray:
-    """Bins of items given longest first. Sequential over items: random access only into the tree."""
-    room = np.full(2 * size, capacity, np.int32)  # max remaining capacity below each node
+def _ffd(ordered: np.ndarray, capacity: int, max_bins: int) -> np.ndarray:
+    """Bins of items given longest first. Sequential over items: random access only into the tree, a 16-ary one
+    so that a descent reads one cache line per level (a binary tree's lower levels miss the cache at each)."""
+    # 1. Levels 0 (the root) .. depth (one leaf per bin), level l's nodes stored from base[l].
+    depth = 1
+    while _FANOUT ** depth < max_bins:
+        depth += 1
+    base = np.zeros(depth + 2, np.int64)
+    for level in range(depth + 1):
+        base[level + 1] = base[level] + _FANOUT ** level
+    room = np.full(base[depth + 1], capacity, np.int32)  # max remaining capacity below each node
+    leaves = base[depth]
     bins = np.empty(ordered.shape[0], np.int64)
     for i in range(ordered.shape[0]):
         x = ordered[i]
-        # 1. Descend to the leftmost leaf (lowest bin number) with room >= x.
-        node = 1
-        while node < size:
-            node = 2 * node if room[2 * node] >= x else 2 * node + 1
-        bins[i] = node - size
-        # 2. Take the room and refresh the maxima upwards, stopping where a maximum is unchanged.
-        room[node] -= x
-        while node > 1:
-            parent = node >> 1
-            best = max(room[node], room[node ^ 1])
-            if room[parent] == best:
+        # 2. Descend to the leftmost leaf (lowest bin number) with room >= x: the first child with room at each level.
+        node = 0
+        for level in range(1, depth + 1):
+            child = base[level] + _FANOUT * node
+            while room[child] < x:
+                child += 1
+            node = child - base[level]
+        bins[i] = node
+        # 3. Take the room and refresh the maxima upwards, stopping where a maximum is unchanged.
+        room[leaves + node] -= x
+        for level in range(depth, 0, -1):
+            parent = node // _FANOUT
+            first = base[level] + _FANOUT * parent
+            best = room[first]
+            for c in range(first + 1, first + _FANOUT):
+                best = max(best, room[c])
+            if room[base[level - 1] + parent] == best:
                 break
-            room[parent] = best
+            room[base[level - 1] + parent] = best
             node = parent
     return bins
 
@@ -106,7 +124,7 @@ def _placed_ffd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndar
     if lengths.size == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
     order, ordered = _decreasing_order(lengths, capacity)
-    return order, ordered, _ffd(ordered, capacity, _pow2_at_least(_max_bins(lengths, capacity)))
+    return order, ordered, _ffd(ordered, capacity, _max_bins(lengths, capacity))
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
