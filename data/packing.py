@@ -293,11 +293,11 @@ class Plan:
 
 
 @numba.njit(cache=True)
-def _rechunk_size(length: np.ndarray, seq_len: int) -> tuple[int, int]:
+def _rechunk_size(src: np.ndarray, end: np.ndarray, seq_len: int) -> tuple[int, int]:
     """(pieces, rows) of ``rechunk``: a piece of k tokens from stream position pos is cut at each row start in it."""
     n, pos = 0, 0
-    for i in range(length.shape[0]):
-        k = length[i]
+    for i in range(src.shape[0]):
+        k = end[i] - src[i]
         if k > 0:
             n += (pos + k - 1) // seq_len - pos // seq_len + 1
             pos += k
@@ -305,36 +305,37 @@ def _rechunk_size(length: np.ndarray, seq_len: int) -> tuple[int, int]:
 
 
 @numba.njit(cache=True)
-def _rechunk_into(src, length, doc, seq_len, out_src, out_len, out_doc, row_ptr, j, row) -> None:
-    """Fill ``rechunk``'s pieces from out[j] on and its rows from row_ptr[row] on (a sort of the boundaries and two
-    searchsorted took 4 s on 10M pieces); a sub-piece that starts at a multiple of seq_len starts its row."""
+def _rechunk_into(src, end, doc, seq_len, out_src, out_len, out_doc, row_ptr, j, row) -> None:
+    """Fill ``rechunk``'s pieces [src, end) from out[j] on and its rows from row_ptr[row] on (a sort of the
+    boundaries and two searchsorted took 4 s on 10M pieces); a sub-piece that starts at a multiple of seq_len
+    starts its row. ``doc`` None: piece i is document i."""
     pos = 0
-    for i in range(length.shape[0]):
+    for i in range(src.shape[0]):
         done = 0
-        while done < length[i]:
-            take = min(length[i] - done, seq_len - pos % seq_len)
+        while done < end[i] - src[i]:
+            take = min(end[i] - src[i] - done, seq_len - pos % seq_len)
             if pos % seq_len == 0:
                 row_ptr[row + pos // seq_len] = j
-            out_src[j], out_len[j], out_doc[j] = src[i] + done, take, doc[i]
+            out_src[j], out_len[j], out_doc[j] = src[i] + done, take, i if doc is None else doc[i]
             j += 1
             done += take
             pos += take
 
 
 @numba.njit(cache=True)
-def _rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int):
-    n, rows = _rechunk_size(length, seq_len)
+def _rechunk(src: np.ndarray, end: np.ndarray, doc, seq_len: int):
+    n, rows = _rechunk_size(src, end, seq_len)
     out_src, out_len, out_doc = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
     row_ptr = np.empty(rows + 1, np.int64)
     row_ptr[rows] = n
-    _rechunk_into(src, length, doc, seq_len, out_src, out_len, out_doc, row_ptr, 0, 0)
+    _rechunk_into(src, end, doc, seq_len, out_src, out_len, out_doc, row_ptr, 0, 0)
     return out_src, out_len, out_doc, row_ptr
 
 
 def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) -> Plan:
     """Lay pieces end to end and cut the stream into rows of seq_len; the last row may be short."""
-    as64 = (np.ascontiguousarray(a, dtype=np.int64) for a in (src, length, doc))
-    return Plan(*_rechunk(*as64, seq_len))
+    src, length, doc = (np.ascontiguousarray(a, dtype=np.int64) for a in (src, length, doc))
+    return Plan(*_rechunk(src, src + length, doc, seq_len))
 
 
 @numba.njit(cache=True)
@@ -370,15 +371,16 @@ def _bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, order, ord
             pieces += kept[b]
             rows += 1
     # 3. The underfull bins' items in order, to cut into rows of seq_len.
-    u_src, u_len, u_doc = np.empty(under, np.int64), np.empty(under, np.int64), np.empty(under, np.int64)
+    u_src, u_end, u_doc = np.empty(under, np.int64), np.empty(under, np.int64), np.empty(under, np.int64)
     if under:
         for i in range(n):
             b, k = bins[i], ordered[i]
             if start[b] < 0 and k > 0:
                 j = -1 - start[b]
                 start[b] -= 1
-                u_src[j], u_len[j], u_doc[j] = pool_src[order[i]], k, pool_doc[order[i]]
-    extra_pieces, extra_rows = _rechunk_size(u_len, seq_len)
+                u_src[j], u_doc[j] = pool_src[order[i]], pool_doc[order[i]]
+                u_end[j] = u_src[j] + k
+    extra_pieces, extra_rows = _rechunk_size(u_src, u_end, seq_len)
     out_src = np.empty(pieces + extra_pieces, np.int64)
     out_len = np.empty(pieces + extra_pieces, np.int64)
     out_doc = np.empty(pieces + extra_pieces, np.int64)
@@ -403,7 +405,7 @@ def _bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, order, ord
                 start[b] += 1
                 out_src[j], out_len[j], out_doc[j] = pool_src[order[i]], k, pool_doc[order[i]]
     # 6. The underfull bins' items, cut every seq_len tokens.
-    _rechunk_into(u_src, u_len, u_doc, seq_len, out_src, out_len, out_doc, row_ptr, pieces, rows)
+    _rechunk_into(u_src, u_end, u_doc, seq_len, out_src, out_len, out_doc, row_ptr, pieces, rows)
     row_ptr[rows + extra_rows] = pieces + extra_pieces
     return out_src, out_len, out_doc, row_ptr
 
@@ -433,14 +435,23 @@ def plan_bfd(offsets: np.ndarray, seq_len: int) -> Plan:
 
 def plan_concat(offsets: np.ndarray, seq_len: int) -> Plan:
     """Concatenate everything and cut every L tokens (only the last row is padded)."""
-    n = offsets.size - 1
-    return rechunk(offsets[:-1], np.diff(offsets), np.arange(n, dtype=np.int64), seq_len)
+    return Plan(*_rechunk(offsets[:-1], offsets[1:], None, seq_len))
+
+
+@numba.njit(cache=True)
+def _one_per_row(offsets: np.ndarray, seq_len: int):
+    n = offsets.shape[0] - 1
+    src, length, doc = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    row_ptr = np.empty(n + 1, np.int64)
+    for d in range(n):
+        src[d], length[d], doc[d], row_ptr[d] = offsets[d], min(offsets[d + 1] - offsets[d], seq_len), d, d
+    row_ptr[n] = n
+    return src, length, doc, row_ptr
 
 
 def plan_pad(offsets: np.ndarray, seq_len: int) -> Plan:
     """One document per row, truncated to L or padded."""
-    n = offsets.size - 1
-    return Plan.single(offsets[:-1].copy(), np.minimum(np.diff(offsets), seq_len), np.arange(n, dtype=np.int64))
+    return Plan(*_one_per_row(offsets, seq_len))
 
 
 def build_plan(method: str, offsets: np.ndarray, seq_len: int, overlap_ratio: float = 0.3,
@@ -467,12 +478,11 @@ def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.nd
     document (no sort: every method's plan keeps a document's pieces in start order), giving up (False) at a
     piece that starts before its document's previous one; otherwise the pieces in ``order``."""
     n_docs = offsets.shape[0] - 1
-    state = np.zeros((n_docs, 4), np.int64)  # per document: reach (-1: no piece yet), covered, flags, last start
-    state[:, 0] = -1
+    state = np.zeros((n_docs, 4), np.int64)  # per document: reach + 1 (0: no piece yet), covered, flags, last start
     for i in range(src.shape[0]):
         p = i if in_plan_order else order[i]
         d, s = doc[p], src[p]
-        e, reach = s + length[p], state[d, 0]
+        e, reach = s + length[p], state[d, 0] - 1
         # A piece starting before the coverage so far overlaps it (sliding window); one at or after it is a cut.
         if reach < 0:
             reach = s
@@ -485,7 +495,7 @@ def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.nd
         if e > reach:
             state[d, 1] += e - max(s, reach)
             reach = e
-        state[d, 0], state[d, 3] = reach, s
+        state[d, 0], state[d, 3] = reach + 1, s
     covered, split, overlapped, truncated = 0, 0, 0, 0
     for d in range(n_docs):
         covered += state[d, 1]
