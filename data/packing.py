@@ -351,33 +351,32 @@ def _bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, order, ord
     n_bins = 0
     for i in range(n):
         n_bins = max(n_bins, bins[i] + 1)
-    # 1. Per bin: tokens placed, and the pieces that stay after the cut (non-empty, starting before seq_len).
-    fill = np.zeros(n_bins, np.int64)
-    kept = np.zeros(n_bins, np.int64)
+    # 1. Per bin (one cache line): tokens placed, and the pieces that stay (non-empty, starting before seq_len).
+    per_bin = np.zeros((n_bins, 2), np.int64)  # fill, kept; then fill, start
     for i in range(n):
         b = bins[i]
-        if ordered[i] > 0 and fill[b] < seq_len:
-            kept[b] += 1
-        fill[b] += ordered[i]
+        if ordered[i] > 0 and per_bin[b, 0] < seq_len:
+            per_bin[b, 1] += 1
+        per_bin[b, 0] += ordered[i]
     # 2. Where each bin's pieces go: its row's first piece, or (rechunked) its first item among the underfull.
-    start = np.empty(n_bins, np.int64)
     rows, pieces, under = n_chunks, n_chunks, 0
     for b in range(n_bins):
-        if rechunk_underfull and fill[b] < seq_len:
-            start[b] = -1 - under  # nothing is cut from an underfull bin: all its non-empty items stay
-            under += kept[b]
+        kept = per_bin[b, 1]
+        if rechunk_underfull and per_bin[b, 0] < seq_len:
+            per_bin[b, 1] = -1 - under  # nothing is cut from an underfull bin: all its non-empty items stay
+            under += kept
         else:
-            start[b] = pieces
-            pieces += kept[b]
+            per_bin[b, 1] = pieces
+            pieces += kept
             rows += 1
     # 3. The underfull bins' items in order, to cut into rows of seq_len.
     u_src, u_end, u_doc = np.empty(under, np.int64), np.empty(under, np.int64), np.empty(under, np.int64)
     if under:
         for i in range(n):
             b, k = bins[i], ordered[i]
-            if start[b] < 0 and k > 0:
-                j = -1 - start[b]
-                start[b] -= 1
+            if per_bin[b, 1] < 0 and k > 0:
+                j = -1 - per_bin[b, 1]
+                per_bin[b, 1] -= 1
                 u_src[j], u_doc[j] = pool_src[order[i]], pool_doc[order[i]]
                 u_end[j] = u_src[j] + k
     extra_pieces, extra_rows = _rechunk_size(u_src, u_end, seq_len)
@@ -391,18 +390,18 @@ def _bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, order, ord
     # 5. Bins: each item at its bin's next free piece, cut where the bin reaches seq_len.
     row = n_chunks
     for b in range(n_bins):
-        if start[b] >= 0:
-            row_ptr[row] = start[b]
+        if per_bin[b, 1] >= 0:
+            row_ptr[row] = per_bin[b, 1]
             row += 1
-        fill[b] = 0
+        per_bin[b, 0] = 0
     for i in range(n):
         b = bins[i]
-        if start[b] >= 0:
-            k = min(max(seq_len - fill[b], 0), ordered[i])
-            fill[b] += ordered[i]
+        if per_bin[b, 1] >= 0:
+            k = min(max(seq_len - per_bin[b, 0], 0), ordered[i])
+            per_bin[b, 0] += ordered[i]
             if k > 0:
-                j = start[b]
-                start[b] += 1
+                j = per_bin[b, 1]
+                per_bin[b, 1] += 1
                 out_src[j], out_len[j], out_doc[j] = pool_src[order[i]], k, pool_doc[order[i]]
     # 6. The underfull bins' items, cut every seq_len tokens.
     _rechunk_into(u_src, u_end, u_doc, seq_len, out_src, out_len, out_doc, row_ptr, pieces, rows)
