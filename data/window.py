@@ -57,6 +57,13 @@ def _chunk_start(k: int, chunks: int, overlap: int, seq_len: int) -> int:
     return k * seq_len - (k * base + min(k, extra))
 
 
+def document_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Where each document starts in the stream (and, last, where the stream ends): int64, one allocation."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    return offsets
+
+
 @numba.njit(cache=True)
 def window_offsets(offsets: np.ndarray, seq_len: int, join: int):
     """Stage 1 over a whole corpus, documents ``stream[offsets[d]:offsets[d + 1]]``.
@@ -101,8 +108,7 @@ def window_offsets(offsets: np.ndarray, seq_len: int, join: int):
 def window_all(lengths: np.ndarray, seq_len: int, join: int):
     """Stage 1 over documents of ``lengths`` tokens: ``(chunk_doc, chunk_start, pool_doc, pool_start, pool_len)``,
     starts counted from each document's beginning."""
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = document_offsets(lengths)
     csrc, cdoc, psrc, plen, pdoc = window_offsets(offsets, seq_len, join)
     return cdoc, csrc - offsets[cdoc], pdoc, psrc - offsets[pdoc], plen
 
