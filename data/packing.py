@@ -270,26 +270,10 @@ class Plan:
         sums = np.concatenate([[0], np.cumsum(self.length)])
         return sums[self.row_ptr[1:]] - sums[self.row_ptr[:-1]]
 
-    def select(self, keep: np.ndarray) -> "Plan":
-        """The plan restricted to the rows where ``keep`` is true, in order."""
-        per_row = np.diff(self.row_ptr)
-        mask = np.repeat(keep, per_row)
-        return Plan(self.src[mask], self.length[mask], self.doc[mask],
-                    np.concatenate([[0], np.cumsum(per_row[keep])]).astype(np.int64))
-
     @staticmethod
     def single(src: np.ndarray, length: np.ndarray, doc: np.ndarray) -> "Plan":
         """One piece per row."""
         return Plan(src, length, doc, np.arange(src.size + 1, dtype=np.int64))
-
-    @staticmethod
-    def concat(plans: list["Plan"]) -> "Plan":
-        ptrs, base = [np.zeros(1, np.int64)], 0
-        for p in plans:
-            ptrs.append(p.row_ptr[1:] + base)
-            base += p.src.size
-        return Plan(*(np.concatenate([getattr(p, f) for p in plans]).astype(np.int64, copy=False)
-                      for f in ("src", "length", "doc")), np.concatenate(ptrs))
 
 
 @numba.njit(cache=True)
