@@ -3,7 +3,7 @@
 Both sort items by length, longest first, ties by input position (a stable counting sort), then
 place them one at a time, exactly as the textbook algorithms do:
 
-- first fit: the lowest-numbered open bin with room; a segment tree over the bins' remaining
+- first fit: the lowest-numbered open bin with room; a 16-ary tree over the bins' remaining
   capacities (max per node) finds it by descending to the leftmost leaf with enough room. Bins not
   yet opened sit in the tree at full capacity, so "no open bin fits" needs no special case.
 - best fit: the bin with the least room that still fits, ties to the lowest bin number. Bins are
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from data.config import PackMethod
-from data.window import max_join, window_all
+from data.window import max_join, window_offsets
 
 _HEAP_PATH = 130  # a leftist heap's right spine is <= log2(n + 1) nodes; merge walks two spines
 
@@ -76,42 +76,60 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+_FANOUT = 16  # children per node of the first-fit tree: 16 int32 rooms are one 64-byte cache line
+
+
 @numba.njit(cache=True)
-def _ffd(ordered: np.ndarray, capacity: int, size: int) -> np.ndarray:
-    """Bins of items given longest first. Sequential over items: random access only into the tree."""
-    room = np.full(2 * size, capacity, np.int32)  # max remaining capacity below each node
+def _ffd(ordered: np.ndarray, capacity: int, max_bins: int) -> np.ndarray:
+    """Bins of items given longest first. Sequential over items: random access only into the tree, a 16-ary one
+    so that a descent reads one cache line per level (a binary tree's lower levels miss the cache at each)."""
+    # 1. Levels 0 (the root) .. depth (one leaf per bin), level l's nodes stored from base[l].
+    depth = 1
+    while _FANOUT ** depth < max_bins:
+        depth += 1
+    base = np.zeros(depth + 2, np.int64)
+    for level in range(depth + 1):
+        base[level + 1] = base[level] + _FANOUT ** level
+    room = np.full(base[depth + 1], capacity, np.int32)  # max remaining capacity below each node
+    leaves = base[depth]
     bins = np.empty(ordered.shape[0], np.int64)
     for i in range(ordered.shape[0]):
         x = ordered[i]
-        # 1. Descend to the leftmost leaf (lowest bin number) with room >= x.
-        node = 1
-        while node < size:
-            node = 2 * node if room[2 * node] >= x else 2 * node + 1
-        bins[i] = node - size
-        # 2. Take the room and refresh the maxima upwards, stopping where a maximum is unchanged.
-        room[node] -= x
-        while node > 1:
-            parent = node >> 1
-            best = max(room[node], room[node ^ 1])
-            if room[parent] == best:
+        # 2. Descend to the leftmost leaf (lowest bin number) with room >= x: the first child with room at each level.
+        node = 0
+        for level in range(1, depth + 1):
+            child = base[level] + _FANOUT * node
+            while room[child] < x:
+                child += 1
+            node = child - base[level]
+        bins[i] = node
+        # 3. Take the room and refresh the maxima upwards, stopping where a maximum is unchanged.
+        room[leaves + node] -= x
+        for level in range(depth, 0, -1):
+            parent = node // _FANOUT
+            first = base[level] + _FANOUT * parent
+            best = room[first]
+            for c in range(first + 1, first + _FANOUT):
+                best = max(best, room[c])
+            if room[base[level - 1] + parent] == best:
                 break
-            room[parent] = best
+            room[base[level - 1] + parent] = best
             node = parent
     return bins
 
 
-def _placed_ffd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(placement order, the bin of each item in that order) under first-fit-decreasing."""
+def _placed_ffd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(placement order, the items' lengths and bins in that order) under first-fit-decreasing."""
     lengths = _check(lengths, capacity)
     if lengths.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
     order, ordered = _decreasing_order(lengths, capacity)
-    return order, _ffd(ordered, capacity, _pow2_at_least(_max_bins(lengths, capacity)))
+    return order, ordered, _ffd(ordered, capacity, _max_bins(lengths, capacity))
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Bin index of every item (in input order) under first-fit-decreasing; O(N log B)."""
-    order, bins = _placed_ffd(lengths, capacity)
+    order, _, bins = _placed_ffd(lengths, capacity)
     return _in_input_order(bins, order)
 
 
@@ -215,18 +233,18 @@ def _bfd(ordered: np.ndarray, capacity: int, max_bins: int, size: int) -> np.nda
     return bins
 
 
-def _placed_bfd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(placement order, the bin of each item in that order) under best-fit-decreasing."""
+def _placed_bfd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(placement order, the items' lengths and bins in that order) under best-fit-decreasing."""
     lengths = _check(lengths, capacity)
     if lengths.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
     order, ordered = _decreasing_order(lengths, capacity)
-    return order, _bfd(ordered, capacity, _max_bins(lengths, capacity), _pow2_at_least(capacity + 1))
+    return order, ordered, _bfd(ordered, capacity, _max_bins(lengths, capacity), _pow2_at_least(capacity + 1))
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Bin index of every item (in input order) under best-fit-decreasing; O(N (log B + log C))."""
-    order, bins = _placed_bfd(lengths, capacity)
+    order, _, bins = _placed_bfd(lengths, capacity)
     return _in_input_order(bins, order)
 
 
@@ -252,123 +270,127 @@ class Plan:
         sums = np.concatenate([[0], np.cumsum(self.length)])
         return sums[self.row_ptr[1:]] - sums[self.row_ptr[:-1]]
 
-    def select(self, keep: np.ndarray) -> "Plan":
-        """The plan restricted to the rows where ``keep`` is true, in order."""
-        per_row = np.diff(self.row_ptr)
-        mask = np.repeat(keep, per_row)
-        return Plan(self.src[mask], self.length[mask], self.doc[mask],
-                    np.concatenate([[0], np.cumsum(per_row[keep])]).astype(np.int64))
-
     @staticmethod
     def single(src: np.ndarray, length: np.ndarray, doc: np.ndarray) -> "Plan":
         """One piece per row."""
         return Plan(src, length, doc, np.arange(src.size + 1, dtype=np.int64))
 
-    @staticmethod
-    def concat(plans: list["Plan"]) -> "Plan":
-        ptrs, base = [np.zeros(1, np.int64)], 0
-        for p in plans:
-            ptrs.append(p.row_ptr[1:] + base)
-            base += p.src.size
-        return Plan(*(np.concatenate([getattr(p, f) for p in plans]).astype(np.int64, copy=False)
-                      for f in ("src", "length", "doc")), np.concatenate(ptrs))
-
 
 @numba.njit(cache=True)
-def _rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int):
-    """Pieces laid end to end, cut at every row start: (src, length, doc, row_ptr), in one pass each to
-    count and to fill (a sort of the boundaries and two searchsorted took 4 s on 10M pieces)."""
-    # 1. Count: a piece holding k tokens from stream position pos is cut at each row start inside it.
+def _rechunk_size(src: np.ndarray, end: np.ndarray, seq_len: int) -> tuple[int, int]:
+    """(pieces, rows) of ``rechunk``: a piece of k tokens from stream position pos is cut at each row start in it."""
     n, pos = 0, 0
-    for i in range(length.shape[0]):
-        k = length[i]
+    for i in range(src.shape[0]):
+        k = end[i] - src[i]
         if k > 0:
             n += (pos + k - 1) // seq_len - pos // seq_len + 1
             pos += k
-    rows = -(-pos // seq_len)
-    out_src = np.empty(n, np.int64)
-    out_len = np.empty(n, np.int64)
-    out_doc = np.empty(n, np.int64)
-    row_ptr = np.empty(rows + 1, np.int64)
-    row_ptr[rows] = n
-    # 2. Fill; a sub-piece that starts at a multiple of seq_len starts its row.
-    j, pos = 0, 0
-    for i in range(length.shape[0]):
+    return n, -(-pos // seq_len)
+
+
+@numba.njit(cache=True)
+def _rechunk_into(src, end, doc, seq_len, out_src, out_len, out_doc, row_ptr, j, row) -> None:
+    """Fill ``rechunk``'s pieces [src, end) from out[j] on and its rows from row_ptr[row] on (a sort of the
+    boundaries and two searchsorted took 4 s on 10M pieces); a sub-piece that starts at a multiple of seq_len
+    starts its row. ``doc`` None: piece i is document i."""
+    pos = 0
+    for i in range(src.shape[0]):
         done = 0
-        while done < length[i]:
-            take = min(length[i] - done, seq_len - pos % seq_len)
+        while done < end[i] - src[i]:
+            take = min(end[i] - src[i] - done, seq_len - pos % seq_len)
             if pos % seq_len == 0:
-                row_ptr[pos // seq_len] = j
-            out_src[j], out_len[j], out_doc[j] = src[i] + done, take, doc[i]
+                row_ptr[row + pos // seq_len] = j
+            out_src[j], out_len[j], out_doc[j] = src[i] + done, take, i if doc is None else doc[i]
             j += 1
             done += take
             pos += take
+
+
+@numba.njit(cache=True)
+def _rechunk(src: np.ndarray, end: np.ndarray, doc, seq_len: int):
+    n, rows = _rechunk_size(src, end, seq_len)
+    out_src, out_len, out_doc = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    row_ptr = np.empty(rows + 1, np.int64)
+    row_ptr[rows] = n
+    _rechunk_into(src, end, doc, seq_len, out_src, out_len, out_doc, row_ptr, 0, 0)
     return out_src, out_len, out_doc, row_ptr
 
 
 def rechunk(src: np.ndarray, length: np.ndarray, doc: np.ndarray, seq_len: int) -> Plan:
     """Lay pieces end to end and cut the stream into rows of seq_len; the last row may be short."""
-    as64 = (np.ascontiguousarray(a, dtype=np.int64) for a in (src, length, doc))
-    return Plan(*_rechunk(*as64, seq_len))
+    src, length, doc = (np.ascontiguousarray(a, dtype=np.int64) for a in (src, length, doc))
+    return Plan(*_rechunk(src, src + length, doc, seq_len))
 
 
 @numba.njit(cache=True)
-def _truncate(src: np.ndarray, length: np.ndarray, doc: np.ndarray, row_ptr: np.ndarray, seq_len: int):
-    """Each row's pieces up to seq_len tokens: one pass to count what stays, one to fill."""
-    rows = row_ptr.shape[0] - 1
-    n = 0
-    for r in range(rows):
-        pos = 0
-        for p in range(row_ptr[r], row_ptr[r + 1]):
-            if length[p] > 0 and pos < seq_len:
-                n += 1
-            pos += length[p]
-    out_src = np.empty(n, np.int64)
-    out_len = np.empty(n, np.int64)
-    out_doc = np.empty(n, np.int64)
-    out_ptr = np.empty(rows + 1, np.int64)
-    j, cut = 0, 0
-    for r in range(rows):
-        out_ptr[r] = j
-        pos = 0
-        for p in range(row_ptr[r], row_ptr[r + 1]):
-            kept = min(max(seq_len - pos, 0), length[p])
-            cut += length[p] - kept
-            if kept > 0:
-                out_src[j], out_len[j], out_doc[j] = src[p], kept, doc[p]
-                j += 1
-            pos += length[p]
-    out_ptr[rows] = j
-    return out_src, out_len, out_doc, out_ptr, cut
-
-
-def truncate(plan: Plan, seq_len: int) -> tuple[Plan, int]:
-    """Cut every row to seq_len tokens from its end; returns the plan and the tokens cut."""
-    *arrays, cut = _truncate(plan.src, plan.length, plan.doc, plan.row_ptr, seq_len)
-    return Plan(*arrays), int(cut)
-
-
-@numba.njit(cache=True)
-def _group_stably(keys: np.ndarray, n_keys: int) -> np.ndarray:
-    """Positions 0..n-1 grouped by key, in order within each key: a stable counting sort, O(n + keys)."""
-    starts = np.zeros(n_keys + 1, np.int64)
-    for k in keys:
-        starts[k + 1] += 1
-    for k in range(n_keys):
-        starts[k + 1] += starts[k]
-    out = np.empty(keys.shape[0], np.int64)
-    for i in range(keys.shape[0]):
-        out[starts[keys[i]]] = i
-        starts[keys[i]] += 1
-    return out
-
-
-def bins_to_plan(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.ndarray, bins: np.ndarray) -> Plan:
-    """One row per bin, its items in placement order (longest first), as the reference concatenates them.
-    ``order``: the items in placement order; ``bins``: the bin of each, in that order."""
-    per_bin = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
-    placed = order[_group_stably(bins, per_bin.size)]
-    return Plan(src[placed], length[placed], doc[placed], np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int64))
+def _bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, order, ordered, bins, seq_len: int,
+                  rechunk_underfull: bool):
+    """The plan: one row per L-token chunk, then one row per bin, its items in placement order (longest first)
+    and cut to seq_len tokens from the bin's end; with ``rechunk_underfull``, bins left under seq_len tokens
+    are instead laid end to end after the others and cut every seq_len tokens.
+    ``order``, ``ordered``, ``bins``: the pool's items, their lengths and their bins in placement order.
+    Fused (passes over the placement order, no sort, no gather into temporaries): numpy's steps between them
+    took most of the plan stage."""
+    n, n_chunks = bins.shape[0], chunk_src.shape[0]
+    n_bins = 0
+    for i in range(n):
+        n_bins = max(n_bins, bins[i] + 1)
+    # 1. Per bin (one cache line): tokens placed, and the pieces that stay (non-empty, starting before seq_len).
+    per_bin = np.zeros((n_bins, 2), np.int64)  # fill, kept; then fill, start
+    for i in range(n):
+        b = bins[i]
+        if ordered[i] > 0 and per_bin[b, 0] < seq_len:
+            per_bin[b, 1] += 1
+        per_bin[b, 0] += ordered[i]
+    # 2. Where each bin's pieces go: its row's first piece, or (rechunked) its first item among the underfull.
+    rows, pieces, under = n_chunks, n_chunks, 0
+    for b in range(n_bins):
+        kept = per_bin[b, 1]
+        if rechunk_underfull and per_bin[b, 0] < seq_len:
+            per_bin[b, 1] = -1 - under  # nothing is cut from an underfull bin: all its non-empty items stay
+            under += kept
+        else:
+            per_bin[b, 1] = pieces
+            pieces += kept
+            rows += 1
+    # 3. The underfull bins' items in order, to cut into rows of seq_len.
+    u_src, u_end, u_doc = np.empty(under, np.int64), np.empty(under, np.int64), np.empty(under, np.int64)
+    if under:
+        for i in range(n):
+            b, k = bins[i], ordered[i]
+            if per_bin[b, 1] < 0 and k > 0:
+                j = -1 - per_bin[b, 1]
+                per_bin[b, 1] -= 1
+                u_src[j], u_doc[j] = pool_src[order[i]], pool_doc[order[i]]
+                u_end[j] = u_src[j] + k
+    extra_pieces, extra_rows = _rechunk_size(u_src, u_end, seq_len)
+    out_src = np.empty(pieces + extra_pieces, np.int64)
+    out_len = np.empty(pieces + extra_pieces, np.int64)
+    out_doc = np.empty(pieces + extra_pieces, np.int64)
+    row_ptr = np.empty(rows + extra_rows + 1, np.int64)
+    # 4. Chunks, one per row.
+    for r in range(n_chunks):
+        out_src[r], out_len[r], out_doc[r], row_ptr[r] = chunk_src[r], seq_len, chunk_doc[r], r
+    # 5. Bins: each item at its bin's next free piece, cut where the bin reaches seq_len.
+    row = n_chunks
+    for b in range(n_bins):
+        if per_bin[b, 1] >= 0:
+            row_ptr[row] = per_bin[b, 1]
+            row += 1
+        per_bin[b, 0] = 0
+    for i in range(n):
+        b = bins[i]
+        if per_bin[b, 1] >= 0:
+            k = min(max(seq_len - per_bin[b, 0], 0), ordered[i])
+            per_bin[b, 0] += ordered[i]
+            if k > 0:
+                j = per_bin[b, 1]
+                per_bin[b, 1] += 1
+                out_src[j], out_len[j], out_doc[j] = pool_src[order[i]], k, pool_doc[order[i]]
+    # 6. The underfull bins' items, cut every seq_len tokens.
+    _rechunk_into(u_src, u_end, u_doc, seq_len, out_src, out_len, out_doc, row_ptr, pieces, rows)
+    row_ptr[rows + extra_rows] = pieces + extra_pieces
+    return out_src, out_len, out_doc, row_ptr
 
 
 # --- The four methods ---------------------------------------------------------------------------
@@ -376,45 +398,43 @@ METHODS = tuple(PackMethod)
 UNDERFULL = (PackMethod.concat, PackMethod.pad)
 
 
-def _stage1(offsets: np.ndarray, seq_len: int, join: int) -> tuple[Plan, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Full L-token chunks as rows, and the pool (src, length, doc) left for bin packing."""
-    cdoc, cstart, pdoc, pstart, plen = window_all(np.diff(offsets), seq_len, join)
-    chunks = Plan.single(offsets[cdoc] + cstart, np.full(cdoc.size, seq_len, np.int64), cdoc)
-    return chunks, (offsets[pdoc] + pstart, plen, pdoc)
-
-
-def _binned(pool: tuple[np.ndarray, np.ndarray, np.ndarray], capacity: int, placed_bins) -> Plan:
-    src, length, doc = pool
-    return bins_to_plan(src, length, doc, *placed_bins(length, capacity))
+def _packed(offsets: np.ndarray, seq_len: int, join: int, capacity: int, placed_bins, rechunk_underfull: bool) -> Plan:
+    """Full L-token chunks as rows, then the pool (short documents and tails) packed into bins of ``capacity``."""
+    chunk_src, chunk_doc, pool_src, pool_len, pool_doc = window_offsets(offsets, seq_len, join)
+    placed = placed_bins(pool_len, capacity)
+    return Plan(*_bins_to_rows(chunk_src, chunk_doc, pool_src, pool_len, pool_doc, *placed, seq_len, rechunk_underfull))
 
 
 def plan_sp(offsets: np.ndarray, seq_len: int, overlap_ratio: float, extra_capacity: int, underfull: str) -> Plan:
     """Seamless Packing: sliding window, FFD into L+c bins, cut to L, underfull bins re-chunked or padded."""
-    chunks, pool = _stage1(offsets, seq_len, max_join(seq_len, overlap_ratio))
-    binned, _ = truncate(_binned(pool, seq_len + extra_capacity, _placed_ffd), seq_len)
-    if underfull == "pad":
-        return Plan.concat([chunks, binned])
-    full = binned.row_content() == seq_len
-    under = binned.select(~full)
-    return Plan.concat([chunks, binned.select(full), rechunk(under.src, under.length, under.doc, seq_len)])
+    return _packed(offsets, seq_len, max_join(seq_len, overlap_ratio), seq_len + extra_capacity, _placed_ffd,
+                   underfull != "pad")
 
 
 def plan_bfd(offsets: np.ndarray, seq_len: int) -> Plan:
     """Best-fit-decreasing (Ding et al. 2024): documents over L split into L-token pieces, bins padded."""
-    chunks, pool = _stage1(offsets, seq_len, 0)
-    return Plan.concat([chunks, _binned(pool, seq_len, _placed_bfd)])
+    return _packed(offsets, seq_len, 0, seq_len, _placed_bfd, False)
 
 
 def plan_concat(offsets: np.ndarray, seq_len: int) -> Plan:
     """Concatenate everything and cut every L tokens (only the last row is padded)."""
-    n = offsets.size - 1
-    return rechunk(offsets[:-1], np.diff(offsets), np.arange(n, dtype=np.int64), seq_len)
+    return Plan(*_rechunk(offsets[:-1], offsets[1:], None, seq_len))
+
+
+@numba.njit(cache=True)
+def _one_per_row(offsets: np.ndarray, seq_len: int):
+    n = offsets.shape[0] - 1
+    src, length, doc = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    row_ptr = np.empty(n + 1, np.int64)
+    for d in range(n):
+        src[d], length[d], doc[d], row_ptr[d] = offsets[d], min(offsets[d + 1] - offsets[d], seq_len), d, d
+    row_ptr[n] = n
+    return src, length, doc, row_ptr
 
 
 def plan_pad(offsets: np.ndarray, seq_len: int) -> Plan:
     """One document per row, truncated to L or padded."""
-    n = offsets.size - 1
-    return Plan.single(offsets[:-1].copy(), np.minimum(np.diff(offsets), seq_len), np.arange(n, dtype=np.int64))
+    return Plan(*_one_per_row(offsets, seq_len))
 
 
 def build_plan(method: str, offsets: np.ndarray, seq_len: int, overlap_ratio: float = 0.3,
@@ -434,50 +454,48 @@ def build_plan(method: str, offsets: np.ndarray, seq_len: int, overlap_ratio: fl
 
 # --- What a plan costs --------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.ndarray, offsets: np.ndarray):
-    """Per corpus: tokens covered at least once, and documents split / overlapped / truncated."""
+def _coverage(src: np.ndarray, length: np.ndarray, doc: np.ndarray, order: np.ndarray, offsets: np.ndarray,
+              in_plan_order: bool):
+    """Per corpus: (tokens covered at least once, documents split, overlapped, truncated, whether it could tell).
+    Each document's pieces must come in start order. ``in_plan_order``: the pieces in plan order, one state per
+    document (no sort: every method's plan keeps a document's pieces in start order), giving up (False) at a
+    piece that starts before its document's previous one; otherwise the pieces in ``order``."""
     n_docs = offsets.shape[0] - 1
-    covered = np.zeros(n_docs, np.int64)
-    split = np.zeros(n_docs, np.bool_)
-    overlapped = np.zeros(n_docs, np.bool_)
-    last, reach = -1, 0
-    for i in order:
-        d, s = doc[i], src[i]
-        e = s + length[i]
-        # Pieces of one document come sorted by start: a piece starting before the coverage so far
-        # overlaps it (sliding window); one starting at or after it is a cut without overlap.
-        if d != last:
-            last, reach = d, s
+    state = np.zeros((n_docs, 4), np.int64)  # per document: reach + 1 (0: no piece yet), covered, flags, last start
+    for i in range(src.shape[0]):
+        p = i if in_plan_order else order[i]
+        d, s = doc[p], src[p]
+        e, reach = s + length[p], state[d, 0] - 1
+        # A piece starting before the coverage so far overlaps it (sliding window); one at or after it is a cut.
+        if reach < 0:
+            reach = s
+        elif s < state[d, 3]:
+            return 0, 0, 0, 0, False
         elif s < reach:
-            overlapped[d] = True
+            state[d, 2] |= 2
         else:
-            split[d] = True
+            state[d, 2] |= 1
         if e > reach:
-            covered[d] += e - max(s, reach)
+            state[d, 1] += e - max(s, reach)
             reach = e
-    truncated_docs = 0
+        state[d, 0], state[d, 3] = reach + 1, s
+    covered, split, overlapped, truncated = 0, 0, 0, 0
     for d in range(n_docs):
-        if covered[d] < offsets[d + 1] - offsets[d]:
-            truncated_docs += 1
-    return covered.sum(), split.sum(), overlapped.sum(), truncated_docs
-
-
-def _by_document(plan: Plan, n_docs: int) -> np.ndarray:
-    """Pieces by document, then by start. A counting sort by document keeps the plan's order within one,
-    which is start order in every method's plan (O(N), where np.lexsort took most of the plan stage);
-    a plan that is not gets the full sort."""
-    order = _group_stably(plan.doc, n_docs)
-    doc, src = plan.doc[order], plan.src[order]
-    if (np.diff(src)[doc[1:] == doc[:-1]] >= 0).all():
-        return order
-    return np.lexsort((plan.src, plan.doc))
+        covered += state[d, 1]
+        split += state[d, 2] & 1
+        overlapped += state[d, 2] >> 1
+        truncated += state[d, 1] < offsets[d + 1] - offsets[d]
+    return covered, split, overlapped, truncated, True
 
 
 def plan_stats(plan: Plan, offsets: np.ndarray, seq_len: int) -> dict:
     """Token and document accounting: content = corpus + duplicated - truncated, by construction."""
     offsets = np.asarray(offsets, np.int64)
-    covered, split, overlapped, truncated_docs = _coverage(
-        plan.src, plan.length, plan.doc, _by_document(plan, offsets.size - 1), offsets)
+    none = np.empty(0, np.int64)
+    *counts, known = _coverage(plan.src, plan.length, plan.doc, none, offsets, True)
+    if not known:  # a plan with a document's pieces out of start order: sort them (np.lexsort is stable)
+        *counts, _ = _coverage(plan.src, plan.length, plan.doc, np.lexsort((plan.src, plan.doc)), offsets, False)
+    covered, split, overlapped, truncated_docs = counts
     corpus = int(offsets[-1] - offsets[0])
     content = int(plan.length.sum())
     output = plan.rows * seq_len

@@ -35,6 +35,7 @@ from data.pipeline import (packed_metadata, pack_settings, plan_corpus, require_
                            write_rows, _progress)
 from data.sources import DocumentSource, InputError, check_settings
 from data.tokenizer import load_tokenizer
+from data.window import document_offsets
 
 _CORPUS_STATS = ("documents", "empty_documents", "corpus_tokens", "text_tokens", "replacement_char_documents",
                  "tokenize_seconds")
@@ -205,7 +206,7 @@ class PlanTask:
         lengths = np.concatenate([np.load(f"{shard_prefix(self.work, r['shard'])}.lengths.npy") for r in records])
         corpus = {k: sum(r[k] for r in records) for k in _CORPUS_STATS}
         require_documents(corpus)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        offsets = document_offsets(lengths)
         # 2. The plan and the one permutation every part writes a slice of.
         plan, stats = plan_corpus(self.method, offsets, corpus, self.seq_len, self.overlap_ratio,
                                   self.extra_capacity, self.underfull)

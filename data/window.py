@@ -57,43 +57,60 @@ def _chunk_start(k: int, chunks: int, overlap: int, seq_len: int) -> int:
     return k * seq_len - (k * base + min(k, extra))
 
 
-@numba.njit(cache=True)
-def window_all(lengths: np.ndarray, seq_len: int, join: int):
-    """Stage 1 over a whole corpus.
+def document_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Where each document starts in the stream (and, last, where the stream ends): int64, one allocation."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    return offsets
 
-    Returns ``(chunk_doc, chunk_start, pool_doc, pool_start, pool_len)``: every chunk is exactly
-    ``seq_len`` tokens of document ``chunk_doc`` from ``chunk_start``; pool items are whole short
-    documents or tails, in document order.
+
+@numba.njit(cache=True)
+def window_offsets(offsets: np.ndarray, seq_len: int, join: int):
+    """Stage 1 over a whole corpus, documents ``stream[offsets[d]:offsets[d + 1]]``.
+
+    Returns ``(chunk_src, chunk_doc, pool_src, pool_len, pool_doc)`` as stream offsets: every chunk is exactly
+    ``seq_len`` tokens of document ``chunk_doc`` from ``chunk_src``; pool items are whole short documents or
+    tails (each ends where its document ends), in document order.
     """
-    n_docs = lengths.shape[0]
+    n_docs = offsets.shape[0] - 1
     # 1. Count, so the outputs are allocated once.
     n_chunks = 0
     n_pool = 0
     for d in range(n_docs):
-        c, _, p = _doc_plan(lengths[d], seq_len, join)
+        length = offsets[d + 1] - offsets[d]
+        c, _, p = _doc_plan(length, seq_len, join)
         n_chunks += c
-        if p < lengths[d]:
+        if p < length:
             n_pool += 1
+    chunk_src = np.empty(n_chunks, np.int64)
     chunk_doc = np.empty(n_chunks, np.int64)
-    chunk_start = np.empty(n_chunks, np.int64)
-    pool_doc = np.empty(n_pool, np.int64)
-    pool_start = np.empty(n_pool, np.int64)
+    pool_src = np.empty(n_pool, np.int64)
     pool_len = np.empty(n_pool, np.int64)
+    pool_doc = np.empty(n_pool, np.int64)
     # 2. Fill.
     i = 0
     j = 0
     for d in range(n_docs):
-        c, overlap, p = _doc_plan(lengths[d], seq_len, join)
+        length = offsets[d + 1] - offsets[d]
+        c, overlap, p = _doc_plan(length, seq_len, join)
         for k in range(c):
+            chunk_src[i] = offsets[d] + _chunk_start(k, c, overlap, seq_len)
             chunk_doc[i] = d
-            chunk_start[i] = _chunk_start(k, c, overlap, seq_len)
             i += 1
-        if p < lengths[d]:
+        if p < length:
+            pool_src[j] = offsets[d] + p
+            pool_len[j] = length - p
             pool_doc[j] = d
-            pool_start[j] = p
-            pool_len[j] = lengths[d] - p
             j += 1
-    return chunk_doc, chunk_start, pool_doc, pool_start, pool_len
+    return chunk_src, chunk_doc, pool_src, pool_len, pool_doc
+
+
+def window_all(lengths: np.ndarray, seq_len: int, join: int):
+    """Stage 1 over documents of ``lengths`` tokens: ``(chunk_doc, chunk_start, pool_doc, pool_start, pool_len)``,
+    starts counted from each document's beginning."""
+    offsets = document_offsets(lengths)
+    csrc, cdoc, psrc, plen, pdoc = window_offsets(offsets, seq_len, join)
+    return cdoc, csrc - offsets[cdoc], pdoc, psrc - offsets[pdoc], plen
 
 
 def window(length: int, seq_len: int, overlap_ratio: float) -> tuple[np.ndarray, int]:

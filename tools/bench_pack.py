@@ -136,13 +136,14 @@ def plan_one(method: str, n: int) -> dict:
     machine the wall time; on this shared one far less disturbed by the neighbours) and peak memory."""
     from data.packing import build_plan, plan_stats
     from data.pipeline import row_order
+    from data.window import document_offsets
 
     warm = np.concatenate([[0], np.cumsum(synthetic_document_lengths(1000))])
     plan_stats(build_plan(method, warm, SEQ_LEN), warm, SEQ_LEN)  # compile (or load the cache) outside the timings
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the interpreter and its modules
     lengths = synthetic_document_lengths(n)
     t0 = time.process_time()
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = document_offsets(lengths)
     plan = build_plan(method, offsets, SEQ_LEN)
     t1 = time.process_time()
     plan_stats(plan, offsets, SEQ_LEN)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.packing import (METHODS, Plan, best_fit_decreasing, build_plan, first_fit_decreasing, plan_stats,
-                          rechunk, truncate)
+                          rechunk)
 
 
 def brute_force(lengths, capacity: int, best: bool) -> list[int]:
@@ -131,13 +131,20 @@ def test_sp_truncates_only_bin_tails():
     assert plan.length.tolist() == [60, 40, 60]
 
 
-def test_rechunk_and_truncate():
+def test_rechunk():
     plan = rechunk(np.array([0, 100, 200]), np.array([5, 0, 7]), np.array([0, 1, 2]), 4)
     assert plan.rows == 3 and plan.row_content().tolist() == [4, 4, 4]
     assert plan.src.tolist() == [0, 4, 200, 203] and plan.length.tolist() == [4, 1, 3, 4]
-    cut, n = truncate(Plan(np.array([0, 10, 20]), np.array([3, 3, 3]), np.array([0, 1, 2]),
-                           np.array([0, 2, 3])), 4)
-    assert n == 2 and cut.length.tolist() == [3, 1, 3] and cut.row_ptr.tolist() == [0, 2, 3]
+
+
+def test_stats_of_pieces_out_of_start_order():
+    """A document's pieces in plan order but not start order: counted as if sorted (no single pass applies)."""
+    offsets = np.array([0, 10, 30], np.int64)
+    ordered = Plan(np.array([0, 10, 18]), np.array([6, 10, 10]), np.array([0, 1, 1]), np.array([0, 1, 2, 3]))
+    swapped = Plan(np.array([18, 0, 10]), np.array([10, 6, 10]), np.array([1, 0, 1]), np.array([0, 1, 2, 3]))
+    stats = plan_stats(swapped, offsets, 10)
+    assert stats == plan_stats(ordered, offsets, 10)
+    assert stats["truncated_tokens"] == 6 and stats["duplicated_tokens"] == 2 and stats["overlapped_documents"] == 1
 
 
 def test_rechunk_cuts_the_stream_every_l_tokens():
