@@ -17,12 +17,17 @@ from models.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its git revision is the code's
 
 
-def write_json(path: Path, obj, **dumps_kwargs) -> None:
-    """Write `obj` as JSON under a temporary name, then rename: a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write `text` under a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, obj, **dumps_kwargs) -> None:
+    """`obj` as JSON, written whole (`write_text`)."""
+    write_text(path, json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
 
 
 REVISION = "KEEL_REVISION"  # outside a git checkout: the commit the tree was copied from, as its copier says

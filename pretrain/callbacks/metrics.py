@@ -11,7 +11,7 @@ from pathlib import Path
 from models.config import ConfigError
 from pretrain.callbacks.base import METRICS_ORDER, Callback, Ranks, RunContext
 from pretrain.callbacks.trackers import Tracker, WandbConfig, build_trackers
-from pretrain.rundir import metrics_row
+from pretrain.rundir import metrics_row, write_text
 
 
 @dataclass
@@ -56,9 +56,7 @@ class MetricsLogger(Callback):
                 continue
             if row["step"] <= trainer.step and trainer.step > 0:  # a start at step 0 re-runs its step-0 validation
                 rows.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(r + "\n" for r in rows))
 
     def _write(self, metrics: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}

@@ -83,13 +83,13 @@ class Wandb:
 
     @staticmethod
     def _run_id(path: Path) -> str:
-        """The id the run folder keeps, or a new one written there (under a temporary name, then renamed)."""
+        """The id the run folder keeps, or a new one written there (whole: `rundir.write_text`)."""
+        from pretrain.rundir import write_text
+
         if path.exists():
             return path.read_text().strip()
         run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(run_id + "\n")
-        tmp.replace(path)
+        write_text(path, run_id + "\n")
         return run_id
 
     def log(self, metrics: dict, step: int) -> None:
