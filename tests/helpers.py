@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,14 @@ def run_keel(overrides: list[str], nproc: int = 1, check: bool = True, timeout: 
     if check and proc.returncode != 0:
         raise AssertionError(f"keel exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def resume_folder(run_dir: Path, step: int, into: Path) -> Path:
+    """A run folder holding only `run_dir`'s step-`step` checkpoint: keel started there resumes from that
+    step, as the same run stopped there would, without the launch that stops it."""
+    name = f"step_{step:08d}"
+    shutil.copytree(Path(run_dir) / "checkpoints" / name, Path(into) / "checkpoints" / name)
+    return Path(into)
 
 
 def metrics(run_dir: Path) -> list[dict]:

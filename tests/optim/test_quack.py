@@ -5,7 +5,7 @@ import torch
 
 from optim.rules.quack import head_norms, rate_factors, row_scales
 from pretrain.config import compose_config
-from tests.helpers import build_tiny_gpt, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import build_tiny_gpt, losses, metrics, resume_folder, run_keel, tiny_overrides
 
 QUACK = ["optim.quack=true", "optim.lr=1e-2"]
 
@@ -68,10 +68,11 @@ def test_quack_logs_resumes_exactly_and_matches_across_processes(tiny_data, tmp_
     rows = metrics(tmp_path / "a")
     assert rows[0]["quack/min_factor"] == rows[0]["quack/max_factor"] == 1.0  # the first step is at the base rate
     assert rows[-1]["quack/min_factor"] != rows[-1]["quack/max_factor"]
-    # exact resume: the initial norms are in the checkpoint
-    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + QUACK + ["trainer.stop_at=3"])
-    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + QUACK)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # exact resume from a's step-3 checkpoint: the initial norms are in the checkpoint
+    run_keel(tiny_overrides(tiny_data, resume_folder(tmp_path / "a", 3, tmp_path / "b"), steps=6) + QUACK)
+    resumed = losses(tmp_path / "b")
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == {step: loss for step, loss in losses(tmp_path / "a").items() if step > 3}
     # the distributed optimizer over two ranks and TP=2 take the same steps as one process
     for name, parallel, rel in (("dp", ["optim.distributed=true"], 1e-5), ("tp", ["parallel.tensor=2"], 1e-4)):
         run_keel(tiny_overrides(tiny_data, tmp_path / name, steps=6) + QUACK + ["trainer.stop_at=3"] + parallel, nproc=2)

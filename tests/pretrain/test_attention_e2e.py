@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import ROOT, child_env, losses, metrics, resume_folder, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -16,25 +16,26 @@ TYPES = ["mha", "gqa", "mqa", "gta", "gla", "mla"]
 # needs that module's CPU redirect in pretrain/cpu_compat.py
 @pytest.mark.parametrize("attention", TYPES)
 def test_tensor_parallel_matches_one_process_and_resume_is_exact(tiny_data, tmp_path, attention):
-    # one uninterrupted 4-step run is the reference of both checks
-    over = [f"attention={attention}"]
-    run_keel(tiny_overrides(tiny_data, tmp_path / "straight", steps=4) + over)
-    straight = metrics(tmp_path / "straight")
+    # one uninterrupted 4-step run, with a checkpoint after step 2, is the reference of both checks
+    over = [f"attention={attention}", "checkpoint.interval=2"]
+    straight = tmp_path / "straight"
+    run_keel(tiny_overrides(tiny_data, straight, steps=4) + over)
     # 1. TP=2 (stop_at keeps the schedule): GTA shards KV heads (RoPE key replicated); GLA shards its 2
     #    latents; MLA replicates its latent
     run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=4) + over + ["parallel.tensor=2", "trainer.stop_at=2"],
              nproc=2)
     two = metrics(tmp_path / "two")
     assert len(two) == 2
-    for a, b in zip(straight, two):
+    for a, b in zip(metrics(straight), two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    # 2. stopped after step 2 and resumed: bit for bit
-    split = tmp_path / "split"
-    run_keel(tiny_overrides(tiny_data, split, steps=4) + over + ["trainer.stop_at=2", "checkpoint.interval=2"])
+    # 2. resumed from the step-2 checkpoint: steps 3 and 4 bit for bit
+    split = resume_folder(straight, 2, tmp_path / "split")
     out = run_keel(tiny_overrides(tiny_data, split, steps=4) + over)
     assert "resumed from" in out.stdout
-    assert losses(split) == losses(tmp_path / "straight")
+    resumed = losses(split)
+    assert sorted(resumed) == [3, 4]
+    assert resumed == {step: loss for step, loss in losses(straight).items() if step > 2}
 
 
 def test_gla_with_fewer_latents_than_ranks_matches_one_process(tiny_data, tmp_path):

@@ -1,9 +1,9 @@
-"""MoE end to end through `pretrain/main.py`: training with statistics, routing by source at each
-evaluation, DP=2 and EP=2 equal one process, exact resume, and the losses' restrictions."""
+"""MoE end to end through `pretrain/main.py`: training with statistics and exact resume, routing by source at
+each evaluation, DP=2 and EP=2 equal one process, and the losses' restrictions."""
 
 import pytest
 
-from tests.helpers import assert_index_admitted, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import assert_index_admitted, losses, metrics, resume_folder, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -15,17 +15,28 @@ def _step1(run_dir) -> dict:
     return metrics(run_dir)[0]
 
 
-def test_moe_trains_and_logs_router_statistics(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    run_keel(tiny_overrides(tiny_data, run, steps=6) + MOE + SPECIALIZE + ["model.moe.capacity_factor=1.0"])
-    rows = metrics(run)
+def test_moe_trains_logs_router_statistics_and_resumes_exactly(tiny_data, tmp_path):
+    # capacity 1.0 drops some tokens on a skewed router: the dropping path trains, logs and resumes too
+    straight = tmp_path / "straight"
+    extra = MOE + SPECIALIZE + ["model.moe.capacity_factor=1.0"]
+    run_keel(tiny_overrides(tiny_data, straight, steps=6) + extra)
+    # 1. every statistic logged, some tokens dropped, and the model learns
+    rows = metrics(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("maxvio", "dropped", "entropy", "routing_var", "overlap", "weight_sim", "load_balancing_loss",
                 "z_loss", "ortho_loss", "var_loss", "layer1/load/0", "layer2/overlap"):
         assert f"moe/{key}" in rows[-1], key
-    assert any(r["moe/dropped"] > 0 for r in rows)  # capacity 1.0 drops some tokens on a skewed router
+    assert any(r["moe/dropped"] > 0 for r in rows)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0]
+    # 2. resumed from the checkpoint after step 3: steps 4-6 bit for bit, routing statistics included
+    split = resume_folder(straight, 3, tmp_path / "split")
+    out = run_keel(tiny_overrides(tiny_data, split, steps=6) + extra)
+    assert "resumed from" in out.stdout
+    resumed = losses(split)
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == {step: loss for step, loss in losses(straight).items() if step > 3}
+    assert [r["moe/overlap"] for r in metrics(split)] == [r["moe/overlap"] for r in rows[3:]]
 
 
 def _sources(**paths: str) -> list[str]:
@@ -70,17 +81,6 @@ def test_moe_expert_parallel_matches_data_parallel(tiny_data, tmp_path):
     for a, b in zip(metrics(dp), metrics(ep)):
         for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/maxvio"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-
-
-def test_moe_resume_is_exact(tiny_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    extra = MOE + SPECIALIZE
-    run_keel(tiny_overrides(tiny_data, straight, steps=6) + extra)
-    run_keel(tiny_overrides(tiny_data, split, steps=6) + extra + ["trainer.stop_at=3"])
-    out = run_keel(tiny_overrides(tiny_data, split, steps=6) + extra)
-    assert "resumed from" in out.stdout
-    assert losses(split) == losses(straight)  # bit for bit
-    assert [r["moe/overlap"] for r in metrics(split)] == [r["moe/overlap"] for r in metrics(straight)]
 
 
 def test_ortho_loss_refuses_expert_parallelism(tiny_data, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import losses, metrics, run_keel, tiny_overrides
+from tests.helpers import losses, metrics, resume_folder, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 SPECTRAL = ["optim.spectral.enabled=true", "optim.spectral.tau=0.05", "logging.monitors.interval=2"]
@@ -30,10 +30,11 @@ def test_monitors_log_every_quantity(bounded):
 
 
 def test_spectral_bound_and_monitors_resume_exactly(tiny_data, tmp_path, bounded):
-    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + SPECTRAL + ["trainer.stop_at=3"])
-    run_keel(tiny_overrides(tiny_data, tmp_path / "b", steps=6) + SPECTRAL)
+    run_keel(tiny_overrides(tiny_data, resume_folder(bounded, 3, tmp_path / "b"), steps=6) + SPECTRAL)
     a, b = metrics(bounded), metrics(tmp_path / "b")
-    assert losses(bounded) == losses(tmp_path / "b")
+    resumed = losses(tmp_path / "b")
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == {step: loss for step, loss in losses(bounded).items() if step > 3}
     assert a[-1]["stability/qk_sigma1/layer1"] == b[-1]["stability/qk_sigma1/layer1"]
 
 
