@@ -310,7 +310,7 @@ def tables_long(choice: dict[str, dict], compared: dict) -> str:
         e = p.get("equivalence")
         return f"[{e['interval90'][0]:+.4f}, {e['interval90'][1]:+.4f}], p = {e['p_value']:.3f}" if e else MISSING
 
-    pairs = markdown_table(["comparison", "seeds", "mean", "95% interval", f"TOST 90% interval (±margin)", "verdict"],
+    pairs = markdown_table(["comparison", "seeds", "mean", "95% interval", "TOST 90% interval (±margin)", "verdict"],
                            [[name, len(p["seeds"]), f"{p['mean']:+.4f}",
                              f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else MISSING,
                              tost(p), p["verdict"]] for name, p in compared["paired"].items()], align="lrrrrl")
