@@ -4,6 +4,7 @@ commands (--dry-run), the rates for the compare stage taken from the tuning runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -86,11 +87,18 @@ def test_the_compare_stage_groups_the_types_by_their_chosen_rate():
     assert all("seed=1,2,3" in a and "hydra.sweep.dir=runs/attention_d128/compare" in a for a in argvs)
 
 
+@functools.cache
+def _config(arm: str, preset: str) -> str:
+    """An arm's resolved config as JSON, composed once (a run differs only in its seed and rate)."""
+    return json.dumps(dataclasses.asdict(_cfg(arm, preset=preset)))
+
+
 def _run(folder, arm: str, seed: int, lr: float, val: float | None, status: str = "completed",
          preset: str = "attention_d128") -> None:
-    cfg = _cfg(arm, f"seed={seed}", f"optim.lr={lr}", preset=preset)
+    config = json.loads(_config(arm, preset)) | {"seed": seed}
+    config["optim"]["lr"] = lr
     folder.mkdir(parents=True)
-    (folder / "run_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+    (folder / "run_info.json").write_text(json.dumps({"config": config}))
     (folder / "result.json").write_text(json.dumps({"status": status}))
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 150, "loss": 5.0, "grad_norm": 2.0, "val_loss": val}))
 
