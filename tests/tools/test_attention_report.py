@@ -136,3 +136,48 @@ def test_a_reported_seed_among_the_tuning_runs_is_never_used_to_choose(tmp_path)
         _fake_run(tmp_path / f"gqa-{lr}-{seed}", "gqa", seed, loss, lr=lr)
     choice = attention_report.choose_lrs(load_runs(tmp_path))
     assert choice["gqa"]["chosen_lr"] == 1e-3 and choice["gqa"]["seeds"] == [100]
+
+
+def _arm(lr: float, losses: list[float]) -> dict:
+    return {"lr": lr, "seeds": list(range(1, len(losses) + 1)), "val_loss": losses}
+
+
+def test_the_registered_design_tosts_its_two_claims_and_pairs_gla_with_the_better_mla():
+    """GTA - GQA within ±0.03 (TOST), GLA - MLA noisy (inconclusive); the MLA GLA meets is the one with the lower
+    tuning loss at its chosen rate (here without QK-norm), and the two MLAs are paired with each other."""
+    margin, seeds = 0.03, 15
+    noise = [0.01 * (-1) ** s for s in range(seeds)]
+    arms = {"gqa": _arm(1e-3, [4.0] * seeds), "gta": _arm(1e-3, [4.0 + 0.005 + n for n in noise]),
+            "gla": _arm(1e-3, [4.0 + 5 * n for n in noise]), "mla+qk-norm": _arm(2e-3, [4.1] * seeds),
+            "mla": _arm(1e-3, [4.0 + 0.002 * s for s in range(seeds)])}
+    chosen = {"mla+qk-norm": {"chosen_lr": 2e-3, "val_loss": {2e-3: {100: 4.6, 101: 4.7}}},
+              "mla": {"chosen_lr": 1e-3, "val_loss": {1e-3: {100: 4.5, 101: 4.6}}}}
+    assert attention_report.better_mla(arms, chosen) == "mla"
+    pairs = {(p["b"], p["a"]): p for p in attention_report.comparisons(arms, chosen, margin)}
+    assert list(pairs) == [("gta", "gqa"), ("gla", "gqa"), ("mla+qk-norm", "gqa"), ("mla", "gqa"),
+                           ("mla", "mla+qk-norm"), ("gla", "mla")]
+    gta = pairs["gta", "gqa"]
+    assert gta["verdict"] == "equivalent within ±0.03" and gta["equivalence"]["margin"] == margin
+    assert gta["equivalence"]["interval90"][0] > -margin and gta["equivalence"]["interval90"][1] < margin
+    assert pairs["gla", "mla"]["verdict"] == "inconclusive" and not pairs["gla", "mla"]["equivalence"]["equivalent"]
+    assert all("equivalence" not in p for k, p in pairs.items() if k not in {("gta", "gqa"), ("gla", "mla")})
+    table = attention_report.paired_table(list(pairs.values()))
+    assert "| gta − gqa |" in table and "±0.03: [" in table
+    # without a registered margin (the first design) nothing is TOST'd, and GLA meets MLA with QK-norm when
+    # nothing was tuned
+    assert all("equivalence" not in p for p in attention_report.comparisons(arms))
+    assert attention_report.better_mla(arms, {}) == "mla+qk-norm"
+
+
+def test_the_margin_comes_from_the_runs_design_and_mixed_designs_are_refused(tmp_path):
+    from tools.experiments import ExperimentError
+    from tools.experiments.preregistration import ATTENTION_LONG
+    from tools.experiments.runs import Run
+
+    def run(preset: str) -> Run:
+        return Run(preset, tmp_path, {"name": preset, "seed": 1}, "completed", [])
+
+    assert attention_report.registered_margin([run("attention_d128_long")] * 2) == ATTENTION_LONG.margin == 0.03
+    assert attention_report.registered_margin([run("attention_d128")]) is None
+    with pytest.raises(ExperimentError, match="several designs"):
+        attention_report.registered_margin([run("attention_d128"), run("attention_d128_long")])

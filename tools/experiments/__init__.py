@@ -5,7 +5,9 @@ multirun (`python pretrain/main.py -m ...`, each script's docstring gives the co
 here orchestrate stages and aggregate run folders. What they share, one concern per module:
 `runs` (run folders, arms and seeds), `seeds` (tuning apart from reported seeds), `stats` (paired seeds,
 TOST, summaries), `tables`, `provenance` (what every results JSON opens with), `stages` (the drivers'
-training stages) and `cli` (the drivers' and reports' command line). Each raises `ExperimentError`.
+training stages), `cli` (the drivers' and reports' command line) and `preregistration` (the designs whose
+margins, seeds and grids were fixed before their runs, and the rule that extends a grid at an edge).
+Each raises `ExperimentError`.
 """
 
 

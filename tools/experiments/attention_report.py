@@ -15,8 +15,11 @@ on the edge of the grid; on REPORTED_SEEDS every (arm, rate) gets its final vali
 mean and standard deviation, largest gradient norm per seed, the parameter count (the model is rebuilt
 from the run's config) and the KV cache per token per layer at TP=1 (the type's `cache_elements`,
 which its tests check against the real cache tensors). Each arm at its chosen rate (its only rate
-when nothing was tuned) is then paired seed by seed with GQA, and GLA with MLA (the paper's two claims:
-GTA matches GQA with less cache, GLA matches MLA): per-seed differences, their mean and 95% interval.
+when nothing was tuned) is then paired seed by seed with GQA, MLA without QK-norm with MLA with it, and GLA
+with the better MLA (the paper's two claims: GTA matches GQA with less cache, GLA matches MLA): per-seed
+differences, their mean and 95% interval; for runs of a design registered with a margin
+(tools/experiments/preregistration.py: conf/experiment/attention_d128_long.yaml), the two claims also get
+TOST at that margin, and the verdict says "equivalent within ±margin" only when TOST shows it.
 Writes NAME.json (with the runs' provenance) and NAME.png (tuning curves; per-seed losses with 95%
 intervals against KV bytes; paired differences) into --out and prints markdown tables.
 """
@@ -29,7 +32,9 @@ import statistics
 from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 from models.attention import attention_names
 from pretrain.rundir import pyplot, write_json
+from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded, report_parser
+from tools.experiments.preregistration import ATTENTION_LONG, at_edge
 from tools.experiments.provenance import results_provenance
 from tools.experiments.runs import Run, by_arm, load_runs, per_seed
 from tools.experiments.seeds import reported_runs, select, tuning_runs
@@ -41,6 +46,8 @@ FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that fai
 QK_NORM = "+qk-norm"
 BASELINE = "gqa"  # every arm is paired with GQA; GLA also with MLA
 PAIRS_BESIDE_BASELINE = (("mla", "gla"),)  # (a, b): b - a, a and b the types, whatever their qk-norm
+EQUIVALENCE_CLAIMS = {("gqa", "gta"), ("mla", "gla")}  # the paper's "matches" claims, TOST'd at a registered margin
+REGISTERED = {ATTENTION_LONG.preset: ATTENTION_LONG}  # preset -> the design registered before its runs
 
 
 def attention_arm(config: dict) -> str:
@@ -95,7 +102,7 @@ def choose_lrs(runs: list[Run]) -> dict[str, dict]:
         out[arm] = {"chosen_lr": chosen, "lrs": grid, "seeds": sorted({s for c in candidates.values() for s in c}),
                     "val_loss": {lr: {s: final_val(r) for s, r in candidates[lr].items()} for lr in grid},
                     "max_grad_norm": {lr: {s: max_grad_norm(r) for s, r in candidates[lr].items()} for lr in grid},
-                    "at_edge": chosen is not None and len(grid) > 1 and chosen in (grid[0], grid[-1])}
+                    "at_edge": at_edge(grid, chosen)}
     return out
 
 
@@ -143,22 +150,64 @@ def compared(rows: list[dict], chosen: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def comparisons(arms: dict[str, dict]) -> list[dict]:
-    """Every arm minus GQA, and GLA minus MLA, seed by seed: (b - a) per seed, mean, 95% interval, verdict."""
+def better_mla(arms: dict[str, dict], chosen: dict[str, dict]) -> str | None:
+    """Of the MLA arms compared (with and without QK-norm), the one GLA is paired with: the only one, else the
+    one with the lower mean tuning loss at its chosen rate (decided on tuning seeds, never on the reported
+    ones), else, untuned, the one with QK-norm (the issue 16 setting)."""
+    mlas = [arm for arm in arms if arm_type(arm) == "mla"]
+    if len(mlas) < 2:
+        return next(iter(mlas), None)
+
+    def tuned(arm: str) -> float:
+        c = chosen.get(arm) or {}
+        losses = [v for v in (c.get("val_loss") or {}).get(c.get("chosen_lr"), {}).values() if v is not None]
+        return statistics.fmean(losses) if losses else math.inf
+
+    best = min(mlas, key=tuned)
+    return best if tuned(best) < math.inf else next(a for a in mlas if a.endswith(QK_NORM))
+
+
+def comparisons(arms: dict[str, dict], chosen: dict[str, dict] | None = None,
+                margin: float | None = None) -> list[dict]:
+    """Every arm minus GQA, MLA without QK-norm minus MLA with it, and GLA minus the better MLA, seed by seed:
+    (b - a) per seed, mean, 95% interval, verdict; with a registered `margin`, GTA - GQA and GLA - MLA (the
+    paper's "matches" claims) also get TOST at ±margin ("equivalence")."""
     by_type = {}
-    for arm in arms:  # a type's arm: its only one, else the one with QK-norm (the issue 16 setting)
+    for arm in arms:  # a type's arm: its only one, else the one with QK-norm
         if arm_type(arm) not in by_type or arm.endswith(QK_NORM):
             by_type[arm_type(arm)] = arm
+    if mla := better_mla(arms, chosen or {}):
+        by_type["mla"] = mla
     pairs = [(by_type[BASELINE], b) for b in arms if BASELINE in by_type and b != by_type[BASELINE]]
+    if "mla" + QK_NORM in arms and "mla" in arms:
+        pairs.append(("mla" + QK_NORM, "mla"))
     pairs += [(by_type[a], by_type[b]) for a, b in PAIRS_BESIDE_BASELINE if a in by_type and b in by_type]
     out = []
     for a, b in pairs:
         losses = [dict(zip(arms[x]["seeds"], arms[x]["val_loss"])) for x in (a, b)]
         if not losses[0].keys() & losses[1].keys():
             continue
+        judged = margin if (arm_type(a), arm_type(b)) in EQUIVALENCE_CLAIMS else None
         p = paired(*losses)
-        out.append({"a": a, "b": b, "lr_a": arms[a]["lr"], "lr_b": arms[b]["lr"], **p.as_dict()})
+        out.append({"a": a, "b": b, "lr_a": arms[a]["lr"], "lr_b": arms[b]["lr"], **p.as_dict(judged)})
     return out
+
+
+def registered_margin(runs: list[Run]) -> float | None:
+    """The equivalence margin registered for the runs' design (preregistration: a design per preset), None
+    for runs of a design without one; runs of several designs are one report's error."""
+    presets = {r.config["name"] for r in runs}
+    designs = {p: REGISTERED.get(p) for p in presets}
+    if len(presets) > 1 and any(designs.values()):
+        raise ExperimentError(f"the runs belong to several designs ({', '.join(sorted(presets))}); report each "
+                              "design's runs from its own roots")
+    design = next(iter(designs.values()), None)
+    return design.margin if design else None
+
+
+def edges(chosen: dict[str, dict]) -> list[str]:
+    """The arms whose chosen rate is the lowest or highest of their grid (extensions included)."""
+    return [arm for arm, c in chosen.items() if c["at_edge"]]
 
 
 # 3. Tables and the plot
@@ -191,10 +240,17 @@ def paired_table(pairs: list[dict]) -> str:
     def ci(p: dict) -> str:
         return f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else "no interval"
 
-    return markdown_table(["comparison (b − a)", "seeds", "per-seed differences", "mean", "95% interval", "verdict"],
+    def tost(p: dict) -> str:
+        if not (e := p.get("equivalence")):
+            return MISSING
+        lo, hi = e["interval90"]
+        return f"±{e['margin']:g}: [{lo:+.4f}, {hi:+.4f}], p = {e['p_value']:.3f}"
+
+    return markdown_table(["comparison (b − a)", "seeds", "per-seed differences", "mean", "95% interval",
+                           "TOST (90% interval, p)", "verdict"],
                           [[f"{p['b']} − {p['a']}", ", ".join(map(str, p["seeds"])),
-                            ", ".join(f"{d:+.4f}" for d in p["diffs"]), f"{p['mean']:+.4f}", ci(p), p["verdict"]]
-                           for p in pairs], align="llllll")
+                            ", ".join(f"{d:+.4f}" for d in p["diffs"]), f"{p['mean']:+.4f}", ci(p), tost(p),
+                            p["verdict"]] for p in pairs], align="lllllll")
 
 
 def plot(chosen: dict[str, dict], arms: dict[str, dict], pairs: list[dict], out, title: str) -> None:
@@ -247,19 +303,22 @@ def report(roots, out, name: str) -> dict:
     """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables; the report's dict."""
     runs = load_runs(*roots, statuses=FINISHED)
     origin = results_provenance(runs)  # refused before any file is written
+    margin = registered_margin(runs)
     chosen = choose_lrs(runs)
     rows = summarize_arms(runs)
     arms = compared(rows, chosen)
-    pairs = comparisons(arms)
+    pairs = comparisons(arms, chosen, margin)
     missing = [arm for arm in chosen if arm not in arms]  # tuned, but no reported run at the chosen rate yet
-    result = {**origin, "roots": [str(r) for r in roots], "tuning": chosen, "rows": rows, "compared": arms,
-              "paired": pairs, "not_compared": missing,
+    result = {**origin, "roots": [str(r) for r in roots], "equivalence_margin": margin, "tuning": chosen,
+              "on_edge": edges(chosen), "rows": rows, "compared": arms, "paired": pairs, "not_compared": missing,
               "diverged": sorted(r.name for r in runs if r.status == "diverged")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)
     plot(chosen, arms, pairs, out / f"{name}.png", f"attention quality: {name}")
     if chosen:
         print(f"learning rate per arm, chosen on tuning seeds:\n\n{tuning_table(chosen)}\n")
+    if result["on_edge"]:
+        print(f"chosen on the grid's edge (a better rate may lie beyond it): {', '.join(result['on_edge'])}\n")
     print(table(rows))
     if pairs:
         print(f"\npaired by seed, each arm at its chosen rate:\n\n{paired_table(pairs)}")

@@ -1,6 +1,7 @@
 """The drivers' training stages: `TrainingStage` (its commands, whether its runs are done, what --force
-removes), `print_commands` (--dry-run), `run_stage` (skip when done, else launch, in order or --concurrent)
-and `launch` (one process from the repository root, one thread per BLAS pool)."""
+removes), `print_commands` (--dry-run), `run_stage` (skip when done, else launch, in order or --concurrent),
+`run_rounds` (a stage planned again from its own finished runs until its plan is done) and `launch` (one
+process from the repository root, one thread per BLAS pool)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,26 @@ def run_stage(name: str, stage: TrainingStage, force: bool, launch: Callable[[li
     for future in futures:
         if future.exception():
             raise future.exception()
+
+
+def run_rounds(name: str, plan: Callable[[], TrainingStage], launch: Callable[[list[str]], None] = launch,
+               overrides: Iterable[str] = (), concurrent: bool = False, dry: bool = False, then: str = "") -> None:
+    """A stage whose runs depend on its own finished runs (a tuning grid extended past the edge its choice sits
+    on): plan it, launch what the plan lacks, plan again, until a plan's runs have all finished. --dry-run
+    prints the first round and `then`, what later rounds would add. (--force is the caller's: remove first.)"""
+    launched = False
+    while True:
+        stage = plan()
+        if dry:
+            print_commands(name, stage, overrides)
+            if then:
+                print(f"({name}) then {then}")
+            return
+        if stage.done():
+            if not launched:
+                print(f"{name}: every run has finished; skipped (--force reruns it)")
+            return
+        run_stage(name, stage, False, launch, overrides, concurrent)
+        launched = True
+        if not stage.done():
+            raise ExperimentError(f"{name}: the multiruns ended without every run of the stage; see their output")

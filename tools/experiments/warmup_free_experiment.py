@@ -18,23 +18,37 @@ folder per preset and overrides below the stage's folder (the presets' hydra.swe
     python tools/experiments/warmup_free_experiment.py --dry-run        # print the commands only
     python tools/experiments/warmup_free_experiment.py --stage report   # re-aggregate existing runs
 
-Every run also gets COMMON (evaluation every 100 steps, no progress bar or TensorBoard) unless --set names
-the key. A training stage whose runs have all finished (completed or diverged) is skipped (--force reruns it
-from scratch); otherwise it runs whole: a completed run ends at once, a killed one starts again.
+`--design long` runs the design registered for keel issue 38 before its runs (preregistration.WARMUP_LONG,
+docs/results/preregistration.md): conf/experiment/warmup_free_long_*.yaml (3000 steps), into
+runs/warmup_free_long, in four stages: tune (on the tuning seeds, AdamW + warmup's length and the bound's τ
+at lr tune_at, AdamW without warmup over its rates), tune-lr (each at its chosen length or τ over the rate
+grid), reported (each method at its own choice on the reported seeds) and report (`warmup_free_report.py
+--design long`: TOST at the registered margin). A choice on a grid's edge extends that grid
+(preregistration.tuned_grid): the stage plans again from its finished runs and runs the next value past
+the edge, at most MAX_EXTENSIONS times; the report names any choice still on an edge.
+
+    python tools/experiments/warmup_free_experiment.py --design long --jobs 2
+
+Every run of the short design also gets COMMON (evaluation every 100 steps, no progress bar or TensorBoard)
+unless --set names the key. A training stage whose runs have all finished (completed or diverged) is skipped
+(--force reruns it from scratch); otherwise it runs whole: a completed run ends at once, a killed one starts
+again (the long design's resume from their last checkpoint, every 250 steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tools.experiments import ExperimentError, warmup_free_report
 from tools.experiments.cli import chosen_stages, driver_parser, guarded
+from tools.experiments.preregistration import MAX_EXTENSIONS, WARMUP_LONG, WarmupDesign
 from tools.experiments.runs import NoRuns, Run, load_runs
 from tools.experiments.seeds import REPORTED_SEEDS
-from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_rounds, run_stage
 
 ADAMW, SPECTRAL = "warmup_free_adamw_warmup", "warmup_free_spectral"  # presets: warmup_steps and tau are named
 WARMUPS = (0, 30, 60, 120)  # tuning candidates, steps of linear warmup (of 300)
@@ -47,7 +61,7 @@ TUNING_SEED = 100
 SEEDS = (1, 2, 3)
 COMMON = ("trainer.progress=false", "logging.tensorboard=false", "trainer.eval_interval=100")
 RUNS = Path("runs") / "warmup_free"  # relative to ROOT, where main() runs
-STAGES = ("tune", "reported", "report")
+STAGES = ("tune", "tune-lr", "reported", "report")  # tune-lr: the long design's
 
 
 def _csv(values) -> str:
@@ -158,6 +172,85 @@ def stage_report(args: argparse.Namespace) -> None:
         warmup_free_report.report([r for r in roots if r.exists()], args.out, args.name, args.tune_at)
 
 
+# --- The long design (preregistration.WARMUP_LONG) -------------------------------------------------------
+LONG_RUNS = Path("runs") / "warmup_free_long"  # relative to ROOT
+LONG_COMMON = ("trainer.progress=false", "logging.tensorboard=false")
+KEYS = {warmup_free_report.ADAMW: "lr.warmup_steps", warmup_free_report.WARMUP: "lr.warmup_steps",
+        warmup_free_report.SPECTRAL: "optim.spectral.tau"}
+
+
+def long_sweeps(design: WarmupDesign, stage: str, choice: dict[str, dict]) -> list[Sweep]:
+    """The multiruns of a stage of the long design, from the choices the finished runs make so far: tune
+    (the length and τ grids at tune_at, AdamW without warmup's rate grid), tune-lr (each rate grid at the
+    chosen length or τ) or reported (each method at its choice, on the reported seeds)."""
+    presets = dict(zip((warmup_free_report.ADAMW, warmup_free_report.WARMUP, warmup_free_report.SPECTRAL),
+                       design.presets))
+    seeds = design.tuning_seeds
+    if stage == "tune":
+        c = choice[warmup_free_report.ADAMW]
+        return [Sweep(presets[warmup_free_report.ADAMW], KEYS[warmup_free_report.ADAMW], (0,), tuple(c["lrs"]), seeds),
+                *(Sweep(presets[name], KEYS[name], tuple(choice[name]["values"]), (design.tune_at,), seeds)
+                  for name in (warmup_free_report.WARMUP, warmup_free_report.SPECTRAL))]
+    if stage == "tune-lr":
+        return [Sweep(presets[name], KEYS[name], (choice[name]["value"],), tuple(choice[name]["lrs"]), seeds)
+                for name in (warmup_free_report.WARMUP, warmup_free_report.SPECTRAL)]
+    return [Sweep(presets[name], KEYS[name], (c["value"] or 0,), (c["lr"],), design.seeds)
+            for name, c in choice.items()]
+
+
+def long_choice(design: WarmupDesign, stage: str) -> dict[str, dict]:
+    """warmup_free_report.choose_long on the finished tuning runs, refused (one line) when the stage needs a
+    choice that is not made yet."""
+    choice = warmup_free_report.choose_long(finished(LONG_RUNS / "tuning"), design)
+    needs = {"tune": (), "tune-lr": ("value",), "reported": ("value", "lr")}[stage]
+    names = [warmup_free_report.WARMUP, warmup_free_report.SPECTRAL] if stage == "tune-lr" else list(choice)
+    if stage == "tune-lr":
+        unsettled = [n for n in names if choice[n]["value"] is None]
+    else:
+        unsettled = [n for n in names if needs and not choice[n]["settled"]]
+    if unsettled:
+        earlier = "tune" if stage == "tune-lr" else "tune and tune-lr"
+        raise ExperimentError(f"{stage}: the choice of {', '.join(unsettled)} is not made yet (its tuning runs below "
+                              f"{LONG_RUNS / 'tuning'} have not all finished); run --stage {earlier} first")
+    return choice
+
+
+def stage_long(name: str, args: argparse.Namespace, design: WarmupDesign = WARMUP_LONG) -> None:
+    folder = LONG_RUNS / ("reported" if name == "reported" else "tuning")
+    if args.force and name == "tune-lr":  # its runs share the tuning folder with tune's, and depend on them
+        raise ExperimentError("--force --stage tune-lr would remove the tune stage's runs too; rerun both: "
+                              "--force --stage tune tune-lr")
+    if args.force and not args.dry_run:
+        shutil.rmtree(folder, ignore_errors=True)
+    named = {o.split("=", 1)[0] for o in args.overrides}
+    common = tuple(c for c in LONG_COMMON if c.split("=", 1)[0] not in named)
+
+    def plan() -> TrainingStage:
+        sweeps = long_sweeps(design, name, long_choice(design, name))
+        pending = [s for s in sweeps if not done(folder, [s])] or sweeps
+        return TrainingStage(lambda: [s.argv(args.jobs, folder, common) for s in pending],
+                             lambda: done(folder, sweeps), lambda: [folder])
+
+    try:
+        run_rounds(name, plan, launch, args.overrides, args.concurrent, args.dry_run,
+                   then="" if name == "reported" else f"the value past a grid's edge that a finished round chose, "
+                                                      f"at most {MAX_EXTENSIONS} per grid")
+    except ExperimentError as e:
+        if not args.dry_run:
+            raise
+        print(e)
+
+
+def stage_long_report(args: argparse.Namespace) -> None:
+    roots = [LONG_RUNS / "reported", LONG_RUNS / "tuning"]
+    name = args.name if args.name != "warmup_free" else "warmup_free_long"
+    argv = ["tools/experiments/warmup_free_report.py", *map(str, roots), "--out", str(args.out), "--name", name,
+            "--design", "long"]
+    print("python " + " ".join(argv))
+    if not args.dry_run:
+        warmup_free_report.report_long([r for r in roots if r.exists()], args.out, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = driver_parser(__doc__, STAGES, report="warmup_free")
     p.add_argument("--tune-at", type=float, default=1e-2, help="the rate at which warmup length and τ are chosen")
@@ -167,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the reported rates (the probe at "
                                                                       f"{_csv(PROBE_LRS)} runs with the default only)")
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="the reported seeds")
+    p.add_argument("--design", choices=("short", "long"), default="short",
+                   help="short: the first runs (warmup_free.md); long: the design registered for issue 38 (its "
+                        "grids and seeds: --tune-at, --warmup, --tau, --lrs and --seeds do not apply)")
     args = p.parse_args(argv)
     if (args.warmup is None) != (args.tau is None):
         p.error("--warmup and --tau go together: both choices made before, or both from the tuning runs")
@@ -177,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         os.chdir(ROOT)
         for stage in chosen_stages(args, STAGES):
-            if stage == "report":
+            if args.design == "long":
+                stage_long_report(args) if stage == "report" else stage_long(stage, args)
+            elif stage == "report":
                 stage_report(args)
-            else:
+            elif stage != "tune-lr":  # the short design chooses no rate
                 stage_training(stage, args)
 
     return guarded(run)

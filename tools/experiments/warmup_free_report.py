@@ -24,11 +24,12 @@ from pathlib import Path
 
 from pretrain.rundir import pyplot, write_json
 from tools.experiments.cli import guarded, report_parser
+from tools.experiments.preregistration import WARMUP_LONG, WarmupDesign, at_edge, tuned_grid
 from tools.experiments.provenance import results_provenance
 from tools.experiments.runs import Run, by_arm, load_runs, per_seed
 from tools.experiments.seeds import reported_runs, select, tuning_runs
 from tools.experiments.stats import paired, summarize
-from tools.experiments.tables import fmt, markdown_table
+from tools.experiments.tables import MISSING, fmt, markdown_table
 
 FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
@@ -211,10 +212,178 @@ def report(roots: list[Path], out: Path, name: str, tune_at: float) -> dict:
     return result
 
 
+# 4. The long design (preregistration.WARMUP_LONG): each method at its own choice, judged at a registered margin
+ADAMW, WARMUP, SPECTRAL = "adamw", "adamw + warmup", "spectral"  # the methods, whatever their length or τ
+KNOBS = {ADAMW: None, WARMUP: ("lr", "warmup_steps"), SPECTRAL: ("optim", "spectral", "tau")}
+
+
+def family(config: dict) -> str:
+    name = method(config)
+    return WARMUP if is_warmup(name) else SPECTRAL if name.startswith("spectral") else name
+
+
+def knob(config: dict):
+    """A run's warmup length (AdamW + warmup) or τ (the bound); None for AdamW without warmup."""
+    value = config
+    for part in KNOBS[family(config)] or ():
+        value = value[part]
+    return value if KNOBS[family(config)] else None
+
+
+def bounds(design: WarmupDesign, name: str) -> dict:
+    """How far an extension may go: a warmup of at most half the run, a τ of at most 1."""
+    return {"high": design.steps // 2, "integer": True} if name == WARMUP else {"high": 1.0}
+
+
+def choose_long(runs: list[Run], design: WarmupDesign) -> dict[str, dict]:
+    """method -> its choice on the tuning seeds: the length or τ at lr tune_at ("value", on "values", the grid
+    with its extensions), then the rate at that value ("lr" on "lrs"); whether each sits on its grid's edge,
+    and whether the method's tuning is settled (every run finished, no extension left). Unfinished rounds
+    leave None."""
+    tuned = [r for r in tuning_runs(runs) if r.seed in design.tuning_seeds and r.config["name"] in design.presets]
+
+    def at(name: str, value, lr: float) -> dict[int, Run]:
+        return {r.seed: r for r in tuned if family(r.config) == name and knob(r.config) == value
+                and r.config["optim"]["lr"] == lr}
+
+    out = {}
+    for name, grid in ((ADAMW, None), (WARMUP, design.warmups), (SPECTRAL, design.taus)):
+        if grid is None:
+            values, value, settled = (None,), None, True
+        else:
+            values, value, settled = tuned_grid(grid, lambda v: at(name, v, design.tune_at), design.tuning_seeds,
+                                                final_val, **bounds(design, name))
+        lrs, lr = design.adamw_lrs if grid is None else design.lrs, None
+        if settled and (value is not None or grid is None):
+            lrs, lr, settled = tuned_grid(lrs, lambda rate: at(name, value, rate), design.tuning_seeds, final_val)
+        else:
+            settled = False
+        out[name] = {"value": value, "values": list(values), "value_at_edge": at_edge(values, value), "lr": lr,
+                     "lrs": list(lrs), "lr_at_edge": at_edge(lrs, lr), "settled": settled}
+    return out
+
+
+def compare_long(runs: list[Run], design: WarmupDesign, choice: dict[str, dict]) -> dict:
+    """On the reported seeds, each method at its choice: its runs' losses and stability, and every method
+    minus AdamW + warmup, seed by seed, with TOST at the registered margin."""
+    reported = [r for r in reported_runs(runs) if r.config["name"] in design.presets]
+    arms = {}
+    for name, c in choice.items():
+        by_seed = {r.seed: r for r in reported if family(r.config) == name and knob(r.config) == c["value"]
+                   and r.config["optim"]["lr"] == c["lr"]}
+        if losses := per_seed(by_seed, final_val):
+            s = summarize(losses.values())
+            arms[name] = {"value": c["value"], "lr": c["lr"], "seeds": list(losses), "val_loss": s["values"],
+                          "mean": s["mean"], "std": s["std"], "stable_seeds": sum(map(stable, by_seed.values())),
+                          "n": len(by_seed)}
+    losses = {name: dict(zip(a["seeds"], a["val_loss"])) for name, a in arms.items()}
+    pairs = {f"{name} − {WARMUP}": paired(losses[WARMUP], losses[name]).as_dict(design.margin)
+             for name in (SPECTRAL, ADAMW) if name in losses and WARMUP in losses
+             and losses[name].keys() & losses[WARMUP].keys()}
+    return {"arms": arms, "paired": pairs, "missing": [name for name in choice if name not in arms]}
+
+
+def edges_long(choice: dict[str, dict]) -> list[str]:
+    """The choices on their grid's edge, in words: a better value may lie beyond them."""
+    return [f"{name}: {what} {c[what]:g} on the edge of {c[what + 's']}" for name, c in choice.items()
+            for what in ("value", "lr") if c[f"{what}_at_edge"]]
+
+
+def tables_long(choice: dict[str, dict], compared: dict) -> str:
+    def value(name: str, c: dict) -> str:
+        if name == ADAMW:
+            return "no warmup"
+        label = "warmup" if name == WARMUP else "τ"
+        return f"{label} {fmt(c['value'], 'g')} of {', '.join(f'{v:g}' for v in c['values'])}"
+
+    tuning = markdown_table(["method", "chosen length or τ (at the registered rate)", "chosen rate", "on an edge",
+                             "settled"],
+                            [[name, value(name, c), f"{fmt(c['lr'], 'g')} of {', '.join(f'{v:g}' for v in c['lrs'])}",
+                              "yes" if c["value_at_edge"] or c["lr_at_edge"] else "no", "yes" if c["settled"] else "no"]
+                             for name, c in choice.items()])
+    arms = markdown_table(["method", "lr", "final val loss per seed", "mean ± std", "stable seeds"],
+                          [[name, f"{a['lr']:g}", ", ".join(f"{v:.4f}" for v in a["val_loss"]),
+                            f"{a['mean']:.4f} ± {a['std']:.4f}", f"{a['stable_seeds']}/{a['n']}"]
+                           for name, a in compared["arms"].items()], align="lrlrr")
+
+    def tost(p: dict) -> str:
+        e = p.get("equivalence")
+        return f"[{e['interval90'][0]:+.4f}, {e['interval90'][1]:+.4f}], p = {e['p_value']:.3f}" if e else MISSING
+
+    pairs = markdown_table(["comparison", "seeds", "mean", "95% interval", "TOST 90% interval (±margin)", "verdict"],
+                           [[name, len(p["seeds"]), f"{p['mean']:+.4f}",
+                             f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else MISSING,
+                             tost(p), p["verdict"]] for name, p in compared["paired"].items()], align="lrrrrl")
+    return f"{tuning}\n\n{arms}\n\n{pairs}"
+
+
+def plot_long(runs: list[Run], design: WarmupDesign, choice: dict[str, dict], path) -> None:
+    """Tuning: loss against length or τ and against rate (tuning seeds' mean); reported: training loss of each
+    method at its choice, mean and min..max band over the seeds."""
+    plt = pyplot()
+    fig, (knobs, rates, curves) = plt.subplots(1, 3, figsize=(17, 4.5))
+    tuned = [r for r in tuning_runs(runs) if r.config["name"] in design.presets]
+    for name, c in choice.items():
+        mine = [r for r in tuned if family(r.config) == name]
+        for ax, rows in ((knobs, [r for r in mine if r.config["optim"]["lr"] == design.tune_at and name != ADAMW]),
+                         (rates, [r for r in mine if knob(r.config) == c["value"]])):
+            key = (lambda r: knob(r.config)) if ax is knobs else (lambda r: r.config["optim"]["lr"])
+            points = {}
+            for r in rows:
+                if (v := final_val(r)) is not None:
+                    points.setdefault(key(r), []).append(v)
+            xs = sorted(points)
+            if xs:
+                ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=name)
+    knobs.set(xscale="log", xlabel=f"warmup steps / τ (at lr {design.tune_at:g})", ylabel="final val loss (tuning)")
+    rates.set(xscale="log", xlabel="peak learning rate (at the chosen length / τ)", ylabel="final val loss (tuning)")
+    for name, c in choice.items():
+        mine = [r for r in reported_runs(runs) if r.config["name"] in design.presets and family(r.config) == name
+                and knob(r.config) == c["value"] and r.config["optim"]["lr"] == c["lr"]]
+        if not mine:
+            continue
+        series = [r.series("loss") for r in mine]
+        steps = sorted(set.intersection(*(set(x) for x in series)))
+        values = [[x[t] for x in series] for t in steps]
+        curves.plot(steps, [sum(v) / len(v) for v in values], lw=1, label=f"{name} (lr {c['lr']:g})")
+        curves.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    curves.set(yscale="log", xlabel="step", ylabel="training loss (mean; band: min..max over seeds)",
+               title="reported seeds, each method at its choice")
+    for ax in (knobs, rates, curves):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_long(roots: list[Path], out: Path, name: str, design: WarmupDesign = WARMUP_LONG) -> dict:
+    """The registered design's report: NAME.json and NAME.png into `out`, the tables printed."""
+    runs = [r for r in load_runs(*roots, statuses=FINISHED) if r.config["name"] in design.presets]
+    origin = results_provenance(runs)  # refused before any file is written
+    choice = choose_long(runs, design)
+    compared = compare_long(runs, design, choice)
+    result = {**origin, "roots": [str(r) for r in roots], "design": design.name, "margin": design.margin,
+              "choice": choice, "on_edge": edges_long(choice), **compared,
+              "runs": [summarize_run(run) for run in runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    plot_long(runs, design, choice, out / f"{name}.png")
+    print(tables_long(choice, compared))
+    for line in result["on_edge"]:
+        print(f"chosen on the grid's edge (a better value may lie beyond it): {line}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = report_parser(__doc__, name="warmup_free")
     parser.add_argument("--tune-at", type=float, default=1e-2, help="the rate at which warmup length and τ are chosen")
+    parser.add_argument("--design", choices=("short", "long"), default="short",
+                        help="short: the first runs (warmup_free.md); long: the design registered for issue 38")
     args = parser.parse_args(argv)
+    if args.design == "long":
+        return guarded(lambda: report_long(args.roots, args.out, args.name))
     return guarded(lambda: report(args.roots, args.out, args.name, args.tune_at))
 
 
