@@ -51,7 +51,7 @@ class DataConfig:
     """Packed datasets. With neither `path` nor `sources` set, the named corpus is tokenized and packed
     into the cache."""
 
-    corpus: str = "stdlib"  # stdlib | stdlib:code | stdlib:tests | stdlib:code-defs | stdlib:tests-defs
+    corpus: str = "stdlib"  # stdlib | stdlib:SUBSET, a subset of data.corpus.STDLIB_SUBSETS (code, tests, prose, ...)
     path: Optional[str] = None  # prefix of a packed training set (tools/pack.py --output)
     sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture of packed sets, instead of path
     val_path: Optional[str] = None  # prefix of a packed validation set: val_loss

@@ -4,7 +4,8 @@ Formats, by extension: ``.jsonl``/``.ndjson``/``.json`` (JSON lines or a JSON ar
 ``.parquet``, ``.arrow``; anything else is plain text, one document per file (``text_mode="file"``)
 or per line (``"line"``). Structured formats take the document from ``text_field``.
 
-``stdlib[:SUBSET[:SPLIT]]`` names the default corpus (data.corpus): SUBSET is all, code or tests,
+``stdlib[:SUBSET[:SPLIT]]`` names the default corpus (data.corpus): SUBSET is all, code, tests,
+code-defs, tests-defs, code-nodoc (code without its docstrings) or prose (docstrings and help() topics),
 SPLIT is all, train or val.
 
 Encoding policy: input files must be UTF-8. A file that is not fails the run with an error naming

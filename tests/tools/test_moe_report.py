@@ -1,4 +1,4 @@
-"""tools/experiments/moe_report.py on synthetic run folders: arms from configs, β = γ chosen on tuning seeds
+"""tools/experiments/moe_report.py on synthetic run folders: arms from configs, β and γ chosen apart on tuning seeds
 only, reported arms paired against aux only, routing by source per layer, experts ranked by load, outputs."""
 
 import json
@@ -52,11 +52,14 @@ def fake_run(folder, seed: int, ortho: float = 0.0, var: float = 0.0, val: float
 
 
 def _experiment(root):
-    """Tuning: β = 0.1 wins on seeds 100-101 (β = 1 would win on seed 1). Reported: aux only and β = 0.1 on
-    seeds 1-3, purity up by 0.1, 0.12, 0.08 and validation loss up by 0.01, -0.01, 0.03."""
+    """Tuning, each loss alone: β = 0.1 wins inside its grid on seeds 100-101 (β = 1 would win on seed 1), γ =
+    0.02 at its grid's lower edge. Reported: aux only and β = γ = 0.1 on seeds 1-3, purity up by 0.1, 0.12, 0.08
+    and validation loss up by 0.01, -0.01, 0.03."""
     for seed in (100, 101):
         for beta, val in ((0.01, 4.3), (0.1, 4.2), (1.0, 4.4)):
-            fake_run(root / "tune" / f"b{beta}-s{seed}", seed, beta, beta, val + 0.01 * (seed - 100))
+            fake_run(root / "tune" / f"b{beta}-s{seed}", seed, ortho=beta, val=val + 0.01 * (seed - 100))
+        for gamma, val in ((0.02, 4.25), (0.08, 4.35), (0.32, 4.5)):
+            fake_run(root / "tune" / f"g{gamma}-s{seed}", seed, var=gamma, val=val)
     for seed, (dv, dp) in zip((1, 2, 3), ((0.01, 0.1), (-0.01, 0.12), (0.03, 0.08))):
         fake_run(root / "arms" / f"aux-s{seed}", seed, val=4.0 + 0.1 * seed, purity=0.6, shift=seed)
         fake_run(root / "arms" / f"spec-s{seed}", seed, 0.1, 0.1, val=4.0 + 0.1 * seed + dv, purity=0.6 + dp,
@@ -66,15 +69,20 @@ def _experiment(root):
     (root / "going" / "s2" / "result.json").unlink()  # still running: left out
 
 
-def test_beta_is_chosen_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tmp_path):
+def test_beta_and_gamma_are_chosen_apart_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tmp_path):
     _experiment(tmp_path / "runs")
     fake_run(tmp_path / "pre", 1234, val=5.5, purity=0.55)
     report = moe_report.build([tmp_path / "runs"], tail=0.5, pretrained=tmp_path / "pre")
-    tuning = report["tuning"]
-    assert tuning["arm"] == "aux + ortho (beta=0.1) + var (gamma=0.1)"
-    assert (tuning["ortho_loss"], tuning["var_loss"]) == (0.1, 0.1)
-    assert tuning["candidates"]["aux + ortho (beta=1) + var (gamma=1)"]["val_loss"]["mean"] == pytest.approx(4.405)
-    assert tuning["candidates"]["aux + ortho (beta=0.1) + var (gamma=0.1)"]["seeds"] == [100, 101]
+    beta, gamma = report["tuning"]["ortho_loss"], report["tuning"]["var_loss"]
+    assert (beta["chosen"], beta["values"], beta["at_edge"]) == (0.1, [0.01, 0.1, 1.0], False)
+    assert beta["arm"] == "aux + ortho (beta=0.1)" and beta["seeds"] == [100, 101]
+    assert beta["candidates"]["1"]["val_loss"]["mean"] == pytest.approx(4.405)
+    assert (gamma["chosen"], gamma["at_edge"], gamma["arm"]) == (0.02, True, "aux + var (gamma=0.02)")
+    # a run with both losses on is no candidate for either: each is tuned alone
+    fake_run(tmp_path / "runs" / "tune" / "both-s100", 100, 0.1, 0.02, val=1.0)
+    fake_run(tmp_path / "runs" / "tune" / "both-s101", 101, 0.1, 0.02, val=1.0)
+    again = moe_report.tuning(moe_report.load_runs(tmp_path / "runs"))
+    assert {k: v["chosen"] for k, v in again.items()} == {"ortho_loss": 0.1, "var_loss": 0.02}
     arms = report["arms"]
     spec = "aux + ortho (beta=0.1) + var (gamma=0.1)"
     assert list(arms) == ["aux only", spec, "aux + ortho (beta=1) + var (gamma=1)"]  # reported seeds only
@@ -87,7 +95,8 @@ def test_beta_is_chosen_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tm
     assert arms[spec]["overlap"]["mean"] == pytest.approx(0.115)
     pairs = report["paired_vs_aux_only"][spec]
     assert pairs["val_loss"]["diffs"] == pytest.approx([0.01, -0.01, 0.03])
-    assert pairs["val_loss"]["verdict"] == "interval covers 0"
+    assert pairs["val_loss"]["verdict"] == "inconclusive"  # covers 0, and not within ±LOSS_MARGIN either
+    assert pairs["val_loss"]["equivalence"]["margin"] == moe_report.LOSS_MARGIN and "equivalence" not in pairs["purity"]
     assert pairs["purity"]["diffs"] == pytest.approx([0.1, 0.12, 0.08]) and pairs["purity"]["verdict"] == "higher"
     lo, hi = pairs["purity"]["interval95"]
     assert 0 < lo < pairs["purity"]["mean"] < hi and pairs["purity"]["mean"] == pytest.approx(0.1)
@@ -97,7 +106,7 @@ def test_beta_is_chosen_on_tuning_seeds_and_arms_are_paired_on_reported_seeds(tm
     assert report["pretrained"]["step"] == 40 and report["pretrained"]["metrics"]["purity"] == 0.55
     assert report["val_digests"] == {k: [f"d-{k}"] for k in ("val_loss", "val_loss/code", "val_loss/tests")}
     prov = report["provenance"]
-    assert prov["runs"] == 6 + 7 + 1 and prov["device"] == "cpu" and prov["dtype"] == "float32"
+    assert prov["runs"] == 12 + 7 + 1 and prov["device"] == "cpu" and prov["dtype"] == "float32"
     assert prov["validation"]["val_loss/code"] == {"digests": ["d-val_loss/code"], "tokens": [2048]}
 
 
@@ -114,7 +123,8 @@ def test_report_writes_json_with_provenance_and_figures(tmp_path, capsys):
     assert "_runs" not in result and result["sources"] == ["code", "tests"]
     printed = capsys.readouterr().out
     assert "| aux only | 3 | 4.2000 ± 0.1000 | 3.7000 ± 0.1000 |" in printed
-    assert "chosen on tuning seeds [100, 101]: aux + ortho (beta=0.1) + var (gamma=0.1)" in printed
+    assert "β (ortho_loss) chosen on tuning seeds [100, 101] from 0.01, 0.1, 1: 0.1\n" in printed
+    assert "γ (var_loss) chosen on tuning seeds [100, 101] from 0.02, 0.08, 0.32: 0.02 (at the edge" in printed
     assert "val_loss +0.0100 [" in printed and "interval covers 0" in printed
 
 

@@ -1,21 +1,22 @@
-"""Aggregate MoE runs into a results JSON and plots: β = γ chosen on tuning seeds, arms paired with aux only.
+"""Aggregate MoE runs into a results JSON and plots: β and γ chosen apart on tuning seeds, arms paired with aux only.
 
     python tools/experiments/moe_report.py runs/moe_continue --pretrained runs/moe_pretrain --out docs/results
 
-tools/experiments/moe_experiment.py runs the experiment of issue 16 (docs/results/moe.md; the paper's
-setting: an MoE pretrained with the auxiliary loss only, continued with and without L_o + L_v) and calls
-this report as its last stage; any MoE run folders can be given (the earlier from-scratch runs too).
+tools/experiments/moe_experiment.py runs the experiment of issue 37 (docs/results/moe.md; the paper's
+setting: an MoE pretrained with the auxiliary loss only, continued with aux only, + L_o, + L_v and + both)
+and calls this report as its last stage; any MoE run folders can be given (the earlier runs too).
 
 - Arms come from each run's config (`arm_of`): dense (no experts), aux only, or aux plus the
-  specialisation terms that are on. Runs on tuning seeds (100-199) only choose β = γ (`choose`, the rule
-  in SELECTION); runs on reported seeds (1-99) are summarised and paired. Nothing else chooses anything.
+  specialisation terms that are on. Runs on tuning seeds (100-199) only choose β and γ, each from the runs
+  with that loss alone on (`choose`, the rule in SELECTION, `at_edge` when the choice is the smallest or
+  largest value tried); runs on reported seeds (1-99) are summarised and paired. Nothing else chooses.
 - Per run (`run_metrics`): the last evaluation's validation losses (val_loss, and val_loss/SOURCE for each
   named validation set) and routing by source (purity, purity/SOURCE and source_nmi: models/moe/stats.py,
   a specialisation measure no loss optimises); the training steps' router statistics (overlap, routing
   variance, MaxVio, ...) averaged over the last `--tail` of logged steps, since single steps are noisy.
   Each also per MoE layer (layerN/...).
 - Every arm against aux only, seed by seed: the mean difference, its 95% interval and a verdict
-  (stats.paired).
+  (stats.paired); validation losses also with TOST at ±LOSS_MARGIN nats (equivalent, or inconclusive).
 - Expert indices mean nothing across seeds (which expert learns what is arbitrary), so the per-expert
   figures sort each seed's experts by load within each layer first and average rank by rank.
 
@@ -43,10 +44,13 @@ STATS = ("overlap", "routing_var", "maxvio", "entropy", "weight_sim", "dropped")
 ROUTING = ("purity", "source_nmi")  # routing by source, at each evaluation
 DENSE = "dense"
 BASELINE = "aux only"
-SELECTION = ("β = γ: the candidate (an arm with L_o or L_v on) with the lowest mean final val_loss (both sources' "
-             "held-out files) over the tuning seeds (seeds.select); a candidate that did not complete every tuning "
-             "seed (one diverged) is out. Aux only is no candidate, and no specialisation statistic takes part, so "
-             "nothing reported is selected for.")
+LOSSES = {"ortho_loss": "β", "var_loss": "γ"}  # model.moe's coefficient of L_o and of L_v, and its symbol
+SELECTION = ("each of β and γ on its own: among the tuning runs with that loss alone on (the other coefficient 0), "
+             "the value with the lowest mean final val_loss (both sources' held-out files, interleaved) over the "
+             "tuning seeds (seeds.select); a value that did not complete every tuning seed (one diverged) is out. "
+             "A choice at the smallest or largest value tried is at_edge. Aux only is no candidate, and no "
+             "specialisation statistic takes part, so nothing reported is selected for.")
+LOSS_MARGIN = 0.005  # nats: a validation loss within ±this of aux only (TOST) is equivalent; fixed before issue 37
 CURVES = ("val_loss", "purity", "source_nmi", "overlap", "routing_var", "maxvio")  # panels, one per key
 
 
@@ -58,11 +62,6 @@ def arm_of(run: Run) -> str:
     terms = [f"ortho (beta={moe['ortho_loss']:g})"] * bool(moe["ortho_loss"]) + \
             [f"var (gamma={moe['var_loss']:g})"] * bool(moe["var_loss"])
     return " + ".join(["aux"] + terms) if terms else BASELINE
-
-
-def specialised(run: Run) -> bool:
-    moe = run.config["model"]["moe"]
-    return bool(moe["num_experts"] and (moe["ortho_loss"] or moe["var_loss"]))
 
 
 def sources_of(runs: Iterable[Run]) -> list[str]:
@@ -101,27 +100,43 @@ def run_metrics(run: Run, sources: list[str], tail: float) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-# --- Choosing β = γ on tuning seeds -----------------------------------------------------------------
-def choose(runs: Iterable[Run]) -> dict | None:
-    """The specialisation arm SELECTION picks from the completed runs on tuning seeds, its coefficients and
-    every candidate's final val_loss; None without a candidate."""
-    candidates = by_arm((r for r in tuning_runs(runs) if specialised(r)), arm_of)
+# --- Choosing β and γ apart on tuning seeds --------------------------------------------------------
+def alone(run: Run, loss: str) -> float | None:
+    """The coefficient of `loss` when it is the only specialisation loss on in the run, else None."""
+    moe = run.config["model"]["moe"]
+    others = [moe[k] for k in LOSSES if k != loss]
+    return float(moe[loss]) if moe["num_experts"] and moe[loss] and not any(others) else None
+
+
+def choose(runs: Iterable[Run], loss: str) -> dict | None:
+    """The value of `loss` (a key of LOSSES) SELECTION picks from the completed runs on tuning seeds with that
+    loss alone on, every value's final val_loss, and whether the choice is at the edge of the values tried;
+    None without a candidate."""
+    candidates = by_arm((r for r in tuning_runs(runs) if alone(r, loss) is not None), lambda r: alone(r, loss))
     if not candidates:
         return None
     seeds = sorted(set().union(*candidates.values()))
-    complete = {name: by_seed for name, by_seed in candidates.items() if sorted(by_seed) == seeds}
+    complete = {value: by_seed for value, by_seed in candidates.items() if sorted(by_seed) == seeds}
     if not complete:
-        raise ExperimentError(f"no β = γ candidate completed every tuning seed {seeds}; see the runs' result.json")
-    arm = select(complete, lambda r: r.last("val_loss"))
-    moe = next(iter(complete[arm].values())).config["model"]["moe"]
+        raise ExperimentError(f"no {LOSSES[loss]} ({loss}) candidate completed every tuning seed {seeds}; see the "
+                              "runs' result.json")
+    value = select(complete, lambda r: r.last("val_loss"))
     table = {}
-    for name, by_seed in candidates.items():
-        values = per_seed(by_seed, lambda r: r.last("val_loss"))
-        coeffs = next(iter(by_seed.values())).config["model"]["moe"]
-        table[name] = {"ortho_loss": coeffs["ortho_loss"], "var_loss": coeffs["var_loss"], "seeds": sorted(by_seed),
-                       "val_loss": summarize(values.values()) if values else None, "candidate": name in complete}
-    return {"rule": SELECTION, "seeds": seeds, "arm": arm, "ortho_loss": moe["ortho_loss"],
-            "var_loss": moe["var_loss"], "candidates": table}
+    for v, by_seed in sorted(candidates.items()):
+        finals = per_seed(by_seed, lambda r: r.last("val_loss"))
+        table[f"{v:g}"] = {"seeds": sorted(by_seed), "val_loss": summarize(finals.values()) if finals else None,
+                           "candidate": v in complete}
+    tried = sorted(candidates)
+    return {"rule": SELECTION, "loss": loss, "seeds": seeds, "chosen": value, "values": tried,
+            "at_edge": value in (tried[0], tried[-1]), "arm": arm_of(next(iter(complete[value].values()))),
+            "candidates": table}
+
+
+def tuning(runs: Iterable[Run]) -> dict | None:
+    """loss -> `choose` for each of L_o and L_v that has tuning runs; None when neither has."""
+    runs = list(runs)
+    chosen = {loss: c for loss in LOSSES if (c := choose(runs, loss))}
+    return chosen or None
 
 
 # --- Summaries and pairs over reported seeds --------------------------------------------------------
@@ -141,7 +156,8 @@ def summarize_arms(metrics: dict[str, dict[int, dict]]) -> dict[str, dict[str, d
 
 def paired_with_baseline(metrics: dict[str, dict[int, dict]], baseline: str = BASELINE) -> dict[str, dict]:
     """arm -> metric -> its per-seed value minus the baseline's, the mean, 95% interval and verdict; for
-    the metrics both arms logged, over the seeds both ran."""
+    the metrics both arms logged, over the seeds both ran. Validation losses also get their TOST at
+    ±LOSS_MARGIN, so "no worse" can be shown rather than read from an interval that covers 0."""
     if baseline not in metrics:
         return {}
     out = {}
@@ -151,7 +167,8 @@ def paired_with_baseline(metrics: dict[str, dict[int, dict]], baseline: str = BA
         for key in names:
             a, b = ({s: m[key] for s, m in metrics[x].items() if key in m} for x in (baseline, arm))
             if a.keys() & b.keys():
-                out[arm][key] = paired(a, b).as_dict()
+                margin = LOSS_MARGIN if key.split("/")[0] == "val_loss" else None
+                out[arm][key] = paired(a, b).as_dict(margin)
     return out
 
 
@@ -179,7 +196,7 @@ def build(roots: list[Path], tail: float, pretrained: Path | None = None) -> dic
     everything = runs + ([pre["run"]] if pre else [])
     origin = results_provenance(everything)
     return {"provenance": origin["provenance"], "sources": sources,
-            "tuning": choose(runs), "arms": summarize_arms(metrics), "per_seed": metrics,
+            "tuning": tuning(runs), "arms": summarize_arms(metrics), "per_seed": metrics,
             "paired_vs_aux_only": paired_with_baseline(metrics),
             "pretrained": {k: v for k, v in pre.items() if k != "run"} if pre else None,
             "val_digests": origin["val_digests"], "tail": tail,
@@ -198,7 +215,8 @@ def table(report: dict) -> str:
 def paired_lines(report: dict) -> list[str]:
     lines = []
     for arm, by_metric in report["paired_vs_aux_only"].items():
-        for key in ("val_loss", *(f"val_loss/{s}" for s in report["sources"]), *ROUTING, "overlap", "maxvio"):
+        for key in ("val_loss", *(f"val_loss/{s}" for s in report["sources"]), *ROUTING, "overlap", "routing_var",
+                    "maxvio"):
             if p := by_metric.get(key):
                 ci = f"[{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]" if p["interval95"] else "no interval"
                 lines.append(f"{arm} - {BASELINE}: {key} {p['mean']:+.4f} {ci} over seeds {p['seeds']}: {p['verdict']}")
@@ -208,8 +226,10 @@ def paired_lines(report: dict) -> list[str]:
 def summary(result: dict, out: Path, name: str) -> str:
     """What the console shows of a written report: the table, the paired differences, the choice, the files."""
     lines = [table(result), *paired_lines(result)]
-    if result["tuning"]:
-        lines.append(f"chosen on tuning seeds {result['tuning']['seeds']}: {result['tuning']['arm']}")
+    for loss, choice in (result["tuning"] or {}).items():
+        edge = " (at the edge of the values tried)" if choice["at_edge"] else ""
+        lines.append(f"{LOSSES[loss]} ({loss}) chosen on tuning seeds {choice['seeds']} from "
+                     f"{', '.join(f'{v:g}' for v in choice['values'])}: {choice['chosen']:g}{edge}")
     lines.append(f"wrote {out / (name + '.json')} and {', '.join(result['figures'].values())}")
     return "\n".join(lines)
 
