@@ -2,6 +2,8 @@
 evaluation, DP=2, EP=2 and TP=2 (sequence parallel) equal one process, exact resume, and the losses'
 restrictions."""
 
+import math
+
 import pytest
 
 from tests.helpers import assert_index_admitted, losses, metrics, run_keel, tiny_overrides
@@ -68,9 +70,11 @@ def test_moe_expert_and_tensor_parallel_match_data_parallel(tiny_data, tmp_path)
     process): the loss of both steps (the second after the first update), the gradient norm and the
     router's statistics. One test, so that the DP=2 reference runs once under xdist."""
     extra = MOE + ["model.moe.var_loss=1.0", "trainer.max_steps=2"]
-    runs = {layout: tmp_path / layout.replace("=", "") for layout in ("dp", "parallel.expert=2", "parallel.tensor=2")}
+    # the stability monitors watch the TP=2 forward too (hooks only: the step's numbers are the same)
+    layouts = {"dp": [], "ep": ["parallel.expert=2"], "tp": ["parallel.tensor=2", "logging.monitors.interval=1"]}
+    runs = {layout: tmp_path / layout for layout in layouts}
     for layout, run in runs.items():
-        run_keel(tiny_overrides(tiny_data, run, steps=2) + extra + ([layout] if layout != "dp" else []), nproc=2)
+        run_keel(tiny_overrides(tiny_data, run, steps=2) + extra + layouts[layout], nproc=2)
     reference = metrics(runs.pop("dp"))
     for layout, run in runs.items():
         assert_index_admitted(run)  # the allowlist admits this layout's shard index
@@ -80,6 +84,8 @@ def test_moe_expert_and_tensor_parallel_match_data_parallel(tiny_data, tmp_path)
             for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/z_loss", "moe/var_loss", "moe/maxvio",
                         "moe/entropy", "moe/layer1/load/0"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (layout, a["step"], key)
+    monitored = metrics(runs["tp"])[-1]
+    assert math.isfinite(monitored["stability/logit_norm"]) and math.isfinite(monitored["stability/attn_entropy_min"])
 
 
 def test_moe_resume_is_exact(tiny_data, tmp_path):
