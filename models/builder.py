@@ -13,7 +13,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from models.attention import AttentionConfig
-from models.config import ModelConfig
+from models.config import ModelConfig, sequence_parallel as resolve_sequence_parallel
 from models.gpt import build_gpt, layer_spec, transformer_config
 from models.init import expert_global_name, reset_parameters
 from models.moe import moe_spec
@@ -37,16 +37,22 @@ def layer_specs(model: ModelConfig, attention: AttentionConfig) -> list:
     """One spec per layer: the attention type and (dense or MoE) MLP are chosen here, not in model code."""
     moe = model.moe
     mlp = moe_spec(moe.ortho_loss, moe.var_loss)
-    return [layer_spec(attention, model.normalization, mlp if is_moe else None, model=model)
+    return [layer_spec(attention, mlp if is_moe else None, model=model)
             for is_moe in moe.moe_layers(model.num_layers)]
 
 
 def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_size: int, seed: int,
-                          dtype: torch.dtype = torch.float32, per_document_positions: bool = False):
-    """This rank's part of the GPT, every parameter drawn as a single process would draw it (models/init.py)."""
+                          dtype: torch.dtype = torch.float32, per_document_positions: bool = False,
+                          sequence_parallel: bool | None = None):
+    """This rank's part of the GPT, every parameter drawn as a single process would draw it (models/init.py).
+    `sequence_parallel`: `parallel.sequence` (None: where an MoE needs it, models.config.sequence_parallel)."""
     tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
-    config = transformer_config(model, attention, attention.query_groups(model.heads), tp, pp, ep, dtype)
+    sp = resolve_sequence_parallel(sequence_parallel, model.moe, tp)
+    if sp:
+        attention.check_sequence_parallel()
+        seed_tensor_parallel_rng(seed)
+    config = transformer_config(model, attention, attention.query_groups(model.heads), tp, pp, ep, dtype, sp)
     # token-weighted loss: gradients are divided by the global token count, so any split over
     # micro-batches and data-parallel ranks gives the same update
     config.calculate_per_token_loss = True
@@ -59,12 +65,25 @@ def build_initialised_gpt(model: ModelConfig, attention: AttentionConfig, vocab_
     return gpt
 
 
+def seed_tensor_parallel_rng(seed: int) -> None:
+    """megatron forks the tracker's tensor-parallel RNG state around the sequence-parallel regions (the
+    transformer block, the embedding's dropout), so the state must exist; keel has no dropout, so it draws
+    nothing. Seeded once per process, as Megatron-LM's start-up does (its data-parallel seed is `seed`,
+    the same default-generator seed that pretrain.run's seed_everything set)."""
+    from megatron.core import tensor_parallel
+
+    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def build_model(model: ModelConfig, attention: AttentionConfig, vocab_size: int, device: torch.device,
                 dtype: torch.dtype, seed: int, per_document_positions: bool = False,
-                distributed_optimizer: bool = False, overlap_grad_reduce: bool | None = None) -> BuiltModel:
+                distributed_optimizer: bool = False, overlap_grad_reduce: bool | None = None,
+                sequence_parallel: bool | None = None) -> BuiltModel:
     """The GPT for training, wrapped in megatron's DDP (fp32 gradient reduction). `overlap_grad_reduce`
-    reduces each gradient bucket while the backward goes on (None: with a GPU and more than one DP rank)."""
-    gpt = build_initialised_gpt(model, attention, vocab_size, seed, dtype, per_document_positions)
+    reduces each gradient bucket while the backward goes on (None: with a GPU and more than one DP rank).
+    Under sequence parallelism megatron's finalize_model_grads sums the norms' gradients over TP."""
+    gpt = build_initialised_gpt(model, attention, vocab_size, seed, dtype, per_document_positions, sequence_parallel)
     gpt = gpt.to(device=device, dtype=dtype)
     gpt.loss_chunk_tokens = model.loss_chunk_tokens(device)
     dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)

@@ -203,6 +203,16 @@ class ModelConfig:
         return _round_up(8 * self.hidden_size // 3, 8) if self.activation == Activation.swiglu else 4 * self.hidden_size
 
 
+def sequence_parallel(choice: bool | None, moe: MoEConfig, tensor: int) -> bool:
+    """Whether megatron's sequence parallelism is on: activations outside attention and the MLP (norms,
+    residuals, the router) split along the sequence over the TP ranks. Off at TP=1, where there is nothing
+    to split (Megatron-LM turns --sequence-parallel off there too); `choice` None: on where megatron-core
+    needs it, an MoE at TP>1 (its MoELayer trains with TP only under sequence parallelism)."""
+    if tensor == 1:
+        return False
+    return bool(moe.num_experts) if choice is None else choice
+
+
 def check_vocabulary(tokens: int, predicted: int, tokenizer: str = "the tokenizer", model: str = "the model") -> None:
     """A tokenizer fits a model when the model predicts every id it produces."""
     check(tokens <= predicted, f"{tokenizer} has {tokens} tokens but {model} predicts {predicted}; "

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -31,7 +30,7 @@ from models.loss import chunked_loss
 
 def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query_groups: int,
                        tensor: int = 1, pipeline: int = 1, expert: int = 1,
-                       dtype: torch.dtype = torch.float32) -> TransformerConfig:
+                       dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.heads,
@@ -41,7 +40,7 @@ def transformer_config(model: ModelConfig, attention: AttentionConfig, num_query
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=model.init_std, use_cpu_initialization=True, perform_initialization=True,
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-        expert_model_parallel_size=expert, sequence_parallel=False,
+        expert_model_parallel_size=expert, sequence_parallel=sequence_parallel,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
@@ -65,8 +64,8 @@ def recompute_fields(recompute: str) -> dict:
 
 
 def moe_fields(moe: MoEConfig, ffn_size: int, num_layers: int) -> dict:
-    """megatron's MoE settings from `model.moe` (empty for a dense model). MoE with TP>1 is refused by
-    the run config (megatron's MoE with TP needs sequence parallelism, which keel keeps off)."""
+    """megatron's MoE settings from `model.moe` (empty for a dense model). Training an MoE at TP>1 needs
+    sequence parallelism (models.config.sequence_parallel turns it on there)."""
     if not moe.num_experts:
         return {}
     balance = {"switch": "aux_loss", "seq": "seq_aux_loss", "none": "none"}[moe.aux_loss]
@@ -90,18 +89,23 @@ def mlp_spec():
                    submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
 
 
-def norm_spec(normalization: str):
-    return LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm")
+def torch_norm(config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused) -> torch.nn.Module:
+    """torch's RMSNorm or LayerNorm, as megatron's local spec builds them (`WrappedTorchNorm`), that also runs
+    under sequence parallelism, which WrappedTorchNorm refuses: each TP rank then normalises its own tokens,
+    so the gains' gradients are partial sums, which megatron's finalize_model_grads adds over the TP ranks
+    for the parameters tagged `sequence_parallel` (as megatron tags its router and shared-expert gate)."""
+    norm = (torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm)(hidden_size, eps=eps)
+    for param in norm.parameters():
+        param.sequence_parallel = config.sequence_parallel
+    return norm
 
 
-def layer_spec(attention: AttentionConfig | str, normalization: str, mlp=None,
-               model: ModelConfig | None = None) -> ModuleSpec:
-    norm = norm_spec(normalization)
+def layer_spec(attention: AttentionConfig | str, mlp=None, model: ModelConfig | None = None) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm, self_attention=attention_spec(attention, model),
-            self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=norm,
+            input_layernorm=torch_norm, self_attention=attention_spec(attention, model),
+            self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=torch_norm,
             mlp=mlp or mlp_spec(), mlp_bda=get_bias_dropout_add))
 
 
@@ -199,7 +203,7 @@ def build_gpt(model: ModelConfig, attention: AttentionConfig, config: Transforme
     tp = parallel_state.get_tensor_model_parallel_world_size()
     check(padded % tp == 0, f"the {padded} vocabulary rows do not divide by parallel.tensor={tp}; "
                             f"set model.vocab_multiple to a multiple of {tp}")
-    final_norm = norm_spec(model.normalization) if model.final_norm else None
+    final_norm = torch_norm if model.final_norm else None
     return KeelGPT(
         config=config, transformer_layer_spec=block_spec(config, layer_specs, final_norm), vocab_size=padded,
         max_sequence_length=model.max_seq_len,

@@ -23,19 +23,26 @@ def _chunk_loss(hidden, labels, output_layer, output_weight, scale_logits, compu
 
 
 def chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weight, labels, scale_logits,
-                 compute_language_model_loss, runtime_gather_output=None, **_unused) -> torch.Tensor:
+                 compute_language_model_loss, runtime_gather_output=None, config=None, **_unused) -> torch.Tensor:
     """GPTModel's `output_processor`: per-token losses [b, s] from hidden states [s, b, h] and labels [b, s],
-    over chunks of about `chunk_tokens` tokens (whole sequence positions of every row)."""
+    over chunks of about `chunk_tokens` tokens (whole sequence positions of every row).
+
+    Under sequence parallelism each of the n TP ranks holds positions [r*s/n, (r+1)*s/n) and the output
+    layer gathers its input over the ranks, so a chunk of local positions [a, a+c) is the n slices
+    [r*s/n + a, r*s/n + a + c): the labels are taken, and the losses put back, slice by slice."""
     s, b, _ = hidden_states.shape
-    rows = max(1, chunk_tokens // b)
+    n = config.tensor_model_parallel_size if config is not None and config.sequence_parallel else 1
+    rows = max(1, chunk_tokens // (b * n))
     if rows >= s:  # one chunk: nothing to save by recomputing
         return _chunk_loss(hidden_states, labels, output_layer, output_weight, scale_logits,
                            compute_language_model_loss, runtime_gather_output)
+    by_rank = labels.reshape(b, n, s)  # [b, TP rank, its positions]
     losses = []
     for start in range(0, s, rows):
-        args = (hidden_states[start:start + rows], labels[:, start:start + rows], output_layer, output_weight,
-                scale_logits, compute_language_model_loss, runtime_gather_output)
+        args = (hidden_states[start:start + rows], by_rank[:, :, start:start + rows].flatten(1), output_layer,
+                output_weight, scale_logits, compute_language_model_loss, runtime_gather_output)
         # the output layer and the loss are deterministic: no RNG state to save and restore
-        losses.append(checkpoint(_chunk_loss, *args, use_reentrant=False, preserve_rng_state=False)
-                      if torch.is_grad_enabled() else _chunk_loss(*args))
-    return torch.cat(losses, dim=1)
+        loss = (checkpoint(_chunk_loss, *args, use_reentrant=False, preserve_rng_state=False)
+                if torch.is_grad_enabled() else _chunk_loss(*args))
+        losses.append(loss.view(b, n, -1))
+    return torch.cat(losses, dim=2).flatten(1)

@@ -16,7 +16,8 @@ from typing import Optional, get_type_hints
 
 from data.config import DataConfig
 from models.attention import ATTENTION_TYPES, AttentionConfig, attention_config, attention_options
-from models.config import ConfigError, ModelConfig, check, check_choices, check_positive, choice, choices
+from models.config import (ConfigError, ModelConfig, check, check_choices, check_positive, choice, choices,
+                           sequence_parallel)
 from optim.config import OptimConfig, ScheduleConfig
 from pretrain.callbacks.downstream import DownstreamConfig
 from pretrain.callbacks.loss_plot import LossPlotConfig
@@ -37,11 +38,17 @@ class ParallelConfig:
     backend: str = choice(Backend, "auto")
     # reduce gradient buckets during the backward (megatron DDP); None: on with a GPU and DP > 1
     overlap_grad_reduce: Optional[bool] = None
+    # megatron's sequence parallelism at TP>1 (Megatron-LM's --sequence-parallel; off at TP=1); None: on for
+    # an MoE, which megatron trains at TP>1 only with it, off for a dense model
+    sequence: Optional[bool] = None
 
     def __post_init__(self):
         check_choices("parallel", self)
         for name in ("tensor", "pipeline", "expert"):
             check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+    def sequence_parallel(self, model: ModelConfig) -> bool:
+        return sequence_parallel(self.sequence, model.moe, self.tensor)
 
 
 @dataclass
@@ -144,9 +151,17 @@ class KeelConfig:
         check(not self.optim.quack or attention.fused_qkv,
               f"optim.quack needs attention={', '.join(fused[:-1])} or {fused[-1]} (megatron's fused linear_qkv), "
               f"not {attention.type}")
-        # megatron's MoELayer refuses TP>1 without sequence parallelism, which keel keeps off
-        check(not (model.moe.num_experts and parallel.tensor > 1),
-              "model.moe needs parallel.tensor=1 (megatron's MoE with TP needs sequence parallelism)")
+        # megatron's MoELayer trains at TP>1 only with sequence parallelism, which splits the sequence over TP
+        check(not (model.moe.num_experts and parallel.tensor > 1 and not parallel.sequence_parallel(model)),
+              f"model.moe at parallel.tensor={parallel.tensor} needs sequence parallelism (megatron's MoE layer); "
+              "set parallel.sequence=true or leave it unset")
+        if parallel.sequence_parallel(model):
+            attention.check_sequence_parallel()
+            check(self.data.seq_len % parallel.tensor == 0,
+                  f"sequence parallelism splits data.seq_len={self.data.seq_len} over parallel.tensor="
+                  f"{parallel.tensor} ranks; pick a multiple of {parallel.tensor}")
+            check(not self.logging.downstream.tasks, "logging.downstream needs parallel.sequence=false (its "
+                  "requests and decode steps have any length); score the checkpoints with tools/evaluate.py --tasks")
         check(not model.moe.num_experts or model.moe.num_experts % parallel.expert == 0,
               f"parallel.expert={parallel.expert} must divide model.moe.num_experts={model.moe.num_experts}")
 

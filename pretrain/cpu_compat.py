@@ -7,7 +7,8 @@ CUDA it redirects exactly the call sites below, each one found by tracing keel's
 0.19.2 (docs/design.md lists them; tests/pretrain/test_cpu_compat.py exercises each one):
 
 1. `CUDA_CALL_SITES`: these modules see a ``torch`` whose ``zeros``/``tensor`` map ``device="cuda"``
-   to the CPU and whose ``torch.cuda`` answers ``current_device()`` with the CPU and makes
+   to the CPU and whose ``torch.cuda`` answers ``current_device()`` with the CPU, ``get_rng_state()``
+   with the CPU generator's state (a state that the no-op restore of 4. never applies) and makes
    ``synchronize()``/``current_stream()`` no-ops. The real ``torch`` module is never modified.
 2. `CUDA_TYPE_NAME_CHECKS`: while these functions run, ``Tensor.type()`` gives CUDA-style names, so
    their ``param.type() == 'torch.cuda.FloatTensor'`` checks accept CPU tensors.
@@ -43,6 +44,10 @@ CUDA_CALL_SITES: dict[str, tuple[str, ...]] = {
     "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.get_parameter_state_dp_zero",),
     "megatron.core.models.common.embeddings.rotary_pos_embedding": ("RotaryEmbedding.get_emb",),
     "megatron.core.tensor_parallel.mappings": ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"),
+    # sequence parallelism: the tracker's tensor-parallel RNG state, which seeding creates and the
+    # layers fork; the backward of a parallel linear gathers its input's sequence shards again
+    "megatron.core.tensor_parallel.random": ("CudaRNGStatesTracker.add",),
+    "megatron.core.tensor_parallel.layers": ("LinearWithGradAccumulationAndAsyncCommunication.backward",),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": ("FileSystemWriterAsync.preload_tensors",),
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("save_state_dict_async_finalize",),
     # checkpoint.async_save: megatron's background writer and its collective finalization
@@ -105,7 +110,7 @@ def _cpu_torch() -> types.ModuleType:
     for name in _FACTORIES:
         setattr(proxy, name, _redirect_factory(getattr(torch, name)))
     proxy.cuda = _CpuCuda(current_device=lambda: torch.device("cpu"), synchronize=lambda *a, **k: None,
-                          current_stream=lambda *a, **k: None)
+                          current_stream=lambda *a, **k: None, get_rng_state=lambda *a, **k: torch.get_rng_state())
     return proxy
 
 

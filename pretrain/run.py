@@ -154,7 +154,8 @@ def build_trainer(cfg, world, run_dir: Path, data: RunData | None = None, checkp
     dtype = precision(cfg, world)
     built = build_model(cfg.model, cfg.attention, data.tokenizer.vocab_size, world.device, dtype, cfg.seed,
                         per_document_positions=cfg.data.reset_position_ids, distributed_optimizer=cfg.optim.distributed,
-                        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+                        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                        sequence_parallel=cfg.parallel.sequence_parallel(cfg.model))
     tp_group = parallel_state.get_tensor_model_parallel_group() if world.tp > 1 else None
     optimizer = build_optimizer(cfg.optim, cfg.model, built.ddp, built.gpt, dtype, tp_group)
     t = cfg.trainer

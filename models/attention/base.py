@@ -38,10 +38,13 @@ class AttentionConfig:
 
     name: ClassVar[str] = ""  # the registered type's name (the value of `type`)
     # what some of keel asks besides the methods: megatron's fused linear_qkv (QuacK's per-head factors
-    # need it), megatron's own q/k_layernorm slot for QK-norm, and the Hugging Face Llama attention layout
+    # need it), megatron's own q/k_layernorm slot for QK-norm, the Hugging Face Llama attention layout, and
+    # sequence parallelism (every projection of the hidden states a megatron parallel linear, which gathers
+    # the sequence shards in and scatters them out; keel's own modules also project with replicated linears)
     fused_qkv: ClassVar[bool] = False
     megatron_qk_layernorm: ClassVar[bool] = False
     llama_layout: ClassVar[bool] = False
+    sequence_parallel: ClassVar[bool] = False
 
     def __post_init__(self):
         check(self.type == self.name, f"attention.type={self.type!r} does not name {type(self).__name__} ({self.name})")
@@ -71,6 +74,15 @@ class AttentionConfig:
 
     def spec(self, model: ModelConfig) -> ModuleSpec:
         raise NotImplementedError
+
+    def check_sequence_parallel(self) -> None:
+        """Refuse sequence parallelism for a type that projects the hidden states with replicated linears."""
+        from models.attention import ATTENTION_TYPES  # the registry imports this module
+
+        sequential = [name for name, kind in ATTENTION_TYPES.items() if kind.sequence_parallel]
+        check(self.sequence_parallel, f"sequence parallelism needs attention={', '.join(sequential)}, not "
+                                      f"attention={self.type}, whose replicated projections would see one rank's "
+                                      "share of the sequence; set parallel.sequence=false (an MoE: parallel.tensor=1)")
 
     def check(self, model: ModelConfig, tensor_parallel: int) -> None:
         """The rules this type states about the model and the parallel layout, each a one-line ValueError."""

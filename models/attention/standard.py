@@ -45,6 +45,7 @@ class StandardAttention(AttentionConfig):
     fused_qkv = True
     megatron_qk_layernorm = True
     llama_layout = True
+    sequence_parallel = True
 
     def spec(self, model: ModelConfig):
         return standard_attention_spec(self.qk_norm)

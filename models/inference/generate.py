@@ -84,7 +84,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
 
 def build_for_decode(model: ModelConfig, attention: AttentionConfig, vocab_size: int, seed: int = 1234,
                      device="cpu", dtype: torch.dtype = torch.float32):
-    """The bare GPT at this world's TP size, initialised like training (no DDP), in eval mode."""
+    """The bare GPT at this world's TP size, initialised like training (no DDP), in eval mode. Without
+    sequence parallelism: a decode step's one token cannot be split over TP ranks, and megatron's MoE needs
+    it only to train."""
     from models.builder import build_initialised_gpt
 
-    return build_initialised_gpt(model, attention, vocab_size, seed, dtype).to(device=device, dtype=dtype).eval()
+    gpt = build_initialised_gpt(model, attention, vocab_size, seed, dtype, sequence_parallel=False)
+    return gpt.to(device=device, dtype=dtype).eval()

@@ -188,11 +188,12 @@ def collect(model: torch.nn.Module, group=None, weight_similarity: bool = True) 
         return {}
     tracker = get_moe_layer_wise_logging_tracker()
     names = [n for n in TRACKED_LOSSES if n in tracker]
+    losses = {n: tracked_loss(tracker[n]) for n in names}
     # 1. one vector per layer: the step sums, then this layer's tracked loss sums
     rows = []
     for layer in layers:
         s = layer.router.stats
-        tracked = [tracker[n]["values"][layer.layer_number - 1].to(s.values) for n in names]
+        tracked = [losses[n][layer.layer_number - 1].to(s.values) for n in names]
         rows.append(torch.cat([s.values, torch.stack(tracked)]) if tracked else s.values.clone())
     flat = torch.cat(rows)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -215,6 +216,19 @@ def collect(model: torch.nn.Module, group=None, weight_similarity: bool = True) 
         vals = [out[f"moe/layer{l.layer_number}/{key}"] for l in layers if f"moe/layer{l.layer_number}/{key}" in out]
         out[f"moe/{key}"] = sum(vals) / len(vals)
     return out
+
+
+def tracked_loss(entry: dict) -> torch.Tensor:
+    """One loss of megatron's tracker, per layer, as this rank reports it. megatron records some losses as
+    partial sums over a `reduce_group` (the load-balancing loss, over the TP ranks that each route a share
+    of a sequence under sequence parallelism) and sums them there before it logs; so does this, so that
+    every rank holds the loss and `collect`'s mean over ranks is the loss."""
+    values, group = entry["values"], entry["reduce_group"]
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, group=group)
+    return values
 
 
 def take_eval_loads(model: torch.nn.Module, group=None) -> dict[int, torch.Tensor]:

@@ -84,7 +84,13 @@ def test_head_dim_is_independent_of_hidden_over_heads_and_moe_layers_place_exper
     (["optim.name=sgd", "optim.distributed=true"], "Adam-only"),
     (["logging.monitors.spike_window=5"], "logging.monitors.spike_window must be >= 20"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1)"),
-    (["model.moe.num_experts=4", "parallel.tensor=2"], "model.moe needs parallel.tensor=1"),
+    (["model.moe.num_experts=4", "parallel.tensor=2", "parallel.sequence=false"],
+     "model.moe at parallel.tensor=2 needs sequence parallelism"),
+    (["model.moe.num_experts=4", "parallel.tensor=2", "attention=gla"], "sequence parallelism needs attention=mha"),
+    (["parallel.tensor=2", "parallel.sequence=true", "attention=mla"], "sequence parallelism needs attention=mha"),
+    (["parallel.tensor=2", "parallel.sequence=true", "data.seq_len=63"], "splits data.seq_len=63 over"),
+    (["parallel.tensor=2", "parallel.sequence=true", "logging.downstream.tasks=[hellaswag]"],
+     "logging.downstream needs parallel.sequence=false"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; choose one of auto, fp32, bf16"),
     (["model.num_layers=3", "model.moe.num_experts=4", "model.moe.layers=[1,0]"],
      "model.moe.layers has 2 entries for model.num_layers=3; give one 0/1 per layer"),
@@ -99,6 +105,19 @@ def test_config_errors_are_one_clear_line(overrides, message):
         compose_config(overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_sequence_parallelism_is_on_where_an_moe_needs_it_unless_set():
+    """Off at TP=1 whatever is asked (nothing to split); at TP>1 on for an MoE and off for a dense model,
+    unless parallel.sequence says otherwise."""
+    def sp(*overrides):
+        cfg = compose_config(list(overrides))
+        return cfg.parallel.sequence_parallel(cfg.model)
+
+    moe = "model.moe.num_experts=4"
+    assert not sp(moe) and not sp("parallel.sequence=true")
+    assert sp(moe, "parallel.tensor=2") and not sp("parallel.tensor=2")
+    assert sp("parallel.tensor=2", "parallel.sequence=true")
 
 
 def test_dataclass_validation_directly():

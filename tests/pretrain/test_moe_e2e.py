@@ -1,5 +1,7 @@
 """MoE end to end through `pretrain/main.py`: training with statistics and exact resume, routing by source at
-each evaluation, DP=2 and EP=2 equal one process, and the losses' restrictions."""
+each evaluation, DP=2, EP=2 and TP=2 (sequence parallel) equal one process, and the losses' restrictions."""
+
+import math
 
 import pytest
 
@@ -72,15 +74,28 @@ def test_moe_data_parallel_matches_one_process(tiny_data, tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
-def test_moe_expert_parallel_matches_data_parallel(tiny_data, tmp_path):
-    dp, ep = tmp_path / "dp", tmp_path / "ep"
+def test_moe_expert_and_tensor_parallel_match_data_parallel(tiny_data, tmp_path):
+    """EP=2, and TP=2 with sequence parallelism (on by default for an MoE at TP>1: each TP rank routes half
+    of every sequence, the norms' and router's gradients summed over TP), against DP=2 (which equals one
+    process): the loss of both steps (the second after the first update), the gradient norm and the
+    router's statistics. One test, so that the DP=2 reference runs once under xdist."""
     extra = MOE + ["model.moe.var_loss=1.0", "trainer.max_steps=2"]
-    run_keel(tiny_overrides(tiny_data, dp, steps=2) + extra, nproc=2)
-    run_keel(tiny_overrides(tiny_data, ep, steps=2) + extra + ["parallel.expert=2"], nproc=2)
-    assert_index_admitted(ep)  # the allowlist admits expert parallelism's shard index
-    for a, b in zip(metrics(dp), metrics(ep)):
-        for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/maxvio"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    # the stability monitors watch the TP=2 forward too (hooks only: the step's numbers are the same)
+    layouts = {"dp": [], "ep": ["parallel.expert=2"], "tp": ["parallel.tensor=2", "logging.monitors.interval=1"]}
+    runs = {layout: tmp_path / layout for layout in layouts}
+    for layout, run in runs.items():
+        run_keel(tiny_overrides(tiny_data, run, steps=2) + extra + layouts[layout], nproc=2)
+    reference = metrics(runs.pop("dp"))
+    for layout, run in runs.items():
+        assert_index_admitted(run)  # the allowlist admits this layout's shard index
+        rows = metrics(run)
+        assert len(rows) == len(reference) == 2
+        for a, b in zip(reference, rows):
+            for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/z_loss", "moe/var_loss", "moe/maxvio",
+                        "moe/entropy", "moe/layer1/load/0"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (layout, a["step"], key)
+    monitored = metrics(runs["tp"])[-1]
+    assert math.isfinite(monitored["stability/logit_norm"]) and math.isfinite(monitored["stability/attn_entropy_min"])
 
 
 def test_ortho_loss_refuses_expert_parallelism(tiny_data, tmp_path):

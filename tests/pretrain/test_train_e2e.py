@@ -130,8 +130,9 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     (["parallel.tensor=2"], 1e-4),
     (["parallel.pipeline=2"], 1e-4),
     (["optim.distributed=true"], 1e-5),  # DP=2 with the distributed optimizer
-    # the chunked cross-entropy stays vocab-parallel at TP=2 (11 chunks of 6 positions × 4 rows)
-    (["parallel.tensor=2", "model.loss_chunk=24"], 1e-4),
+    # sequence parallelism on a dense model, and the chunked cross-entropy, vocab-parallel at TP=2, on each
+    # rank's half of the sequences (11 chunks of 3 positions of each half × 4 rows)
+    (["parallel.tensor=2", "parallel.sequence=true", "model.loss_chunk=24"], 1e-4),
     # DP=2, 2 micro-batches a rank: each bucket reduced once, during the last backward
     (["parallel.overlap_grad_reduce=true", "optim.distributed=true", "trainer.micro_batch_size=2"], 1e-5),
 ])

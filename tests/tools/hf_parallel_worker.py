@@ -5,7 +5,9 @@
         LAYOUT:NAME=CKPT [LAYOUT:NAME=CKPT ...]
 
 LAYOUT is tp2, pp2, ep2 (expert parallelism over the two ranks, each seeing the same tokens) or dp2. At
-tp2, pp2 and ep2 rank 0 writes each checkpoint's logits under "LAYOUT:NAME" ([b, s, padded vocabulary]).
+tp2, pp2 and ep2 rank 0 writes each checkpoint's logits under "LAYOUT:NAME" ([b, s, padded vocabulary]),
+and under "sequence_parallel/LAYOUT/NAME" whether the model ran sequence parallel (an MoE at tp2 does;
+its logits without, as decoding builds it, under "without_sequence_parallel/LAYOUT/NAME").
 The checkpoint named `llama` is also scored by keel's lm-eval adapter and by `tools/evaluate.py --tasks`
 over the tiny tasks in TASKS_DIR (tests/lm_eval_helpers.py): "LAYOUT_loglikelihoods" (tp2, pp2: the
 adapter's [(logprob, greedy), ...] for the multiple-choice requests), "LAYOUT_cli" ([(exit code, stdout,
@@ -20,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 
-def layout_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor | None:
-    """The full logits, padded rows included, on the last stage's TP rank 0 (None elsewhere)."""
+def layout_logits(ckpt: str, tokens: torch.Tensor, sequence_parallel: bool | None = None
+                  ) -> tuple[torch.Tensor | None, bool]:
+    """The full logits, padded rows included, on the last stage's TP rank 0 (None elsewhere), and whether
+    the model split its sequences over the TP ranks (sequence parallelism: an MoE's default at TP>1)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -34,7 +38,7 @@ def layout_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor | None:
     step_dir = checkpoint.resolve(ckpt)
     cfg, info = saved_config(run_folder(step_dir))
     vocab = load_tokenizer(info["tokenizer"]["path"]).vocab_size
-    gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab, cfg.seed).eval()
+    gpt = build_initialised_gpt(cfg.model, cfg.attention, vocab, cfg.seed, sequence_parallel=sequence_parallel).eval()
     checkpoint.load(step_dir, gpt, None, model_signature(cfg, vocab))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
@@ -46,10 +50,10 @@ def layout_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor | None:
         out = gpt(tokens, positions, None)
         if not ps.is_pipeline_last_stage():
             dist.send(out, dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
+            return None, gpt.config.sequence_parallel
     # 2. the vocabulary-parallel shards gathered (each rank masked the padded rows of its own shard)
     logits = gather_from_tensor_model_parallel_region(out)
-    return logits if ps.get_tensor_model_parallel_rank() == 0 else None
+    return (logits if ps.get_tensor_model_parallel_rank() == 0 else None), gpt.config.sequence_parallel
 
 
 def adapter_loglikelihoods(ckpt: str) -> list[tuple[float, bool]]:
@@ -115,9 +119,14 @@ def main() -> None:
         distributed.init(ParallelConfig(backend="gloo", **LAYOUTS[layout]))  # the process group stays
         for name, ckpt in checkpoints:
             if layout != "dp2":
-                logits = layout_logits(ckpt, tokens)
+                logits, sequence_parallel = layout_logits(ckpt, tokens)
                 if logits is not None and (layout != "ep2" or dist.get_rank() == 0):
                     results[f"{layout}:{name}"] = logits
+                    results[f"sequence_parallel/{layout}/{name}"] = sequence_parallel
+                if sequence_parallel:  # also as decoding and tools/evaluate.py build it, without
+                    plain, _ = layout_logits(ckpt, tokens, sequence_parallel=False)
+                    if plain is not None:
+                        results[f"without_sequence_parallel/{layout}/{name}"] = plain
             if name == "llama" and layout in CLI_FLAGS:
                 results |= lm_eval_checks(layout, ckpt, tasks_dir)
         ps.destroy_model_parallel()

@@ -1,8 +1,9 @@
 """tools/import_hf.py, tools/export_hf.py and tools/evaluate.py on tiny models of every family keel
 converts (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE), built here from transformers'
-config classes (nothing is downloaded): logits equal to transformers' at TP=1, and at TP=2 (dense), PP=2
-(Llama) and EP=2 (MoE) in one torchrun world; export -> transformers reload in the family's own class; an
-exact HF -> keel -> HF -> keel round trip; equal evaluation of a folder and its import; one-line refusals."""
+config classes (nothing is downloaded): logits equal to transformers' at TP=1, and at TP=2 (every family;
+the MoE families sequence parallel), PP=2 (Llama) and EP=2 (MoE) in one torchrun world; export ->
+transformers reload in the family's own class; an exact HF -> keel -> HF -> keel round trip; equal
+evaluation of a folder and its import; one-line refusals."""
 
 from __future__ import annotations
 
@@ -111,16 +112,17 @@ def test_each_family_imports_with_transformers_logits(families, arch):
 
 
 def test_parallel_layouts_give_transformers_logits_and_lm_eval_scores(llama, imported, families, tmp_path, capsys):
-    """One 2-process world for every family: its logits at TP=2 (dense), PP=2 (Llama) and EP=2 (MoE) equal
-    transformers'. On the Llama import, keel's lm-eval adapter at TP=2 and PP=2 gives the log-likelihoods it
-    gives at one process; `tools/evaluate.py --tasks` at TP=2, PP=2 (log-likelihood tasks; a generation task
-    is one line) and DP=2 prints, on the first rank only, the scores of one process."""
+    """One 2-process world for every family: its logits at TP=2 (the MoE families with sequence parallelism,
+    each TP rank routing half of every sequence), PP=2 (Llama) and EP=2 (MoE) equal transformers'. On the
+    Llama import, keel's lm-eval adapter at TP=2 and PP=2 gives the log-likelihoods it gives at one process;
+    `tools/evaluate.py --tasks` at TP=2, PP=2 (log-likelihood tasks; a generation task is one line) and DP=2
+    prints, on the first rank only, the scores of one process."""
     from tests.lm_eval_helpers import choice_requests, write_tasks
 
     pytest.importorskip("lm_eval", reason="the eval extra (tools/setup.sh installs it)")
     tasks = write_tasks(tmp_path / "tasks")
     torch.save(_tokens(), tmp_path / "tokens.pt")
-    jobs = [f"tp2:llama={imported}", f"pp2:llama={imported}"] + [f"tp2:{a}={families[a][1]}" for a in DENSE]
+    jobs = [f"tp2:llama={imported}", f"pp2:llama={imported}"] + [f"tp2:{a}={families[a][1]}" for a in DENSE + MOE]
     jobs += [f"ep2:{a}={families[a][1]}" for a in MOE] + [f"dp2:llama={imported}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "tools" / "hf_parallel_worker.py"), str(tmp_path / "tokens.pt"),
@@ -137,6 +139,9 @@ def test_parallel_layouts_give_transformers_logits_and_lm_eval_scores(llama, imp
         logits = out[key]
         assert logits.shape[-1] == 384 and relative_error(logits[..., :320], reference) <= TOL, key
         assert torch.isneginf(logits[..., 320:]).all()  # padded rows, masked on the TP rank that holds them
+        assert out[f"sequence_parallel/{key.replace(':', '/')}"] == (key.startswith("tp2:") and name in MOE), key
+        if key.startswith("tp2:") and name in MOE:  # as decoding and tools/evaluate.py build it: no SP
+            assert relative_error(out[f"without_sequence_parallel/tp2/{name}"][..., :320], reference) <= TOL, name
     from pretrain.downstream import KeelLM
     from tools.evaluate import main as evaluate
 
