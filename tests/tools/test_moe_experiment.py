@@ -196,6 +196,13 @@ def test_a_validation_set_smaller_than_one_evaluation_is_one_clear_error(setup, 
     with pytest.raises(moe.ExperimentError, match=r"prose-val holds 100 rows, fewer than the 512 .* raise "
                                                    r"data.val_percent"):
         moe.check_validation_rows(dataclasses.replace(setup, data=data))
+    # a source's own set may hold half of what val_loss's set must; val_loss's set must hold it all
+    (tmp_path / "prose-val.json").write_text(json.dumps({"stats": {"rows": setup.val_rows // 2}}))
+    moe.check_validation_rows(dataclasses.replace(setup, data=data))
+    (tmp_path / "mixed-val.json").write_text(json.dumps({"stats": {"rows": setup.val_rows - 1}}))
+    with pytest.raises(moe.ExperimentError, match=rf"mixed-val holds {setup.val_rows - 1} rows, fewer than the "
+                                                   rf"{setup.val_rows} "):
+        moe.check_validation_rows(dataclasses.replace(setup, data=data))
 
 
 def test_set_overrides_reach_the_packed_sets_and_a_set_split_otherwise_is_refused(setup, tmp_path, monkeypatch,

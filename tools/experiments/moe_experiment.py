@@ -48,7 +48,7 @@ rows, the held-out share and every path come from the presets.
 Cost, measured 2026-12-06 on the 2-core CPU (one thread per run, nice 19, the machine shared with other work:
 CPU seconds from /usr/bin/time, so the sharing inflates wall time, not these): a training step of 16 x 128
 tokens takes 0.39 CPU-s with aux only and 0.43 with L_o + L_v on (60-step minus 10-step runs), one evaluation
-batch (16 x 128 tokens) 0.19 CPU-s, so one evaluation of the three sets (3 x 32 batches) 18.5 CPU-s, and a
+batch (16 x 128 tokens) 0.19 CPU-s, so one evaluation of the three sets (64 + 64 + 39 batches) 32 CPU-s, and a
 process's start 12 CPU-s. Hence per run: pretraining (1200 steps, 4 evaluations) 9.2 CPU-minutes; measuring
 (5 steps, 1 evaluation) 0.6; a continued run (500 steps, 5 evaluations with the one at its start) 5.0-5.4.
 Stages, in CPU-hours: pack not measured (the 20% split's tokenizer is trained once, then five sets packed);
@@ -99,7 +99,7 @@ MIXED = "mixed"  # val_loss's set: both sources' held-out documents, interleaved
 @dataclass(frozen=True)
 class Setup:
     data: DataConfig  # moe_pretrain's: tokenizer, row length, held-out share, the packed sets' paths
-    val_rows: int  # eval_batches x global_batch_size: the rows each validation set must hold
+    val_rows: int  # eval_batches x global_batch_size: the rows val_loss's set must hold (a source's: half)
     pretrain_dir: Path  # moe_pretrain's run_dir, moe_continue's init_from
     continue_dir: Path  # measure/, tune/ and arms/ below it
     coeffs_from: Path | None = None  # --coeffs-from: a report whose tuning chose β and γ; None: this tuning's
@@ -375,11 +375,14 @@ def check_held_out_share(s: Setup) -> None:
 
 
 def check_validation_rows(s: Setup) -> None:
-    """Every validation set holds the rows one evaluation scores, so none is scored twice."""
-    for prefix, (_, split) in packed_sets(s).items():
+    """val_loss's set (MIXED, the compared loss) holds the rows one evaluation scores, so none is scored twice.
+    A source's own set may hold fewer, down to half: keel then scores the whole batches it holds
+    (data.loader.evaluation_batches; run_info.json records the rows), since prose is small."""
+    for prefix, (subset, split) in packed_sets(s).items():
         rows = json.loads(Path(f"{prefix}.json").read_text())["stats"]["rows"]
-        if split == "val" and rows < s.val_rows:
-            raise ExperimentError(f"{prefix} holds {rows} rows, fewer than the {s.val_rows} one evaluation scores; "
+        needed = s.val_rows if subset == MIXED else s.val_rows // 2
+        if split == "val" and rows < needed:
+            raise ExperimentError(f"{prefix} holds {rows} rows, fewer than the {needed} its evaluation needs; "
                                   "raise data.val_percent in conf/experiment/moe_pretrain.yaml and rerun --stage pack "
                                   "--force")
 
