@@ -31,30 +31,40 @@ RECORD = ("loss", "grad_norm", "skipped", "nonfinite", "loss_z", "grad_z")  # a 
 # ---- 1. the gradient norm and clipping ------------------------------------------------------------
 @torch.no_grad()
 def grad_norm(megatron) -> torch.Tensor:
-    """Global L2 norm of the gradients megatron's optimizer steps (float32, 0-dim, on the device)."""
-    total = None
+    """Global L2 norm of the gradients megatron's optimizer steps (float64, 0-dim, on the device), computed
+    as megatron-core's own fallback does (per-tensor norms, the norm of those, squared and summed over the
+    grad-statistics group), so that clipping by it gives megatron's numbers bit for bit."""
+    by_group: dict = {}  # grad-statistics group -> its gradients (megatron joins optimizers that share one)
     for opt in chained(megatron):
         grads = opt.get_grads_for_grad_norm() if opt.get_parameters() else []
-        device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        by_group.setdefault(opt.get_grad_stats_parallel_group(), []).extend(grads)
+    total = None
+    for group, grads in by_group.items():
+        device = grads[0].device if grads else _default_device()
         sq = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
-            sq += torch.stack(torch._foreach_norm(grads, 2.0)).float().square().sum()
-        dist.all_reduce(sq, group=opt.get_grad_stats_parallel_group())
-        total = sq if total is None else total + sq.to(total.device)
+            sq = torch.norm(torch.stack([torch.norm(g) for g in grads])).reshape(1) ** 2
+        dist.all_reduce(sq, group=group)
+        total = sq.double() if total is None else total + sq.double().to(total.device)
     return total[0].sqrt()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @torch.no_grad()
 def clip_grads(megatron, norm: torch.Tensor, max_norm: float) -> None:
-    """Scale every gradient by min(1, max_norm / (norm + 1e-6)) (megatron's coefficient); a factor of
-    exactly 1 leaves the gradients bit-exact."""
+    """Scale every gradient by max_norm / (norm + 1e-6) where that is below 1 (megatron's rule); elsewhere
+    the factor is exactly 1 and leaves the gradients bit-exact."""
     if max_norm <= 0:
         return
-    coeff = (max_norm / (norm.double() + 1e-6)).clamp(max=1.0).float()
+    coeff = max_norm / (norm.double() + 1e-6)
+    scale = torch.where(coeff < 1.0, coeff, 1.0).float()
     for opt in chained(megatron):
         grads = [p.grad for p in opt.get_parameters() if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, coeff.to(grads[0].device))
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
 
 
 # ---- 2. rolling statistics and the decision ------------------------------------------------------

@@ -183,6 +183,9 @@ class SpikeMonitor(Callback):
                             "spike_z": max(e.z for e in self.events)})
             self.events = []
 
+    def on_rewind(self, trainer, event: dict) -> None:
+        self.events = []  # spikes of the steps the rewind discarded (its event row names them)
+
     def state_dict(self) -> dict:
         return self.detector.state_dict()
 
