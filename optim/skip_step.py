@@ -91,8 +91,9 @@ class RollingWindow:
 
     def push(self, x: torch.Tensor, accept: torch.Tensor) -> None:
         """Add x where `accept` (a 0-dim bool), else leave the window as it is."""
-        slot = self.count % self.values.numel()
-        self.values[slot] = torch.where(accept, x.double(), self.values[slot])
+        slot = (self.count % self.values.numel()).reshape(1)  # tensor indices: an int index would read it
+        kept = torch.where(accept, x.double().reshape(1), self.values.index_select(0, slot))
+        self.values.index_copy_(0, slot, kept)
         self.count += accept.to(torch.int64)
 
     def state_dict(self) -> dict:

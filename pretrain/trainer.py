@@ -398,7 +398,9 @@ class Trainer:
         reduced a step ago (read without waiting), or this step's where `now` (a logged step: a sync)."""
         if dist.get_world_size() == 1:
             return self.signal_received
-        flag = torch.tensor([self.signal_received or 0], dtype=torch.int64, device=self.world.device)
+        flag = torch.tensor([self.signal_received or 0], dtype=torch.int64)
+        if self.world.device.type == "cuda":  # a plain copy to the GPU would wait for the work queued before it
+            flag = flag.pin_memory().to(self.world.device, non_blocking=True)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         previous, self._flag = self._flag, StepRecords(("signal",))
         self._flag.put(self.step, flag)

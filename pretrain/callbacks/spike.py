@@ -195,4 +195,12 @@ class SpikeMonitor(Callback):
     def summary(self, rows: list[dict]) -> dict[str, str]:
         # a row names its spikes (read a step late, they may be the previous step's); older rows only flag theirs
         spikes = [s for r in rows if r.get("spike") for s in str(r.get("spike_steps", r["step"])).split()]
-        return {"loss spikes": f"flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "none flagged"}
+        lines = {"loss spikes": f"flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "none flagged"}
+        dropped = max((r.get("skipped_total", 0) for r in rows), default=0)
+        if dropped:
+            lines["dropped updates"] = str(dropped)
+        rewinds = [r for r in rows if r.get("event") == "rewind"]
+        if rewinds:
+            lines["rewinds"] = "; ".join(f"at step {r['at_step']} to {r['to_step']} ({r['reason']}), "
+                                         f"{r['data_rows_skipped']} data rows skipped" for r in rewinds)
+        return lines
