@@ -98,7 +98,8 @@ class Recovery:
         resume_data_at = trigger["last_spike"] + r.margin  # the data of steps (target_step, this] is skipped
         rows = (resume_data_at - target_step) * global_batch
         event = {"event": "rewind", "rewind": self.rewinds + 1, "at_step": at_step, "to_step": target_step,
-                 "checkpoint": target.name, "data_rows_skipped": rows, "data_steps_skipped": resume_data_at - target_step,
+                 "checkpoint": target.name, "data_rows_skipped": rows,
+                 "data_steps_skipped": resume_data_at - target_step,
                  "lr_factor": r.lr_factor, "lr_steps": r.lr_steps, **trigger}
         after = {"skips": [], "rewinds": self.rewinds + 1, "lr_until": target_step + r.lr_steps,
                  "rows_skipped": self.rows_skipped + rows, "events": [*self.events, event]}

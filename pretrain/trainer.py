@@ -106,7 +106,7 @@ class Trainer:
         self._in_reference = False  # inside reference_forward
 
     # ---- one step -----------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self) -> dict | None:
         """One step with no host sync of keel's: the loss, the gradient norm and the skip decision stay
         on the device (`KeelOptimizer.step`); the host reads them on logged steps, or a step late."""
         t0 = time.perf_counter()
@@ -215,17 +215,18 @@ class Trainer:
     def _check_stop(self, step: int, record: dict) -> None:
         policy = self.cfg.logging.monitors.spike.action
         if record["skipped"] and not record["nonfinite"] and policy == "stop":
-            raise TrainingStopped(f"stopped at step {step} by logging.monitors.spike.action=stop: loss "
-                                  f"{record['loss']:.4f} (z {record['loss_z']:.1f}), grad norm {record['grad_norm']:.3g} "
-                                  f"(z {record['grad_z']:.1f}); see metrics.jsonl")
+            raise TrainingStopped(
+                f"stopped at step {step} by logging.monitors.spike.action=stop: loss {record['loss']:.4f} "
+                f"(z {record['loss_z']:.1f}), grad norm {record['grad_norm']:.3g} (z {record['grad_z']:.1f}); "
+                "see metrics.jsonl")
         if self.skipped_in_row >= self.cfg.trainer.max_skipped_steps:
             raise TrainingStopped(
                 f"stopped at step {step}: {self.skipped_in_row} steps in a row had a non-finite loss or "
                 "gradient; lower optim.lr, add warmup (lr.warmup_steps) or enable optim.spectral")
 
-    def _metrics(self, lrs: dict, t0: float) -> dict:
+    def _metrics(self, lrs: dict, t0: float) -> dict | None:
         """The step's metrics. Only a logged step's carry the loss and gradient norm (read now, a sync);
-        any other step's are read a step late, for the counters and the rewind rule."""
+        any other step's are read a step late, for the counters and the rewind rule. None after a rewind."""
         logged = self.logs(self.step)
         last = self.account(self.step if logged else self.step - 1)
         if self.rewound:

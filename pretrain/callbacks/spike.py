@@ -39,8 +39,10 @@ class RewindConfig:
     def __post_init__(self):
         check_positive("logging.monitors.spike.rewind", self, "skips", "within", "max_rewinds")
         for key in ("margin", "lr_steps"):
-            check(getattr(self, key) >= 0, f"logging.monitors.spike.rewind.{key} must be >= 0, got {getattr(self, key)}")
-        check(0 < self.lr_factor <= 1, f"logging.monitors.spike.rewind.lr_factor must be in (0, 1], got {self.lr_factor}")
+            value = getattr(self, key)
+            check(value >= 0, f"logging.monitors.spike.rewind.{key} must be >= 0, got {value}")
+        check(0 < self.lr_factor <= 1,
+              f"logging.monitors.spike.rewind.lr_factor must be in (0, 1], got {self.lr_factor}")
         check(self.skips <= self.within, f"logging.monitors.spike.rewind.skips={self.skips} must be <= "
               f"rewind.within={self.within}: that many dropped steps cannot fit in the window")
 

@@ -6,7 +6,6 @@ same result. Also: no host sync of keel's on a step that logs nothing (torch.pro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,57 +112,73 @@ def test_a_run_killed_in_the_middle_of_a_rewind_resumes_to_the_same_result(plant
     assert _final_state(run)["loader"] == _final_state(rewound)["loader"]
 
 
-def test_a_step_that_logs_nothing_reads_nothing_on_the_host(tiny_data, tmp_path):
-    """aten::item / aten::_local_scalar_dense per step under torch.profiler: none of keel's on a step that is
-    not logged (a logged step reads its record with one copy, not these). Not counted: reads inside torch's optimizer step (its Adam keeps its
-    step count on the CPU and reads it there, whatever the device) and inside megatron's vocab-parallel
-    cross entropy (its masked assignment `x[mask] = 0`): neither is keel's."""
-    out = subprocess.run([sys.executable, "-c", PROFILE.format(data=json.dumps(tiny_data), run=str(tmp_path / "run"))],
-                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert counts["unlogged"] == [0, 0, 0], counts
-    assert counts["validation"] > 0, counts  # the counter sees a read: a validation returns a float
-
-
-PROFILE = '''
-import json
-from pathlib import Path
-from torch.profiler import profile, ProfilerActivity
-from pretrain.config import compose_config
-from pretrain import distributed
-from pretrain.run import build_trainer
-from tests.helpers import tiny_overrides
-
-data = json.loads({data!r})
-cfg = compose_config(tiny_overrides(data, Path({run!r}), steps=8) + ["trainer.log_interval=4", "trainer.eval_interval=8",
-                                                                     "checkpoint.interval=8", "trainer.eval_batches=1"])
-world = distributed.init(cfg.parallel)
-trainer = build_trainer(cfg, world, Path({run!r}))
-trainer.callbacks.clear()
 NOT_KEELS = ("Optimizer.step#", "megatron/core/tensor_parallel/cross_entropy.py")
 
 
-def keels(event) -> bool:
-    while event is not None:
-        if any(name in event.name for name in NOT_KEELS):
-            return False
-        event = event.cpu_parent
-    return True
+def _reads(prof) -> int:
+    """aten::item / aten::_local_scalar_dense calls in a profile that are keel's (see NOT_KEELS)."""
+    def keels(event) -> bool:
+        while event is not None:
+            if any(name in event.name for name in NOT_KEELS):
+                return False
+            event = event.cpu_parent
+        return True
 
-
-def reads(prof) -> int:
     return len([e for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense") and keels(e)])
 
 
-counts = {{"unlogged": []}}
-for step in range(1, 4):
+def test_a_step_that_logs_nothing_reads_nothing_on_the_host(megatron_world, tiny_data, tmp_path):
+    """Host reads per step under torch.profiler: none of keel's on a step that is not logged (a logged step
+    reads its record with one copy, not these). Not counted: reads inside torch's optimizer step (its Adam
+    keeps its step count on the CPU and reads it there, whatever the device) and inside megatron's
+    vocab-parallel cross entropy (its masked assignment `x[mask] = 0`): neither is keel's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pretrain.config import compose_config
+    from pretrain.run import build_trainer
+
+    cfg = compose_config(tiny_overrides(tiny_data, tmp_path, steps=8) + [
+        "trainer.log_interval=4", "trainer.eval_interval=8", "checkpoint.interval=8", "trainer.eval_batches=1"])
+    trainer = build_trainer(cfg, megatron_world, tmp_path)
+    trainer.callbacks.clear()
+    unlogged = []
+    for step in (1, 2, 3):
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+            trainer.train_step()
+        assert not trainer.logs(step)
+        unlogged.append(_reads(prof))
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        trainer.train_step()
-    if not trainer.logs(step):
-        counts["unlogged"].append(reads(prof))
-with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-    trainer.evaluate()
-counts["validation"] = reads(prof)
-print(json.dumps(counts))
-'''
+        trainer.evaluate()
+    assert unlogged == [0, 0, 0]
+    assert _reads(prof) > 0  # the count sees a read: a validation returns a float
+
+
+def test_the_rewind_rule_counts_dropped_steps_in_its_window_and_plans_the_data_it_skips():
+    from pretrain.callbacks.spike import RewindConfig, SpikeConfig
+    from pretrain.recovery import Recovery
+
+    recovery = Recovery(SpikeConfig(action="rewind", rewind=RewindConfig(skips=3, within=10, margin=5)))
+    calm = {"loss": 2.0, "grad_norm": 1.0, "skipped": 0.0, "nonfinite": 0.0, "loss_z": 0.1, "grad_z": 0.2}
+    spike = calm | {"skipped": 1.0, "loss_z": 9.0}
+    assert recovery.observe(20, spike) is None and recovery.observe(25, spike) is None
+    assert recovery.observe(31, spike) is None  # step 20 has left the 10-step window
+    trigger = recovery.observe(33, spike)
+    assert trigger["spike_steps"] == [25, 31, 33] and (trigger["first_spike"], trigger["last_spike"]) == (25, 33)
+    plan = recovery.plan(trigger, 33, Path("step_00000024"), 24, global_batch=8)
+    assert plan["rows"] == (33 + 5 - 24) * 8 and plan["recovery"]["rewinds"] == 1
+    # a non-finite step rewinds at once; under another policy nothing ever does
+    assert Recovery(SpikeConfig(action="rewind")).observe(3, calm | {"nonfinite": 1.0, "skipped": 1.0})
+    assert Recovery(SpikeConfig(action="skip")).observe(3, calm | {"nonfinite": 1.0, "skipped": 1.0}) is None
+
+
+def test_a_config_saved_with_the_old_spike_keys_still_reads():
+    from dataclasses import asdict
+
+    from pretrain.config import compose_config, config_from_dict
+
+    saved = asdict(compose_config([]))
+    monitors = saved["logging"]["monitors"]
+    del monitors["spike"]
+    monitors |= {"spike_window": 60, "spike_z": 5.0, "spike_action": "skip"}
+    spike = config_from_dict(saved).logging.monitors.spike
+    assert (spike.window, spike.loss_z, spike.action, spike.min_count) == (60, 5.0, "skip", 20)
