@@ -182,3 +182,14 @@ def test_a_config_saved_with_the_old_spike_keys_still_reads():
     monitors |= {"spike_window": 60, "spike_z": 5.0, "spike_action": "skip"}
     spike = config_from_dict(saved).logging.monitors.spike
     assert (spike.window, spike.loss_z, spike.action, spike.min_count) == (60, 5.0, "skip", 20)
+
+
+def test_planting_refuses_to_overwrite_or_to_plant_outside_the_vocabulary(planted, capsys):
+    from tools.plant_spikes import main
+
+    data, _ = planted
+    args = ["--data", data["train"], "--seed", "1", "--global-batch", "8", "--start", "2"]
+    assert main([*args, "--output", data["train"]]) == 2
+    assert main([*args, "--output", data["train"] + "_new", "--token", "100000"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "exists; choose a new --output" in errors[0] and "outside the" in errors[1]
