@@ -90,6 +90,11 @@ class PackedLoader:
         """(dataset, row) of each position of the stream."""
         return [(self.dataset, self._row(k)) for k in stream]
 
+    def rows_of_steps(self, first: int, count: int) -> list[tuple[PackedDataset, int]]:
+        """(dataset, row) of every row that steps first .. first+count-1 (1-based, each one global batch,
+        every data-parallel rank) read from the start of the stream: for faults planted at known steps."""
+        return self._rows(range((first - 1) * self.global_batch, (first - 1 + count) * self.global_batch))
+
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch."""
         per_rank = self.global_batch // self.dp_size

@@ -18,13 +18,23 @@ from optim.config import OptimConfig, OptimizerName
 from optim.lr_rules import GROUPS, param_group, peak_lrs
 from optim.megatron_private import chained, patch_fully_reshardable_load, prepare_to_load, restore_adam_steps
 from optim.rules import UpdateRule, build_rule
+from optim.skip_step import SkipDecider, SkipRule, UpdateGuard, clip_grads, grad_norm
 
 
 class KeelOptimizer:
-    """megatron's optimizer, the peak LR of each parameter group, and an optional update rule."""
+    """megatron's optimizer, the peak LR of each parameter group, an optional update rule, and the
+    device-side skip decision and guard (`optim.skip_step`) every update goes through."""
 
-    def __init__(self, megatron, peak_lrs: dict[str, float], base_lr: float, rule: UpdateRule | None = None):
+    def __init__(self, megatron, peak_lrs: dict[str, float], base_lr: float, rule: UpdateRule | None = None,
+                 model: torch.nn.Module | None = None, clip: float = 0.0):
         self.megatron, self.peak_lrs, self.base_lr, self.rule = megatron, dict(peak_lrs), base_lr, rule
+        self.clip = clip
+        self.guard = UpdateGuard(megatron, model, rule) if model is not None else None
+        self.decider: SkipDecider | None = None
+
+    def use_skip_rule(self, rule: SkipRule, device: torch.device) -> None:
+        """Judge every update by `rule` (the trainer sets it from `logging.monitors.spike`)."""
+        self.decider = SkipDecider(rule, device)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -39,9 +49,24 @@ class KeelOptimizer:
     def zero_grad(self) -> None:
         self.megatron.zero_grad()
 
-    def step(self) -> tuple[bool, float | None, int | None]:
-        """Clip and update: (applied, grad norm, zeros) as megatron returns them."""
-        return self.rule.step(self.megatron.step) if self.rule else self.megatron.step()
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip and update with no host sync: this step's record (`optim.skip_step.RECORD`, on the device),
+        whose "skipped" entry says whether the update was dropped (a non-finite loss or gradient, or a
+        spike by the skip rule); a dropped update leaves every parameter and state bit-identical."""
+        # 1. megatron's gradient preparation (main-gradient copies), then keel's norm and clipping on the device
+        self.megatron.prepare_grads()
+        norm = grad_norm(self.megatron)
+        clip_grads(self.megatron, norm, self.clip)
+        # 2. the decision, then the update, selected back where the decision drops it
+        if self.decider is None:
+            self.use_skip_rule(SkipRule(enabled=False), norm.device)
+        record = self.decider.decide(loss.to(norm.device), norm)
+
+        def inner():
+            return self.megatron.step_with_ready_grads(), norm, None
+
+        self.guard.run(lambda: self.rule.step(inner) if self.rule else inner(), record[2] == 0)
+        return record
 
     def pop_stats(self) -> dict[str, float]:
         """The update rule's statistics since the last call (empty without one)."""
@@ -78,11 +103,14 @@ class KeelOptimizer:
         return next(iter(saved)) if saved and saved != {rate["max_lr"]} else None
 
     def state_dict(self) -> dict:
-        return {"rule": self.rule.state_dict()} if self.rule else {}
+        state = {"rule": self.rule.state_dict()} if self.rule else {}
+        return state | ({"skip": self.decider.state_dict()} if self.decider else {})
 
     def load_state_dict(self, state: dict) -> None:
         if self.rule:
             self.rule.load_state_dict(state["rule"])
+        if self.decider and "skip" in state:  # a run folder from before skip-step starts with empty windows
+            self.decider.load_state_dict(state["skip"])
 
 
 def _saved_param_groups(state):
@@ -109,7 +137,7 @@ def build_optimizer(cfg: OptimConfig, model: ModelConfig, ddp_model, gpt: torch.
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
     use_fused_adam(megatron)
     patch_fully_reshardable_load()
-    return KeelOptimizer(megatron, peaks, cfg.lr, build_rule(cfg, megatron, gpt, tp_group))
+    return KeelOptimizer(megatron, peaks, cfg.lr, build_rule(cfg, megatron, gpt, tp_group), gpt, cfg.grad_clip)
 
 
 def use_fused_adam(megatron) -> None:

@@ -163,7 +163,8 @@ def bound_update(
     # 4. W = W_old + s·ΔW = lerp(W_new, W_old, 1-s); weight 0 leaves W_new bit-exact
     w_new.lerp_(w_old, 1.0 - scale)
     state["sigma_w"], state["ratio"] = sigma_w, sigma_dw / denom
-    state["steps"] = state.get("steps", 0) + 1
+    # a device counter: a step dropped on the device (optim.skip_step) restores it without a host sync
+    state["steps"] = state.get("steps", torch.zeros((), dtype=torch.int64, device=w_old.device)) + 1
     return scale
 
 
@@ -329,7 +330,7 @@ class SpectralBound(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         vec = lambda d: {k: d[k] for k in ("u", "v") if k in d}  # noqa: E731
         spectral = {i: {"w": vec(s.get("w", {})), "dw": vec(s.get("dw", {})),
-                        "steps": s.get("steps", 0)} for i, s in self.spectral_state.items()}
+                        "steps": int(s.get("steps", 0))} for i, s in self.spectral_state.items()}
         return {"inner": self.optimizer.state_dict(),
                 "spectral": {"tau": self.tau, "power_iters": self.power_iters, "state": spectral}}
 

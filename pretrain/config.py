@@ -23,7 +23,7 @@ from pretrain.callbacks.downstream import DownstreamConfig
 from pretrain.callbacks.loss_plot import LossPlotConfig
 from pretrain.callbacks.metrics import MetricsConfig
 from pretrain.callbacks.profile import ProfileConfig
-from pretrain.callbacks.spike import SpikeConfig
+from pretrain.callbacks.spike import MIGRATED_KEYS, SpikeMonitorConfig
 from pretrain.callbacks.stability import StabilityConfig
 
 Precision = choices("Precision", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
@@ -62,7 +62,7 @@ class TrainerConfig:
     # validate once before the first step (a step-0 row in metrics.jsonl): the starting loss on every validation
     # set; None: when the run starts from init_from (continual pretraining), not from scratch
     eval_at_start: Optional[bool] = None
-    log_interval: int = 1
+    log_interval: int = 10  # logged steps (and validations, checkpoints) are the only ones the host waits on
     max_skipped_steps: int = 5  # stop after this many non-finite steps in a row
     precision: str = choice(Precision, "auto")
     progress: bool = True  # the progress bar (pretrain/callbacks/progress.py)
@@ -97,13 +97,12 @@ class CheckpointConfig:
 
 
 @dataclass
-class MonitorConfig(SpikeConfig, StabilityConfig):
+class MonitorConfig(SpikeMonitorConfig, StabilityConfig):
     """`logging.monitors`: one node for the keys of two callbacks, the stability monitors' (interval,
-    batch_rows) and the spike detector's (spike_*), each defined and checked beside its callback."""
+    batch_rows) and the spike section (`spike`), each defined and checked beside its callback."""
 
     def __post_init__(self):
         StabilityConfig.__post_init__(self)
-        SpikeConfig.__post_init__(self)
 
 
 @dataclass
@@ -215,6 +214,11 @@ def compose_config(overrides: list[str]) -> KeelConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    for override in overrides:  # a key the spike section replaced: the new name, before Hydra's own error
+        key = override.lstrip("+~").split("=", 1)[0]
+        old = key.removeprefix("logging.monitors.")
+        if key != old and old in MIGRATED_KEYS:
+            raise ConfigError(f"{key} is now logging.monitors.{MIGRATED_KEYS[old]} (the spike section); rename it")
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         try:
@@ -236,7 +240,20 @@ def config_from_dict(values: dict) -> KeelConfig:
     """A saved, resolved config (run_info.json's "config") as a validated KeelConfig."""
     from omegaconf import OmegaConf
 
-    return to_config(OmegaConf.merge(OmegaConf.structured(schema()), values))
+    return to_config(OmegaConf.merge(OmegaConf.structured(schema()), migrate_saved(values)))
+
+
+def migrate_saved(values: dict) -> dict:
+    """A config saved before `logging.monitors.spike` (spike_window, spike_z, spike_action) in today's keys,
+    so that run folders written before it still resume and their tools still read them."""
+    monitors = values.get("logging", {}).get("monitors", {})
+    if not any(k in monitors for k in MIGRATED_KEYS):
+        return values
+    old = {k: monitors[k] for k in MIGRATED_KEYS if k in monitors}
+    spike = {MIGRATED_KEYS[k].split(".")[1]: v for k, v in old.items()}
+    spike["min_count"] = min(spike.get("window", 128), 20)
+    monitors = {k: v for k, v in monitors.items() if k not in MIGRATED_KEYS} | {"spike": spike}
+    return values | {"logging": values["logging"] | {"monitors": monitors}}
 
 
 def command_line_overrides() -> list[str]:
@@ -319,7 +336,9 @@ def unknown_keys(node, schema: type, prefix: str = "") -> list[str]:
     types = get_type_hints(schema)
     problems = []
     for key in node.keys():
-        if key not in types:
+        if prefix == "logging.monitors." and key in MIGRATED_KEYS:
+            problems.append(f"{prefix}{key} is now {prefix}{MIGRATED_KEYS[key]} (the spike section); rename it")
+        elif key not in types:
             close = difflib.get_close_matches(str(key), list(types), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             problems.append(f"unknown config key {prefix}{key}{hint}")

@@ -330,6 +330,9 @@ def write_result(run_dir: Path, cfg, status: str, step: int, rows: list[dict], s
               "hidden_size": cfg.model.hidden_size, "lr": cfg.optim.lr, "seed": cfg.seed, "name": cfg.name}
     if start is not None:
         result.update({"resumed_from": str(start.resume_from) if start.resume_from else None, "notes": start.notes})
+    rewinds = [r for r in rows if r.get("event") == "rewind"]  # spike recovery (pretrain/recovery.py)
+    if rewinds:
+        result["rewinds"] = rewinds
     if error is not None:
         result["error"] = error.splitlines()[0]
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import os
 import signal
 import sys
@@ -25,8 +25,11 @@ from optim.optimizer import KeelOptimizer
 from optim.schedule import lr_factor
 from pretrain.callbacks import Callback
 from pretrain.checkpoint import Checkpoints, Snapshot, derive_rng
+from pretrain.checkpoint.storage import step_folder
 from pretrain.config import KeelConfig
 from pretrain.mfu import mfu
+from pretrain.recovery import REWIND_FILE, Recovery, StepRecords
+from pretrain.rundir import write_json
 
 
 class TrainingStopped(RuntimeError):
@@ -89,44 +92,46 @@ class Trainer:
         self.model, self.ddp = parts.built.gpt, parts.built.ddp  # the bare GPT and its DDP wrapper
         self.flops_per_token = parts.built.flops_per_token(cfg.data.seq_len)
         self.step = 0
-        self.skipped_in_row = 0
-        self.skipped_total = 0
+        self.skipped_in_row = 0  # non-finite steps in a row (trainer.max_skipped_steps stops the run)
+        self.skipped_total = 0  # dropped updates
+        self.records = StepRecords()  # each step's device record, read late (pretrain.recovery)
+        self.recovery = Recovery(cfg.logging.monitors.spike)
+        self.optimizer.use_skip_rule(cfg.logging.monitors.spike.skip_rule(), self.world.device)
+        self.rewound = False  # set by a rewind inside a step: the loop goes on from the checkpoint
+        self._unlogged_skips: list[int] = []
+        self._flag = None  # the preemption flag reduced over ranks, read a step late
         self.microbatches: list[dict] = []
         # per-layer torch.compile (on by default on a GPU; trainer.compile); None runs eagerly
         self.compiled = CompiledLayers(self.model.decoder.layers) if cfg.trainer.compile_on(self.world.device) else None
         self._in_reference = False  # inside reference_forward
 
-    # ---- one step ---------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self) -> dict | None:
+        """One step with no host sync of keel's: the loss, the gradient norm and the skip decision stay
+        on the device (`KeelOptimizer.step`); the host reads them on logged steps, or a step late."""
         t0 = time.perf_counter()
         self._call("on_step_start")
-        # 1. this step's learning rate, per parameter group
-        lrs = self.optimizer.set_lr(lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr))
+        # 1. this step's learning rate, per parameter group (lowered for a while after a rewind)
+        lrs = self.optimizer.set_lr(lr_factor(self.step, self.cfg.trainer.max_steps, self.cfg.lr)
+                                    * self.recovery.lr_scale(self.step))
         # 2. forward and backward over this rank's micro-batches; grads reduced over DP
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.microbatches = self.loader.next_global_batch()  # kept for monitors
         loss = self._run_schedule(self.microbatches, forward_only=False)
-        # 3. a non-finite loss or gradient skips the update (the step still counts); callbacks
-        #    such as the spike detector may also skip it or stop training
-        if not (math.isfinite(loss) and self._grads_finite()):
-            return self._skip(loss, lrs, t0)
-        actions = self._call("on_before_update", loss)
-        if "stop" in actions:
-            raise TrainingStopped(f"stopped at step {self.step + 1} by a callback (loss {loss:.4f}); see metrics.jsonl")
-        if "skip" in actions:
-            return self._skip(loss, lrs, t0, count_toward_stop=False)
-        self.skipped_in_row = 0
-        # 4. clip and update
-        _, grad_norm, _ = self.optimizer.step()
+        self._call("on_before_update", loss)
+        # 3. clip and update on the device; a non-finite loss or gradient, or a spike by the skip rule,
+        #    drops the update there (the step still counts)
+        record = self.optimizer.step(loss)
         self.step += 1
-        return self._metrics(loss, grad_norm, lrs, t0)
+        self.records.put(self.step, record)
+        return self._metrics(lrs, t0)
 
     def _call(self, hook: str, *args) -> list:
         return [getattr(c, hook)(self, *args) for c in self.callbacks.values()]
 
-    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> float:
-        """Global mean token loss over every micro-batch of every data-parallel rank."""
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> torch.Tensor:
+        """Global mean token loss over every micro-batch of every data-parallel rank (0-dim, on the device)."""
         try:
             results = self._schedule(microbatches, forward_only)
         except Exception as e:
@@ -143,7 +148,7 @@ class Trainer:
             for r in results:
                 totals += r["lm"].to(totals)
         dist.all_reduce(totals)
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        return totals[0] / totals[1].clamp(min=1)
 
     def _schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
         return run_schedule(self.ddp, self._forward_step, microbatches, self.cfg.data.seq_len,
@@ -182,32 +187,60 @@ class Trainer:
         output = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
-    def _grads_finite(self) -> bool:
-        bad = torch.zeros(1, device=self.world.device)
-        for buffer in self.ddp.buffers:
-            if not torch.isfinite(buffer.grad_data).all():
-                bad += 1
-        dist.all_reduce(bad)
-        return bad.item() == 0
+    # ---- the host's side of each step: read late, account, log ---------------------------------------
+    def logs(self, step: int) -> bool:
+        """Whether `step` is read at once and logged: the log interval, validations, checkpoints, the end."""
+        t, stop = self.cfg.trainer, self.cfg.trainer.stop_at or self.cfg.trainer.max_steps
+        return (step % t.log_interval == 0 or step % t.eval_interval == 0 or step % self.cfg.checkpoint.interval == 0
+                or step in (t.max_steps, stop))
 
-    def _skip(self, loss: float, lrs: dict, t0: float, count_toward_stop: bool = True) -> dict:
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        self.step += 1
-        self.skipped_in_row += int(count_toward_stop)
-        self.skipped_total += 1
+    def account(self, upto: int) -> dict | None:
+        """Read and act on the records of steps <= `upto`: dropped-step counters, the stop rules, the host
+        detector (callbacks' `on_step_record`). Returns the newest record read, or None. May rewind."""
+        last = None
+        for step, record in self.records.take(upto):
+            last = {"step": step, **record}
+            self._call("on_step_record", step, record)
+            if record["skipped"]:
+                self.skipped_total += 1
+                self._unlogged_skips.append(step)
+            self.skipped_in_row = self.skipped_in_row + 1 if record["nonfinite"] else 0
+            trigger = self.recovery.observe(step, record)
+            if trigger is not None:
+                self.rewind(trigger)
+                return None
+            self._check_stop(step, record)
+        return last
+
+    def _check_stop(self, step: int, record: dict) -> None:
+        policy = self.cfg.logging.monitors.spike.action
+        if record["skipped"] and not record["nonfinite"] and policy == "stop":
+            raise TrainingStopped(
+                f"stopped at step {step} by logging.monitors.spike.action=stop: loss {record['loss']:.4f} "
+                f"(z {record['loss_z']:.1f}), grad norm {record['grad_norm']:.3g} (z {record['grad_z']:.1f}); "
+                "see metrics.jsonl")
         if self.skipped_in_row >= self.cfg.trainer.max_skipped_steps:
             raise TrainingStopped(
-                f"stopped at step {self.step}: {self.skipped_in_row} steps in a row had a non-finite loss or "
+                f"stopped at step {step}: {self.skipped_in_row} steps in a row had a non-finite loss or "
                 "gradient; lower optim.lr, add warmup (lr.warmup_steps) or enable optim.spectral")
-        return {**self._metrics(loss, float("nan"), lrs, t0), "skipped": 1}
 
-    def _metrics(self, loss: float, grad_norm, lrs: dict, t0: float) -> dict:
+    def _metrics(self, lrs: dict, t0: float) -> dict | None:
+        """The step's metrics. Only a logged step's carry the loss and gradient norm (read now, a sync);
+        any other step's are read a step late, for the counters and the rewind rule. None after a rewind."""
+        logged = self.logs(self.step)
+        last = self.account(self.step if logged else self.step - 1)
+        if self.rewound:
+            return None
         dt = time.perf_counter() - t0
         tokens = self.cfg.trainer.global_batch_size * self.cfg.data.seq_len
-        m = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-             "lr": next(iter(lrs.values())), **lrs, "tokens_per_s": tokens / dt, "step_time_s": dt,
-             "skipped_total": self.skipped_total, **self.loader.tokens_seen()}
+        m = {"step": self.step, "lr": next(iter(lrs.values())), **lrs, "tokens_per_s": tokens / dt,
+             "step_time_s": dt, "skipped_total": self.skipped_total, **self.loader.tokens_seen()}
+        if logged and last is not None:
+            r = last
+            m |= {"loss": r["loss"], "grad_norm": r["grad_norm"]} | ({"skipped": 1} if r["skipped"] else {})
+        if self._unlogged_skips:
+            m["skipped_steps"] = " ".join(map(str, self._unlogged_skips))
+            self._unlogged_skips = []
         utilisation = mfu(tokens / dt, self.flops_per_token, self.world.device, self.world.size)
         if utilisation is not None:
             m["mfu"] = utilisation
@@ -220,12 +253,12 @@ class Trainer:
         self.ddp.eval()
         val = val or self.parts.val
         val.consumed = 0  # the same validation rows every time
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.world.device)
         batches = evaluation_batches(len(val.dataset), val.global_batch, self.cfg.trainer.eval_batches)
         for _ in range(batches):
             total += self._run_schedule(val.next_global_batch(), forward_only=True)
         self.ddp.train()
-        return total / batches
+        return float(total) / batches  # a validated step is a logged one: one read
 
     @property
     def evaluates_at_start(self) -> bool:
@@ -248,6 +281,7 @@ class Trainer:
         position, the optimizer's update rule, and each callback's state under its name."""
         return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row,
                 "loader": self.loader.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "recovery": self.recovery.state_dict(),
                 "callbacks": {name: c.state_dict() for name, c in self.callbacks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,6 +290,8 @@ class Trainer:
         self.skipped_in_row = state["skipped_in_row"]
         self.loader.load_state_dict(state["loader"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "recovery" in state:  # a run folder from before spike recovery starts with none
+            self.recovery.load_state_dict(state["recovery"])
         for name, c in self.callbacks.items():
             if name in state["callbacks"]:  # rank 0's file writers keep no state on other ranks
                 c.load_state_dict(state["callbacks"][name])
@@ -293,6 +329,56 @@ class Trainer:
         return notes + [f"resharded {path} to tp={self.world.tp} pp={self.world.pp} dp={self.world.dp}: RNG "
                         f"re-derived from seed and step{kept}{rule}"]
 
+    # ---- rewind: back to the last good checkpoint, past the data that caused the spikes ------------
+    def rewind(self, trigger: dict) -> None:
+        """Persistent spikes (`Recovery.observe`): reload the newest verified checkpoint from before the
+        first spike, skip the data up to `rewind.margin` steps past the last one, and go on in this
+        process. The plan is written to rewind.json first: a run killed mid-rewind finishes it on resume."""
+        rewind = self.cfg.logging.monitors.spike.rewind
+        if self.recovery.rewinds >= rewind.max_rewinds:
+            raise TrainingStopped(
+                f"stopped at step {self.step}: spikes persist ({trigger['reason']}, steps {trigger['spike_steps']}) "
+                f"after {self.recovery.rewinds} rewinds, the limit logging.monitors.spike.rewind.max_rewinds; "
+                "lower optim.lr or inspect the data near those steps")
+        self.checkpoints.wait()
+        target = self.checkpoints.newest_before(trigger["first_spike"])
+        if target is None:
+            raise TrainingStopped(
+                f"stopped at step {self.step}: spikes persist from step {trigger['first_spike']} ({trigger['reason']}) "
+                "and no verified checkpoint precedes it to rewind to; lower checkpoint.interval or raise keep_last")
+        target_step = int(target.name.removeprefix("step_"))
+        plan = self.recovery.plan(trigger, self.step, target, target_step, self.cfg.trainer.global_batch_size)
+        if self.world.is_main:
+            write_json(self.parts.run_dir / REWIND_FILE, plan)
+        dist.barrier()
+        self._apply_rewind(plan)
+
+    def _apply_rewind(self, plan: dict) -> None:
+        """Set aside the checkpoints after the target, load it, then the plan's data position and recovery
+        state; the metrics logger drops the rows past it and logs the event (`on_rewind`)."""
+        target_step = plan["target_step"]
+        self.checkpoints.set_aside_after(target_step)
+        self.resume(step_folder(self.checkpoints.root, target_step))
+        self.loader.consumed += plan["rows"]
+        self.recovery.load_state_dict(plan["recovery"])
+        self.records.clear()
+        self._flag, self._unlogged_skips, self.rewound = None, [], True
+        event = plan["event"]
+        print(f"keel: rewind {event['rewind']}: {event['reason']} at steps {event['spike_steps']}; back to step "
+              f"{target_step}, {plan['rows']} data rows skipped", file=sys.stderr, flush=True)
+        self._call("on_rewind", {"step": target_step, **event})
+
+    def finish_pending_rewind(self) -> None:
+        """A rewind whose plan (rewind.json) is newer than the state resumed: the run was killed in its
+        middle, so finish it (a plan the checkpoint already holds is done)."""
+        path = self.parts.run_dir / REWIND_FILE
+        if not path.is_file():
+            return
+        plan = json.loads(path.read_text())
+        if plan["recovery"]["rewinds"] > self.recovery.rewinds:
+            self._apply_rewind(plan)
+            self.rewound = False
+
     # ---- preemption: finish the step, checkpoint, exit with 128 + the signal --------------------------
     def _on_signal(self, signum, frame) -> None:
         """Note the first signal (the loop stops after the step and checkpoints). A later one, such as the
@@ -308,12 +394,20 @@ class Trainer:
         os.write(2, f"keel: already stopping ({name} ignored): finishing the step and its checkpoint; "
                     "SIGKILL stops at once, losing them\n".encode())
 
-    def _preempted(self) -> int | None:
-        """The signal any rank received (all ranks agree, so they stop at the same step)."""
-        flag = torch.tensor([self.signal_received or 0], dtype=torch.int64, device=self.world.device)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+    def _preempted(self, now: bool) -> int | None:
+        """The signal any rank received, as all ranks agree on it: with more than one process, the flag
+        reduced a step ago (read without waiting), or this step's where `now` (a logged step: a sync)."""
+        if dist.get_world_size() == 1:
+            return self.signal_received
+        flag = torch.tensor([self.signal_received or 0], dtype=torch.int64)
+        if self.world.device.type == "cuda":  # a plain copy to the GPU would wait for the work queued before it
+            flag = flag.pin_memory().to(self.world.device, non_blocking=True)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        previous, self._flag = self._flag, StepRecords(("signal",))
+        self._flag.put(self.step, flag)
+        ready = self._flag if now else previous
+        values = ready.take(self.step) if ready is not None else []
+        return int(values[0][1]["signal"]) if values else None
 
     @contextlib.contextmanager
     def preemptible(self):
@@ -339,16 +433,23 @@ class Trainer:
             self._call("on_train_start")
             if self.step == 0 and self.evaluates_at_start:
                 self._call("on_start_eval", {"step": 0, **self.validate()})
+            self.finish_pending_rewind()
             while self.step < stop:
+                self.rewound = False
                 metrics = self.train_step()
+                if metrics is None:  # rewound to a checkpoint: go on from there
+                    continue
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     metrics.update(self.validate())
                 for c in self.callbacks.values():
                     c.on_step_end(self, metrics)
                     if "val_loss" in metrics:
                         c.on_eval(self, metrics)
-                signum = self._preempted()
+                signum = self._preempted(now=self.logs(self.step))
                 if signum or self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+                    self.account(self.step)  # every record is read before a checkpoint holds the counters
+                    if self.rewound:
+                        continue
                     path = self.save_checkpoint()
                     if signum:
                         self.checkpoints.wait()

@@ -36,7 +36,8 @@ def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
     return ["+experiment=smoke", f"run_dir={run_dir}", f"data.path={data['train']}", f"data.val_path={data['val']}",
             f"data.tokenizer={data['tokenizer']}", "data.seq_len=64", "model.hidden_size=64", "model.head_dim=16",
             f"trainer.max_steps={steps}", "trainer.eval_interval=3", "trainer.eval_batches=1",
-            "checkpoint.interval=3", "trainer.progress=false", "logging.tensorboard=false", "logging.plot=false"]
+            "checkpoint.interval=3", "trainer.log_interval=1", "trainer.progress=false", "logging.tensorboard=false",
+            "logging.plot=false"]
 
 
 def child_env() -> dict[str, str]:

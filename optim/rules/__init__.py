@@ -18,6 +18,7 @@ from optim.config import OptimConfig
 class UpdateRule(Protocol):
     def step(self, inner_step) -> tuple: ...  # runs inner_step() (megatron's step), returns what it returned
     def pop_stats(self) -> dict[str, float]: ...  # metrics since the last call
+    def live_state(self) -> dict: ...  # the state a step changes in place or replaces (a dropped step restores it)
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 

@@ -101,6 +101,10 @@ class QuackRule:
         return {"quack/min_factor": float(s.min()), "quack/max_factor": float(s.max()),
                 "quack/mean_factor": float(s.mean())}
 
+    def live_state(self) -> dict:
+        """The state one step changes (the first step's norms), for `optim.skip_step.UpdateGuard`."""
+        return self.initial_norms
+
     def state_dict(self) -> dict:
         return {name: [t.clone() for t in norms] for name, norms in self.initial_norms.items()}
 

@@ -64,10 +64,15 @@ class SpectralBoundRule:
         self._stats = {}
         return out
 
+    def live_state(self) -> dict:
+        """The state one step changes (power-iteration vectors, counters), for `optim.skip_step.UpdateGuard`."""
+        return self.spectral_state
+
     def state_dict(self) -> dict:
         keep = lambda d: {k: d[k].clone() for k in ("u", "v") if k in d}  # noqa: E731
-        return {n: {"w": keep(s.get("w", {})), "dw": keep(s.get("dw", {})), "steps": s.get("steps", 0)}
+        return {n: {"w": keep(s.get("w", {})), "dw": keep(s.get("dw", {})), "steps": int(s.get("steps", 0))}
                 for n, s in self.spectral_state.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.spectral_state = {n: {"w": dict(s["w"]), "dw": dict(s["dw"]), "steps": s["steps"]} for n, s in state.items()}
+        self.spectral_state = {n: {"w": dict(s["w"]), "dw": dict(s["dw"]),
+                                    "steps": torch.tensor(int(s["steps"]))} for n, s in state.items()}

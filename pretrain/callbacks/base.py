@@ -63,8 +63,16 @@ class Callback:
     def on_step_start(self, trainer) -> None:
         """Before a step's forward/backward; `trainer.step` is the number of steps done so far."""
 
-    def on_before_update(self, trainer, loss: float) -> str | None:
-        """After forward/backward, before the optimizer step: return "skip" or "stop" to act."""
+    def on_before_update(self, trainer, loss: torch.Tensor) -> None:
+        """After forward/backward, before the optimizer step; `loss` is on the device (reading it is a
+        host sync: the spike handling acts on the update, `logging.monitors.spike`)."""
+
+    def on_step_record(self, trainer, step: int, record: dict) -> None:
+        """When the trainer reads step `step`'s record ({loss, grad_norm, skipped, nonfinite, loss_z,
+        grad_z}: `optim.skip_step.RECORD`): a step late, or at once on a logged step; every step once, in order."""
+
+    def on_rewind(self, trainer, event: dict) -> None:
+        """After a rewind (`pretrain.recovery`) reloaded checkpoint `event["step"]`: the event, as logged."""
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         """After the step; add to `metrics` to have it logged (callbacks run in order)."""

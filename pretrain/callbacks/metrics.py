@@ -39,6 +39,15 @@ class MetricsLogger(Callback):
     def on_train_start(self, trainer) -> None:
         # after a crash and resume, drop the rows logged past the checkpoint (they are re-run), and a
         # last line a kill cut short (with a note: nothing else is ever dropped silently)
+        self._keep_rows(trainer.step)
+
+    def on_rewind(self, trainer, event: dict) -> None:
+        # the rows past the checkpoint are re-run (the event row says what was dropped), and a copy of
+        # this event logged before a kill mid-rewind is not doubled
+        self._keep_rows(event["step"], drop=lambda row: row.get("rewind") == event["rewind"])
+        self._write(event, track=False)  # an event, not a step's scalars
+
+    def _keep_rows(self, step: int, drop=lambda row: False) -> None:
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
@@ -54,23 +63,23 @@ class MetricsLogger(Callback):
                                      "step); repair or remove that line to resume")
                 print(f"keel: dropped the last line of {self.path}, cut short when the run stopped", flush=True)
                 continue
-            if row["step"] <= trainer.step and trainer.step > 0:  # a start at step 0 re-runs its step-0 validation
+            if row["step"] <= step and step > 0 and not drop(row):  # a start at step 0 re-runs its validation
                 rows.append(line)
         write_text(self.path, "".join(r + "\n" for r in rows))
 
-    def _write(self, metrics: dict) -> None:
+    def _write(self, metrics: dict, track: bool = True) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         row = {k: v for k, v in metrics.items() if k != "step"}
-        for tracker in self.trackers:
+        for tracker in self.trackers if track else ():
             tracker.log(row, metrics["step"])
 
     def on_start_eval(self, trainer, metrics: dict) -> None:
         self._write(metrics)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        if metrics["step"] % self.interval == 0 or "val_loss" in metrics:
+        if metrics["step"] % self.interval == 0 or "val_loss" in metrics or "skipped_steps" in metrics:
             self._write(metrics)
 
     def on_train_end(self, trainer) -> None:

@@ -27,6 +27,9 @@ class ProgressBar(Callback):
         self.task = self.progress.add_task("train", total=self.max_steps, completed=trainer.step, info="")
 
     def on_step_end(self, trainer, metrics: dict) -> None:
+        if "loss" not in metrics:  # only a logged step's loss is read on the host
+            self.progress.update(self.task, completed=metrics["step"])
+            return
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
         self.progress.update(self.task, completed=metrics["step"], info=info)
 

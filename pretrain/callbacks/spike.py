@@ -1,38 +1,80 @@
-"""Loss-spike detection by a one-sided z-score against a rolling window of recent non-spike losses,
-and the callback that applies it to every step's loss (its keys: `logging.monitors.spike_*`).
+"""Loss-spike handling: the section `logging.monitors.spike` (the policy and its thresholds), the host-side
+detector that logs spikes (a one-sided z-score against a rolling window of recent non-spike losses),
+and the callback that feeds it every step's record.
 
-`SpikeDetector.observe(step, loss)` runs once per step and returns an event whose `action` is
-"log" (record only), "skip" (drop this update) or "stop" (end the run).  Spikes are kept out of the
-history so a burst of bad steps cannot raise the baseline it is judged against.
+The decision that acts on the update is made on the device (`optim.skip_step`), by the same rule on
+the loss and also on the gradient norm; `SpikeDetector` is its reference and the logging path. The
+rewind that persistent spikes trigger is `pretrain.recovery`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from models.config import check, check_choices, check_positive, choice, choices
+from optim.skip_step import SkipRule
 from pretrain.callbacks.base import Callback, RunContext
 
-SpikeAction = choices("SpikeAction", "log", "skip", "stop")
-SPIKE_MIN_HISTORY = 20  # losses a spike detector needs before it judges one
+SpikeAction = choices("SpikeAction", "log", "skip", "stop")  # what the host detector reports
+SpikePolicy = choices("SpikePolicy", "log", "skip", "rewind", "stop")  # what a run does about spikes
+SPIKE_MIN_HISTORY = 20  # losses a spike detector needs before it judges one (the default min_count)
+# the keys `logging.monitors.spike` replaced, and where each went
+MIGRATED_KEYS = {"spike_window": "spike.window", "spike_z": "spike.loss_z", "spike_action": "spike.action"}
+
+
+@dataclass
+class RewindConfig:
+    """`logging.monitors.spike.rewind`: when persistent spikes rewind the run, and how far."""
+
+    skips: int = 3  # this many dropped steps ...
+    within: int = 50  # ... within this many steps rewind (so does a non-finite loss)
+    margin: int = 20  # the data position moves this many steps' rows past the last spike
+    lr_factor: float = 1.0  # the learning rate times this ...
+    lr_steps: int = 0  # ... for this many steps after a rewind
+    max_rewinds: int = 3  # one more ends the run with one line
+
+    def __post_init__(self):
+        check_positive("logging.monitors.spike.rewind", self, "skips", "within", "max_rewinds")
+        for key in ("margin", "lr_steps"):
+            value = getattr(self, key)
+            check(value >= 0, f"logging.monitors.spike.rewind.{key} must be >= 0, got {value}")
+        check(0 < self.lr_factor <= 1,
+              f"logging.monitors.spike.rewind.lr_factor must be in (0, 1], got {self.lr_factor}")
+        check(self.skips <= self.within, f"logging.monitors.spike.rewind.skips={self.skips} must be <= "
+              f"rewind.within={self.within}: that many dropped steps cannot fit in the window")
 
 
 @dataclass
 class SpikeConfig:
-    """The spike detector's keys of `logging.monitors` (pretrain.config.MonitorConfig composes them)."""
+    """`logging.monitors.spike`: log spikes only, skip (drop) their updates on the device, rewind past the
+    data that caused a persistent one, or stop. A non-finite loss or gradient is always dropped."""
 
-    spike_window: int = 50
-    spike_z: float = 6.0
-    spike_action: str = choice(SpikeAction, "log")
+    action: str = choice(SpikePolicy, "log")
+    window: int = 128  # recent accepted steps the statistics cover (OLMo-core's 128)
+    loss_z: float = 6.0  # a loss this many standard deviations above the window's mean is a spike
+    grad_norm_z: float = 6.0  # the same for the gradient norm (inf: the loss alone decides)
+    min_count: int = SPIKE_MIN_HISTORY  # values a window needs before it judges
+    rewind: RewindConfig = field(default_factory=RewindConfig)
 
     def __post_init__(self):
-        check_choices("logging.monitors", self)
-        check_positive("logging.monitors", self, "spike_z")
-        check(self.spike_window >= SPIKE_MIN_HISTORY,
-              f"logging.monitors.spike_window must be >= {SPIKE_MIN_HISTORY}, got {self.spike_window}")
+        check_choices("logging.monitors.spike", self)
+        check_positive("logging.monitors.spike", self, "loss_z", "grad_norm_z")
+        check(2 <= self.min_count <= self.window, f"logging.monitors.spike: need 2 <= min_count <= window, got "
+              f"min_count={self.min_count}, window={self.window}")
+
+    def skip_rule(self) -> SkipRule:
+        """The device-side rule: it drops updates under skip, rewind and stop; under log only non-finite ones."""
+        return SkipRule(self.window, self.loss_z, self.grad_norm_z, self.min_count, enabled=self.action != "log")
+
+
+@dataclass
+class SpikeMonitorConfig:
+    """The spike section's place in `logging.monitors` (pretrain.config.MonitorConfig composes it)."""
+
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass(frozen=True)
@@ -117,26 +159,34 @@ class SpikeDetector:
 
 
 class SpikeMonitor(Callback):
-    """Loss spikes by z-score over a window; the action is log, skip the update, or stop."""
+    """Logs loss spikes by the host detector, from each step's record as the trainer reads it (a step late,
+    or at once on a logged step): the same rule the device applies, as a reference and for metrics."""
 
-    name, order = "spike", 10  # every rank: it acts on the update
+    name, order = "spike", 10  # every rank: the trainer's records are the same on every rank
 
     @classmethod
     def build(cls, run: RunContext) -> SpikeMonitor:
-        return cls(run.cfg.logging.monitors)
+        return cls(run.cfg.logging.monitors.spike)
 
     def __init__(self, cfg: SpikeConfig):
-        self.detector = SpikeDetector(window=cfg.spike_window, z_threshold=cfg.spike_z, action=cfg.spike_action)
-        self.event = None
+        action = "log" if cfg.action == "rewind" else cfg.action
+        self.detector = SpikeDetector(window=cfg.window, z_threshold=cfg.loss_z, min_history=cfg.min_count,
+                                      action=action)
+        self.events: list[SpikeEvent] = []
 
-    def on_before_update(self, trainer, loss: float):
-        self.event = self.detector.observe(trainer.step + 1, loss)
-        return self.event.action if self.event and self.event.action != "log" else None
+    def on_step_record(self, trainer, step: int, record: dict) -> None:
+        event = self.detector.observe(step, record["loss"])
+        if event is not None:
+            self.events.append(event)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        if self.event is not None:
-            metrics.update({"spike": 1, "spike_z": self.event.z, "spike_action": self.event.action})
-            self.event = None
+        if self.events:
+            metrics.update({"spike": len(self.events), "spike_steps": " ".join(str(e.step) for e in self.events),
+                            "spike_z": max(e.z for e in self.events)})
+            self.events = []
+
+    def on_rewind(self, trainer, event: dict) -> None:
+        self.events = []  # spikes of the steps the rewind discarded (its event row names them)
 
     def state_dict(self) -> dict:
         return self.detector.state_dict()
@@ -145,5 +195,14 @@ class SpikeMonitor(Callback):
         self.detector.load_state_dict(state)
 
     def summary(self, rows: list[dict]) -> dict[str, str]:
-        spikes = [r["step"] for r in rows if r.get("spike")]
-        return {"loss spikes": f"flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "none flagged"}
+        # a row names its spikes (read a step late, they may be the previous step's); older rows only flag theirs
+        spikes = [s for r in rows if r.get("spike") for s in str(r.get("spike_steps", r["step"])).split()]
+        lines = {"loss spikes": f"flagged at steps {', '.join(map(str, spikes[:8]))}" if spikes else "none flagged"}
+        dropped = max((r.get("skipped_total", 0) for r in rows), default=0)
+        if dropped:
+            lines["dropped updates"] = str(dropped)
+        rewinds = [r for r in rows if r.get("event") == "rewind"]
+        if rewinds:
+            lines["rewinds"] = "; ".join(f"at step {r['at_step']} to {r['to_step']} ({r['reason']}), "
+                                         f"{r['data_rows_skipped']} data rows skipped" for r in rewinds)
+        return lines

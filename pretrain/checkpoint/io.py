@@ -23,11 +23,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from pretrain.checkpoint import megatron_private
 from pretrain.checkpoint.async_save import ASYNC, AsyncSaver
 from pretrain.checkpoint.errors import CheckpointError
-from pretrain.checkpoint.manifest import require_verified, write_manifest
+from pretrain.checkpoint.manifest import require_verified, verify, write_manifest
 from pretrain.checkpoint.meta import check_compatible, check_layout, read_meta, write_meta
 from pretrain.checkpoint.safe_pickle import RefusedPickle, restricted_readers
 from pretrain.checkpoint.state import load_state, rng_state, save_state, set_rng_state, state_file
-from pretrain.checkpoint.storage import Selection, prune, select_resume, step_folder, storage_errors
+from pretrain.checkpoint.storage import (Selection, prune, select_resume, set_aside_after, step_dirs, step_folder,
+                                         storage_errors)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,21 @@ class Checkpoints:
     def select_resume(self) -> Selection:
         """The newest checkpoint that passes verification; newer failing ones are moved aside."""
         return select_resume(self.root, self.verified)
+
+    def newest_before(self, step: int) -> Path | None:
+        """The newest checkpoint of a step below `step` that passes verification, or None. Collective."""
+        for s, folder in reversed(step_dirs(self.root)):
+            if s < step and (folder.resolve() in self.verified or verify(folder) is None):
+                self.mark_verified(folder)
+                return folder
+        return None
+
+    def set_aside_after(self, step: int) -> None:
+        """Checkpoints newer than `step` renamed to step_N.rewound (by rank 0). Collective."""
+        self.wait()
+        if dist.get_rank() == 0:
+            set_aside_after(self.root, step, "rewound")
+        dist.barrier()
 
     def require_verified(self, folder: Path) -> None:
         """`manifest.require_verified`, once per folder in this run."""

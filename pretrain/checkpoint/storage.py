@@ -103,6 +103,21 @@ def select_resume(root: Path, verified: set[Path]) -> Selection:
     return Selection(None, notes)
 
 
+def set_aside_after(root: Path, step: int, suffix: str) -> list[Path]:
+    """Rename every checkpoint newer than `step` to step_N.<suffix> (rank 0; nothing is deleted): a rewind
+    (pretrain.recovery) leaves them, and the run writes those steps again."""
+    moved = []
+    for s, folder in step_dirs(root):
+        if s > step:
+            target, n = folder.with_name(f"{folder.name}.{suffix}"), 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"{folder.name}.{suffix}{n}")
+            os.replace(folder, target)
+            moved.append(target)
+    return moved
+
+
 def prune(root: Path, keep_last: int, verified: set[Path]) -> None:
     """Keep the newest `keep_last` checkpoints that pass verification (those in `verified` are not hashed
     again): a failing one is moved aside and not counted; past `keep_last`, older folders are deleted."""

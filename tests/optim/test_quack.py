@@ -39,7 +39,7 @@ def test_step_scales_query_and_key_updates_and_leaves_the_rest(megatron_world, a
         before = {n: p.detach().clone() for n, p in built.gpt.named_parameters()}
         for n, p in built.gpt.named_parameters():
             p.main_grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + len(n)).view_as(p)
-        optimizer.step()
+        optimizer.step(torch.tensor(1.0))
         return {n: p.detach() - before[n] for n, p in built.gpt.named_parameters()}, optimizer
 
     (plain, _), (quacked, optimizer) = one_step(False), one_step(True)

@@ -93,11 +93,11 @@ BUG = textwrap.dedent("""
 
     step, calls = KeelOptimizer.step, []
 
-    def buggy_step(self):
+    def buggy_step(self, loss):
         calls.append(1)
         if len(calls) == 2:
             raise ValueError("a planted bug in the optimizer's step")
-        return step(self)
+        return step(self, loss)
 
     KeelOptimizer.step = buggy_step
 """)
