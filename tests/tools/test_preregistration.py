@@ -1,4 +1,4 @@
-"""docs/results/preregistration.md states exactly the constants of tools/experiments/preregistration.py (no run
+"""docs/preregistration.md states exactly the constants of tools/experiments/preregistration.py (no run
 may start under values the page does not show), the presets run the registered horizons, and the edge rule."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 from tests.helpers import ROOT
 from tools.experiments import preregistration as reg
 
-PAGE = ROOT / "docs" / "results" / "preregistration.md"
+PAGE = ROOT / "docs" / "preregistration.md"
 ROW = re.compile(r"^\| `([A-Z_]+(?:\.[a-z_]+)?)` \| `([^`]+)` \|", re.MULTILINE)
 
 

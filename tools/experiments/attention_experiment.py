@@ -24,7 +24,7 @@ multirun sweeps the types with their own widths:
     python tools/experiments/attention_experiment.py --stage report   # re-aggregate existing runs
 
 `--design long` runs the design registered for keel issue 38 before its runs (preregistration.ATTENTION_LONG,
-docs/results/preregistration.md): conf/experiment/attention_d128_long.yaml (480 steps), the arms GQA, GTA,
+docs/preregistration.md): conf/experiment/attention_d128_long.yaml (480 steps), the arms GQA, GTA,
 GLA, MLA with QK-norm (mla) and without (mla_plain), each rate chosen on two tuning seeds, the grid extended
 past an edge the choice sits on (preregistration.extension: the tune stage runs again until every choice
 lies inside, at most MAX_EXTENSIONS times), then every arm on seeds 1-15 into runs/attention_d128_long;

@@ -1,4 +1,4 @@
-"""The designs of keel issue 38, registered before any of their runs (docs/results/preregistration.md): the
+"""The designs of keel issue 38, registered before any of their runs (docs/preregistration.md): the
 equivalence margins, seeds, grids and horizons the drivers run and the reports judge by, in one place.
 
 `ATTENTION_LONG` (GTA against GQA for equivalence, MLA with and without QK-norm, GLA against the better MLA)

@@ -19,7 +19,7 @@ folder per preset and overrides below the stage's folder (the presets' hydra.swe
     python tools/experiments/warmup_free_experiment.py --stage report   # re-aggregate existing runs
 
 `--design long` runs the design registered for keel issue 38 before its runs (preregistration.WARMUP_LONG,
-docs/results/preregistration.md): conf/experiment/warmup_free_long_*.yaml (3000 steps), into
+docs/preregistration.md): conf/experiment/warmup_free_long_*.yaml (3000 steps), into
 runs/warmup_free_long, in four stages: tune (on the tuning seeds, AdamW + warmup's length and the bound's τ
 at lr tune_at, AdamW without warmup over its rates), tune-lr (each at its chosen length or τ over the rate
 grid), reported (each method at its own choice on the reported seeds) and report (`warmup_free_report.py
