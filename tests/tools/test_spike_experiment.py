@@ -56,8 +56,8 @@ def _fake_launch(launched: list):
         for preset in values["+experiment"].split(","):
             for lr in map(float, values.get("optim.lr", f"{SPIKES.base_lr}").split(",")):
                 for seed in map(int, values["seed"].split(",")):
-                    fake_run(folder / preset / f"lr{lr:g}-seed{seed}", preset, seed, lr=lr,
-                             data_path=values.get("data.path"), flagged=int(lr >= 3e-2))
+                    if not (run := folder / preset / f"lr{lr:g}-seed{seed}").exists():  # a finished run ends at once
+                        fake_run(run, preset, seed, lr=lr, data_path=values.get("data.path"), flagged=int(lr >= 3e-2))
     return launch
 
 

@@ -65,8 +65,8 @@ def test_the_report_pairs_each_policy_with_log_only_and_counts_what_recovery_cos
     assert clean["skip"]["minus_none"]["mean"] == 0 and clean["skip"]["minus_none"]["equivalence"]["equivalent"]
     assert [clean[p]["fired"] for p in ("none", "skip", "rewind")] == [1, 0, 1]
     verdict = result["verdict"]
-    assert verdict["label"] == "partly reproduced" and verdict["saved"] == ["planted rows"]
-    assert verdict["line"].startswith("> **Verdict: partly reproduced (CPU, 6 seeds paired): skip or rewind saved "
+    assert verdict["label"] == "partly reproduced" and verdict["saved"] == {"planted rows": ["skip", "rewind"]}
+    assert verdict["line"].startswith("> **Verdict: partly reproduced (CPU, 6 seeds paired): skip and rewind saved "
                                       "planted rows.** planted rows (lr 0.003): final val loss minus log only skip")
     assert "runs without a fault that fired: none 1/6, skip 0/6, rewind 1/6" in verdict["line"]
     assert verdict["line"] in printed and result["val_digests"] == {"val_loss": ["clean-set"]}
@@ -87,6 +87,7 @@ def test_a_design_without_runs_is_named_and_a_seed_twice_is_refused(tmp_path, ca
     assert result["verdict"]["label"] == "inconclusive" and result["verdict"]["missing"] == ["planted rows"]
     assert "high rate: no rate of 0.01, 0.03, 0.1 made plain AdamW spike" in result["verdict"]["line"]
     assert "planted rows: not run" in result["verdict"]["line"]
+    assert result["verdict"]["headline"] == "inconclusive (CPU, 2 seeds paired): planted rows not run yet"
     capsys.readouterr()
     fake_run(tmp_path / "b" / "x", "spikes_skip", 1)
     fake_run(tmp_path / "c" / "x", "spikes_skip", 1)

@@ -63,8 +63,8 @@ def outcome(run: Run) -> dict:
     median = statistics.median(times) if times else 0.0
     lost = dropped_kept + recomputed
     return {"run": run.name, "preset": run.config["name"], "fault": fault(run.config), "policy": policy(run.config),
-            "seed": run.seed,
-            "lr": run.config["optim"]["lr"], "status": run.status, "final_val_loss": run.last("val_loss"),
+            "seed": run.seed, "lr": run.config["optim"]["lr"], "status": run.status,
+            "final_val_loss": run.last("val_loss") if run.status == "completed" else None,  # a stopped run: none
             "flagged": sum(int(r["spike"]) for r in run.rows if is_number(r.get("spike"))),
             "dropped": dropped_kept + sum(len(r.get("spike_steps", [])) for r in rewinds), "rewinds": len(rewinds),
             "data_rows_skipped": sum(int(r["data_rows_skipped"]) for r in rewinds), "recomputed_steps": recomputed,
@@ -148,13 +148,13 @@ def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
         pair = clean.get(p, {}).get("minus_none")
         return bool(pair and pair["equivalence"] and pair["equivalence"]["equivalent"])
 
-    saved, parts = [], []
+    saved, parts = {}, []
     for f in (PLANTED, HIGH_LR):
         rows = compared.get(f, {})
         by = [p for p in (SKIP, REWIND) if rows.get(p, {}).get("minus_none", {}).get("verdict", "").startswith("lower")
               and costless(p)]
         if by:
-            saved.append(f)
+            saved[f] = by
         pairs = [f"{p} {pair['mean']:+.3f} [{pair['interval95'][0]:+.3f}, {pair['interval95'][1]:+.3f}]"
                  for p in (SKIP, REWIND) if (pair := rows.get(p, {}).get("minus_none")) and pair["interval95"]]
         if f == HIGH_LR and chosen["settled"] and chosen["chosen"] is None:
@@ -171,8 +171,11 @@ def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
     label = ("inconclusive" if missing and not saved else
              "reproduced" if len(saved) == 2 else "partly reproduced" if saved else "not reproduced")
     seeds = sorted({s for rows in compared.values() for r in rows.values() for s in r["seeds"]})
-    head = (f"{label} (CPU, {len(seeds)} seeds paired): " +
-            (f"skip or rewind saved {' and '.join(saved)}" if saved else "neither skip nor rewind saved a faulted run"))
+    if saved:
+        what = "; ".join(f"{' and '.join(by)} saved {f}" for f, by in saved.items())
+    else:
+        what = f"{' and '.join(missing)} not run yet" if missing else "neither skip nor rewind saved a faulted run"
+    head = f"{label} (CPU, {len(seeds)} seeds paired): {what}"
     return {"label": label, "saved": saved, "missing": missing, "headline": head,
             "line": f"> **Verdict: {head}.** {'; '.join(parts)}."}
 
