@@ -36,15 +36,11 @@ from tools.experiments import ExperimentError, spike_report
 from tools.experiments.cli import chosen_stages, driver_parser, guarded
 from tools.experiments.preregistration import SPIKES, SpikeDesign
 from tools.experiments.runs import NoRuns, load_runs
-from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, sweep_values
 
 RUNS = Path("runs") / "spikes"  # relative to ROOT, where main() runs
 STAGES = ("plant", "tune", "runs", "report")
 FOLDERS = {spike_report.PLANTED: "planted", spike_report.HIGH_LR: "high_lr", spike_report.CLEAN: "clean"}
-
-
-def _csv(values) -> str:
-    return ",".join(f"{v:g}" for v in values)
 
 
 @dataclass(frozen=True)
@@ -134,7 +130,7 @@ def stage_plant(args: argparse.Namespace, design: SpikeDesign = SPIKES) -> Train
 
 def stage_tune(args: argparse.Namespace, design: SpikeDesign = SPIKES) -> TrainingStage:
     folder, arm = RUNS / "tuning", design.arms[:1]
-    argv = sweep_argv(args.jobs, folder, design.tuning_seeds, design, arm, [f"optim.lr={_csv(design.lrs)}"])
+    argv = sweep_argv(args.jobs, folder, design.tuning_seeds, design, arm, [f"optim.lr={sweep_values(design.lrs)}"])
     return TrainingStage(lambda: [argv], lambda: done(folder, points(design.tuning_seeds, design.lrs, design, arm)),
                          lambda: [folder])
 
