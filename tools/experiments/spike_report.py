@@ -163,7 +163,7 @@ def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
         elif pairs:
             parts.append(f"{f} (lr {_lr(compared, f)}): final val loss minus log only {', '.join(pairs)} nats")
         else:
-            parts.append(f"{f}: not run")
+            parts.append(f"{f}: {'no pair of seeds with log only' if rows else 'not run'}")
     false = [f"{p} {clean[p]['fired']}/{clean[p]['n']}" for p in POLICIES if p in clean]
     parts.append(f"runs without a fault that fired: {', '.join(false) if false else 'not run'}")
     missing = [f for f in (PLANTED, HIGH_LR, CLEAN) if f not in compared
@@ -175,7 +175,7 @@ def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
         what = "; ".join(f"{' and '.join(by)} saved {f}" for f, by in saved.items())
     else:
         what = f"{' and '.join(missing)} not run yet" if missing else "neither skip nor rewind saved a faulted run"
-    head = f"{label} (CPU, {len(seeds)} seeds paired): {what}"
+    head = f"{label} (CPU, {len(seeds)} seed{'s' if len(seeds) != 1 else ''} paired): {what}"
     return {"label": label, "saved": saved, "missing": missing, "headline": head,
             "line": f"> **Verdict: {head}.** {'; '.join(parts)}."}
 
