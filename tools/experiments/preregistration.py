@@ -1,10 +1,13 @@
-"""The designs of keel issue 38, registered before any of their runs (docs/preregistration.md): the
-equivalence margins, seeds, grids and horizons the drivers run and the reports judge by, in one place.
+"""The designs registered before any of their runs: keel issue 38's (docs/preregistration.md) and issue
+34's spike recovery (`SPIKES`, docs/results/spikes.md): the equivalence margins, seeds, grids and horizons the
+drivers run and the reports judge by, in one place.
 
 `ATTENTION_LONG` (GTA against GQA for equivalence, MLA with and without QK-norm, GLA against the better MLA)
 and `WARMUP_LONG` (warmup-free at 10x the horizon) are read by tools/experiments/attention_experiment.py
 and warmup_free_experiment.py (what to run) and by their reports (the TOST margins, which pairs claim
-equivalence). tests/tools/test_preregistration.py checks that the page states exactly these values. Once
+equivalence). tests/tools/test_preregistration.py checks that the page states exactly these values.
+`SPIKES` is read by spike_experiment.py and spike_report.py, and tests/tools/test_spike_experiment.py checks
+it against docs/results/spikes.md. Once
 a design's runs have started its values are fixed: a change is a new design under a new name, on a page
 of its own.
 
@@ -61,6 +64,28 @@ class WarmupDesign:
     margin: float
 
 
+@dataclass(frozen=True)
+class SpikeDesign:
+    """Three policies (`arms`, one preset each: log only, skip, rewind) on three fault designs, paired by seed on
+    one clean validation set: rows of random ids planted where each seed reads them at steps [plant_start,
+    plant_start + plant_steps); a rate high enough that plain AdamW spikes (the lowest of `lrs` at which the log
+    arm flags a loss spike on every tuning seed); no fault (false fires). Skip and rewind are each judged against
+    log only by their paired final validation loss: lower or higher when the 95% interval excludes 0, the same
+    within ±margin only by TOST."""
+
+    name: str
+    arms: tuple[str, str, str]  # conf/experiment/ARM.yaml: log only ("none"), skip, rewind
+    steps: int  # the presets' trainer.max_steps (a test checks it)
+    base_lr: float  # the presets' optim.lr: the planted and no-fault designs train at it
+    plant_start: int  # the first step (1-based) that reads planted rows
+    plant_steps: int  # how many steps read them
+    plant_kind: str  # tools/plant_spikes.py --kind
+    lrs: tuple[float, ...]  # the high-rate grid, tried on the tuning seeds with the log arm
+    tuning_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    margin: float  # nats: "no cost" on the no-fault runs, by TOST
+
+
 ATTENTION_LONG = AttentionDesign(
     name="long", preset="attention_d128_long", arms=("gqa", "gta", "gla", "mla", "mla_plain"),
     lrs=(5e-4, 1e-3, 2e-3), tuning_seeds=(100, 101), seeds=tuple(range(1, 16)), steps=480, margin=0.03)
@@ -69,6 +94,11 @@ WARMUP_LONG = WarmupDesign(
     name="long", presets=("warmup_free_long_adamw", "warmup_free_long_adamw_warmup", "warmup_free_long_spectral"),
     tune_at=1e-2, warmups=(30, 100, 300, 1000), taus=(0.02, 0.05, 0.1, 0.2), lrs=(3e-3, 1e-2, 3e-2),
     adamw_lrs=(1e-3, 3e-3, 1e-2), tuning_seeds=(100, 101), seeds=tuple(range(1, 11)), steps=3000, margin=0.02)
+
+SPIKES = SpikeDesign(
+    name="spikes", arms=("spikes_none", "spikes_skip", "spikes_rewind"), steps=240, base_lr=3e-3, plant_start=140,
+    plant_steps=10, plant_kind="random", lrs=(1e-2, 3e-2, 1e-1), tuning_seeds=(100, 101), seeds=tuple(range(1, 7)),
+    margin=0.02)
 
 ALPHA = EQUIVALENCE_ALPHA  # each one-sided test of TOST: the 90% interval must lie inside ±margin
 INTERVAL = CONFIDENCE  # paired differences: 95% Student-t intervals; "higher"/"lower" when 0 lies outside

@@ -35,6 +35,11 @@ def launch(argv: list[str]) -> None:
         raise ExperimentError(f"`python {' '.join(argv)}` exited {proc.returncode}; see its output above")
 
 
+def sweep_values(values) -> str:
+    """A Hydra sweep's values, e.g. optim.lr=0.001,0.003 (each as %g)."""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def with_overrides(argv: list[str], overrides: Iterable[str]) -> list[str]:
     """A training run's command with the driver's --set overrides last (they win); other commands as they are."""
     return [*argv, *overrides] if argv[:1] == ["pretrain/main.py"] else argv

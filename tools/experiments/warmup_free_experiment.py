@@ -48,7 +48,7 @@ from tools.experiments.cli import chosen_stages, driver_parser, guarded
 from tools.experiments.preregistration import MAX_EXTENSIONS, WARMUP_LONG, WarmupDesign
 from tools.experiments.runs import NoRuns, Run, load_runs
 from tools.experiments.seeds import REPORTED_SEEDS
-from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_rounds, run_stage
+from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_rounds, run_stage, sweep_values
 
 ADAMW, SPECTRAL = "warmup_free_adamw_warmup", "warmup_free_spectral"  # presets: warmup_steps and tau are named
 WARMUPS = (0, 30, 60, 120)  # tuning candidates, steps of linear warmup (of 300)
@@ -64,10 +64,6 @@ RUNS = Path("runs") / "warmup_free"  # relative to ROOT, where main() runs
 STAGES = ("tune", "tune-lr", "reported", "report")  # tune-lr: the long design's
 
 
-def _csv(values) -> str:
-    return ",".join(f"{v:g}" for v in values)
-
-
 @dataclass(frozen=True)
 class Sweep:
     """One multirun: `preset` over `key` (its warmup length or τ) x rates x seeds."""
@@ -80,8 +76,9 @@ class Sweep:
 
     def argv(self, jobs: int, folder: Path, common: tuple[str, ...] = COMMON) -> list[str]:
         return ["pretrain/main.py", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}",
-                f"+experiment={self.preset}", f"{self.key}={_csv(self.values)}", f"optim.lr={_csv(self.lrs)}",
-                f"seed={_csv(self.seeds)}", f"hydra.sweep.dir={folder}", *common]
+                f"+experiment={self.preset}", f"{self.key}={sweep_values(self.values)}",
+                f"optim.lr={sweep_values(self.lrs)}", f"seed={sweep_values(self.seeds)}", f"hydra.sweep.dir={folder}",
+                *common]
 
     def points(self) -> set[tuple]:
         return {(self.preset, v, lr, seed) for v in self.values for lr in self.lrs for seed in self.seeds}
@@ -257,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="AdamW's warmup length on the reported seeds (with --tau: not chosen "
                                               "from the tuning runs)")
     p.add_argument("--tau", type=float, help="the bound's τ on the reported seeds (with --warmup)")
-    p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the reported rates (the probe at "
-                                                                      f"{_csv(PROBE_LRS)} runs with the default only)")
+    p.add_argument("--lrs", type=float, nargs="+", default=LRS,
+                   help=f"the reported rates (the probe at {sweep_values(PROBE_LRS)} runs with the default only)")
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="the reported seeds")
     p.add_argument("--design", choices=("short", "long"), default="short",
                    help="short: the first runs (warmup_free.md); long: the design registered for issue 38 (its "
