@@ -448,7 +448,8 @@ def section_warmup_long(c: Check, part: int) -> Section:
     the run folders ($OUT/warmup_free_long_runs.tgz, without checkpoints): a later call on a fresh machine
     resumes only from them, unpacked at the repository root and carried (runs/warmup_free_long; a run cut off
     there starts again). WF_SET (overrides for every run) and WF_JOBS shrink it to try it on a CPU first; the
-    grids and seeds are the registered ones, with no knob."""
+    grids and seeds are the registered ones, with no knob. A run folder is named by its overrides, in at most 255
+    bytes: about 215 here, so a trial's WF_SET names little more than trainer.max_steps."""
     preset = "warmup_free_long_adamw_warmup"
     val = c.validation(15, 1, f"+experiment={preset}")
     driver = ("tools/experiments/warmup_free_experiment.py", "--design", "long", "--concurrent", "--jobs",
