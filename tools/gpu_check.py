@@ -13,10 +13,11 @@ may take (9 for the triage). Every step's name, command, limit, exit code and se
 ($STEPS_LOG, by default $OUT/steps.jsonl; the triage's to $OUT/triage/steps.jsonl), and everything printed
 to $OUT/gpu_check.log.
 
-The claim sections (41-46) call the experiments' drivers in tools/experiments/, whose training runs go many
-at once with trainer.compile=false: their models are a few million parameters, too small to gain from
-compiling, and 16-18 runs compiling at once (inductor starts min(32, cores) workers each) would spend their
-time box. They score at least VAL_TOKENS validation tokens per set, holding out more of the files than the
+The claim sections (41-54; 47-49 and 50-54 split issue 38's long designs, 43 + 46 the width design) call the
+experiments' drivers in tools/experiments/, whose training runs go many at once with trainer.compile=false:
+their models are a few million parameters, too small to gain from compiling, and 16-18 runs compiling at once
+(inductor starts min(32, cores) workers each) would spend their time box. They score at least VAL_TOKENS
+validation tokens per set (44: as many as its prose source allows), holding out more of the files than the
 CPU runs; the overrides that give that are queried before the section's steps (`--validation`, at most
 QUERY_LIMIT seconds, outside the step budgets). Scored once, after the last step: the reports read final
 losses, and thousands of small evaluation batches would cost a run more than its training.
@@ -54,6 +55,7 @@ import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
@@ -64,6 +66,7 @@ INSTALL_BUDGET = 45
 KILL_GRACE = 5
 QUERY_LIMIT = 60
 VAL_TOKENS = 1048576
+MOE_VAL_TOKENS = 262144  # section 44: what its prose source allows (its docstring says why)
 SITE = "/tmp/site"  # where the carried wheels go
 STEP_ENV = {"PYTHONPATH": f"{SITE}:{ROOT}", "PYTHONUNBUFFERED": "1", "KEEL_CACHE": "/tmp/keel-cache",
             "PYTHONWARNINGS": "ignore", "KEEL_DEBUG": "1", "HYDRA_FULL_ERROR": "1"}
@@ -134,13 +137,14 @@ class Check:
         """A knob holding several words (extra overrides, rates, seeds)."""
         return tuple(self.knob(name, default).split())
 
-    def validation(self, percent: int, fill: float, *overrides: str) -> tuple[str, ...]:
-        """The overrides that give a preset's runs at least VAL_TOKENS validation tokens per set, the same rows
-        for every seed and arm, holding out `percent`% of the files; `fill`: the share of a validation row that
-        is text (1 for concat-packed sets)."""
+    def validation(self, percent: int, fill: float, *overrides: str, most: int | None = None) -> tuple[str, ...]:
+        """The overrides that give a preset's runs at least VAL_TOKENS validation tokens per set (`most` where
+        that is fewer: what the sources hold), the same rows for every seed and arm, holding out `percent`% of the
+        files; `fill`: the share of a validation row that is text (1 for concat-packed sets)."""
         if self.dry:
             return f"data.val_percent={percent}", "trainer.eval_batches=1", "trainer.eval_interval=1"
-        tokens = self.knob("VAL_TOKENS", str(VAL_TOKENS))  # a CPU trial may score fewer
+        tokens = int(self.knob("VAL_TOKENS", str(VAL_TOKENS)))  # a CPU trial may score fewer
+        tokens = str(min(tokens, most) if most else tokens)
         argv = [self.py, "-m", "tools.gpu_check", "--validation", tokens, str(percent), str(fill), *overrides]
         try:
             proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **STEP_ENV}, capture_output=True, text=True,
@@ -326,14 +330,19 @@ def section_46(c: Check) -> Section:
 def section_44(c: Check) -> Section:
     """MoE claim (docs/results/moe.md) in bf16: pretrain with the auxiliary loss only, continue it with aux only,
     + L_o, + L_v and + both at the β and γ the CPU's tuning seeds chose apart (docs/results/moe.json, not chosen
-    again), seeds 1-5 at once, paired report. Not re-sized for issue 37's prose source yet: stdlib:prose holds
-    about 0.6M tokens, so a 30% share cannot give each validation set 1M tokens.
-    MOE_PRETRAIN_STEPS, MOE_STEPS and MOE_SET (overrides for every run) shrink it
-    to try it on a CPU first."""
+    again), seeds 1-5 at once, paired report. Its validation sets are as large as issue 37's prose source
+    allows, not VAL_TOKENS: at 30% of the names held out, val_loss's set scores MOE_VAL_TOKENS (262k tokens,
+    2x the CPU's), code-nodoc's as many, and prose's the 72 whole batches its held-out side holds (147k tokens).
+    The driver's rule (moe_experiment.check_validation_rows) that a source's set hold at least half the rows
+    val_loss scores caps it: measured on 2026-12-07 with Python 3.12.1's standard library, the 30% split holds
+    1165 prose rows of 128 tokens (149k), 6888 code-nodoc rows (882k) and 8052 mixed (1.03M), so at most 2330
+    rows (145 batches, 297k tokens); MOE_VAL_TOKENS keeps 12% under that for another Python's standard library,
+    and the pack step refuses in one line if one holds fewer. Holding out more of prose would leave it too little
+    to train on (30% leaves 483k training tokens, repeated about 2.5 times in pretraining).
+    MOE_PRETRAIN_STEPS, MOE_STEPS and MOE_SET (overrides for every run) shrink it to try it on a CPU first."""
     pre_steps, steps = c.knob("MOE_PRETRAIN_STEPS", "1200"), c.knob("MOE_STEPS", "500")
-    # 30% of the files held out: the modules' share then holds the 1M validation tokens too (10% holds 250k)
-    pre = c.validation(30, 1, "+experiment=moe_pretrain", f"trainer.max_steps={pre_steps}")
-    cont = c.validation(30, 1, "+experiment=moe_continue", f"trainer.max_steps={steps}")
+    pre = c.validation(30, 1, "+experiment=moe_pretrain", f"trainer.max_steps={pre_steps}", most=MOE_VAL_TOKENS)
+    cont = c.validation(30, 1, "+experiment=moe_continue", f"trainer.max_steps={steps}", most=MOE_VAL_TOKENS)
     driver = ("tools/experiments/moe_experiment.py", "--coeffs-from", "docs/results/moe.json")
     runs = (f"trainer.precision={c.precision}", *CLAIM, *c.words("MOE_SET"))
     return Section("44. MoE in bf16: pretrain (aux loss only), then aux only, + L_o, + L_v, + both (β and γ from "
@@ -347,14 +356,20 @@ def section_44(c: Check) -> Section:
         Step("report", 35, (*driver, "--stage", "report", "--out", str(c.out), "--name", "moe_gpu", "--set", *cont))))
 
 
+def _attention(c: Check, preset: str, *flags: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Sections 45 and 47-49: (the validation overrides of `preset`, the attention driver with `flags` and every
+    run's overrides)."""
+    val = c.validation(15, 1, f"+experiment={preset}")
+    return val, ("tools/experiments/attention_experiment.py", *flags, "--set", f"trainer.precision={c.precision}",
+                 *CLAIM, *val, *c.words("ATTN_SET"))
+
+
 def section_45(c: Check) -> Section:
     """GTA/GLA claim (docs/results/attention.md) in bf16: six types at head dim 128, the LR tuned per type on
     seed 100, every type at its rate on seeds 1-3, then the paired report. The CPU's driver and preset, ATTN_JOBS
     runs at once per multirun (the compare stage's multiruns, one per chosen rate, all at once); ATTN_SET and
     ATTN_JOBS shrink it to try it on a CPU first."""
-    val = c.validation(15, 1, "+experiment=attention_d128")
-    driver = ("tools/experiments/attention_experiment.py", "--concurrent", "--jobs", c.knob("ATTN_JOBS", "18"),
-              "--set", f"trainer.precision={c.precision}", *CLAIM, *val, *c.words("ATTN_SET"))
+    val, driver = _attention(c, "attention_d128", "--concurrent", "--jobs", c.knob("ATTN_JOBS", "18"))
     return Section("45. GTA/GLA in bf16: six types at head dim 128, LR tuned per type on seed 100, then seeds 1-3 at "
                    "each type's rate", keep={"attention_runs": ("runs/attention_d128",)}, steps=(
         Step("prepare", 55, ("-m", "tools.gpu_check", "--prepare", "+experiment=attention_d128", *val)),
@@ -364,10 +379,95 @@ def section_45(c: Check) -> Section:
         Step("report", 20, (*driver, "--stage", "report", "--out", str(c.out), "--name", "attention_gpu"))))
 
 
+ATTENTION_LONG_PARTS = 3  # sections 47-49
+WARMUP_LONG_PARTS = 5  # sections 50-54
+
+
+def _long_parts(part: int, parts: int, prepare: tuple[str, ...], tune: tuple[str, ...],
+                training: tuple[str, ...], report: tuple[str, ...]) -> tuple[Step, ...]:
+    """The steps of part `part` of a design split over `parts` sections: the first prepares the packed sets and
+    tunes; each later one runs every training stage in order (the driver skips a finished stage at once and
+    resumes an unfinished one); the last one then reports."""
+    if part == 1:
+        return Step("prepare", 45, prepare), Step("tune", 245, tune)
+    if part < parts:
+        return (Step("training", 290, training),)
+    return Step("training", 235, training), Step("report", 50, report)
+
+
+def _part(part: int, parts: int) -> str:
+    what = "prepare, tune" if part == 1 else "the training stages resumed" + (", report" if part == parts else "")
+    return f"{part} of {parts}: {what}"
+
+
+def section_attention_long(c: Check, part: int) -> Section:
+    """Issue 38's registered attention design (preregistration.ATTENTION_LONG, docs/preregistration.md) in bf16,
+    in ATTENTION_LONG_PARTS consecutive sections (47-49): GQA, GTA, GLA, MLA with and without QK-norm at 480
+    steps, each rate chosen on tuning seeds 100 and 101 from 5e-4, 1e-3, 2e-3 (extended past an edge, at most
+    twice), then every arm on seeds 1-15 and the report's TOST at the registered 0.03 nats. The CPU's driver
+    (`--design long`) and preset; its multiruns one after another, ATTN_JOBS (15) runs at once each: the tune
+    stage is one multirun of 30 runs, and each arm's 15 seeds fill one wave of the compare stage.
+    Estimate, never run on a GPU: a step of these 2-layer models is bound by the host (Python, kernel launches),
+    about 60 ms with 15 runs at once on 16 cores; with a run's start (about 25 s) and its one evaluation of 1M
+    tokens (512 batches, about 10 s), a wave of 15 runs takes about 65 s. Tune: 2 waves; each extension round
+    (at most 2) starts the grid's finished runs again too, which end at once after their start: about 2 minutes
+    a round; compare: 5 waves (75 runs); 8-13 minutes in all, three sections with the prepare and report. 47
+    prepares and tunes; 48 and 49 run the training stages in order, each resumed where the last box cut it off
+    (a finished stage is skipped at once, a run resumes from its last checkpoint, every 120 steps); 49 then
+    reports. If 49's box ends before the compare stage does, run 49 again.
+    Each section keeps the run folders ($OUT/attention_long_runs.tgz, without checkpoints): a later call on a
+    fresh machine resumes only from them, unpacked at the repository root and carried (runs/attention_d128_long;
+    a run cut off there starts again). ATTN_SET (overrides for every run) and ATTN_JOBS shrink it to try it on a
+    CPU first; the arms, rates and seeds are the registered ones, with no knob."""
+    val, driver = _attention(c, "attention_d128_long", "--design", "long", "--jobs", c.knob("ATTN_JOBS", "15"))
+    steps = _long_parts(part, ATTENTION_LONG_PARTS, ("-m", "tools.gpu_check", "--prepare",
+                                                     "+experiment=attention_d128_long", *val),
+                        (*driver, "--stage", "tune"), (*driver, "--stage", "tune", "report-choice", "compare"),
+                        (*driver, "--stage", "report", "--out", str(c.out), "--name", "attention_long_gpu"))
+    return Section(f"{46 + part}. attention, issue 38's long design in bf16 ({_part(part, ATTENTION_LONG_PARTS)}): "
+                   "GQA, GTA, GLA, MLA with and without QK-norm, 480 steps, seeds 1-15",
+                   keep={"attention_long_runs": ("runs/attention_d128_long",)}, steps=steps)
+
+
+def section_warmup_long(c: Check, part: int) -> Section:
+    """Issue 38's registered warmup-free design (preregistration.WARMUP_LONG, docs/preregistration.md) in bf16, in
+    WARMUP_LONG_PARTS consecutive sections (50-54): 3000 steps; on tuning seeds 100 and 101 AdamW + warmup's
+    length (30-1000) and the bound's τ (0.02-0.2) at lr 1e-2 and AdamW without warmup's rate (1e-3-1e-2), then
+    the rate at the chosen length and τ (3e-3-3e-2), each grid extended past an edge at most twice; then each
+    method at its choice on seeds 1-10 and the report's TOST at the registered 0.02 nats. The CPU's driver
+    (`--design long`: its --lrs, --seeds, --warmup and --tau do not apply) and presets; a stage's multiruns at
+    once, WF_JOBS (10) runs each (22 runs at once in tune, 30 in reported).
+    Estimate, never run on a GPU: a step of this 4-layer model is bound by the host, about 60 ms with up to 16
+    runs at once on 16 cores (more at once share the cores); with a run's start (about 25 s) and its one
+    evaluation of 1M tokens (about 10 s) a wave of up to 16 runs of 3000 steps takes about 215 s. Tune: 22 runs,
+    about 300 s; tune-lr: 8 new runs, one wave; reported: 30 runs, two waves' time; each extension round (at
+    most two per grid) one wave more: about 23 minutes with one round for tune and one for tune-lr, 31 at the
+    most: five sections. 50 prepares and tunes; 51-54 run the training stages in order, each resumed where the
+    last box cut it off (a finished stage is skipped at once, a run resumes from its last checkpoint, every 250
+    steps); 54 then reports. If 54's box ends before the reported stage does, run 54 again. Each section keeps
+    the run folders ($OUT/warmup_free_long_runs.tgz, without checkpoints): a later call on a fresh machine
+    resumes only from them, unpacked at the repository root and carried (runs/warmup_free_long; a run cut off
+    there starts again). WF_SET (overrides for every run) and WF_JOBS shrink it to try it on a CPU first; the
+    grids and seeds are the registered ones, with no knob. A run folder is named by its overrides, in at most 255
+    bytes: about 215 here, so a trial's WF_SET names little more than trainer.max_steps."""
+    preset = "warmup_free_long_adamw_warmup"
+    val = c.validation(15, 1, f"+experiment={preset}")
+    driver = ("tools/experiments/warmup_free_experiment.py", "--design", "long", "--concurrent", "--jobs",
+              c.knob("WF_JOBS", "10"), "--set", f"trainer.precision={c.precision}", *CLAIM, *val, *c.words("WF_SET"))
+    steps = _long_parts(part, WARMUP_LONG_PARTS, ("-m", "tools.gpu_check", "--prepare", f"+experiment={preset}", *val),
+                        (*driver, "--stage", "tune"), (*driver, "--stage", "tune", "tune-lr", "reported"),
+                        (*driver, "--stage", "report", "--out", str(c.out), "--name", "warmup_free_long_gpu"))
+    return Section(f"{49 + part}. warmup-free, issue 38's long design in bf16 ({_part(part, WARMUP_LONG_PARTS)}): "
+                   "AdamW, AdamW + warmup, the spectral bound, 3000 steps, seeds 1-10",
+                   keep={"warmup_free_long_runs": ("runs/warmup_free_long",)}, steps=steps)
+
+
 SECTIONS: dict[str, Callable[[Check], Section]] = {
     "triage": section_triage, "10": section_10, "20": section_20, "21": section_21, "22": section_22,
     "30": section_30, "40": section_40, "41": section_41, "42": section_42, "43": section_43, "44": section_44,
-    "45": section_45, "46": section_46}
+    "45": section_45, "46": section_46,
+    **{str(46 + part): partial(section_attention_long, part=part) for part in range(1, ATTENTION_LONG_PARTS + 1)},
+    **{str(49 + part): partial(section_warmup_long, part=part) for part in range(1, WARMUP_LONG_PARTS + 1)}}
 
 
 def budget(name: str) -> int:

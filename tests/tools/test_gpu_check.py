@@ -12,6 +12,8 @@ from tests.helpers import ROOT
 from tools import gpu_check
 
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
+LONG = {**dict.fromkeys(("47", "48", "49"), "attention"),  # issue 38's long designs: section -> driver
+        **dict.fromkeys(("50", "51", "52", "53", "54"), "warmup_free")}
 
 
 def _sections(**env) -> dict[str, gpu_check.Section]:
@@ -19,9 +21,15 @@ def _sections(**env) -> dict[str, gpu_check.Section]:
     return {name: section(gpu_check.Check(env, dry=True)) for name, section in gpu_check.SECTIONS.items()}
 
 
+def _stages(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages a driver call's --stage names."""
+    after = argv[argv.index("--stage") + 1:]
+    return after[:next((i for i, a in enumerate(after) if a.startswith("-")), len(after))]
+
+
 def test_each_section_fits_its_budget():
     sections, grace = _sections(), gpu_check.KILL_GRACE
-    assert set(sections) >= {"triage", "10", "20", "30", "40"}
+    assert set(sections) >= {"triage", "10", "20", "30", "40", *LONG}
     for name, section in sections.items():
         limits = [step.limit_s for step in section.steps]
         assert limits, f"section {name} has no time-boxed step"
@@ -39,7 +47,7 @@ def test_sections_that_start_many_runs_at_once_do_not_compile_them():
     concurrent = {name: [s.argv for s in section.steps if "--concurrent" in s.argv or "--jobs" in s.argv]
                   for name, section in _sections().items()}
     concurrent = {name: argvs for name, argvs in concurrent.items() if argvs}
-    assert set(concurrent) >= {"41", "42", "43", "44", "45", "46"}
+    assert set(concurrent) >= {"41", "42", "43", "44", "45", "46", *LONG}
     for name, argvs in concurrent.items():
         assert all("trainer.compile=false" in argv for argv in argvs), name
 
@@ -70,9 +78,48 @@ def test_every_step_calls_something_that_exists():
             if argv[0].startswith("tools/experiments/") and "--stage" in argv:
                 driver = importlib.import_module(f"tools.experiments.{Path(argv[0]).stem}")
                 choices = (*driver.STAGES, *(("continual",) if driver is cpt_experiment else ()))
-                stages = argv[argv.index("--stage") + 1:]
-                stages = stages[:next((i for i, a in enumerate(stages) if a.startswith("-")), len(stages))]
+                stages = _stages(argv)
                 assert stages and set(stages) <= set(choices), (name, step.name, stages)
+
+
+def test_the_long_design_sections_run_the_registered_design_and_report_apart_from_the_cpu(monkeypatch, capsys):
+    """Sections 47-54 split issue 38's long designs: every driver call names --design long (without it a driver
+    runs the first design, into other folders), every stage is run, and the last part of each reports once,
+    into $OUT under a name other than the one the CPU's report of the design takes (its --dry-run says which)."""
+    from tools.experiments import attention_experiment, warmup_free_experiment
+
+    monkeypatch.chdir(ROOT)  # a driver's main runs from the repository root
+    sections = _sections(OUT="/gpu-out")
+    for driver, module in (("attention", attention_experiment), ("warmup_free", warmup_free_experiment)):
+        parts = [sections[name] for name, d in sorted(LONG.items()) if d == driver]
+        calls = [s.argv for part in parts for s in part.steps if s.argv[0].endswith(f"{driver}_experiment.py")]
+        assert calls and all(argv[argv.index("--design") + 1] == "long" for argv in calls), driver
+        stages = [stage for argv in calls for stage in _stages(argv)]
+        assert set(stages) == set(module.STAGES) and stages[-1] == "report", (driver, stages)
+        reports = [argv for argv in calls if "report" in argv]
+        assert len(reports) == 1 and reports[0] == parts[-1].steps[-1].argv, driver
+        assert module.main(["--design", "long", "--stage", "report", "--dry-run"]) == 0
+        cpu = capsys.readouterr().out.split()
+        gpu = reports[0][reports[0].index("--name") + 1]
+        assert gpu.endswith("_gpu") and gpu != cpu[cpu.index("--name") + 1], (gpu, cpu)
+        assert reports[0][reports[0].index("--out") + 1] == "/gpu-out"
+
+
+def test_the_moe_section_scores_what_its_prose_source_holds(monkeypatch):
+    """Section 44 asks for at most MOE_VAL_TOKENS (what prose's held-out side allows), however many VAL_TOKENS a
+    call sets; a CPU trial's fewer still win, and the other sections take VAL_TOKENS as set."""
+    asked = []
+
+    def query(argv, **kwargs):
+        asked.append(int(argv[argv.index("--validation") + 1]))
+        return subprocess.CompletedProcess(argv, 0, "data.val_percent=30 trainer.eval_batches=2\n", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", query)
+    gpu_check.section_44(gpu_check.Check({}))
+    gpu_check.section_44(gpu_check.Check({"VAL_TOKENS": "4096"}))
+    gpu_check.section_45(gpu_check.Check({"VAL_TOKENS": str(2 * gpu_check.VAL_TOKENS)}))
+    assert asked == [gpu_check.MOE_VAL_TOKENS] * 2 + [4096] * 2 + [2 * gpu_check.VAL_TOKENS]
+    assert gpu_check.MOE_VAL_TOKENS < gpu_check.VAL_TOKENS
 
 
 def test_validation_holds_at_least_val_tokens_scored_once():
