@@ -187,7 +187,7 @@ def test_a_stage_whose_runs_completed_is_skipped(setup, tmp_path, monkeypatch, c
 
 
 def test_the_continual_stages_start_together_and_a_finished_one_is_left_out(setup, tmp_path, monkeypatch):
-    """--stage continual --concurrent (tools/gpu_check.py 42): every stage after pretrain at once, as one run_stage."""
+    """--stage continual --concurrent (tools/gpu_check.sh 42): every stage after pretrain at once, as one run_stage."""
     stats = {"rows": 100, "content_tokens": 25_000, "duplicated_share": 0.0, "corpus_tokens": 25_000}
     train = {m: tmp_path / f"x.{m}" for m in cpt.METHODS}
     for path in train.values():  # packed at this driver's SP capacity

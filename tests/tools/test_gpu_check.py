@@ -1,5 +1,5 @@
-"""tools/gpu_check.py (run as tools/gpu_check.sh): sections are named and time-boxed within the budget a lent GPU
-allows, and a step past its limit is interrupted, then killed."""
+"""tools/gpu_check.py (run as tools/gpu_check.sh) and the sections of tools/gpu_sections.py: sections are named
+and time-boxed within the budget a lent GPU allows, and a step past its limit is interrupted, then killed."""
 
 import importlib
 import json
@@ -9,16 +9,16 @@ import tarfile
 from pathlib import Path
 
 from tests.helpers import ROOT
-from tools import gpu_check
+from tools import gpu_check, gpu_sections
 
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 LONG = {**dict.fromkeys(("47", "48", "49"), "attention"),  # issue 38's long designs: section -> driver
         **dict.fromkeys(("50", "51", "52", "53", "54"), "warmup_free")}
 
 
-def _sections(**env) -> dict[str, gpu_check.Section]:
+def _sections(**env) -> dict[str, gpu_sections.Section]:
     """Each section's table as a call with these settings would run it (no query runs)."""
-    return {name: section(gpu_check.Check(env, dry=True)) for name, section in gpu_check.SECTIONS.items()}
+    return {name: section(gpu_sections.Check(env, dry=True)) for name, section in gpu_sections.SECTIONS.items()}
 
 
 def _stages(argv: tuple[str, ...]) -> tuple[str, ...]:
@@ -114,12 +114,12 @@ def test_the_moe_section_scores_what_its_prose_source_holds(monkeypatch):
         asked.append(int(argv[argv.index("--validation") + 1]))
         return subprocess.CompletedProcess(argv, 0, "data.val_percent=30 trainer.eval_batches=2\n", "")
 
-    monkeypatch.setattr(gpu_check.subprocess, "run", query)
-    gpu_check.section_44(gpu_check.Check({}))
-    gpu_check.section_44(gpu_check.Check({"VAL_TOKENS": "4096"}))
-    gpu_check.section_45(gpu_check.Check({"VAL_TOKENS": str(2 * gpu_check.VAL_TOKENS)}))
-    assert asked == [gpu_check.MOE_VAL_TOKENS] * 2 + [4096] * 2 + [2 * gpu_check.VAL_TOKENS]
-    assert gpu_check.MOE_VAL_TOKENS < gpu_check.VAL_TOKENS
+    monkeypatch.setattr(gpu_sections.subprocess, "run", query)
+    gpu_sections.section_44(gpu_sections.Check({}))
+    gpu_sections.section_44(gpu_sections.Check({"VAL_TOKENS": "4096"}))
+    gpu_sections.section_45(gpu_sections.Check({"VAL_TOKENS": str(2 * gpu_sections.VAL_TOKENS)}))
+    assert asked == [gpu_sections.MOE_VAL_TOKENS] * 2 + [4096] * 2 + [2 * gpu_sections.VAL_TOKENS]
+    assert gpu_sections.MOE_VAL_TOKENS < gpu_sections.VAL_TOKENS
 
 
 def test_validation_holds_at_least_val_tokens_scored_once():
@@ -161,18 +161,18 @@ def test_a_call_runs_its_sections_steps_and_keeps_their_runs(tmp_path, monkeypat
     monkeypatch.setenv("OUT", str(out))
     monkeypatch.delenv("STEPS_LOG", raising=False)
 
-    def section(c: gpu_check.Check) -> gpu_check.Section:
+    def section(c: gpu_sections.Check) -> gpu_sections.Section:
         train = f"mkdir -p {run}/checkpoints && echo w > {run}/checkpoints/w && echo 4.2 > {run}/metrics.jsonl"
-        return gpu_check.Section("77. a test section", fresh=(str(runs / "old"),), keep={"test_runs": (str(run),)},
+        return gpu_sections.Section("77. a test section", fresh=(str(runs / "old"),), keep={"test_runs": (str(run),)},
                                  copies={f"{run}/metrics.jsonl": "metrics.jsonl"}, steps=(
-            gpu_check.Step("train", 5, ("-c", f"test ! -e {runs / 'old'} && {train}")),
-            gpu_check.Step("fail", 5, ("-c", "echo broken; exit 3"))))
+            gpu_sections.Step("train", 5, ("-c", f"test ! -e {runs / 'old'} && {train}")),
+            gpu_sections.Step("fail", 5, ("-c", "echo broken; exit 3"))))
 
-    def unqueried(c: gpu_check.Check) -> gpu_check.Section:
-        raise gpu_check.NoValidation("no validation overrides for +experiment=x: boom")
+    def unqueried(c: gpu_sections.Check) -> gpu_sections.Section:
+        raise gpu_sections.NoValidation("no validation overrides for +experiment=x: boom")
 
-    monkeypatch.setitem(gpu_check.SECTIONS, "77", section)
-    monkeypatch.setitem(gpu_check.SECTIONS, "78", unqueried)
+    monkeypatch.setitem(gpu_sections.SECTIONS, "77", section)
+    monkeypatch.setitem(gpu_sections.SECTIONS, "78", unqueried)
     assert gpu_check.main(["78", "77"]) == 0
     with tarfile.open(out / "test_runs.tgz") as tar:
         names = tar.getnames()
@@ -199,12 +199,13 @@ def test_a_step_past_its_limit_is_interrupted_then_killed_and_logged(tmp_path, m
     prints its summary); one that ignores it is killed KILL_GRACE seconds later, and nothing a step started
     outlives it. Each outcome is logged."""
     monkeypatch.setattr(gpu_check, "KILL_GRACE", 3)  # time enough for the graceful step on a loaded machine
-    c = gpu_check.Check({"PY": "bash"})
+    c = gpu_sections.Check({"PY": "bash"})
     log, pid = tmp_path / "steps.jsonl", tmp_path / "pid"
     worker = f"(trap '' INT; echo $BASHPID > {pid}; sleep 30) &"  # a run of a multirun, deaf to SIGINT
-    graceful = gpu_check.Step("graceful", 1, ("-c", f"trap 'echo sum\"\"mary; exit 3' INT; {worker} sleep 30 & wait"))
-    stubborn = gpu_check.Step("stubborn", 1, ("-c", "trap '' INT; sleep 30"))
-    quick = gpu_check.Step("quick", 1, ("-c", "echo done; echo 'a Warning line'"))
+    graceful = gpu_sections.Step("graceful", 1,
+                                 ("-c", f"trap 'echo sum\"\"mary; exit 3' INT; {worker} sleep 30 & wait"))
+    stubborn = gpu_sections.Step("stubborn", 1, ("-c", "trap '' INT; sleep 30"))
+    quick = gpu_sections.Step("quick", 1, ("-c", "echo done; echo 'a Warning line'"))
     # started with SIGINT ignored, as a background job of a script (or an xdist worker) is: steps still get it
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -240,8 +241,8 @@ def test_triage_report_collects_what_each_step_left(tmp_path, capsys):
            "ratio_to_gqa": 1.0, "attention_kernel": "triton"}
     (d / "decode.json").write_text(json.dumps([row, row | {"attention": "mla", "tokens_per_s": None}]))
     keel = {"ms": 357.3, "tokens_per_s": 91700, "mfu": 0.495, "peak_bytes": 2**34}
-    (d / "step.json").write_text(json.dumps({"preset": "755M", "dtype": "torch.bfloat16", "ratio_keel_to_compiled": 1.19,
-                                            "steps": {"keel": keel}}))
+    (d / "step.json").write_text(json.dumps({"preset": "755M", "dtype": "torch.bfloat16",
+                                             "ratio_keel_to_compiled": 1.19, "steps": {"keel": keel}}))
     assert triage_report.main([str(tmp_path)]) == 0
     collected = json.loads((tmp_path / "triage.json").read_text())
     assert collected["tests"]["failed"] == ["tests.models.test_decode::test_b"] and collected["tests"]["passed"] == 1

@@ -156,7 +156,7 @@ def test_a_diverged_tuning_run_counts_as_finished_and_its_value_is_out(setup, tm
 
 
 def test_coefficients_from_an_earlier_report_are_taken_as_chosen_and_a_bad_one_is_one_line(setup, tmp_path, capsys):
-    """tools/gpu_check.py 44 continues at the β and γ an earlier report's tuning chose, measuring and tuning
+    """tools/gpu_check.sh 44 continues at the β and γ an earlier report's tuning chose, measuring and tuning
     nothing again."""
     report = tmp_path / "moe.json"
     report.write_text(json.dumps({"tuning": {"ortho_loss": {"chosen": 0.01}, "var_loss": {"chosen": 0.3}}}))

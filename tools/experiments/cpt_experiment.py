@@ -409,7 +409,7 @@ def stage_training(name: str, s: Setup, jobs: int, dry: bool, force: bool, overr
 def stage_continual(s: Setup, jobs: int, dry: bool, force: bool, overrides: tuple[str, ...] = (),
                     concurrent: bool = False) -> None:
     """Every stage after pretrain (CONTINUAL) in order, or with `concurrent` the multiruns of those not done all
-    at once: each needs only the pretrained model (a GPU with room for them all: tools/gpu_check.py 42)."""
+    at once: each needs only the pretrained model (a GPU with room for them all: tools/gpu_check.sh 42)."""
     if dry or not concurrent:
         for name in CONTINUAL:
             stage_training(name, s, jobs, dry, force, overrides)

@@ -29,7 +29,7 @@ at once):
 5. continue: aux only, aux + L_o (β chosen), aux + L_v (γ chosen), aux + both (each as chosen alone) on the
    reported seeds, into runs/moe_continue/arms. The seed sets a continued run's data order; its weights are
    the pretrained ones. With --coeffs-from REPORT_JSON, β and γ are those that report's tuning chose (a
-   re-run elsewhere: tools/gpu_check.py section 44); the measure and tune stages then have nothing to do.
+   re-run elsewhere: tools/gpu_check.sh section 44); the measure and tune stages then have nothing to do.
 6. report: tools/experiments/moe_report.py over runs/moe_continue, the pretrained run as step 0:
    docs/results/moe.json (provenance, the measured magnitudes and centres, each loss's tuning, per-arm final
    validation loss overall and per source, paired differences against aux only with 95% intervals, purity
@@ -267,7 +267,7 @@ def chosen(s: Setup) -> tuple[float, float]:
 
 def reported_choice(report: Path) -> tuple[float, float]:
     """(β, γ) as a results JSON's "tuning" records them (moe_report.choose on its tuning seeds, each loss on its
-    own): a re-run elsewhere (the GPU's, tools/gpu_check.py section 44) continues at the choice made there."""
+    own): a re-run elsewhere (the GPU's, tools/gpu_check.sh section 44) continues at the choice made there."""
     try:
         tuned = json.loads(Path(report).read_text())["tuning"]
         return float(tuned["ortho_loss"]["chosen"]), float(tuned["var_loss"]["chosen"])

@@ -11,7 +11,7 @@ folder per preset and overrides below the stage's folder (the presets' hydra.swe
 2. reported: on seeds 1, 2, 3, AdamW without warmup and with the chosen length, and the bound at the chosen
    τ, at every rate of LRS, and AdamW without warmup at PROBE_LRS, into runs/warmup_free/reported. The length
    and τ are warmup_free_report.choose's on the tuning runs, or --warmup and --tau: a re-run at choices made
-   before (tools/gpu_check.py section 41 takes the CPU's, with --lrs and --seeds).
+   before (tools/gpu_check.sh section 41 takes the CPU's, with --lrs and --seeds).
 3. report: tools/experiments/warmup_free_report.py over both stages' runs: docs/results/warmup_free.json and .png.
 
     python tools/experiments/warmup_free_experiment.py                  # every stage
