@@ -16,21 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main.py"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a committed revision, for run_info.json and reports
 
-# values that pass a type check but would crash or mislead later: each must stop with one line
-BAD_VALUES = [
-    (["trainer.eval_batches=0"], "trainer.eval_batches must be positive"),
-    (["trainer.eval_batches=-1"], "trainer.eval_batches must be positive"),
-    (["trainer.log_interval=0"], "trainer.log_interval must be positive"),
-    (["trainer.global_batch_size=0"], "trainer.global_batch_size must be positive"),
-    (["trainer.global_batch_size=-8"], "trainer.global_batch_size must be positive"),
-    (["optim.spectral.tau=-1"], "optim.spectral.tau must be positive"),
-    (["optim.spectral.power_iters=0"], "optim.spectral.power_iters must be >= 1"),
-    (["logging.monitors.batch_rows=0"], "logging.monitors.batch_rows must be positive"),
-    (["model.loss_chunk=-1"], "model.loss_chunk must be >= 0"),
-    (["model.recompute=some"], "model.recompute='some' is unknown; choose one of none, selective, full"),
-]
-
-
 def tiny_overrides(data: dict, run_dir: Path, steps: int = 6) -> list[str]:
     """A 2-layer model on the tiny corpus: a few seconds per run on 2 CPU cores."""
     return ["+experiment=smoke", f"run_dir={run_dir}", f"data.path={data['train']}", f"data.val_path={data['val']}",

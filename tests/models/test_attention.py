@@ -153,10 +153,16 @@ def test_a_qk_norm_model_exports_as_qwen3_not_llama():
         export_family(cfg.model, cfg.attention)
 
 
-def _qk_norm_gradients(tp: int, types: list[str]) -> list[dict]:
-    """Per type, one forward-backward of a tiny QK-norm model through megatron's DDP and finalize_model_grads
-    at this world's TP size (tools/kv_cache.py's in_tp_world): the loss and every rank's gradients of the
-    QK-norm gains."""
+# What the TP worlds below build: each type with QK-norm, and GLA with fewer latents than ranks (h_c = 1 < TP = 2,
+# GLA's own option: each rank keeps the one latent its heads read, replicated)
+TP_CASES = {**{t: [f"attention={t}", "attention.qk_norm=true"] for t in TYPES},
+            "gla_one_latent": ["attention=gla", "attention.num_latent_heads=1"]}
+
+
+def _replicated_gradients(tp: int, cases: dict[str, list[str]]) -> list[dict]:
+    """Per case, one forward-backward of a tiny model through megatron's DDP and finalize_model_grads at this
+    world's TP size (tools/kv_cache.py's in_tp_world): the loss and every rank's gradients of the parameters
+    tensor parallelism replicates (the sharded ones differ by construction)."""
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
 
@@ -164,43 +170,62 @@ def _qk_norm_gradients(tp: int, types: list[str]) -> list[dict]:
     from pretrain.config import compose_config
 
     out = {}
-    for attention in types:
-        cfg = compose_config([f"attention={attention}", "attention.qk_norm=true", "model.num_layers=2", "model.head_dim=16",
-                              "model.hidden_size=64", "model.init_std=0.2", f"parallel.tensor={tp}"])
+    for case, overrides in cases.items():
+        cfg = compose_config([*overrides, "model.num_layers=2", "model.head_dim=16", "model.hidden_size=64",
+                              "model.init_std=0.2", f"parallel.tensor={tp}"])
         built = build_model(cfg.model, cfg.attention, 128, torch.device("cpu"), torch.float32, cfg.seed)
         tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
         loss = built.ddp(tokens[:, :-1], torch.arange(16)[None].expand(2, -1), None, labels=tokens[:, 1:]).sum()
         loss.backward()
         finalize_model_grads([built.ddp])
-        out[attention] = {"loss": loss.item(), "grads": {
+        out[case] = {"loss": loss.item(), "grads": {
             name: p.main_grad.clone() for name, p in built.gpt.named_parameters()
-            if any(k in name for k in ("qk_norm.", "q_layernorm.", "k_layernorm."))}}
+            if not getattr(p, "tensor_model_parallel", False)}}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
     return every
 
 
 @pytest.fixture(scope="module")
-def qk_norm_gradients() -> tuple[dict, list[dict]]:
-    """(TP=1 result, every TP=2 rank's result) of `_qk_norm_gradients`: one world of each size for all types."""
+def tp_gradients() -> tuple[dict, list[dict]]:
+    """(TP=1 result, every TP=2 rank's result) of `_replicated_gradients`: one world of each size for all cases."""
     from tools.kv_cache import in_tp_world
 
-    (one,) = in_tp_world(1, _qk_norm_gradients, TYPES)
-    return one, in_tp_world(2, _qk_norm_gradients, TYPES)
+    (one,) = in_tp_world(1, _replicated_gradients, TP_CASES)
+    return one, in_tp_world(2, _replicated_gradients, TP_CASES)
 
 
-@pytest.mark.slow  # two gloo worlds (1 and 2 processes) for all types
+def _assert_equal_on_every_rank(one: dict, ranks: list[dict]) -> None:
+    """Each TP rank's loss and replicated gradients are the one-process ones: fp32 sums in another order, so to
+    1e-4 of each tensor's largest element."""
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
+                                       msg=name)
+
+
+@pytest.mark.slow  # two gloo worlds (1 and 2 processes) for all cases
 @pytest.mark.parametrize("attention", TYPES)
-def test_qk_norm_under_tensor_parallelism_equals_one_process(qk_norm_gradients, attention):
+def test_qk_norm_under_tensor_parallelism_equals_one_process(tp_gradients, attention):
     """Each TP rank normalises its own heads with gains replicated on every rank: after megatron's gradient
     finalisation every rank must hold the one-process gradient (megatron sums SelfAttention's q/k_layernorm
     over ranks; keel's modules mark their gains replicated). Compared directly, since Adam's sign-like first
     steps hide a partial gradient from the losses of a short run."""
-    one, two = qk_norm_gradients[0][attention], [rank[attention] for rank in qk_norm_gradients[1]]
+    gains = ("qk_norm.", "q_layernorm.", "k_layernorm.")
+    one, *ranks = ({"loss": r[attention]["loss"],
+                    "grads": {n: g for n, g in r[attention]["grads"].items() if any(k in n for k in gains)}}
+                   for r in (tp_gradients[0], *tp_gradients[1]))
     assert one["grads"] and all(g.abs().max() > 0 for g in one["grads"].values())
-    for rank in two:
-        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
-        assert rank["grads"].keys() == one["grads"].keys()
-        for name, grad in one["grads"].items():  # fp32 sums in another order: 1e-4 of the largest element
-            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
-                                       msg=name)
+    _assert_equal_on_every_rank(one, ranks)
+
+
+@pytest.mark.slow
+def test_gla_with_fewer_latents_than_ranks_equals_one_process(tp_gradients):
+    """h_c = 1 < TP = 2: each rank keeps the one latent and its projections, replicated, and its heads send back
+    only their share of the latent's gradient. After finalisation every rank must hold the sum, the one-process
+    gradient, as for every other replicated parameter; and the loss is the one-process loss."""
+    one, ranks = tp_gradients[0]["gla_one_latent"], [r["gla_one_latent"] for r in tp_gradients[1]]
+    assert any("linear_kv_down_proj" in name for name in one["grads"])  # replicated at this TP size
+    _assert_equal_on_every_rank(one, ranks)

@@ -6,7 +6,21 @@ from hydra import compose, initialize_config_dir
 from pretrain.config import CheckpointConfig, KeelConfig, ParallelConfig, TrainerConfig, compose_config, register_configs
 from models.config import ModelConfig
 from optim.config import OptimConfig, ScheduleConfig
-from tests.helpers import BAD_VALUES, ROOT
+from tests.helpers import ROOT
+
+# values that pass a type check but would crash or mislead later: each must stop with one line
+BAD_VALUES = [
+    (["trainer.eval_batches=0"], "trainer.eval_batches must be positive"),
+    (["trainer.eval_batches=-1"], "trainer.eval_batches must be positive"),
+    (["trainer.log_interval=0"], "trainer.log_interval must be positive"),
+    (["trainer.global_batch_size=0"], "trainer.global_batch_size must be positive"),
+    (["trainer.global_batch_size=-8"], "trainer.global_batch_size must be positive"),
+    (["optim.spectral.tau=-1"], "optim.spectral.tau must be positive"),
+    (["optim.spectral.power_iters=0"], "optim.spectral.power_iters must be >= 1"),
+    (["logging.monitors.batch_rows=0"], "logging.monitors.batch_rows must be positive"),
+    (["model.loss_chunk=-1"], "model.loss_chunk must be >= 0"),
+    (["model.recompute=some"], "model.recompute='some' is unknown; choose one of none, selective, full"),
+]
 
 
 def test_defaults_compose_and_derive_heads_and_ffn():
