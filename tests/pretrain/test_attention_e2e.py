@@ -1,4 +1,5 @@
-"""Every attention type end to end: TP=2 equals TP=1, exact resume, generation from a checkpoint."""
+"""Attention types end to end: TP=2 equals TP=1 and exact resume for the types with a TP path of their own,
+generation from a checkpoint, decoding under TP."""
 
 import subprocess
 import sys
