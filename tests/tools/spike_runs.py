@@ -12,11 +12,13 @@ ACTIONS = {"spikes_none": "log", "spikes_skip": "skip", "spikes_rewind": "rewind
 
 def fake_run(folder, preset: str, seed: int, lr: float = 3e-3, val: float = 4.0, data_path: str | None = None,
              flagged: int = 0, dropped: int = 0, rewinds: tuple[tuple[int, int, list[int]], ...] = (),
-             step_time: float = 0.5, steps: int = 10, status: str = "completed", digest: str = "clean-set") -> None:
+             step_time: float = 0.5, steps: int = 10, status: str = "completed", digest: str = "clean-set",
+             warmup: int = 0) -> None:
     """`steps` rows with a loss and step time, `flagged` host flags, `dropped` in the final skipped_total, a rewind
-    event row per (at_step, to_step, spike_steps), and the final validation loss `val`."""
+    event row per (at_step, to_step, spike_steps), and the final validation loss `val`; `warmup`: lr.warmup_steps."""
     folder.mkdir(parents=True)
-    config = {"name": preset, "seed": seed, "optim": {"lr": lr}, "data": {"path": data_path},
+    config = {"name": preset, "seed": seed, "optim": {"lr": lr}, "lr": {"warmup_steps": warmup},
+              "data": {"path": data_path},
               "logging": {"monitors": {"spike": {"action": ACTIONS[preset]}}}}
     validation = {"val_loss": {"digest": digest, "tokens": 131072}}
     (folder / "run_info.json").write_text(json.dumps({"config": config, "git_revision": COMMIT, "command": "fake",

@@ -1,6 +1,6 @@
-"""tools/experiments/spike_experiment.py and the design it runs: the page states preregistration.SPIKES as the code
-has it, the presets run it, and the stages (plant, tune, runs) launch what is missing and skip what finished
-(no training: a stand-in launcher writes finished run folders)."""
+"""tools/experiments/spike_experiment.py and the designs it runs: the page states preregistration.SPIKES and
+SPIKES_RAMP as the code has them, the presets run them, and the stages (plant, tune, runs) launch what is missing
+and skip what finished (no training: a stand-in launcher writes finished run folders)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,25 @@ from tests.helpers import ROOT
 from tests.tools.spike_runs import fake_run
 from tools.experiments import spike_experiment as se
 from tools.experiments import spike_report
-from tools.experiments.preregistration import SPIKES
+from tools.experiments.preregistration import SPIKES, SPIKES_RAMP
 
 PAGE = ROOT / "docs" / "results" / "spikes.md"
-ROW = re.compile(r"^\| `(SPIKES\.[a-z_]+)` \| `([^`]+)` \|", re.MULTILINE)
 CLEAN = se.Data("CACHE/train", "CACHE/val", 16)
 
 
-def test_the_page_states_the_registered_design_and_the_presets_run_it():
-    from pretrain.config import compose_config
-    from tools.experiments.seeds import REPORTED_SEEDS, TUNING_SEEDS
-
-    stated = dict(ROW.findall(PAGE.read_text()))
-    expected = {f"SPIKES.{f.name}": getattr(SPIKES, f.name) for f in dataclasses.fields(SPIKES)}
+@pytest.mark.parametrize("design, prefix", [(SPIKES, "SPIKES"), (SPIKES_RAMP, "SPIKES_RAMP")])
+def test_the_page_states_each_registered_design_as_the_code_has_it(design, prefix):
+    stated = dict(re.findall(rf"^\| `({prefix}\.[a-z_]+)` \| `([^`]+)` \|", PAGE.read_text(), re.MULTILINE))
+    expected = {f"{prefix}.{f.name}": getattr(design, f.name) for f in dataclasses.fields(design)}
     assert set(stated) == set(expected)
     for key, text in stated.items():
         assert eval(text, {"range": range, "tuple": tuple}) == expected[key], key
+
+
+def test_the_presets_run_the_registered_designs():
+    from pretrain.config import compose_config
+    from tools.experiments.seeds import REPORTED_SEEDS, TUNING_SEEDS
+
     for arm, action in zip(SPIKES.arms, ("log", "skip", "rewind")):
         cfg = compose_config([f"+experiment={arm}"])
         assert (cfg.trainer.max_steps, cfg.optim.lr, cfg.logging.monitors.spike.action) == (SPIKES.steps,
@@ -40,6 +43,13 @@ def test_the_page_states_the_registered_design_and_the_presets_run_it():
         assert cfg.logging.monitors.spike.min_count < SPIKES.plant_start < SPIKES.steps
     assert len(SPIKES.seeds) >= 5 and set(SPIKES.seeds) <= set(REPORTED_SEEDS)
     assert set(SPIKES.tuning_seeds) <= set(TUNING_SEEDS) and min(SPIKES.lrs) > SPIKES.base_lr
+    # the ramp: SPIKES's presets (cosine without warmup, which its lr.warmup_steps replaces) and seeds, its peak
+    # rate after the detector judges and before the end
+    assert (cfg.lr.name, cfg.lr.warmup_steps, SPIKES_RAMP.steps) == ("cosine", 0, SPIKES.steps)
+    assert cfg.logging.monitors.spike.min_count < SPIKES_RAMP.warmup_steps < SPIKES_RAMP.steps
+    assert (SPIKES_RAMP.arms, SPIKES_RAMP.tuning_seeds, SPIKES_RAMP.seeds) == (SPIKES.arms, SPIKES.tuning_seeds,
+                                                                              SPIKES.seeds)
+    assert min(SPIKES_RAMP.lrs) > SPIKES.base_lr
 
 
 def _fake_launch(launched: list):
@@ -52,18 +62,19 @@ def _fake_launch(launched: list):
             out = argv[argv.index("--output") + 1]
             Path(f"{out}.json").write_text("{}")
             return
-        folder = Path(values["hydra.sweep.dir"])
+        folder, warmup = Path(values["hydra.sweep.dir"]), int(values.get("lr.warmup_steps", 0))
         for preset in values["+experiment"].split(","):
             for lr in map(float, values.get("optim.lr", f"{SPIKES.base_lr}").split(",")):
                 for seed in map(int, values["seed"].split(",")):
                     if not (run := folder / preset / f"lr{lr:g}-seed{seed}").exists():  # a finished run ends at once
-                        fake_run(run, preset, seed, lr=lr, data_path=values.get("data.path"), flagged=int(lr >= 3e-2))
+                        fake_run(run, preset, seed, lr=lr, data_path=values.get("data.path"), flagged=int(lr >= 3e-2),
+                                 warmup=warmup)
     return launch
 
 
 def test_the_dry_run_prints_every_stage_before_anything_exists(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(se, "RUNS", tmp_path / "spikes")
+    monkeypatch.setattr(se, "RUNS", tmp_path)
     monkeypatch.setattr(se, "clean_data", lambda overrides, build: CLEAN)
     assert se.main(["--dry-run", "--set", "trainer.precision=fp32"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -84,7 +95,7 @@ def test_the_dry_run_prints_every_stage_before_anything_exists(tmp_path, monkeyp
 
 def test_the_stages_launch_what_is_missing_and_skip_what_finished(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(se, "RUNS", tmp_path / "spikes")
+    monkeypatch.setattr(se, "RUNS", tmp_path)
     monkeypatch.setattr(se, "clean_data", lambda overrides, build: CLEAN)
     launched = []
     monkeypatch.setattr(se, "launch", _fake_launch(launched))
@@ -110,3 +121,27 @@ def test_the_stages_launch_what_is_missing_and_skip_what_finished(tmp_path, monk
 def test_the_runs_refuse_a_set_that_replaces_the_clean_data():
     with pytest.raises(se.ExperimentError, match="leave them unset"):
         se.clean_data(("data.path=/some/where",), build=False)
+
+
+def test_the_ramp_tunes_and_runs_its_high_rate_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(se, "RUNS", tmp_path)
+    monkeypatch.setattr(se, "clean_data", lambda overrides, build: pytest.fail("the ramp reads no planted data"))
+    ramp, sweep = ["--design", "spikes_ramp"], "python pretrain/main.py -m hydra/launcher=local hydra.launcher.n_jobs=2"
+    assert se.main([*ramp, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{sweep} +experiment=spikes_none seed=100,101 lr.warmup_steps=100 optim.lr=0.5,1,2 "
+        f"hydra.sweep.dir={tmp_path}/spikes_ramp/tuning",
+        f"{sweep} +experiment=spikes_none,spikes_skip,spikes_rewind seed=1,2,3,4,5,6 lr.warmup_steps=100 "
+        f"optim.lr=RATE hydra.sweep.dir={tmp_path}/spikes_ramp/high_lr",
+        f"python tools/experiments/spike_report.py {tmp_path}/spikes_ramp/high_lr {tmp_path}/spikes_ramp/tuning "
+        "--design spikes_ramp --out docs/results --name spikes_ramp"]
+    assert se.main([*ramp, "--stage", "plant"]) == 2  # it plants nothing: one line
+    assert "spikes_ramp has no stage plant" in capsys.readouterr().err
+    launched = []
+    monkeypatch.setattr(se, "launch", _fake_launch(launched))
+    assert se.main([*ramp, "--stage", "tune", "runs"]) == 0
+    assert len(launched) == 2 and "optim.lr=0.5" in launched[1]  # the lowest peak that spiked on both seeds
+    runs = spike_report.load_runs(tmp_path / "spikes_ramp" / "high_lr")
+    assert len(runs) == 3 * len(SPIKES_RAMP.seeds) and {r.config["lr"]["warmup_steps"] for r in runs} == {100}
+    assert not (tmp_path / "spikes").exists()

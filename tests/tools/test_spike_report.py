@@ -7,7 +7,7 @@ import pytest
 
 from tests.tools.spike_runs import fake_run
 from tools.experiments import spike_report
-from tools.experiments.preregistration import SPIKES
+from tools.experiments.preregistration import SPIKES, SPIKES_RAMP
 
 pytestmark = pytest.mark.usefixtures("committed_checkout")
 NOISE = (0.004, -0.003, 0.002, -0.004, 0.003, -0.002)  # per reported seed 1-6
@@ -94,3 +94,43 @@ def test_a_design_without_runs_is_named_and_a_seed_twice_is_refused(tmp_path, ca
     assert spike_report.main([str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "are both seed 1 of skip on no fault" in err
+
+
+def test_the_ramp_is_judged_on_its_high_rate_alone_and_refuses_another_designs_runs(tmp_path, capsys):
+    """Tuning: a peak of 0.5 spikes on one seed only, 1 on both (chosen); at 1 skip ends 0.05 above log only
+    and rewind 0.1 below: saved by rewind."""
+    root, ramp = tmp_path / "runs", dict(warmup=SPIKES_RAMP.warmup_steps)
+    for lr, flags in ((0.5, (1, 0)), (1.0, (2, 2)), (2.0, (5, 5))):
+        for seed, flagged in zip(SPIKES_RAMP.tuning_seeds, flags):
+            fake_run(root / "tuning" / f"lr{lr:g}-s{seed}", "spikes_none", seed, lr=lr, flagged=flagged, **ramp)
+    for seed, noise in zip(SPIKES_RAMP.seeds, NOISE):
+        base = 4.0 + 0.01 * seed
+        fake_run(root / "high_lr" / f"none-{seed}", "spikes_none", seed, lr=1.0, val=base + 1.0, flagged=2, **ramp)
+        fake_run(root / "high_lr" / f"skip-{seed}", "spikes_skip", seed, lr=1.0, val=base + 1.05 + noise / 10,
+                 dropped=2, **ramp)
+        fake_run(root / "high_lr" / f"rewind-{seed}", "spikes_rewind", seed, lr=1.0, val=base + 0.9 + noise,
+                 rewinds=((60, 40, [57, 58, 60]),), **ramp)
+    assert spike_report.main([str(root), "--design", "spikes_ramp", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "spikes_ramp.json").read_text())
+    assert result["design"] == "spikes_ramp" and result["high_lr"]["chosen"] == 1.0
+    assert list(result["compared"]) == ["high rate"] and (tmp_path / "out" / "spikes_ramp.png").stat().st_size > 0
+    verdict = result["verdict"]
+    assert verdict["label"] == "saved" and verdict["saved"] == {"high rate": ["rewind"]}
+    assert verdict["line"].startswith("> **spikes_ramp: saved (CPU, 6 seeds paired): rewind saved the high rate.** "
+                                      "high rate (peak lr 1 after 100 steps of warmup): final val loss minus log "
+                                      "only skip +0.050")
+    assert "SPIKES's no-fault runs'" in verdict["line"] and verdict["line"] in capsys.readouterr().out
+    # a run of SPIKES (no warmup) among the roots: refused with one line, nothing written
+    fake_run(root / "spikes_high_lr" / "none-1", "spikes_none", 1, lr=1.0)
+    assert spike_report.main([str(root), "--design", "spikes_ramp", "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ran lr.warmup_steps=0, not spikes_ramp's 100" in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_ramp_is_not_run_when_no_peak_spiked_on_every_tuning_seed():
+    chosen = {"lrs": {}, "seeds": [100, 101], "chosen": None, "settled": True}
+    judged = spike_report.ramp_verdict({}, chosen)
+    assert judged["label"] == "not run" and judged["saved"] == {}
+    assert "no peak rate of 0.5, 1, 2 after 100 steps of warmup made plain AdamW spike" in judged["line"]
+    assert spike_report.ramp_verdict({}, {**chosen, "settled": False})["label"] == "inconclusive"

@@ -6,8 +6,9 @@ drivers run and the reports judge by, in one place.
 and `WARMUP_LONG` (warmup-free at 10x the horizon) are read by tools/experiments/attention_experiment.py
 and warmup_free_experiment.py (what to run) and by their reports (the TOST margins, which pairs claim
 equivalence). tests/tools/test_preregistration.py checks that the page states exactly these values.
-`SPIKES` is read by spike_experiment.py and spike_report.py, and tests/tools/test_spike_experiment.py checks
-it against docs/results/spikes.md. Once
+`SPIKES` and its second high-rate design `SPIKES_RAMP` (registered after SPIKES's runs found no rate that
+spikes once the detector judges) are read by spike_experiment.py and spike_report.py, and
+tests/tools/test_spike_experiment.py checks both against docs/results/spikes.md. Once
 a design's runs have started its values are fixed: a change is a new design under a new name, on a page
 of its own.
 
@@ -86,6 +87,25 @@ class SpikeDesign:
     margin: float  # nats: "no cost" on the no-fault runs, by TOST
 
 
+@dataclass(frozen=True)
+class SpikeRampDesign:
+    """SPIKES's high-rate fault alone, its peak where the detector judges it: `warmup_steps` of linear warmup to
+    the peak rate, then cosine over the rest of `steps`, with SPIKES's presets (model, data, validation set, spike
+    rule, policies). The rate is the lowest of `lrs` at which the log arm flags a loss spike (or a non-finite loss)
+    on every tuning seed; none: the design is not run. Then the three policies at that rate on `seeds`, skip and
+    rewind each paired with log only: the fault is saved when one of them ends lower (95% interval below 0). That
+    they cost nothing without a fault is SPIKES's no-fault result (TOST at ±margin), not run again."""
+
+    name: str
+    arms: tuple[str, str, str]  # conf/experiment/ARM.yaml, as SPIKES: log only ("none"), skip, rewind
+    steps: int  # the presets' trainer.max_steps (a test checks it)
+    warmup_steps: int  # lr.warmup_steps: past the detector's min_count, so the peak rate comes once it judges
+    lrs: tuple[float, ...]  # the peak-rate grid, tried on the tuning seeds with the log arm
+    tuning_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    margin: float  # nats: the TOST margin the paired differences are also tested at, as SPIKES's
+
+
 ATTENTION_LONG = AttentionDesign(
     name="long", preset="attention_d128_long", arms=("gqa", "gta", "gla", "mla", "mla_plain"),
     lrs=(5e-4, 1e-3, 2e-3), tuning_seeds=(100, 101), seeds=tuple(range(1, 16)), steps=480, margin=0.03)
@@ -99,6 +119,10 @@ SPIKES = SpikeDesign(
     name="spikes", arms=("spikes_none", "spikes_skip", "spikes_rewind"), steps=240, base_lr=3e-3, plant_start=140,
     plant_steps=10, plant_kind="random", lrs=(1e-2, 3e-2, 1e-1), tuning_seeds=(100, 101), seeds=tuple(range(1, 7)),
     margin=0.02)
+
+SPIKES_RAMP = SpikeRampDesign(
+    name="spikes_ramp", arms=SPIKES.arms, steps=SPIKES.steps, warmup_steps=100, lrs=(5e-1, 1.0, 2.0),
+    tuning_seeds=SPIKES.tuning_seeds, seeds=SPIKES.seeds, margin=SPIKES.margin)
 
 ALPHA = EQUIVALENCE_ALPHA  # each one-sided test of TOST: the 90% interval must lie inside ±margin
 INTERVAL = CONFIDENCE  # paired differences: 95% Student-t intervals; "higher"/"lower" when 0 lies outside

@@ -2,7 +2,9 @@
 it cost, and how often does it fire without a fault?
 
     python tools/experiments/spike_report.py runs/spikes/planted runs/spikes/high_lr runs/spikes/clean \\
-        runs/spikes/tuning --out docs/results --name spikes
+        runs/spikes/tuning --out docs/results
+    python tools/experiments/spike_report.py runs/spikes_ramp/high_lr runs/spikes_ramp/tuning \\
+        --design spikes_ramp --out docs/results
 
 The runs (docs/results/spikes.md, registered as preregistration.SPIKES) are Hydra multiruns of the presets
 spikes_none (log only), spikes_skip and spikes_rewind. A run's fault design comes from its config: "planted"
@@ -16,6 +18,10 @@ training time measured (every kept step's step_time_s plus that estimate), paire
 events (loss spikes the host detector flagged, dropped updates, rewinds, data rows skipped). On the no-fault
 runs, every event is a false fire. Writes NAME.json and NAME.png into --out and prints the tables and the
 page's verdict line; runs without a result.json are still going and left out.
+
+--design spikes_ramp (preregistration.SPIKES_RAMP) reports the second high-rate design alone: the same presets
+with lr.warmup_steps, its rate chosen the same way, its fault saved when skip or rewind ends lower than log only
+(SPIKES's no-fault runs showed they cost nothing). NAME defaults to the design's name.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from pretrain.rundir import pyplot, write_json
 from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded, report_parser
-from tools.experiments.preregistration import SPIKES, SpikeDesign
+from tools.experiments.preregistration import SPIKES, SPIKES_RAMP, SpikeDesign, SpikeRampDesign
 from tools.experiments.provenance import results_provenance
 from tools.experiments.runs import Run, is_number, load_runs
 from tools.experiments.seeds import reported_runs, tuning_runs
@@ -38,6 +44,22 @@ PLANTED, HIGH_LR, CLEAN = "planted rows", "high rate", "no fault"  # the fault d
 FAULTS = (PLANTED, HIGH_LR, CLEAN)
 NONE, SKIP, REWIND = "none", "skip", "rewind"  # the policies (none: logging.monitors.spike.action=log)
 POLICIES = (NONE, SKIP, REWIND)
+DESIGNS = {d.name: d for d in (SPIKES, SPIKES_RAMP)}
+Design = SpikeDesign | SpikeRampDesign
+
+
+def faults(design: Design) -> tuple[str, ...]:
+    """The fault designs `design` runs: the ramp only its high rate (its no-fault evidence is SPIKES's)."""
+    return (HIGH_LR,) if isinstance(design, SpikeRampDesign) else FAULTS
+
+
+def warmup(config: dict) -> int:
+    return int(config["lr"]["warmup_steps"])
+
+
+def design_warmup(design: Design) -> int:
+    """lr.warmup_steps of every run of `design`: SPIKES trains as its presets do, without warmup."""
+    return design.warmup_steps if isinstance(design, SpikeRampDesign) else 0
 
 
 def policy(config: dict) -> str:
@@ -85,7 +107,7 @@ def fires(o: dict) -> int:
 
 
 # 2. Tuning seeds: the high rate
-def choose_lr(outcomes: list[dict], design: SpikeDesign = SPIKES) -> dict:
+def choose_lr(outcomes: list[dict], design: Design = SPIKES) -> dict:
     """The lowest rate of `design.lrs` at which the log arm flagged a loss spike (or a non-finite loss) on every
     tuning seed; None when no rate did. `settled` once every tuning run of the grid finished."""
     flags = {lr: {o["seed"]: o["flagged"] for o in outcomes if o["policy"] == NONE and o["lr"] == lr
@@ -110,7 +132,7 @@ def arms(outcomes: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
     return out
 
 
-def compare(outcomes: list[dict], design: SpikeDesign = SPIKES) -> dict[str, dict[str, dict]]:
+def compare(outcomes: list[dict], design: Design = SPIKES) -> dict[str, dict[str, dict]]:
     """fault -> policy -> its runs summarised, and (skip, rewind) minus log only seed by seed."""
     grouped = arms(outcomes)
     out: dict[str, dict[str, dict]] = {}
@@ -137,7 +159,7 @@ def compare(outcomes: list[dict], design: SpikeDesign = SPIKES) -> dict[str, dic
     return out
 
 
-def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
+def verdict(compared: dict, chosen: dict, design: Design = SPIKES) -> dict:
     """The registered rule (docs/results/spikes.md): a fault design is saved when skip or rewind ends lower than
     log only (95% interval below 0) and the same policy's no-fault runs are equivalent to log only's within
     ±margin (TOST): reproduced when both fault designs are saved, partly when one is, not reproduced when
@@ -180,6 +202,33 @@ def verdict(compared: dict, chosen: dict, design: SpikeDesign = SPIKES) -> dict:
             "line": f"> **Verdict: {head}.** {'; '.join(parts)}."}
 
 
+def ramp_verdict(compared: dict, chosen: dict, design: SpikeRampDesign = SPIKES_RAMP) -> dict:
+    """The ramp's rule (docs/results/spikes.md): its high rate is saved when skip or rewind ends lower than log only
+    (95% interval below 0); not run when no rate of the grid spiked on every tuning seed; inconclusive while the
+    tuning or the runs at the chosen rate are missing. That neither policy costs anything without a fault is
+    SPIKES's no-fault result, cited, not run again."""
+    rows = compared.get(HIGH_LR, {})
+    saved = [p for p in (SKIP, REWIND) if rows.get(p, {}).get("minus_none", {}).get("verdict", "").startswith("lower")]
+    pairs = [f"{p} {pair['mean']:+.3f} [{pair['interval95'][0]:+.3f}, {pair['interval95'][1]:+.3f}]"
+             for p in (SKIP, REWIND) if (pair := rows.get(p, {}).get("minus_none")) and pair["interval95"]]
+    ramp = f"after {design.warmup_steps} steps of warmup"
+    if chosen["settled"] and chosen["chosen"] is None:
+        label, what = "not run", (f"no peak rate of {', '.join(f'{lr:g}' for lr in design.lrs)} {ramp} made plain "
+                                  "AdamW spike on every tuning seed")
+    elif not pairs:
+        label, what = "inconclusive", "the high rate has no pair of seeds with log only yet"
+    else:
+        label = "saved" if saved else "not saved"
+        what = (f"high rate (peak lr {_lr(compared, HIGH_LR)} {ramp}): final val loss minus log only "
+                f"{', '.join(pairs)} nats")
+    seeds = sorted({s for r in rows.values() for s in r["seeds"]})
+    head = f"{label} (CPU, {len(seeds)} seed{'s' if len(seeds) != 1 else ''} paired)" + (
+        f": {' and '.join(saved)} saved the high rate" if saved else "")
+    return {"label": label, "saved": {HIGH_LR: saved} if saved else {}, "headline": head,
+            "line": f"> **{design.name}: {head}.** {what}; the no-fault cost of skip and rewind is SPIKES's "
+                    "no-fault runs' (docs/results/spikes.md), not run again."}
+
+
 def _lr(compared: dict, f: str) -> str:
     lrs = {r.get("lr") for r in compared.get(f, {}).values()}
     return ", ".join(f"{lr:g}" for lr in sorted(lr for lr in lrs if lr is not None)) or MISSING
@@ -192,7 +241,7 @@ def interval(p: dict | None) -> str:
     return f"{p['mean']:+.4f} [{p['interval95'][0]:+.4f}, {p['interval95'][1]:+.4f}]"
 
 
-def tables(compared: dict, chosen: dict, outcomes: list[dict], design: SpikeDesign = SPIKES) -> str:
+def tables(compared: dict, chosen: dict, outcomes: list[dict], design: Design = SPIKES) -> str:
     tuning = markdown_table(["lr", "loss spikes flagged per tuning seed"],
                             [[lr, ", ".join(f"seed {s}: {v}" for s, v in by_seed.items()) or MISSING]
                              for lr, by_seed in chosen["lrs"].items()], align="ll")
@@ -214,11 +263,12 @@ def tables(compared: dict, chosen: dict, outcomes: list[dict], design: SpikeDesi
             f"{summary}\n\n{per_run}")
 
 
-def plot(runs: list[Run], path) -> None:
-    """Per fault design, the training loss of each policy: mean and min..max band over the reported seeds."""
+def plot(runs: list[Run], path, shown: tuple[str, ...] = FAULTS) -> None:
+    """Per fault design `shown`, the training loss of each policy: mean and min..max band over the reported seeds."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(FAULTS), figsize=(6 * len(FAULTS), 4.5), sharey=True)
-    for ax, f in zip(axes, FAULTS):
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, f in zip(axes, shown):
         for p in POLICIES:
             mine = [r for r in reported_runs(runs) if fault(r.config) == f and policy(r.config) == p]
             series = [losses(r) for r in mine]
@@ -238,11 +288,14 @@ def plot(runs: list[Run], path) -> None:
     plt.close(fig)
 
 
-def report(roots: list[Path], out: Path, name: str, design: SpikeDesign = SPIKES) -> dict:
+def report(roots: list[Path], out: Path, name: str, design: Design = SPIKES) -> dict:
     """Read the runs below `roots`, write NAME.json and NAME.png into `out`, print the tables and the verdict."""
     runs = [r for r in load_runs(*roots, statuses=FINISHED) if r.config["name"] in design.arms]
     if not runs:
         raise ExperimentError(f"no run of {', '.join(design.arms)} below {', '.join(map(str, roots))}")
+    if stray := next((r for r in runs if warmup(r.config) != design_warmup(design)), None):
+        raise ExperimentError(f"{stray.name} ran lr.warmup_steps={warmup(stray.config)}, not {design.name}'s "
+                              f"{design_warmup(design)}; report each design from its own roots (--design)")
     origin = results_provenance(runs)  # refused before any file is written
     outcomes = [outcome(r) for r in runs]
     chosen = choose_lr([outcome(r) for r in tuning_runs(runs)], design)
@@ -251,20 +304,24 @@ def report(roots: list[Path], out: Path, name: str, design: SpikeDesign = SPIKES
     for f, by_policy in compared.items():
         for p, row in by_policy.items():
             row["lr"] = next(o["lr"] for o in reported if o["fault"] == f and o["policy"] == p)
-    judged = verdict(compared, chosen, design)
+    judged = (ramp_verdict if isinstance(design, SpikeRampDesign) else verdict)(compared, chosen, design)
     result = {**origin, "roots": [str(r) for r in roots], "design": design.name, "margin": design.margin,
               "high_lr": chosen, "compared": compared, "verdict": judged, "runs": outcomes}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)
-    plot(runs, out / f"{name}.png")
+    plot(runs, out / f"{name}.png", faults(design))
     print(tables(compared, chosen, outcomes, design))
     print(f"\n{judged['line']}")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = report_parser(__doc__, name="spikes").parse_args(argv)
-    return guarded(lambda: report(args.roots, args.out, args.name))
+    parser = report_parser(__doc__)
+    parser.add_argument("--design", choices=DESIGNS, default=SPIKES.name, help="the registered design to judge by")
+    parser.add_argument("--name", help="stem of the files written into --out (default: the design's name)")
+    args = parser.parse_args(argv)
+    design = DESIGNS[args.design]
+    return guarded(lambda: report(args.roots, args.out, args.name or design.name, design))
 
 
 if __name__ == "__main__":
