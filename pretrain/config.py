@@ -163,6 +163,10 @@ class KeelConfig:
                   "requests and decode steps have any length); score the checkpoints with tools/evaluate.py --tasks")
         check(not model.moe.num_experts or model.moe.num_experts % parallel.expert == 0,
               f"parallel.expert={parallel.expert} must divide model.moe.num_experts={model.moe.num_experts}")
+        # L_o compares each token's selected experts' outputs, so they must all be computed on one rank
+        check(not (model.moe.num_experts and model.moe.ortho_loss) or parallel.expert == parallel.tensor == 1,
+              f"model.moe.ortho_loss needs parallel.expert=1 and parallel.tensor=1 (not {parallel.expert} and "
+              f"{parallel.tensor}): each token's selected experts must be on one rank; drop ortho_loss or the split")
 
 
 PLUGINS = "KEEL_PLUGINS"  # modules to import first, comma-separated: what they register (attention types, callbacks)

@@ -1,4 +1,4 @@
-"""The setup of the helper processes the trainer starts (the Manager serving megatron's checkpoint-writer
+"""The setup of the helper processes the trainer starts (the Manager serving megatron's background checkpoint-writer
 results). A spawned process imports this module, and the entry point as `__mp_main__`, before it runs: both
 stay free of torch and megatron, so a helper starts in a fraction of a second instead of re-importing them."""
 

@@ -116,7 +116,7 @@ class Checkpoints:
         rank = dist.get_rank()
         final = step_folder(self.root, snapshot.step)
         tmp = final.with_name(f"{final.name}.tmp")
-        megatron_private.results_queue_in_helper()
+        megatron_private.use_results_queue(background=self.saver is not None)
         self.wait()  # one save in flight: the previous one is published before this one starts
         with storage_errors(tmp):
             # 1. a clean temporary folder, seen by every rank

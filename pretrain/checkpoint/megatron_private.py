@@ -2,12 +2,15 @@
 release it was read from (`models.megatron_release.PINNED`): each function first checks the installed release, so another
 one stops with a line saying what to install instead of failing somewhere inside megatron.
 
-1. `results_queue_in_helper`: megatron's checkpoint writer sends its results through a multiprocessing
-   Manager that `filesystem_async.get_write_results_queue` starts on first use and keeps in the module's
-   `_results_queue`. Started by megatron, that Manager dies of the SIGTERM that preempts the job (losing
-   the checkpoint) and outlives a `kill -9` of the trainer; keel starts it itself, as a helper process
-   that ignores both signals and dies with its parent (`pretrain.helper_process`, which imports neither
-   torch nor megatron, so the helper starts fast), and puts its queue in that slot.
+1. `use_results_queue`: megatron's checkpoint writer sends its results through the queue in
+   `filesystem_async._results_queue`, which `get_write_results_queue` fills on first use with a
+   multiprocessing Manager's. A synchronous save writes in this process (threads only), so keel puts a plain
+   `queue.Queue` there: no helper process, and no 2-second stall on the first save while a Manager unpickles
+   torch's WriteResult (importing torch). A background save writes from a forked process, which needs a
+   Manager; started by megatron, that Manager dies of the SIGTERM that preempts the job (losing the
+   checkpoint) and outlives a `kill -9` of the trainer, so keel starts it itself, as a helper process that
+   ignores both signals and dies with its parent (`pretrain.helper_process`, which imports neither torch nor
+   megatron, so the helper starts fast).
 2. `quiet_sync_save_notice`: megatron's synchronous torch_dist save runs through its own async writer and
    then warns (once per process) that this writer is deprecated; keel saves synchronously, so the notice
    says nothing to a user and is dropped while a save runs.
@@ -30,9 +33,11 @@ def require_release() -> None:
     megatron_release.require(__name__, "private checkpoint API", CheckpointError)
 
 
-def results_queue_in_helper() -> None:
-    """megatron's writer results queue, served by a helper process keel starts and `pretrain.helper_process`
-    sets up (once per process: the slot keeps it)."""
+def use_results_queue(background: bool) -> None:
+    """megatron's writer results queue (once per process and kind: the slot keeps it): in this process for a
+    synchronous save; for a background one, served by a helper process keel starts and
+    `pretrain.helper_process` sets up."""
+    import queue
     from multiprocessing import get_context
     from multiprocessing.managers import SyncManager
 
@@ -41,10 +46,13 @@ def results_queue_in_helper() -> None:
     from pretrain import helper_process
 
     require_release()
-    if filesystem_async._results_queue is None:
+    current = filesystem_async._results_queue
+    if background and (current is None or isinstance(current, queue.Queue)):
         manager = SyncManager(ctx=get_context("spawn"))
         manager.start(initializer=helper_process.setup)
         filesystem_async._results_queue = manager.Queue()
+    elif current is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 class _DropSyncSaveNotice(logging.Filter):

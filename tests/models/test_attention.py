@@ -153,18 +153,23 @@ def test_a_qk_norm_model_exports_as_qwen3_not_llama():
         export_family(cfg.model, cfg.attention)
 
 
-# What the TP worlds below build: each type with QK-norm, and GLA with fewer latents than ranks (h_c = 1 < TP = 2,
-# GLA's own option: each rank keeps the one latent its heads read, replicated)
+# What the TP worlds below build: each type with QK-norm (which adds its norms to the type's own TP path and
+# changes nothing else of its training forward), and GLA with fewer latents than ranks (h_c = 1 < TP = 2,
+# GLA's own option: each rank keeps the one latent its heads read, replicated). MQA at TP=2 (1 KV head < 2
+# ranks) uses megatron's all-gather in tensor_parallel/mappings.py, which needs that module's CPU redirect in
+# pretrain/cpu_compat.py
 TP_CASES = {**{t: [f"attention={t}", "attention.qk_norm=true"] for t in TYPES},
             "gla_one_latent": ["attention=gla", "attention.num_latent_heads=1"]}
 
 
-def _replicated_gradients(tp: int, cases: dict[str, list[str]]) -> list[dict]:
+def _tp_step(tp: int, cases: dict[str, list[str]]) -> list[dict]:
     """Per case, one forward-backward of a tiny model through megatron's DDP and finalize_model_grads at this
-    world's TP size (tools/kv_cache.py's in_tp_world): the loss and every rank's gradients of the parameters
-    tensor parallelism replicates (the sharded ones differ by construction)."""
+    world's TP size (tools/kv_cache.py's in_tp_world): the loss, the gradient norm over every parameter as
+    megatron's clipping counts it (a sharded one on every rank, a replicated one once), and every rank's
+    gradients of the parameters tensor parallelism replicates (the sharded ones differ by construction)."""
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     from models.builder import build_model
     from pretrain.config import compose_config
@@ -178,46 +183,51 @@ def _replicated_gradients(tp: int, cases: dict[str, list[str]]) -> list[dict]:
         loss = built.ddp(tokens[:, :-1], torch.arange(16)[None].expand(2, -1), None, labels=tokens[:, 1:]).sum()
         loss.backward()
         finalize_model_grads([built.ddp])
-        out[case] = {"loss": loss.item(), "grads": {
-            name: p.main_grad.clone() for name, p in built.gpt.named_parameters()
-            if not getattr(p, "tensor_model_parallel", False)}}
+        params = list(built.gpt.named_parameters())
+        counted = [p.main_grad.double() for _, p in params if param_is_not_tensor_parallel_duplicate(p)]
+        squares = torch.stack([g.square().sum() for g in counted]).sum()
+        dist.all_reduce(squares)  # this world is one TP group
+        out[case] = {"loss": loss.item(), "grad_norm": squares.sqrt().item(), "grads": {
+            name: p.main_grad.clone() for name, p in params if not getattr(p, "tensor_model_parallel", False)}}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
     return every
 
 
 @pytest.fixture(scope="module")
-def tp_gradients() -> tuple[dict, list[dict]]:
-    """(TP=1 result, every TP=2 rank's result) of `_replicated_gradients`: one world of each size for all cases."""
+def tp_gradients(megatron_world) -> tuple[dict, list[dict]]:
+    """(TP=1 result, every TP=2 rank's result) of `_tp_step` for all cases: TP=1 in this process's world of
+    one, TP=2 in a world of two processes."""
     from tools.kv_cache import in_tp_world
 
-    (one,) = in_tp_world(1, _replicated_gradients, TP_CASES)
-    return one, in_tp_world(2, _replicated_gradients, TP_CASES)
+    (one,) = _tp_step(1, TP_CASES)
+    return one, in_tp_world(2, _tp_step, TP_CASES)
 
 
 def _assert_equal_on_every_rank(one: dict, ranks: list[dict]) -> None:
-    """Each TP rank's loss and replicated gradients are the one-process ones: fp32 sums in another order, so to
-    1e-4 of each tensor's largest element."""
+    """Each TP rank's loss, gradient norm and replicated gradients are the one-process ones: fp32 sums in
+    another order, so to 1e-4 of each tensor's largest element."""
     for rank in ranks:
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert rank["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
         assert rank["grads"].keys() == one["grads"].keys()
         for name, grad in one["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
                                        msg=name)
 
 
-@pytest.mark.slow  # two gloo worlds (1 and 2 processes) for all cases
+@pytest.mark.slow  # a gloo world of two processes for all cases
 @pytest.mark.parametrize("attention", TYPES)
-def test_qk_norm_under_tensor_parallelism_equals_one_process(tp_gradients, attention):
-    """Each TP rank normalises its own heads with gains replicated on every rank: after megatron's gradient
-    finalisation every rank must hold the one-process gradient (megatron sums SelfAttention's q/k_layernorm
-    over ranks; keel's modules mark their gains replicated). Compared directly, since Adam's sign-like first
-    steps hide a partial gradient from the losses of a short run."""
-    gains = ("qk_norm.", "q_layernorm.", "k_layernorm.")
-    one, *ranks = ({"loss": r[attention]["loss"],
-                    "grads": {n: g for n, g in r[attention]["grads"].items() if any(k in n for k in gains)}}
-                   for r in (tp_gradients[0], *tp_gradients[1]))
-    assert one["grads"] and all(g.abs().max() > 0 for g in one["grads"].values())
+def test_tensor_parallelism_equals_one_process(tp_gradients, attention):
+    """Each type's own TP path (GTA shards its KV heads and replicates the RoPE key, GLA shards its latents,
+    MLA replicates its latent, MQA all-gathers its one KV head): every TP rank holds the one-process loss,
+    gradient norm and replicated gradients. Each rank normalises its own heads with QK-norm gains replicated on
+    every rank, which must hold the one-process gradient after megatron's finalisation (megatron sums
+    SelfAttention's q/k_layernorm over ranks; keel's modules mark their gains replicated); compared directly,
+    since Adam's sign-like first steps hide a partial gradient from the losses of a short run."""
+    one, ranks = tp_gradients[0][attention], [r[attention] for r in tp_gradients[1]]
+    gains = [n for n in one["grads"] if any(k in n for k in ("qk_norm.", "q_layernorm.", "k_layernorm."))]
+    assert gains and all(one["grads"][n].abs().max() > 0 for n in gains)
     _assert_equal_on_every_rank(one, ranks)
 
 

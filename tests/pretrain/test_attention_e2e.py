@@ -1,38 +1,29 @@
-"""Attention types end to end: TP=2 equals TP=1 and exact resume for the types with a TP path of their own,
-generation from a checkpoint, decoding under TP."""
+"""Attention types end to end: exact resume for the types with modules of their own, generation from a
+checkpoint, decoding under TP."""
 
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env, losses, metrics, resume_folder, run_keel, tiny_overrides
+from tests.helpers import ROOT, child_env, losses, resume_folder, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-# The types with a tensor-parallel path of their own. GQA, the default, is tests/pretrain/test_train_e2e.py's
-# (TP=2 against one process, and every resume there); MHA is the same megatron module with a KV group per head.
-# MQA at TP=2 (1 KV head < 2 ranks) uses megatron's all-gather in tensor_parallel/mappings.py, which
-# needs that module's CPU redirect in pretrain/cpu_compat.py
-TENSOR_PARALLEL_TYPES = ["mqa", "gta", "gla", "mla"]
+# The types with modules (and so checkpoint shards) of their own. GQA, the default, is
+# tests/pretrain/test_train_e2e.py's (every resume there); MHA and MQA are the same megatron module with a KV
+# group per head or one in all. Each type's tensor-parallel path against one process is
+# tests/models/test_attention.py's (loss, gradient norm and replicated gradients on every rank); the trainer
+# at TP=2 is test_train_e2e.py's.
+OWN_MODULE_TYPES = ["gta", "gla", "mla"]
 
 
-@pytest.mark.parametrize("attention", TENSOR_PARALLEL_TYPES)
-def test_tensor_parallel_matches_one_process_and_resume_is_exact(tiny_data, tmp_path, attention):
-    # one uninterrupted 4-step run, with a checkpoint after step 2, is the reference of both checks
+@pytest.mark.parametrize("attention", OWN_MODULE_TYPES)
+def test_resume_is_exact(tiny_data, tmp_path, attention):
+    # one uninterrupted 4-step run with a checkpoint after step 2; resumed from it, steps 3 and 4 bit for bit
     over = [f"attention={attention}", "checkpoint.interval=2"]
     straight = tmp_path / "straight"
     run_keel(tiny_overrides(tiny_data, straight, steps=4) + over)
-    # 1. TP=2 (stop_at keeps the schedule): GTA shards KV heads (RoPE key replicated); GLA shards its 2
-    #    latents; MLA replicates its latent
-    run_keel(tiny_overrides(tiny_data, tmp_path / "two", steps=4) + over + ["parallel.tensor=2", "trainer.stop_at=2"],
-             nproc=2)
-    two = metrics(tmp_path / "two")
-    assert len(two) == 2
-    for a, b in zip(metrics(straight), two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    # 2. resumed from the step-2 checkpoint: steps 3 and 4 bit for bit
     split = resume_folder(straight, 2, tmp_path / "split")
     out = run_keel(tiny_overrides(tiny_data, split, steps=4) + over)
     assert "resumed from" in out.stdout

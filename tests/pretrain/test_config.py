@@ -117,6 +117,10 @@ def test_head_dim_is_independent_of_hidden_over_heads_and_moe_layers_place_exper
     (["model.moe.num_experts=4", "model.moe.layers=[1,2,1,1]"], "must hold one 0 (dense) or 1 (MoE) per layer"),
     (["model.moe.num_experts=4", "model.moe.shared_expert_gate=true"], "shared_expert_gate needs model.moe.shared_exp"),
     (["model.moe.num_experts=4", "model.moe.top_k=1"], "model.moe.top_k=1 needs model.moe.norm_topk=false"),
+    (["model.moe.num_experts=4", "model.moe.ortho_loss=0.5", "parallel.expert=2"],
+     "model.moe.ortho_loss needs parallel.expert=1 and parallel.tensor=1 (not 2 and 1)"),
+    (["model.moe.num_experts=4", "model.moe.ortho_loss=0.5", "parallel.tensor=2"],
+     "model.moe.ortho_loss needs parallel.expert=1 and parallel.tensor=1 (not 1 and 2)"),
     (["attention=gta", "attention.qkv_bias=true"], "attention.qkv_bias needs megatron's fused linear_qkv"),
     *BAD_VALUES,
 ])

@@ -103,7 +103,7 @@ def test_training_step_and_checkpoint_in_process(megatron_world, tmp_path):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from pretrain.checkpoint.megatron_private import results_queue_in_helper
+    from pretrain.checkpoint.megatron_private import use_results_queue
     from tests.helpers import build_tiny_gpt
 
     cfg, gpt = build_tiny_gpt()
@@ -121,8 +121,8 @@ def test_training_step_and_checkpoint_in_process(megatron_world, tmp_path):
                                 seq_length=16, micro_batch_size=2, forward_only=False)
     ok, grad_norm, _ = opt.step()
     assert ok and grad_norm > 0
-    # the writer's results queue served by keel's helper, as the trainer does: megatron's own Manager would
-    # outlive this xdist worker, which exits without running finalizers
-    results_queue_in_helper()
+    # the writer's results queue in this process, as the trainer's synchronous save has it: megatron's own
+    # Manager would outlive this xdist worker, which exits without running finalizers
+    use_results_queue(background=False)
     dist_checkpointing.save({"model": gpt.sharded_state_dict()}, str(tmp_path))
     assert (tmp_path / ".metadata").exists()

@@ -96,9 +96,3 @@ def test_moe_expert_and_tensor_parallel_match_data_parallel(tiny_data, tmp_path)
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (layout, a["step"], key)
     monitored = metrics(runs["tp"])[-1]
     assert math.isfinite(monitored["stability/logit_norm"]) and math.isfinite(monitored["stability/attn_entropy_min"])
-
-
-def test_ortho_loss_refuses_expert_parallelism(tiny_data, tmp_path):
-    out = run_keel(tiny_overrides(tiny_data, tmp_path / "run", steps=1) + MOE + SPECIALIZE + ["parallel.expert=2"],
-                   nproc=2, check=False)
-    assert out.returncode != 0 and "ortho_loss needs parallel.expert=1" in out.stdout + out.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MAIN, ROOT, child_env, losses, metrics, run_keel, tiny_overrides
+from tests.helpers import MAIN, ROOT, child_env, losses, run_keel, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ EVERY_STEP = ["checkpoint.interval=1"]  # a save per step: the run is slow enoug
 
 
 def _wait_for_first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Until step 1's checkpoint is published: megatron's checkpoint writer has its helper process."""
+    """Until step 1's checkpoint is published: the run is past its start and saving every step."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if (run / "checkpoints" / "step_00000001").is_dir():
@@ -147,8 +147,8 @@ def _preempted_at(run: Path) -> int:
 
 
 def test_sigterm_to_the_process_group_twice_checkpoints_and_resumes_exactly(long_schedule, tiny_data, tmp_path):
-    # what systemd does (kill -TERM -- -PGID): the trainer and its checkpoint writer's helper processes get
-    # it; then a second signal 50 ms later
+    # what systemd does (kill -TERM -- -PGID): every process of the group gets it; then a second signal
+    # 50 ms later
     run = tmp_path / "run"
     proc = _start(tiny_overrides(tiny_data, run, steps=40) + EVERY_STEP)
     _wait_for_first_checkpoint(run, proc)
