@@ -211,6 +211,25 @@ def starting_point(cfg, checkpoints, signature: dict) -> Start:
     return start
 
 
+def finished_result(cfg, run_dir: Path) -> dict | None:
+    """The run folder's result.json when nothing is left to train: the run completed this config's last step
+    (trainer.stop_at, else max_steps), or it diverged under this very config (resumed bit for bit, it would
+    diverge again). A launch that finds one ends at once, as a launch that resumes the final checkpoint
+    would, and also when the checkpoints are gone: a sweep relaunched where only its runs' records were
+    kept (tools/experiments/run_records.py) trains only the runs those records lack."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+        recorded = json.loads((run_dir / "run_info.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record, or one being written or damaged: train (or resume) as usual
+    t = cfg.trainer
+    if result.get("status") == "completed":
+        last_step = result.get("step") == (t.stop_at or t.max_steps) and result.get("max_steps") == t.max_steps
+        return result if last_step else None
+    same_config = recorded == json.loads(json.dumps(asdict(cfg), default=str))
+    return result if result.get("status") == "diverged" and same_config else None
+
+
 def check_writable(run_dir: Path, rank: int) -> None:
     """The run folder and its checkpoints folder take a file, before anything is built."""
     from pretrain.checkpoint import CheckpointError, storage_problem
@@ -254,7 +273,14 @@ def write_run_info(run_dir: Path, info: dict) -> None:
 def _train(cfg, world, run_dir: Path, notes: list[str]) -> float | None:
     from pretrain.trainer import Preempted, TrainingStopped
 
-    # 1. the data and the starting checkpoint are checked before the model exists
+    # 1. a run that has finished ends here; else the data and the starting checkpoint are checked before
+    #    the model exists
+    finished = finished_result(cfg, run_dir)
+    if finished is not None:
+        _say(world, f"{run_dir} {finished['status']} at step {finished['step']} already (its result.json): nothing to "
+                    "train (a new run_dir starts afresh)")
+        final = finished.get("final_val_loss")
+        return final if finished["status"] == "completed" and final is not None else float("nan")
     data = prepare_data(cfg, world)
     checkpoints = run_checkpoints(cfg, run_dir)
     start = starting_point(cfg, checkpoints, model_signature(cfg, data.tokenizer.vocab_size))

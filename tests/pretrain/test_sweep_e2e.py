@@ -1,5 +1,6 @@
 """A two-point Hydra sweep (`-m`) through pretrain/main.py: one run folder and result.json per point,
-a diverging point recorded as diverged without stopping the sweep, and the report reading it all."""
+a diverging point recorded as diverged without stopping the sweep, the report reading it all, and the sweep
+relaunched on another machine from its runs' records alone (tools/experiments/run_records.py)."""
 
 import json
 from pathlib import Path
@@ -49,3 +50,14 @@ def test_two_point_sweep_runs_each_point_and_reports(tiny_data, tmp_path):
     summary = json.loads((tmp_path / "report" / "sweep_report.json").read_text())
     assert set(summary["widths"]) == {"32", "64"} and out["n_runs"] == 3
     assert (tmp_path / "report" / "loss_vs_lr.png").stat().st_size > 0
+    # 4. the records, without checkpoints, unpacked elsewhere: relaunched, each finished run ends at once
+    from tools.experiments.run_records import pack, unpack
+
+    pack([sweep], tmp_path / "records.tar.xz", [], tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    unpack([tmp_path / "records.tar.xz"], elsewhere)
+    out = run_keel(_sweep_overrides(tiny_data, elsewhere / "sweep") + ["model.hidden_size=32,64", "optim.lr=3e-3"])
+    assert out.stdout.count("completed at step 4 already (its result.json): nothing to train") == 2, out.stdout
+    assert not list((elsewhere / "sweep").glob("*/checkpoints/step_*"))  # nothing trained, nothing saved
+    for run in sweep.glob("*/metrics.jsonl"):
+        assert (elsewhere / "sweep" / run.parent.name / "metrics.jsonl").read_text() == run.read_text()
