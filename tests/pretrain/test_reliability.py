@@ -38,6 +38,13 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
+def _crashed(run: Path, to: Path) -> Path:
+    """A copy of `run` as a run killed after its last checkpoint left it: without result.json (a run that
+    completed would end at once when launched again, its checkpoints untouched)."""
+    (_copy(run, to) / "result.json").unlink()
+    return to
+
+
 # ---- every kind of damage, on every kind of checkpoint file -----------------------------------------
 FILES = {"a model/optimizer shard": "*.distcp", "the shard index": ".metadata", "megatron's metadata": "metadata.json",
          "keel's state": "keel_rank00000.safetensors", "meta.json": "meta.json", "the manifest": "manifest.json"}
@@ -66,7 +73,7 @@ def test_verification_catches_every_damage(six_steps, tmp_path, what, how):
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exactly(six_steps, tiny_data, tmp_path):
-    run = _copy(six_steps, tmp_path / "run")
+    run = _crashed(six_steps, tmp_path / "run")
     _damage(sorted((run / "checkpoints" / "step_00000006").glob("*.distcp"))[0], "overwrite")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # and a kill in the middle of a metrics line
@@ -82,7 +89,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exa
 
 
 def test_no_good_checkpoint_stops_instead_of_starting_over(six_steps, tiny_data, tmp_path):
-    run = _copy(six_steps, tmp_path / "run")
+    run = _crashed(six_steps, tmp_path / "run")
     for step in ("step_00000003", "step_00000006"):
         (run / "checkpoints" / step / "keel_rank00000.safetensors").write_bytes(b"not a keel state file")
     before = (run / "metrics.jsonl").read_text()
