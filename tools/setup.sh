@@ -36,13 +36,14 @@ fi
 #    resolves, downloads and unpacks the same pins about six times faster than pip: 30 s against 3 minutes on
 #    this project's 2-core machine, torch's 4.8 GB CUDA build included. It takes its index from UV_* variables
 #    (UV_INDEX_URL, UV_EXTRA_INDEX_URL), not from pip.conf, so where it cannot install (a mirror only pip is
-#    told about) pip does. KEEL_PIP_ONLY=1 skips uv.
+#    told about) pip does. KEEL_PIP_ONLY=1 skips uv. --compile-bytecode writes the .pyc files pip writes: without
+#    them, where PYTHONDONTWRITEBYTECODE is set, every process compiles torch's and megatron's sources again.
 stamp=.venv/.keel-installed
 want=$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   spec=(-c tools/constraints.txt -e '.[test,launchers,slurm,eval,wandb]')
   if [ -z "${KEEL_PIP_ONLY:-}" ] && .venv/bin/pip install --disable-pip-version-check -q -c tools/constraints.txt uv \
-      && .venv/bin/uv pip install --python .venv/bin/python -q "${spec[@]}"; then
+      && .venv/bin/uv pip install --python .venv/bin/python -q --compile-bytecode "${spec[@]}"; then
     :
   else
     [ -n "${KEEL_PIP_ONLY:-}" ] || echo "keel: uv could not install the pinned packages; installing them with pip" >&2
