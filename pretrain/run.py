@@ -219,15 +219,13 @@ def finished_result(cfg, run_dir: Path) -> dict | None:
     kept (tools/experiments/run_records.py) trains only the runs those records lack."""
     try:
         result = json.loads((run_dir / "result.json").read_text())
-        recorded = json.loads((run_dir / "run_info.json").read_text())["config"]
+        t = cfg.trainer
+        if result["status"] == "completed":
+            return result if result["step"] == (t.stop_at or t.max_steps) and result["max_steps"] == t.max_steps else None
+        recorded = json.loads((run_dir / "run_info.json").read_text())["config"] if result["status"] == "diverged" else None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no record, or one being written or damaged: train (or resume) as usual
-    t = cfg.trainer
-    if result.get("status") == "completed":
-        last_step = result.get("step") == (t.stop_at or t.max_steps) and result.get("max_steps") == t.max_steps
-        return result if last_step else None
-    same_config = recorded == json.loads(json.dumps(asdict(cfg), default=str))
-    return result if result.get("status") == "diverged" and same_config else None
+    return result if recorded == json.loads(json.dumps(asdict(cfg), default=str)) else None
 
 
 def check_writable(run_dir: Path, rank: int) -> None:

@@ -36,13 +36,12 @@ from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded, report_parser
 from tools.experiments.preregistration import ATTENTION_LONG, at_edge
 from tools.experiments.provenance import results_provenance
-from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.runs import FINISHED, Run, by_arm, load_runs, per_seed
 from tools.experiments.seeds import reported_runs, select, tuning_runs
 from tools.experiments.stats import paired, summarize, t_quantile
 from tools.experiments.tables import MISSING, fmt, markdown_table, mean_std
 
 BF16_BYTES = 2
-FINISHED = ("completed", "diverged")  # a diverged tuning run is a rate that failed, not a missing one
 QK_NORM = "+qk-norm"
 BASELINE = "gqa"  # every arm is paired with GQA; GLA also with MLA
 PAIRS_BESIDE_BASELINE = (("mla", "gla"),)  # (a, b): b - a, a and b the types, whatever their qk-norm

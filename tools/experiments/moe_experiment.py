@@ -77,7 +77,7 @@ from data.corpus import STDLIB_SUBSETS, Document
 from tools.experiments import moe_report
 from tools.experiments import ExperimentError
 from tools.experiments.cli import chosen_stages, driver_parser, guarded
-from tools.experiments.runs import NoRuns, Run, completed, load_runs
+from tools.experiments.runs import FINISHED, NoRuns, Run, completed, load_runs
 from tools.experiments.stages import ROOT, TrainingStage, launch, print_commands, run_stage, with_overrides
 
 LOSSES = tuple(moe_report.LOSSES)  # ("ortho_loss", "var_loss"): model.moe's β (L_o) and γ (L_v)
@@ -220,7 +220,6 @@ def tuning_values(s: Setup, loss: str, runs: list[Run] | None = None) -> tuple[l
 
 
 # --- Which runs exist ---------------------------------------------------------------------------------
-FINISHED = ("completed", "diverged")  # a diverged run is done too: rerunning it would diverge again
 
 
 def runs_below(folder: Path, statuses: tuple[str, ...] = ("completed",)) -> list[Run]:

@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
 
 from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded
+from tools.experiments.runs import FINISHED, NoRuns, load_runs
 
 RECORD = ("run_info.json", "run_info_history.jsonl", "result.json", "metrics.jsonl")  # a run's files kept
-FINISHED = ("completed", "diverged")
 
 
 def finished_runs(roots: list[Path], base: Path) -> list[Path]:
     """The run folders below `roots` whose result.json says they finished, relative to `base`, in path order."""
-    runs = []
-    for result in sorted(p for root in roots for p in Path(root).rglob("result.json")):
-        try:
-            status = json.loads(result.read_text())["status"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ExperimentError(f"{result} is unreadable ({e}); let its run finish or remove the folder") from e
-        if status in FINISHED:
-            runs.append(result.parent.resolve().relative_to(base.resolve()))
-    return runs
+    try:
+        runs = load_runs(*roots, statuses=FINISHED)
+    except NoRuns:
+        return []
+    return [run.folder.resolve().relative_to(base.resolve()) for run in runs]
 
 
 def archived_runs(archives: list[Path]) -> set[Path]:

@@ -12,6 +12,10 @@ from typing import Callable, Hashable, Iterable
 from pretrain.rundir import read_metrics
 from tools.experiments import ExperimentError
 
+# a run that ended by itself: a diverged run is a finished point of a grid (rerunning it would diverge again),
+# not a missing one
+FINISHED = ("completed", "diverged")
+
 
 class NoRuns(ExperimentError):
     """No finished run below the roots a report was given."""

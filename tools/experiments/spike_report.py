@@ -34,12 +34,11 @@ from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded, report_parser
 from tools.experiments.preregistration import SPIKES, SPIKES_RAMP, SpikeDesign, SpikeRampDesign
 from tools.experiments.provenance import results_provenance
-from tools.experiments.runs import Run, is_number, load_runs
+from tools.experiments.runs import FINISHED, Run, is_number, load_runs
 from tools.experiments.seeds import reported_runs, tuning_runs
 from tools.experiments.stats import paired, summarize
 from tools.experiments.tables import MISSING, fmt, markdown_table
 
-FINISHED = ("completed", "diverged")
 PLANTED, HIGH_LR, CLEAN = "planted rows", "high rate", "no fault"  # the fault designs
 FAULTS = (PLANTED, HIGH_LR, CLEAN)
 NONE, SKIP, REWIND = "none", "skip", "rewind"  # the policies (none: logging.monitors.spike.action=log)

@@ -26,12 +26,11 @@ from pretrain.rundir import pyplot, write_json
 from tools.experiments.cli import guarded, report_parser
 from tools.experiments.preregistration import WARMUP_LONG, WarmupDesign, at_edge, tuned_grid
 from tools.experiments.provenance import results_provenance
-from tools.experiments.runs import Run, by_arm, load_runs, per_seed
+from tools.experiments.runs import FINISHED, Run, by_arm, load_runs, per_seed
 from tools.experiments.seeds import reported_runs, select, tuning_runs
 from tools.experiments.stats import paired, summarize
 from tools.experiments.tables import MISSING, fmt, markdown_table
 
-FINISHED = ("completed", "diverged")
 SPIKE_AFTER = 5  # steps; the first few losses of any run sit near ln V
 
 

@@ -37,12 +37,11 @@ from tools import sweep_report
 from tools.experiments import ExperimentError
 from tools.experiments.cli import guarded, report_parser
 from tools.experiments.provenance import results_provenance
-from tools.experiments.runs import NoRuns, load_runs
+from tools.experiments.runs import FINISHED, NoRuns, load_runs
 from tools.experiments.seeds import REPORTED_SEEDS
 from tools.experiments.stats import Paired, paired
 from tools.experiments.tables import fmt, markdown_table
 
-FINISHED = ("completed", "diverged")  # a diverged run is a finished point of the grid, not a missing one
 PAPER_ALPHA = lr_rules.PAPER_ALPHA["adamw"]  # 0.42: Adam with trainable LayerNorm (GPT)
 SIG_DIGITS = 4  # learning rates, exponents and init stds on command lines (and so in folder names)
 
