@@ -3,6 +3,7 @@ launch of a finished run at once (pretrain.run.finished_result). The end-to-end 
 records alone is tests/pretrain/test_sweep_e2e.py's."""
 
 import json
+import subprocess
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 from pretrain.config import compose_config
 from pretrain.run import finished_result
 from tools.experiments import ExperimentError
-from tools.experiments.run_records import main, pack, unpack
+from tools.experiments.run_records import ignored_by_git, main, pack, unpack
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(folder: Path, status: str | None, checkpoint: bool = True) -> Path:
@@ -74,6 +77,23 @@ def test_a_later_archive_leaves_out_the_runs_earlier_ones_hold(runs):
         pack([runs / "runs"], runs / "none.tar.xz", [runs / "first.tar.xz", runs / "later.tar.xz"], runs)
     with pytest.raises(ExperimentError, match="later.tar.xz exists; name a new archive"):
         pack([runs / "runs"], runs / "later.tar.xz", [], runs)
+
+
+def test_an_archive_git_would_ignore_is_refused_before_it_is_written(runs, capsys):
+    # the archives exist to be committed: one that .gitignore keeps out would be lost with the machine
+    subprocess.run(["git", "init", "-q", str(runs)], check=True)
+    (runs / ".gitignore").write_text("runs/\n")
+    out = runs / "records" / "runs" / "one.tar.xz"
+    assert main(["pack", str(runs / "runs"), "--out", str(out), "--base", str(runs)]) == 2
+    assert f"{out} is ignored by git (.gitignore:1:runs/), so a commit would leave it out" in capsys.readouterr().err
+    assert not out.parent.exists()
+    (runs / ".gitignore").write_text("runs/\n!records/runs/\n")  # un-ignored, as keel's own .gitignore does
+    assert main(["pack", str(runs / "runs"), "--out", str(out), "--base", str(runs)]) == 0
+
+
+def test_keels_folder_of_run_records_is_kept_by_git():
+    assert ignored_by_git(ROOT / "docs" / "results" / "runs" / "any-2026-12-07.tar.xz") is None
+    assert ignored_by_git(ROOT / "runs" / "sweep" / "a.tar.xz").endswith(":runs/")  # the runs themselves are not
 
 
 def test_an_archive_that_is_not_run_records_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def pack(roots: list[Path], out: Path, earlier: list[Path], base: Path) -> list[
     temporary name, then renamed); the runs packed. The archive is the same bytes for the same records."""
     if out.exists():
         raise ExperimentError(f"{out} exists; name a new archive (earlier ones go to --except)")
+    if rule := ignored_by_git(out):
+        raise ExperimentError(f"{out} is ignored by git ({rule}), so a commit would leave it out; "
+                              "un-ignore its folder in .gitignore or name an --out git keeps")
     runs = [r for r in finished_runs(roots, base) if r not in archived_runs(earlier)]
     if not runs:
         raise ExperimentError(f"no finished run below {', '.join(map(str, roots))} that the archives lack")
@@ -64,6 +68,20 @@ def pack(roots: list[Path], out: Path, earlier: list[Path], base: Path) -> list[
                     tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, out)
     return runs
+
+
+def ignored_by_git(path: Path) -> str | None:
+    """The .gitignore rule ("file:line:pattern") that keeps `path` out of the git repository it lies in; None
+    where git keeps it, or where it lies in no repository. An archive that git ignores is lost with the machine."""
+    folder = path.resolve().parent
+    while not folder.exists():  # the archive's folder may not exist yet: ask from the nearest one that does
+        folder = folder.parent
+    try:
+        found = subprocess.run(["git", "-C", str(folder), "check-ignore", "-v", str(path.resolve())],
+                               capture_output=True, text=True)
+    except FileNotFoundError:  # no git here: nothing to check against
+        return None
+    return found.stdout.split("\t")[0].strip() if found.returncode == 0 else None
 
 
 def unpack(archives: list[Path], base: Path) -> int:
