@@ -222,7 +222,9 @@ def finished_result(cfg, run_dir: Path) -> dict | None:
         t = cfg.trainer
         if result["status"] == "completed":
             return result if result["step"] == (t.stop_at or t.max_steps) and result["max_steps"] == t.max_steps else None
-        recorded = json.loads((run_dir / "run_info.json").read_text())["config"] if result["status"] == "diverged" else None
+        if result["status"] != "diverged":
+            return None  # preempted or stopped: resume as usual
+        recorded = json.loads((run_dir / "run_info.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no record, or one being written or damaged: train (or resume) as usual
     return result if recorded == json.loads(json.dumps(asdict(cfg), default=str)) else None
