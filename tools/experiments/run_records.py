@@ -52,7 +52,8 @@ def pack(roots: list[Path], out: Path, earlier: list[Path], base: Path) -> list[
     if rule := ignored_by_git(out):
         raise ExperimentError(f"{out} is ignored by git ({rule}), so a commit would leave it out; "
                               "un-ignore its folder in .gitignore or name an --out git keeps")
-    runs = [r for r in finished_runs(roots, base) if r not in archived_runs(earlier)]
+    archived = archived_runs(earlier)  # once: each archive is read whole
+    runs = [r for r in finished_runs(roots, base) if r not in archived]
     if not runs:
         raise ExperimentError(f"no finished run below {', '.join(map(str, roots))} that the archives lack")
     out.parent.mkdir(parents=True, exist_ok=True)
