@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from data.errors import DataError, DataNotFound
+from models import megatron_release
 
 if TYPE_CHECKING:  # torch only where a batch is made: a staged pack's tokenize tasks start without it
     import torch
@@ -101,6 +102,7 @@ class PackedWriter:
     """
 
     def __init__(self, prefix: str | Path, seq_len: int, vocab_size: int):
+        megatron_release.import_megatron()
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         if seq_len < 2:
@@ -239,6 +241,7 @@ class PackedDataset:
     """Memory-mapped reader of a packed dataset, through megatron-core's IndexedDataset."""
 
     def __init__(self, prefix: str | Path):
+        megatron_release.import_megatron()
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = str(prefix)

@@ -26,6 +26,7 @@ import torch
 
 from data.errors import DataError
 from data.format import PackedDataset
+from models import megatron_release
 
 
 def model_inputs(batch: dict[str, torch.Tensor], reset_position_ids: bool, document_mask: bool) -> dict:
@@ -175,6 +176,7 @@ class MixedLoader(PackedLoader):
 
     def __init__(self, sources: list[WeightedDataset], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int):
+        megatron_release.import_megatron()
         from megatron.core.datasets import helpers
         from megatron.core.datasets.utils import normalize
 

@@ -14,6 +14,9 @@ CUDA it redirects exactly the call sites below, each one found by tracing keel's
    their ``param.type() == 'torch.cuda.FloatTensor'`` checks accept CPU tensors.
 3. `CUDA_MOVES`: while these functions run, ``Tensor.cuda()`` is the identity.
 4. `CUDA_RNG_STATE`: these functions, which save and restore the CUDA RNG state, do nothing.
+
+Importing this module imports megatron-core the way every keel process does (models/megatron_release.py's
+`import_megatron`): entry points import it first.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import logging
 import types
-import warnings
 
 import torch
 
@@ -161,22 +162,9 @@ def _patch_attr(module_name: str, qualname: str, wrap) -> None:
     setattr(owner, attr, wrap(getattr(owner, attr)))
 
 
-def silence_import_warnings() -> None:
-    """megatron-core's notices about missing apex/TransformerEngine/absl, its deprecations and its
-    rank guesses say nothing to a keel user. Each filter is scoped to megatron's modules (or, for the
-    CUDA-runtime line of torch's CUDA build on a machine without a GPU, to that one logger), so other
-    libraries' warnings still show."""
-    for category in (UserWarning, DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
-    logging.getLogger("torch.utils.cpp_extension").addFilter(
-        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-
-
 def apply() -> None:
     """Apply the CPU redirects once; a no-op when CUDA is available."""
     global _applied
-    silence_import_warnings()
     megatron_release.require(__name__, "CUDA call sites (the CPU redirects)", RuntimeError)
     if _applied or torch.cuda.is_available():
         return
@@ -199,4 +187,4 @@ def _without_cuda_rng(fn):
     return nothing
 
 
-silence_import_warnings()
+megatron_release.import_megatron()  # every entry point imports this module before anything of megatron's

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain import cpu_compat  # noqa: F401  (first: megatron-core imported the keel way)
 from models.attention import attention_names
-from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
 VOCAB = 8192
 # issue 14's shapes: decoding bound by reading the cache; FFNs matched as everywhere here

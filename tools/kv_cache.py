@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain import cpu_compat  # noqa: F401  (first: megatron-core imported the keel way)
 from models.attention import attention_names
-from pretrain import cpu_compat  # noqa: F401  (silences megatron's import warnings)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 256

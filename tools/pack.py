@@ -209,9 +209,6 @@ def _verify(prefixes: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.cpu_compat import silence_import_warnings
-
-    silence_import_warnings()  # megatron-core's (and torch's CUDA build's) import-time notices, scoped to them
     args = build_parser().parse_args(argv)
     try:
         if args.verify:
